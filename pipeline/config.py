@@ -1,0 +1,428 @@
+"""Run configuration: one dataclass per stage, loaded from YAML and validated on load.
+
+A config file has a top-level ``run_dir`` and one section per stage (``data``,
+``tokenizer``, ``model``, ``train``, ``teachers``, ``cache``, ``distill``, ``eval``).
+Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with a
+one-line message that names the key, e.g. ``train.lr: must be > 0, got -1``.
+
+Any value can be overridden with ``--set section.key=value`` (the value is parsed as YAML,
+so ``--set cache.temperatures=[1,2,4]`` works).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_CORPUS = PROJECT_ROOT / "data" / "corpus"
+BUNDLED_BLIMP = PROJECT_ROOT / "data" / "blimp.zip"
+UINT16_VOCAB_LIMIT = 65536  # token ids are stored as uint16
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --- stage sections ---------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    corpus: str | None = None
+    """Corpus folder (BabyLM 2024/2023 layout, train/validation/test folders, or *.txt); None = bundled."""
+    seq_len: int = 128
+    """Tokens per training window (the model sees seq_len inputs and predicts seq_len labels)."""
+    validation_fraction: float = 0.05
+    """Share of each training source's words (its tail, whole paragraphs) held out for validation,
+    when the corpus has no validation folder of its own."""
+    test_fraction: float = 0.05
+    """Share held out for test, only when the corpus has no test (or dev) folder."""
+    max_train_words: int | None = None
+    """Keep about this many training words, the same share from the head of every source
+    (quick runs and demos); None = all."""
+
+    def __post_init__(self):
+        _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(0.0 < self.validation_fraction < 0.5, "data.validation_fraction",
+               f"must be in (0, 0.5), got {self.validation_fraction}")
+        _check(0.0 <= self.test_fraction < 0.5, "data.test_fraction",
+               f"must be in [0, 0.5), got {self.test_fraction}")
+        _check(self.max_train_words is None or self.max_train_words >= 1, "data.max_train_words",
+               f"must be >= 1, got {self.max_train_words}")
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 16000
+    """BPE vocabulary size including the special tokens (16000 in the paper)."""
+    min_frequency: int = 2
+    """A merge must occur at least this often in the train split."""
+
+    def __post_init__(self):
+        _check(self.vocab_size >= 300, "tokenizer.vocab_size",
+               f"must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
+        _check(self.vocab_size <= UINT16_VOCAB_LIMIT, "tokenizer.vocab_size",
+               f"must be <= {UINT16_VOCAB_LIMIT} because token ids are stored as uint16, got {self.vocab_size}")
+        _check(self.min_frequency >= 1, "tokenizer.min_frequency", f"must be >= 1, got {self.min_frequency}")
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    """Grouped-query attention: key/value heads (must divide num_heads)."""
+    tie_embeddings: bool = False
+    """The paper unties the input embedding and the LM head."""
+    rope_theta: float = 10000.0
+    max_position_embeddings: int | None = None
+    """None = data.seq_len (checked to be >= seq_len when set)."""
+
+    def __post_init__(self):
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(getattr(self, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
+               f"must divide model.hidden_size ({self.hidden_size}), got {self.num_heads}")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
+               f"must divide model.num_heads ({self.num_heads}), got {self.num_kv_heads}")
+        _check(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 7e-4
+    epochs: int = 8
+    batch_size: int = 32
+    """Windows per optimizer step per process, before accumulation (global batch = batch_size x grad_accum)."""
+    grad_accum: int = 4
+    warmup_steps: int = 600
+    weight_decay: float = 5.0
+    """As published (sic): the paper's config has weight_decay 5."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    min_lr_ratio: float = 0.0
+    """Cosine decays to lr x min_lr_ratio."""
+    seed: int = 0
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (smoke runs); None = epochs x steps per epoch."""
+    save_every: int = 500
+    """Checkpoint every this many optimizer steps (and at every epoch end)."""
+    log_every: int = 10
+    eval_every: int | None = None
+    """Validation loss every this many steps, besides every epoch end."""
+    eval_windows: int | None = None
+    """Cap on validation windows used during training (None = all)."""
+    keep_best: bool = False
+    """Export the best-by-validation weights instead of the final ones."""
+    random_offset: bool = False
+    """Shift each window by a random offset every epoch, like the paper's dataset (teachers only:
+    the offline cache fixes the windows)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto = bf16 autocast on CUDA when supported (else fp16), fp32 on CPU."""
+    device: str = "auto"
+    num_threads: int | None = None
+    """torch.set_num_threads on CPU; None = torch's default."""
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
+               f"must be two numbers in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
+        _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(self.save_every >= 1, "train.save_every", f"must be >= 1, got {self.save_every}")
+        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(self.eval_every is None or self.eval_every >= 1, "train.eval_every",
+               f"must be >= 1, got {self.eval_every}")
+        _check(self.eval_windows is None or self.eval_windows >= 1, "train.eval_windows",
+               f"must be >= 1, got {self.eval_windows}")
+        _check(self.keep_checkpoints >= 2, "train.keep_checkpoints",
+               f"must be >= 2 (the newest may still be writing), got {self.keep_checkpoints}")
+
+
+@dataclass
+class TeachersConfig:
+    count: int = 2
+    """Teachers in the ensemble (the paper: 2)."""
+    seeds: list[int] | None = None
+    """Teacher seeds; None = 1..count. Teacher i is named t<seed>."""
+
+    def __post_init__(self):
+        _check(self.count >= 1, "teachers.count", f"must be >= 1, got {self.count}")
+        _check(self.seeds is None or len(self.seeds) == self.count, "teachers.seeds",
+               f"must list teachers.count ({self.count}) seeds, got {self.seeds}")
+
+    def resolved_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else list(range(1, self.count + 1))
+
+
+@dataclass
+class CacheConfig:
+    mode: Literal["topk", "sample"] = "topk"
+    k: int = 32
+    """Top-k ids kept per position (mode topk)."""
+    samples: int = 64
+    """Draws per position from the ensemble (mode sample)."""
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Capture temperatures: the store keeps the exact correction c_T for each."""
+    ensemble: Literal["logits", "probs"] = "logits"
+    """logits = mean of raw logits (the paper); probs = mean of probabilities."""
+    chunk_windows: int = 64
+    """Windows per Zarr chunk (one capture task each)."""
+    batch_size: int = 16
+    """Windows per teacher forward pass."""
+    workers: int = 1
+    """Dask workers (1 = synchronous scheduler)."""
+    logp_dtype: Literal["float16", "float32"] = "float16"
+    fidelity_positions: int = 2048
+    """Positions sampled for the capture-time fidelity report."""
+    seed: int = 0
+    """Seed for sampled targets and the fidelity sample."""
+
+    def __post_init__(self):
+        _check(self.k >= 1, "cache.k", f"must be >= 1, got {self.k}")
+        _check(self.samples >= 1, "cache.samples", f"must be >= 1, got {self.samples}")
+        _check(len(self.temperatures) >= 1 and all(t > 0 for t in self.temperatures), "cache.temperatures",
+               f"must be a non-empty list of temperatures > 0, got {self.temperatures}")
+        _check(self.chunk_windows >= 1, "cache.chunk_windows", f"must be >= 1, got {self.chunk_windows}")
+        _check(self.batch_size >= 1, "cache.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.workers >= 1, "cache.workers", f"must be >= 1, got {self.workers}")
+        _check(self.fidelity_positions >= 0, "cache.fidelity_positions",
+               f"must be >= 0, got {self.fidelity_positions}")
+
+
+@dataclass
+class DistillConfig:
+    alpha: float = 0.5
+    """Weight of the CE term; 1 - alpha weighs the KL term."""
+    temperature: float = 1.0
+    tail: Literal["bucket", "renorm", "uniform"] = "bucket"
+    normalization: Literal["token", "sequence", "sum"] = "token"
+    """token = CE and KL averaged over tokens; sequence = the paper's released trainer (KL batchmean)."""
+    use_exact_c_T: bool = True
+    """Use the store's exact temperature correction when the temperature was captured."""
+    students: int = 1
+    """Offline students distilled from the one cache."""
+    seeds: list[int] | None = None
+    """Student seeds; None = 1..students. Student i is named s<seed>."""
+    online_students: int = 0
+    """Students distilled online (teachers run every step: the paper's released method), named o<seed>."""
+
+    def __post_init__(self):
+        _check(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
+        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.students >= 0, "distill.students", f"must be >= 0, got {self.students}")
+        _check(self.online_students >= 0, "distill.online_students", f"must be >= 0, got {self.online_students}")
+        _check(self.seeds is None or len(self.seeds) == self.students, "distill.seeds",
+               f"must list distill.students ({self.students}) seeds, got {self.seeds}")
+
+    def resolved_seeds(self) -> list[int]:
+        return list(self.seeds) if self.seeds is not None else list(range(1, self.students + 1))
+
+
+@dataclass
+class EvalConfig:
+    blimp: str | None = None
+    """BLiMP folder of *.jsonl or a zip of them; None = the bundled copy."""
+    max_pairs_per_paradigm: int | None = None
+    """Seeded subset of pairs per paradigm (None = all 1000)."""
+    batch_size: int = 64
+    max_windows: int | None = None
+    """Cap on validation/test windows for the loss evaluation (None = all)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.max_pairs_per_paradigm is None or self.max_pairs_per_paradigm >= 1,
+               "eval.max_pairs_per_paradigm", f"must be >= 1, got {self.max_pairs_per_paradigm}")
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_windows is None or self.max_windows >= 1, "eval.max_windows",
+               f"must be >= 1, got {self.max_windows}")
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        mpe = self.model.max_position_embeddings
+        _check(mpe is None or mpe >= self.data.seq_len, "model.max_position_embeddings",
+               f"must be >= data.seq_len ({self.data.seq_len}), got {mpe}")
+
+    # --- derived paths (one place, so every stage agrees) ---
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    @property
+    def corpus_path(self) -> Path:
+        return Path(self.data.corpus) if self.data.corpus else BUNDLED_CORPUS
+
+    @property
+    def data_path(self) -> Path:
+        return self.run_path / "data"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.run_path / "tokenizer"
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.run_path / "tokens.zarr"
+
+    @property
+    def logits_path(self) -> Path:
+        return self.run_path / "logits.zarr"
+
+    def teacher_path(self, name: str) -> Path:
+        return self.run_path / "teachers" / name
+
+    def student_path(self, name: str) -> Path:
+        return self.run_path / "students" / name
+
+    @property
+    def report_path(self) -> Path:
+        return self.run_path / "report"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections, for stage fingerprints."""
+        payload = {name: dataclasses.asdict(getattr(self, name)) if dataclasses.is_dataclass(getattr(self, name))
+                   else getattr(self, name) for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], key)
+    if origin is Literal:
+        _check(value in args, key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if annotation is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
+               f"must be a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported annotation {annotation} for {key}")
+
+
+def _build_section(cls: type, values: Any, section: str):
+    _check(isinstance(values, dict), section, f"must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown key (known keys: {', '.join(sorted(known))})")
+    kwargs = {key: _coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    _check(isinstance(raw, dict), "config", "must be a YAML mapping")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown key (known top-level keys: {', '.join(SECTIONS)})")
+    hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build_section(annotation, value if value is not None else {}, name)
+        else:
+            kwargs[name] = _coerce(value, annotation, name)
+    return Config(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected section.key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({exc.problem})") from None
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), dotted, "is not a section")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load and validate a YAML config; ``run_dir`` defaults to ``runs/<config name>``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a YAML mapping of sections")
+    raw.setdefault("run_dir", f"runs/{path.stem}")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,168 @@
+"""The token store, ``tokens.zarr`` (Zarr v3).
+
+Layout::
+
+    tokens.zarr/                 group; attributes below
+      <split>/tokens             uint16 [num_tokens]   the token stream: <s> doc </s> <s> doc </s> ...
+      <split>/windows            int64  [num_windows]  start offset of each window in the stream
+
+Window ``i`` of a split is ``tokens[start_i : start_i + seq_len + 1]``: the model reads the first
+``seq_len`` tokens and predicts the last ``seq_len``. Windows are fixed and numbered; the logit
+cache and the student refer to training windows by number.
+
+Group attributes: ``format`` ("babydistill.tokens"), ``format_version``, ``vocab_size``,
+``seq_len``, ``bos_id``, ``eod_id``, ``pad_id``, ``tokenizer_hash``, ``corpus_hashes`` (per split),
+``splits`` (per split: num_tokens, num_windows), ``tokens_hash`` (all streams and window tables)
+and ``windows_hash`` (the training window table).
+
+Examples
+--------
+>>> store = TokenStore("runs/demo/tokens.zarr")            # doctest: +SKIP
+>>> store.windows("train", [0, 1]).shape                   # doctest: +SKIP
+(2, 129)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+FORMAT = "babydistill.tokens"
+FORMAT_VERSION = 1
+_STREAM_CHUNK = 1 << 20
+
+
+class TokenStoreError(ValueError):
+    """The token store is missing, of another format, or does not match what it is used with."""
+
+
+def window_starts(num_tokens: int, seq_len: int) -> np.ndarray:
+    """Non-overlapping windows of seq_len predictions (neighbours share one boundary token)."""
+    num_windows = max(0, (num_tokens - 1) // seq_len)
+    return np.arange(num_windows, dtype=np.int64) * seq_len
+
+
+def _hash_arrays(*arrays: np.ndarray, prefix: str = "") -> str:
+    digest = hashlib.sha256(prefix.encode())
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def write_token_store(path: Path, streams: dict[str, np.ndarray], *, seq_len: int, vocab_size: int,
+                      special_ids: dict[str, int], tokenizer_hash: str, corpus_hashes: dict[str, str]) -> None:
+    """Write the token streams of every split and their window tables to ``path``."""
+    if vocab_size > np.iinfo(np.uint16).max + 1:
+        raise TokenStoreError(f"vocab size {vocab_size} does not fit uint16 token ids (max 65536)")
+    group = zarr.open_group(store=str(path), mode="w")
+    digest_parts = []
+    splits = {}
+    for split, stream in streams.items():
+        stream = np.asarray(stream, dtype=np.uint16)
+        starts = window_starts(len(stream), seq_len)
+        tokens = group.create_array(f"{split}/tokens", shape=stream.shape, dtype="uint16",
+                                    chunks=(min(_STREAM_CHUNK, max(1, len(stream))),))
+        tokens[:] = stream
+        windows = group.create_array(f"{split}/windows", shape=starts.shape, dtype="int64",
+                                     chunks=(max(1, len(starts)),))
+        windows[:] = starts
+        digest_parts.append(_hash_arrays(stream, starts, prefix=split))
+        splits[split] = {"num_tokens": int(len(stream)), "num_windows": int(len(starts))}
+    train_starts = window_starts(splits.get("train", {}).get("num_tokens", 0), seq_len)
+    group.attrs.update({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vocab_size": int(vocab_size),
+        "seq_len": int(seq_len),
+        **{f"{name}_id": int(i) for name, i in special_ids.items()},
+        "tokenizer_hash": tokenizer_hash,
+        "corpus_hashes": corpus_hashes,
+        "splits": splits,
+        "tokens_hash": hashlib.sha256((tokenizer_hash + "".join(digest_parts)).encode()).hexdigest(),
+        "windows_hash": _hash_arrays(train_starts, prefix=f"seq_len={seq_len}"),
+    })
+
+
+class TokenStore:
+    """Read access to ``tokens.zarr``; streams are small, so each is read whole on first use."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise TokenStoreError(f"{self.path}: no token store; run `babydistill tokenize CONFIG` first")
+        self.group = zarr.open_group(store=str(self.path), mode="r")
+        self.attrs = dict(self.group.attrs)
+        if self.attrs.get("format") != FORMAT:
+            raise TokenStoreError(f"{self.path}: not a babydistill token store (format {self.attrs.get('format')!r})")
+        if self.attrs.get("format_version") != FORMAT_VERSION:
+            raise TokenStoreError(f"{self.path}: token store format version {self.attrs.get('format_version')}, "
+                                  f"this babydistill reads {FORMAT_VERSION}; re-run `babydistill tokenize CONFIG --force`")
+        self._streams: dict[str, np.ndarray] = {}
+        self._starts: dict[str, np.ndarray] = {}
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.attrs["seq_len"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.attrs["vocab_size"])
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.attrs["tokenizer_hash"]
+
+    @property
+    def tokens_hash(self) -> str:
+        return self.attrs["tokens_hash"]
+
+    @property
+    def windows_hash(self) -> str:
+        return self.attrs["windows_hash"]
+
+    @cached_property
+    def splits(self) -> list[str]:
+        return list(self.attrs["splits"])
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.attrs["splits"]:
+            raise TokenStoreError(f"{self.path}: no split {split!r} (has {', '.join(self.splits)})")
+
+    def stream(self, split: str) -> np.ndarray:
+        self._check_split(split)
+        if split not in self._streams:
+            self._streams[split] = self.group[f"{split}/tokens"][:]
+        return self._streams[split]
+
+    def starts(self, split: str) -> np.ndarray:
+        self._check_split(split)
+        if split not in self._starts:
+            self._starts[split] = self.group[f"{split}/windows"][:]
+        return self._starts[split]
+
+    def num_windows(self, split: str) -> int:
+        self._check_split(split)
+        return int(self.attrs["splits"][split]["num_windows"])
+
+    def windows(self, split: str, indices, offsets=None) -> np.ndarray:
+        """Windows ``indices`` of ``split`` as int64 [n, seq_len + 1].
+
+        ``offsets`` (optional, per window) shift each window right, clamped to the stream end:
+        the paper's random-offset sampling for teachers.
+        """
+        stream, starts = self.stream(split), self.starts(split)
+        begin = starts[np.asarray(indices, dtype=np.int64)]
+        if offsets is not None:
+            begin = np.minimum(begin + np.asarray(offsets, dtype=np.int64), len(stream) - self.seq_len - 1)
+        rows = begin[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)[None, :]
+        return stream[rows].astype(np.int64)
+
+    def check_tokenizer(self, tokenizer_hash: str, what: str) -> None:
+        if tokenizer_hash != self.tokenizer_hash:
+            raise TokenStoreError(
+                f"{what} was made with another tokenizer than {self.path} "
+                f"({tokenizer_hash[:12]} vs {self.tokenizer_hash[:12]}); use the run's own tokenizer")
