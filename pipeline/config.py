@@ -347,6 +347,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         _check(isinstance(value, list), key, f"must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
         return float(value)
     if annotation is int:

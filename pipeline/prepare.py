@@ -119,21 +119,21 @@ def find_splits(corpus: Path, cfg: DataConfig) -> tuple[dict[str, list[Source]],
         train = read_sources(train_dir, (train_suffix, ".txt"))
         test_dir = next((corpus / n for n in heldout_names if (corpus / n).is_dir()), None)
         test = read_sources(test_dir, heldout_suffixes + (".txt",)) if test_dir else []
-        train, validation = _carve(train, cfg.validation_fraction)
         if not test:
             train, test = _carve(train, cfg.test_fraction)
+        train, validation = _carve(train, cfg.validation_fraction)
         return {"train": train, "validation": validation, "test": test}, f"babylm ({train_dir.name}/)"
 
     if (corpus / "train").is_dir():
         train = read_sources(corpus / "train", (".txt", ".train"))
-        if (corpus / "validation").is_dir():
-            validation = read_sources(corpus / "validation", (".txt", ".dev"))
-        else:
-            train, validation = _carve(train, cfg.validation_fraction)
         if (corpus / "test").is_dir():
             test = read_sources(corpus / "test", (".txt", ".test"))
         else:
             train, test = _carve(train, cfg.test_fraction)
+        if (corpus / "validation").is_dir():
+            validation = read_sources(corpus / "validation", (".txt", ".dev"))
+        else:
+            train, validation = _carve(train, cfg.validation_fraction)
         return {"train": train, "validation": validation, "test": test}, "pre-split (train/ validation/ test/)"
 
     sources = read_sources(corpus, (".txt",))
@@ -141,8 +141,9 @@ def find_splits(corpus: Path, cfg: DataConfig) -> tuple[dict[str, list[Source]],
         raise CorpusError(
             f"{corpus}: no corpus files found (expected *.txt, train/, train_10M/ or babylm_10M/); "
             "point data.corpus at a BabyLM-style folder")
-    train, validation = _carve(sources, cfg.validation_fraction)
-    train, test = _carve(train, cfg.test_fraction)
+    # Each source: train head, then validation, then test at the very end (as the bundled corpus).
+    train, test = _carve(sources, cfg.test_fraction)
+    train, validation = _carve(train, cfg.validation_fraction)
     return {"train": train, "validation": validation, "test": test}, "plain (*.txt)"
 
 

@@ -1,0 +1,261 @@
+"""`babydistill`: one verb per pipeline stage, all reading the same YAML config.
+
+Every stage writes under the config's ``run_dir``; finished stages are skipped, stages whose
+inputs changed are refused unless ``--force``. Errors in what the user asked for print one
+line (``babydistill: error: ...``) and exit with status 2; set BABYDISTILL_DEBUG=1 for a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.config import load_config
+
+VERBS = ["prepare", "tokenizer", "tokenize", "teacher", "cache", "distill", "evaluate", "report", "run", "status",
+         "store", "bench"]
+
+
+# --- runners: parsed flags -> stage functions -----------------------------------------------------
+
+
+def _config(args):
+    overrides = list(args.set or [])
+    return load_config(args.config, overrides)
+
+
+def cmd_prepare(args):
+    from workflows.runner import prepare_stage, run_stage
+
+    run_stage(prepare_stage(_config(args)), force=args.force)
+
+
+def cmd_tokenizer(args):
+    from workflows.runner import run_stage, tokenizer_stage
+
+    run_stage(tokenizer_stage(_config(args)), force=args.force)
+
+
+def cmd_tokenize(args):
+    from workflows.runner import run_stage, tokenize_stage
+
+    run_stage(tokenize_stage(_config(args)), force=args.force)
+
+
+def _resume_value(text):
+    if text is None:
+        return False
+    if text in ("", "true", "must"):
+        return True
+    return text  # "auto" or a checkpoint path
+
+
+def cmd_teacher(args):
+    from workflows.runner import run_stage, teacher_stage
+
+    config = _config(args)
+    seed = args.seed if args.seed is not None else config.teachers.resolved_seeds()[0]
+    run_stage(teacher_stage(config, seed, args.name, resume=_resume_value(args.resume)), force=args.force)
+
+
+def _names(text):
+    return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+
+def cmd_cache(args):
+    from workflows.runner import cache_stage, run_stage
+
+    overrides = list(args.set or [])
+    if args.k is not None:
+        overrides.append(f"cache.k={args.k}")
+    if args.workers is not None:
+        overrides.append(f"cache.workers={args.workers}")
+    config = load_config(args.config, overrides)
+    run_stage(cache_stage(config, _names(args.teachers), scheduler=args.scheduler), force=args.force)
+
+
+def cmd_distill(args):
+    from workflows.runner import run_stage, student_stage
+
+    config = _config(args)
+    seed = args.seed if args.seed is not None else 1
+    stage = student_stage(config, seed, args.name, resume=_resume_value(args.resume), online=args.online,
+                          teacher_names=_names(args.teachers))
+    run_stage(stage, force=args.force)
+
+
+def cmd_evaluate(args):
+    from workflows.runner import evaluate_stage, run_stage
+
+    config = _config(args)
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise ValueError(f"{model}: not a model checkpoint (no config.json); pass a teacher or student folder")
+    run_stage(evaluate_stage(config, model), force=args.force)
+    print(f"wrote {model / 'eval.json'}")
+
+
+def cmd_report(args):
+    from workflows.runner import report_stage, run_stage
+
+    config = _config(args)
+    run_stage(report_stage(config), force=True)  # cheap, and always reflects the latest evaluations
+    print(f"report: {config.report_path / 'report.md'}")
+
+
+def cmd_run(args):
+    from workflows.runner import run_all
+
+    run_all(_config(args), force=args.force)
+
+
+def cmd_status(args):
+    from workflows.runner import status_lines
+
+    print("\n".join(status_lines(_config(args))))
+
+
+def cmd_store(args):
+    import json
+
+    from stores.logits import store_info, verify_store
+
+    if args.action == "info":
+        print(json.dumps(store_info(Path(args.path)), indent=2, default=str))
+        return 0
+    problems = verify_store(Path(args.path), Path(args.tokens) if args.tokens else None)
+    if problems:
+        for problem in problems:
+            print(f"FAIL {problem}")
+        print(f"babydistill: error: {args.path}: {len(problems)} problem(s); first: {problems[0]}. "
+              "Re-run `babydistill cache CONFIG` to rewrite the bad chunks", file=sys.stderr)
+        return 1
+    print(f"OK {args.path}: every chunk readable and consistent")
+    return 0
+
+
+def cmd_bench(args):
+    out = Path(args.out) if args.out else None
+    if args.what == "kernels":
+        from workflows.bench_kernels import bench_kernels
+
+        bench_kernels(out, quick=args.quick)
+    elif args.what == "loader":
+        from workflows.bench_loader import bench_loader
+
+        bench_loader(out, quick=args.quick)
+    else:
+        from workflows.bench_step import bench_step
+
+        bench_step(Path(args.config), out, mode=args.mode)
+
+
+COMMANDS = {
+    "prepare": cmd_prepare, "tokenizer": cmd_tokenizer, "tokenize": cmd_tokenize, "teacher": cmd_teacher,
+    "cache": cmd_cache, "distill": cmd_distill, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
+    "status": cmd_status, "store": cmd_store, "bench": cmd_bench,
+}
+assert list(COMMANDS) == VERBS, "the command table and the documented verbs must agree"
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def _add_config(p: argparse.ArgumentParser, force: bool = True) -> None:
+    p.add_argument("config", help="the run's YAML config (e.g. configs/demo.yaml)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable; the value is YAML, e.g. cache.temperatures=[1,2])")
+    if force:
+        p.add_argument("--force", action="store_true",
+                       help="rebuild even if the output exists or its inputs changed (default: off)")
+
+
+def _add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint; `--resume auto` starts fresh when there "
+                        "is none; a path resumes that checkpoint (default: start fresh, refusing to overwrite "
+                        "checkpoints)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="babydistill",
+        description="Offline ensemble distillation (BabyLlama-2): teachers run once into a Zarr logit cache; "
+                    "students train from it with a fused sparse KL + CE loss.",
+        epilog="Quick start: babydistill run configs/demo.yaml   (then: babydistill status configs/demo.yaml)")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("prepare", help="clean and split the corpus -> run_dir/data/{train,validation,test}/")
+    _add_config(p)
+    p = sub.add_parser("tokenizer", help="train byte-level BPE on the train split -> run_dir/tokenizer/")
+    _add_config(p)
+    p = sub.add_parser("tokenize", help="encode the splits -> run_dir/tokens.zarr (token streams, windows)")
+    _add_config(p)
+
+    p = sub.add_parser("teacher", help="pretrain one teacher with CE -> run_dir/teachers/NAME/")
+    _add_config(p)
+    p.add_argument("--seed", type=int, help="training seed (default: the first of teachers.seeds, i.e. 1)")
+    p.add_argument("--name", help="folder name under teachers/ (default: t<seed>)")
+    _add_resume(p)
+
+    p = sub.add_parser("cache", help="run the teacher ensemble once -> run_dir/logits.zarr (sparse targets)")
+    _add_config(p)
+    p.add_argument("--teachers", help="comma-separated teacher names (default: t<seed> for teachers.seeds)")
+    p.add_argument("--k", type=int, help="top-k ids kept per position (default: cache.k)")
+    p.add_argument("--workers", type=int, help="dask workers; 1 = synchronous (default: cache.workers)")
+    p.add_argument("--scheduler", help="address of a running dask.distributed scheduler (default: none, local)")
+
+    p = sub.add_parser("distill", help="train one student from the logit cache -> run_dir/students/NAME/")
+    _add_config(p)
+    p.add_argument("--seed", type=int, help="training seed (default: 1)")
+    p.add_argument("--name", help="folder name under students/ (default: s<seed>, or o<seed> with --online)")
+    p.add_argument("--online", action="store_true",
+                   help="the paper's released method: run the teachers every step, dense KL (default: off)")
+    p.add_argument("--teachers", help="with --online: comma-separated teacher names (default: teachers.seeds)")
+    _add_resume(p)
+
+    p = sub.add_parser("evaluate", help="validation/test CE and BLiMP of a checkpoint -> PATH/eval.json")
+    _add_config(p)
+    p.add_argument("--model", required=True, help="a teacher or student folder (Hugging Face checkpoint)")
+
+    p = sub.add_parser("report", help="tables and plots of every model -> run_dir/report/")
+    _add_config(p, force=False)
+    p = sub.add_parser("run", help="every stage in order; finished stages are skipped")
+    _add_config(p)
+    p = sub.add_parser("status", help="what is done, what is not, and why")
+    _add_config(p, force=False)
+
+    p = sub.add_parser("store", help="inspect a logit store")
+    p.add_argument("action", choices=["info", "verify"], help="info: shapes, sizes, teachers; verify: check every chunk")
+    p.add_argument("path", help="a logits.zarr folder")
+    p.add_argument("--tokens", help="verify: also check the hashes against this tokens.zarr (default: none)")
+
+    p = sub.add_parser("bench", help="benchmarks that write JSON (ratios measured side by side)")
+    p.add_argument("what", choices=["kernels", "loader", "step"])
+    p.add_argument("--out", help="JSON file to write (default: print only)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look (default: off)")
+    p.add_argument("--mode", default="all", help="bench step: ce | offline | online | all (default: all)")
+    p.add_argument("--config", default="configs/demo.yaml", help="bench step: the model config (default: configs/demo.yaml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = COMMANDS[args.verb](args)
+        return int(code or 0)
+    except KeyboardInterrupt:
+        print("babydistill: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if os.environ.get("BABYDISTILL_DEBUG"):
+            raise
+        message = " ".join(str(exc).split())
+        print(f"babydistill: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

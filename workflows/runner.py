@@ -1,0 +1,376 @@
+"""Stages, skip and resume: what `run` and `status` do, and what every stage verb goes through.
+
+A stage's output is a folder (or a file) under the run directory. When a stage finishes, a
+marker ``stage.json`` is written inside its output folder (``<file>.stage.json`` beside a file
+output) recording a *fingerprint*: a hash of the stage's config sections and of its inputs'
+fingerprints. So:
+
+- output present, marker fingerprint equal to the current one -> up to date, skipped;
+- output present, fingerprint differs -> its inputs or config changed: refused unless ``--force``;
+- otherwise the stage runs. Folder stages build in ``<out>.partial`` and are renamed into place
+  when done, so an interrupted stage never leaves an output that looks finished; a partial
+  folder from the same inputs is kept so that training resumes from its checkpoints.
+  Stages marked ``in_place`` (the logit cache) resume inside the output itself and report
+  their own completeness.
+
+Only rank 0 of a torchrun job touches the file system here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+
+MARKER = "stage.json"
+PARTIAL_MARKER = "stage.partial.json"
+
+
+class StageError(ValueError):
+    """A stage cannot run as asked (missing input, changed inputs, ...)."""
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(message: str) -> None:
+    if is_rank_zero():
+        print(message, flush=True)
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    name: str
+    """Shown to the user: `teacher t1`, `cache`, ..."""
+    out: Path
+    fingerprint: str | None
+    """None when an input is missing (see ``waiting_for``)."""
+    build: Callable[[Path], Any]
+    command: str
+    """The command that runs this stage alone."""
+    waiting_for: str | None = None
+    in_place: bool = False
+    incomplete: Callable[[Path], str | None] | None = None
+    is_file: bool = False
+
+    @property
+    def marker(self) -> Path:
+        return self.out.with_name(self.out.name + ".stage.json") if self.is_file else self.out / MARKER
+
+    @property
+    def work(self) -> Path:
+        return self.out if self.in_place or self.is_file else self.out.with_name(self.out.name + ".partial")
+
+
+def read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def output_fingerprint(out: Path, is_file: bool = False) -> str | None:
+    """The fingerprint of a finished stage output, or None when it is not finished."""
+    marker = out.with_name(out.name + ".stage.json") if is_file else out / MARKER
+    record = read_marker(marker)
+    return record.get("fingerprint") if record else None
+
+
+def stage_status(stage: Stage) -> tuple[str, str]:
+    """(state, why): state is done | stale | incomplete | partial | waiting | todo."""
+    if stage.fingerprint is None:
+        return "waiting", f"run {stage.waiting_for} first"
+    record = read_marker(stage.marker) if stage.out.exists() else None
+    if record is not None:
+        if record.get("fingerprint") != stage.fingerprint:
+            return "stale", "its inputs or config changed since it was made; rerun with --force to rebuild"
+        reason = stage.incomplete(stage.out) if stage.incomplete else None
+        if reason:
+            return "incomplete", reason
+        return "done", f"finished {record.get('finished', '?')} in {record.get('seconds', '?')} s"
+    if stage.work.exists() and stage.work != stage.out:
+        return "partial", f"interrupted; {stage.work.name} will be resumed"
+    if stage.in_place and stage.out.exists():
+        return "partial", "interrupted; the unfinished chunks will be redone"
+    return "todo", "not run yet"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_stage(stage: Stage, *, force: bool = False) -> bool:
+    """Run ``stage`` unless it is up to date. Returns True when it ran."""
+    state, why = stage_status(stage)
+    if state == "waiting":
+        raise StageError(f"{stage.name}: {why}")
+    if state == "done" and not force:
+        say(f"[skip] {stage.name}: up to date ({stage.out})")
+        return False
+    if state == "stale" and not force:
+        raise StageError(f"{stage.name}: {stage.out} exists but {why}")
+
+    if is_rank_zero():
+        if force:
+            _remove(stage.work)
+            if stage.in_place or stage.is_file:
+                _remove(stage.marker)
+        elif state in ("stale", "incomplete") or stage.in_place:
+            _remove(stage.marker)  # an in-place stage is unfinished until it says otherwise
+        partial = read_marker(stage.work / PARTIAL_MARKER) if not (stage.in_place or stage.is_file) else None
+        if partial is not None and partial.get("fingerprint") != stage.fingerprint:
+            say(f"[note] {stage.name}: discarding {stage.work} (made from other inputs)")
+            _remove(stage.work)
+        if not stage.is_file:
+            stage.work.mkdir(parents=True, exist_ok=True)
+            if not stage.in_place:
+                (stage.work / PARTIAL_MARKER).write_text(json.dumps({"fingerprint": stage.fingerprint}))
+        else:
+            stage.out.parent.mkdir(parents=True, exist_ok=True)
+
+    say(f"[run ] {stage.name} -> {stage.out}")
+    started = time.time()
+    result = stage.build(stage.work)
+    seconds = round(time.time() - started, 1)
+
+    if is_rank_zero():
+        record = {"stage": stage.name, "fingerprint": stage.fingerprint, "seconds": seconds,
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "command": stage.command}
+        if isinstance(result, dict):
+            record["result"] = result
+        if not (stage.in_place or stage.is_file):
+            (stage.work / PARTIAL_MARKER).unlink(missing_ok=True)
+            (stage.work / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            old = stage.out.with_name(stage.out.name + ".old")
+            if stage.out.exists():
+                stage.out.rename(old)
+            stage.work.rename(stage.out)
+            _remove(old)
+        else:
+            stage.marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        say(f"[done] {stage.name} in {seconds} s")
+    return True
+
+
+# --- the stages of a run ------------------------------------------------------------------------
+
+
+def _corpus_listing(corpus: Path) -> list:
+    if not corpus.is_dir():
+        return [str(corpus), "missing"]
+    return sorted((str(p.relative_to(corpus)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in corpus.rglob("*") if p.is_file())
+
+
+def _upstream(config: Config, path: Path, what: str, is_file: bool = False) -> tuple[str | None, str | None]:
+    fp = output_fingerprint(path, is_file)
+    return fp, (None if fp else what)
+
+
+def prepare_stage(config: Config) -> Stage:
+    from pipeline.prepare import prepare_corpus
+
+    d = config.data
+    fp = fingerprint("prepare", str(config.corpus_path.resolve()), d.validation_fraction, d.test_fraction,
+                     d.max_train_words, _corpus_listing(config.corpus_path))
+    return Stage("prepare", config.data_path, fp, lambda work: _summary_prepare(prepare_corpus(d, config.corpus_path, work)),
+                 "babydistill prepare CONFIG")
+
+
+def _summary_prepare(manifest: dict) -> dict:
+    return {split: {"words": s["words"], "documents": s["documents"]} for split, s in manifest["splits"].items()}
+
+
+def tokenizer_stage(config: Config) -> Stage:
+    from pipeline.tokenizer import train_tokenizer
+
+    up, waiting = _upstream(config, config.data_path, "`babydistill prepare CONFIG`")
+    fp = fingerprint("tokenizer", config.section_hash("tokenizer"), up) if up else None
+    def build(work: Path):
+        train_tokenizer(config.tokenizer, config.data_path / "train", work)
+
+    return Stage("tokenizer", config.tokenizer_path, fp, build, "babydistill tokenizer CONFIG", waiting_for=waiting)
+
+
+def tokenize_stage(config: Config) -> Stage:
+    from pipeline.tokenize import tokenize_corpus
+
+    up, waiting = _upstream(config, config.tokenizer_path, "`babydistill tokenizer CONFIG`")
+    fp = fingerprint("tokenize", config.data.seq_len, up) if up else None
+    return Stage("tokenize", config.tokens_path, fp,
+                 lambda work: tokenize_corpus(config.data, config.data_path, config.tokenizer_path, work),
+                 "babydistill tokenize CONFIG", waiting_for=waiting)
+
+
+def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = "auto") -> Stage:
+    from pipeline.teacher import train_teacher
+
+    name = name or f"t{seed}"
+    up, waiting = _upstream(config, config.tokens_path, "`babydistill tokenize CONFIG`")
+    fp = fingerprint("teacher", config.section_hash("model", "train"), seed, up) if up else None
+
+    def build(work: Path):
+        train_teacher(config, config.tokens_path, config.tokenizer_path, work, seed=seed, resume=resume)
+
+    return Stage(f"teacher {name}", config.teacher_path(name), fp, build,
+                 f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting)
+
+
+def default_teacher_names(config: Config) -> list[str]:
+    return [f"t{seed}" for seed in config.teachers.resolved_seeds()]
+
+
+def cache_stage(config: Config, teacher_names: list[str] | None = None, scheduler: str | None = None) -> Stage:
+    from pipeline.cache import capture_logits
+    from stores.logits import incomplete_reason
+
+    names = teacher_names or default_teacher_names(config)
+    teacher_dirs = [config.teacher_path(n) for n in names]
+    ups = [output_fingerprint(p) for p in teacher_dirs]
+    tokens_fp = output_fingerprint(config.tokens_path)
+    missing = [f"`babydistill teacher CONFIG --name {n}`" for n, fp in zip(names, ups) if fp is None]
+    if tokens_fp is None:
+        missing.insert(0, "`babydistill tokenize CONFIG`")
+    c = config.cache
+    fp = None if missing else fingerprint("cache", c.mode, c.k, c.samples, c.temperatures, c.ensemble,
+                                          c.chunk_windows, c.logp_dtype, c.seed, names, ups, tokens_fp)
+
+    def build(work: Path):
+        return capture_logits(c, config.tokens_path, config.tokenizer_path, teacher_dirs, work,
+                              workers=c.workers, scheduler=scheduler)
+
+    return Stage("cache", config.logits_path, fp, build,
+                 f"babydistill cache CONFIG --teachers {','.join(names)}",
+                 waiting_for=", ".join(missing) or None, in_place=True, incomplete=incomplete_reason)
+
+
+def student_stage(config: Config, seed: int, name: str | None = None, resume: Any = "auto",
+                  online: bool = False, teacher_names: list[str] | None = None) -> Stage:
+    from pipeline.distill import train_student
+
+    name = name or (f"o{seed}" if online else f"s{seed}")
+    names = teacher_names or default_teacher_names(config)
+    teacher_dirs = [config.teacher_path(n) for n in names]
+    d = config.distill
+    if online:
+        ups = [output_fingerprint(p) for p in teacher_dirs]
+        missing = [f"`babydistill teacher CONFIG --name {n}`" for n, fp in zip(names, ups) if fp is None]
+        source = ["online", names, ups]
+    else:
+        up = output_fingerprint(config.logits_path)
+        missing = [] if up else ["`babydistill cache CONFIG`"]
+        source = ["offline", up]
+    fp = None if missing else fingerprint("student", config.section_hash("model", "train"), d.alpha,
+                                          d.temperature, d.tail, d.normalization, d.use_exact_c_T, seed, source)
+
+    def build(work: Path):
+        train_student(config, config.tokens_path, config.tokenizer_path, config.logits_path, work, seed=seed,
+                      resume=resume, online=online, teacher_dirs=teacher_dirs if online else None)
+
+    command = f"babydistill distill CONFIG --seed {seed} --name {name}" + (" --online" if online else "")
+    return Stage(f"student {name}", config.student_path(name), fp, build, command,
+                 waiting_for=", ".join(missing) or None)
+
+
+def evaluate_stage(config: Config, model_dir: Path) -> Stage:
+    from pipeline.evaluate import evaluate_model
+
+    model_fp = output_fingerprint(model_dir)
+    if model_fp is None and (model_dir / "model.safetensors").is_file():
+        stat = (model_dir / "model.safetensors").stat()  # a checkpoint made elsewhere
+        model_fp = fingerprint(str(model_dir.resolve()), stat.st_size, stat.st_mtime_ns)
+    tokens_fp = output_fingerprint(config.tokens_path)
+    missing = ([] if model_fp else [f"a checkpoint in {model_dir}"]) + ([] if tokens_fp else ["`babydistill tokenize CONFIG`"])
+    fp = None if missing else fingerprint("evaluate", config.section_hash("eval"), model_fp, tokens_fp)
+    out = model_dir / "eval.json"
+
+    def build(work: Path):
+        result = evaluate_model(config.eval, model_dir, config.tokens_path, config.tokenizer_path, out=out)
+        return {key: result[key] for key in ("validation", "test", "blimp") if key in result} if isinstance(result, dict) else None
+
+    return Stage(f"evaluate {model_dir.name}", out, fp, build, f"babydistill evaluate CONFIG --model {model_dir}",
+                 waiting_for=", ".join(missing) or None, is_file=True)
+
+
+def model_dirs(config: Config) -> list[Path]:
+    """Every teacher and student of the config, in report order."""
+    names = default_teacher_names(config)
+    dirs = [config.teacher_path(n) for n in names]
+    dirs += [config.student_path(f"s{seed}") for seed in config.distill.resolved_seeds()]
+    dirs += [config.student_path(f"o{seed}") for seed in range(1, config.distill.online_students + 1)]
+    return dirs
+
+
+def report_stage(config: Config) -> Stage:
+    from pipeline.report import write_report
+
+    evals = [output_fingerprint(d / "eval.json", is_file=True) for d in model_dirs(config)]
+    missing = [f"`babydistill evaluate CONFIG --model {d}`" for d, fp in zip(model_dirs(config), evals) if fp is None]
+    fp = None if missing else fingerprint("report", evals)
+
+    def build(work: Path):
+        write_report(config, work)
+
+    return Stage("report", config.report_path, fp, build, "babydistill report CONFIG",
+                 waiting_for=", ".join(missing[:2]) + (" ..." if len(missing) > 2 else "") or None)
+
+
+def pipeline_stages(config: Config) -> list[Callable[[], Stage]]:
+    """The whole pipeline in order, as thunks: a stage's fingerprint depends on the ones before it."""
+    thunks: list[Callable[[], Stage]] = [lambda: prepare_stage(config), lambda: tokenizer_stage(config),
+                                         lambda: tokenize_stage(config)]
+    for seed in config.teachers.resolved_seeds():
+        thunks.append(lambda seed=seed: teacher_stage(config, seed))
+    if config.distill.students:
+        thunks.append(lambda: cache_stage(config))
+    for seed in config.distill.resolved_seeds():
+        thunks.append(lambda seed=seed: student_stage(config, seed))
+    for seed in range(1, config.distill.online_students + 1):
+        thunks.append(lambda seed=seed: student_stage(config, seed, online=True))
+    for model_dir in model_dirs(config):
+        thunks.append(lambda model_dir=model_dir: evaluate_stage(config, model_dir))
+    thunks.append(lambda: report_stage(config))
+    return thunks
+
+
+def run_all(config: Config, *, force: bool = False) -> int:
+    """Run every stage in order, skipping finished ones. Returns how many ran."""
+    started = time.time()
+    ran = 0
+    for thunk in pipeline_stages(config):
+        ran += run_stage(thunk(), force=force)
+    report = config.report_path / "report.md"
+    if ran == 0:
+        say(f"Everything is up to date: nothing to do. Report: {report}")
+    else:
+        say(f"Ran {ran} stage(s) in {time.time() - started:.0f} s. Report: {report}")
+    return ran
+
+
+def status_lines(config: Config) -> list[str]:
+    lines = [f"run_dir: {config.run_path}"]
+    for thunk in pipeline_stages(config):
+        try:
+            stage = thunk()
+        except ImportError as exc:  # a stage module that this install does not have
+            lines.append(f"  {'unavailable':<11} {exc}")
+            continue
+        state, why = stage_status(stage)
+        lines.append(f"  {state:<11} {stage.name:<18} {why}")
+    return lines
