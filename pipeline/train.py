@@ -1,0 +1,616 @@
+"""The training loop, shared by teachers (CE on token windows) and students (distillation).
+
+A caller builds the model, a :class:`BatchSource` and a loss function, and hands them to
+:func:`train_loop`; the loop owns everything else: optimizer, schedule, accumulation, clipping,
+autocast, DDP, validation, logging, checkpoints, resume and the final Hugging Face export.
+
+Global batch (DDP): one optimizer step consumes ``G = batch_size x grad_accum x world_size``
+windows, positions ``[step_in_epoch * G, (step_in_epoch + 1) * G)`` of the epoch's order.
+Micro-step ``m`` of rank ``r`` reads the ``batch_size`` positions starting at
+``step_in_epoch * G + (m * world_size + r) * batch_size``. The step's gradient is the mean over
+all G windows, so N processes with batch_size B match one process with batch_size N x B (or
+grad_accum N x A) up to float summation order. The last partial global batch of an epoch is
+dropped.
+
+Resume: ``out_dir/trainer_state/step-000123/`` holds the weights, optimizer, grad scaler, RNG
+states of every rank and ``meta.json`` (step, loop state, metrics.jsonl length, resolved
+config); ``COMPLETE`` is written last and the folder is renamed from ``*.tmp`` into place.
+The learning rate is a pure function of the step and the data position a pure function of
+(seed, epoch, step_in_epoch), so neither needs more state than the step.
+
+Outputs in ``out_dir``: the HF checkpoint (``config.json``, ``model.safetensors``, tokenizer
+files), ``metrics.jsonl``, ``run_config.json`` (the resolved run config) and
+``train_summary.json`` (final/best validation loss, steps, hashes, ``extra_meta``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.config import Config, TrainConfig, save_config
+from stores.tokens import TokenStore
+
+STATE_DIR = "trainer_state"
+COMPLETE = "COMPLETE"
+METRICS = "metrics.jsonl"
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class TrainingError(ValueError):
+    """Training cannot start or go on as asked (no checkpoint to resume, NaN loss, ...)."""
+
+
+# --- batch sources ----------------------------------------------------------------------
+
+
+class BatchSource(Protocol):
+    """Where the loop's windows come from. Stateless addressing makes resume exact:
+    the data position is (epoch, positions), nothing else."""
+
+    num_windows: int
+    """Windows in one epoch."""
+
+    def batch(self, epoch: int, positions: np.ndarray) -> Batch:
+        """The windows at ``positions`` of epoch ``epoch``'s order, as CPU tensors.
+
+        Must hold ``input_ids`` [B, T] (used for validation shape and token counts); anything
+        else (``labels``, teacher targets, ...) is for the loss function.
+        """
+        ...
+
+
+def epoch_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
+    """The permutation of window ids for one epoch, fixed by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+
+
+class TokenWindows:
+    """Windows of one split of tokens.zarr, reshuffled every epoch from (seed, epoch).
+
+    ``random_offset`` shifts every window by an offset in [0, seq_len) drawn per (seed, epoch,
+    window), like the paper's dataset.
+    """
+
+    def __init__(self, tokens: TokenStore, split: str = "train", *, seed: int, random_offset: bool = False):
+        self.tokens, self.split, self.seed, self.random_offset = tokens, split, seed, random_offset
+        self.num_windows = tokens.num_windows(split)
+        self._epoch: int | None = None
+
+    def _epoch_tables(self, epoch: int) -> None:
+        if self._epoch != epoch:
+            self._order = epoch_order(self.seed, epoch, self.num_windows)
+            self._offsets = (np.random.default_rng([self.seed, epoch, 1]).integers(0, self.tokens.seq_len,
+                                                                                 self.num_windows)
+                             if self.random_offset else None)
+            self._epoch = epoch
+
+    def batch(self, epoch: int, positions: np.ndarray) -> Batch:
+        self._epoch_tables(epoch)
+        ids = self._order[positions]
+        offsets = self._offsets[ids] if self._offsets is not None else None
+        windows_BT1 = torch.from_numpy(self.tokens.windows(self.split, ids, offsets))
+        return {"input_ids": windows_BT1[:, :-1].contiguous(), "labels": windows_BT1[:, 1:].contiguous()}
+
+
+def ce_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean next-token cross-entropy over the batch's tokens (computed in fp32)."""
+    logits_BTV = model(input_ids=batch["input_ids"]).logits
+    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), batch["labels"].flatten())
+    return loss, {"ce": loss.detach()}
+
+
+# --- setup: devices, processes, precision, optimizer, schedule --------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name}: CUDA is not available here; use train.device=auto or cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (RANK / WORLD_SIZE set)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    initialized_here = not dist.is_initialized()
+    if initialized_here:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank, initialized_here)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("train.precision=fp16 needs CUDA; use train.precision=auto (fp32 on CPU) or bf16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; like HF's Trainer, 1-D parameters (norm weights, biases) get no weight decay,
+    matrices and embeddings do."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then cosine from lr down to lr x min_lr_ratio at num_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, num_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch],
+                   loss_fn: LossFn, *, device: torch.device, amp_dtype: torch.dtype | None,
+                   scaler: torch.amp.GradScaler | None, max_grad_norm: float
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step over the micro-batches (gradient accumulation); DDP syncs on the last.
+
+    Returns the step's loss, its metrics (means over micro-batches) and the grad norm before
+    clipping, all detached (no host sync here: call .item() only when logging).
+    """
+    num_micro = len(micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for m, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        sync = m == num_micro - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with autocast_context(device, amp_dtype):
+                loss, metrics = loss_fn(model, batch)
+            scaled = loss / num_micro
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0) + value.detach().float()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / num_micro, {k: v / num_micro for k, v in metric_sums.items()}, grad_norm.detach()
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, tokens: TokenStore, *, max_windows: int | None, batch_size: int,
+                    device: torch.device, amp_dtype: torch.dtype | None, ddp: Dist) -> float:
+    """Mean token CE over the first ``max_windows`` validation windows, sharded over ranks."""
+    num_windows = tokens.num_windows("validation")
+    if max_windows is not None:
+        num_windows = min(num_windows, max_windows)
+    mine = np.arange(ddp.rank, num_windows, ddp.world_size)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, token count
+    for begin in range(0, len(mine), batch_size):
+        windows_BT1 = torch.from_numpy(tokens.windows("validation", mine[begin:begin + batch_size])).to(device)
+        with autocast_context(device, amp_dtype):
+            logits_BTV = model(input_ids=windows_BT1[:, :-1]).logits
+        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), windows_BT1[:, 1:].flatten(), reduction="sum")
+        totals += torch.stack([ce.double(), torch.tensor(windows_BT1[:, 1:].numel(), device=device).double()])
+    if ddp.world_size > 1:
+        dist.all_reduce(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def _step_dir(state_dir: Path, step: int) -> Path:
+    return state_dir / f"step-{step:06d}"
+
+
+def complete_checkpoints(state_dir: Path) -> list[Path]:
+    """Complete checkpoint folders (with their marker), oldest first."""
+    if not state_dir.is_dir():
+        return []
+    found = [p for p in state_dir.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+             and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _incomplete_checkpoints(state_dir: Path) -> list[Path]:
+    if not state_dir.is_dir():
+        return []
+    return sorted(p for p in state_dir.glob("step-*") if p.is_dir() and not (p / COMPLETE).is_file())
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _barrier(ddp: Dist) -> None:
+    if ddp.world_size > 1:
+        dist.barrier()
+
+
+def save_checkpoint(state_dir: Path, step: int, raw_model: torch.nn.Module, optimizer, scaler, meta: dict,
+                    ddp: Dist) -> Path:
+    """Write step-N.tmp/ (every rank its RNG state; rank 0 the rest), mark it complete, rename."""
+    final = _step_dir(state_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if ddp.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(ddp)
+    torch.save(_rng_state(), tmp / f"rng-rank{ddp.rank}.pt")
+    _barrier(ddp)
+    if ddp.main:
+        torch.save(raw_model.state_dict(), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")  # last: the folder is whole
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _barrier(ddp)
+    return final
+
+
+def _load_checkpoint(folder: Path, fingerprint: dict, raw_model, optimizer, scaler, ddp: Dist) -> dict:
+    """Read every file of a checkpoint first, then apply them, so a bad file changes nothing."""
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    if meta["fingerprint"] != fingerprint:
+        raise TrainingError(f"{folder} was written for another model, data or global batch "
+                            f"({meta['fingerprint']} vs {fingerprint}); use --force to start over")
+    rng_file = folder / f"rng-rank{ddp.rank}.pt"
+    model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    # a checkpoint written by fewer processes has no RNG state for this rank: keep the seeded one
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    scaler_state = (torch.load(folder / "scaler.pt", weights_only=True)
+                    if scaler is not None and (folder / "scaler.pt").is_file() else None)
+    raw_model.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
+    if scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    if rng is not None:
+        _set_rng_state(rng)
+    return meta
+
+
+def prune_checkpoints(state_dir: Path, keep: int, best_step: int | None) -> None:
+    """Keep the newest ``keep`` complete checkpoints and the best-weights files they refer to."""
+    complete = complete_checkpoints(state_dir)
+    kept, dropped = complete[-keep:], complete[:-keep]
+    newest = kept[-1].name if kept else ""
+    for folder in dropped + [p for p in _incomplete_checkpoints(state_dir) if p.name < newest]:
+        shutil.rmtree(folder, ignore_errors=True)
+    referenced = {best_step}
+    for folder in kept:
+        referenced.add(json.loads((folder / "meta.json").read_text(encoding="utf-8")).get("best_step"))
+    for path in state_dir.glob("best-step-*.pt"):
+        if int(path.stem.split("-")[-1]) not in referenced:
+            path.unlink()
+
+
+def _save_best(state_dir: Path, step: int, raw_model) -> None:
+    path = state_dir / f"best-step-{step:06d}.pt"
+    torch.save(raw_model.state_dict(), path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def _resume_candidates(resume, state_dir: Path, out_dir: Path) -> list[Path]:
+    """Checkpoint folders to try, newest first; [] = start fresh. Raises on a mode it cannot honour."""
+    if resume not in (False, True, "auto"):
+        folder = Path(resume)
+        if not (folder / COMPLETE).is_file():
+            raise TrainingError(f"{folder}: not a complete checkpoint folder (no {COMPLETE} marker)")
+        return [folder]
+    for folder in _incomplete_checkpoints(state_dir):
+        if not folder.name.endswith(".tmp"):
+            warnings.warn(f"{folder}: incomplete checkpoint (no {COMPLETE} marker), skipped", stacklevel=3)
+    complete = complete_checkpoints(state_dir)[::-1]
+    if resume is False and complete:
+        raise TrainingError(f"{out_dir} already has checkpoints (newest {complete[0].name}); "
+                            f"pass --resume to continue or --force to start over")
+    if resume is True and not complete:
+        raise TrainingError(f"no checkpoint in {state_dir}; use --resume auto to start fresh")
+    return complete
+
+
+# --- logging ----------------------------------------------------------------------------
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def format_log_line(step: int, num_steps: int, loss: float, metrics: dict[str, float], lr: float, dt: float,
+                    tokens_per_second: float, mem_gb: float) -> str:
+    """``step 120/800 | loss 3.412 (ce 3.100 kl 0.312) | lr 6.9e-04 | dt 210ms | tok/s 9,750 | mem 1.2GB``"""
+    split = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    return (f"step {step}/{num_steps} | loss {loss:.3f}" + (f" ({split})" if split else "")
+            + f" | lr {lr:.1e} | dt {dt * 1000:.0f}ms | tok/s {tokens_per_second:,.0f} | mem {mem_gb:.1f}GB")
+
+
+def _metrics_file_reset(path: Path, length: int) -> None:
+    """Cut metrics.jsonl back to what the checkpoint saw (the lines after it are redone)."""
+    if path.exists():
+        with path.open("r+b") as f:
+            f.truncate(length)
+
+
+def _tqdm_write(line: str, bar) -> None:
+    if bar is not None and not bar.disable:
+        bar.write(line)
+    else:
+        print(line, flush=True)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, loss_fn: LossFn, out_dir: Path, *,
+               seed: int, resume: bool | str | Path = False, tokens: TokenStore, tokenizer_dir: Path,
+               extra_meta: dict | None = None) -> Path:
+    """Train ``model`` on ``batches`` with ``loss_fn`` and export it to ``out_dir``; returns ``out_dir``.
+
+    ``resume``: False = start fresh (refuse if complete checkpoints exist), True = continue from
+    the newest complete checkpoint (refuse if there is none), "auto" = continue if one exists,
+    or a path to one ``step-N`` folder. Only rank 0 writes files and prints.
+    """
+    cfg = config.train
+    out_dir = Path(out_dir)
+    state_dir = out_dir / STATE_DIR
+    run_config = dataclasses.replace(config, train=dataclasses.replace(cfg, seed=seed))
+
+    # --- setup ---
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    ddp = setup_distributed(device)
+    global_batch = cfg.batch_size * cfg.grad_accum * ddp.world_size
+    steps_per_epoch = batches.num_windows // global_batch
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the training data has {batches.num_windows} windows, fewer than one global batch "
+                            f"(train.batch_size x train.grad_accum x processes = {global_batch}); "
+                            f"lower train.batch_size or add data")
+    if tokens.num_windows("validation") == 0:
+        raise TrainingError(f"{tokens.path}: the validation split has no window of data.seq_len={tokens.seq_len} "
+                            f"tokens; raise data.validation_fraction or lower data.seq_len")
+    num_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        num_steps = min(num_steps, cfg.max_steps)
+    fingerprint = {"model": config.section_hash("model", "tokenizer", "data"), "tokens_hash": tokens.tokens_hash,
+                   "global_batch": global_batch}
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    # --- resume or start fresh ---
+    candidates = _resume_candidates(resume, state_dir, out_dir)
+    meta, resumed_from = None, None
+    for folder in candidates:
+        try:
+            meta = _load_checkpoint(folder, fingerprint, model, optimizer, scaler, ddp)
+        except TrainingError:
+            raise
+        except Exception as exc:  # a truncated or garbled file: fall back to the previous checkpoint
+            if ddp.main:
+                warnings.warn(f"{folder}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
+                              f"trying the previous one", stacklevel=2)
+            continue
+        resumed_from = folder
+        break
+    if candidates and meta is None and resume != "auto":
+        raise TrainingError(f"no readable checkpoint in {state_dir}; use --resume auto to start fresh")
+    _barrier(ddp)  # every rank has read its state before rank 0 touches the folder
+    metrics_path = out_dir / METRICS
+    if ddp.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if meta is None:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            metrics_path.write_text("", encoding="utf-8")
+        else:
+            _metrics_file_reset(metrics_path, meta["metrics_bytes"])
+            for stale in state_dir.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_config, out_dir / "run_config.json")
+    _barrier(ddp)
+    start_step = meta["step"] if meta else 0
+    loop = meta["loop"] if meta else {"best_val_loss": None, "best_step": None, "last_val_loss": None}
+    if ddp.main and meta is not None:
+        print(f"resuming from {resumed_from} (step {start_step}/{num_steps})", flush=True)
+
+    train_model = model
+    if ddp.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    metrics_file = metrics_path.open("ab") if ddp.main else None
+
+    def write_metrics(record: dict) -> None:
+        if metrics_file is not None:
+            metrics_file.write((json.dumps(record) + "\n").encode("utf-8"))
+            metrics_file.flush()
+
+    # --- loop ---
+    step = start_step
+    bar = None
+    window_tokens, window_time, window_steps = 0, 0.0, 0
+    while True:
+        last_step = step == num_steps
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        epoch_end = step_in_epoch == 0 and step > 0
+        if step > start_step:  # the resumed step was evaluated and saved before it was written
+            if last_step or epoch_end or (cfg.eval_every is not None and step % cfg.eval_every == 0):
+                val = validation_loss(model, tokens, max_windows=cfg.eval_windows, batch_size=cfg.batch_size,
+                                      device=device, amp_dtype=amp_dtype, ddp=ddp)
+                write_metrics({"kind": "val", "step": step, "epoch": step / steps_per_epoch, "val_loss": val})
+                if ddp.main:
+                    _tqdm_write(f"step {step}/{num_steps} | val_loss {val:.4f}", bar)
+                loop["last_val_loss"] = val
+                if loop["best_val_loss"] is None or val < loop["best_val_loss"]:
+                    loop["best_val_loss"], loop["best_step"] = val, step
+                    if cfg.keep_best and ddp.main:
+                        _save_best(state_dir, step, model)
+            if last_step or epoch_end or step % cfg.save_every == 0:
+                meta_out = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "num_steps": num_steps,
+                            "world_size": ddp.world_size, "fingerprint": fingerprint, "loop": loop,
+                            "best_step": loop["best_step"] if cfg.keep_best else None,
+                            "metrics_bytes": metrics_file.tell() if metrics_file is not None else 0,
+                            "config": run_config.to_dict()}
+                save_checkpoint(state_dir, step, model, optimizer, scaler, meta_out, ddp)
+                if ddp.main:
+                    prune_checkpoints(state_dir, cfg.keep_checkpoints, meta_out["best_step"])
+        if last_step:
+            break
+        if bar is None or step_in_epoch == 0:
+            if bar is not None:
+                bar.close()
+            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="step", disable=not ddp.main or not sys.stderr.isatty(), leave=False)
+
+        # one optimizer step
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg, num_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        base = step_in_epoch * global_batch
+        micro_batches = [batches.batch(epoch, np.arange(start, start + cfg.batch_size))
+                         for start in (base + (m * ddp.world_size + ddp.rank) * cfg.batch_size
+                                       for m in range(cfg.grad_accum))]
+        loss, metrics, grad_norm = optimizer_step(train_model, optimizer, micro_batches, loss_fn, device=device,
+                                                  amp_dtype=amp_dtype, scaler=scaler, max_grad_norm=cfg.max_grad_norm)
+        # one sync per step: all ranks must agree to stop, and a NaN must never reach a checkpoint
+        reduced = torch.stack([loss, *metrics.values()])
+        if ddp.world_size > 1:
+            dist.all_reduce(reduced)
+            reduced /= ddp.world_size
+        if not torch.isfinite(reduced[0]):
+            latest = complete_checkpoints(state_dir)
+            raise TrainingError(f"step {step + 1}: loss is {reduced[0].item()}; stopped, the last good checkpoint "
+                                f"is {latest[-1] if latest else 'none'}; lower train.lr or check the data")
+        step += 1
+        window_tokens += sum(b["input_ids"].numel() for b in micro_batches) * ddp.world_size
+        window_steps += 1
+        window_time += time.perf_counter() - t0
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == num_steps:
+            values = reduced.tolist()
+            tokens_per_second = window_tokens / max(window_time, 1e-9)
+            record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "lr": lr, "loss": values[0],
+                      "tokens_per_second": tokens_per_second, **dict(zip(metrics, values[1:])),
+                      "grad_norm": grad_norm.item()}
+            write_metrics(record)
+            if ddp.main:
+                _tqdm_write(format_log_line(step, num_steps, values[0], dict(zip(metrics, values[1:])), lr,
+                                            window_time / window_steps, tokens_per_second, _peak_memory_gb(device)),
+                            bar)
+                bar.set_postfix(loss=f"{values[0]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_second:,.0f}")
+            window_tokens, window_time, window_steps = 0, 0.0, 0
+
+    # --- summary and export ---
+    if bar is not None:
+        bar.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    if ddp.main:
+        if cfg.keep_best and loop["best_step"] is not None:
+            best = torch.load(state_dir / f"best-step-{loop['best_step']:06d}.pt", map_location="cpu",
+                              weights_only=True)
+            model.load_state_dict(best)
+        export_hf(model, out_dir, tokenizer_dir)
+        summary = {"seed": seed, "num_steps": num_steps, "steps_per_epoch": steps_per_epoch,
+                   "global_batch": global_batch, "world_size": ddp.world_size,
+                   "final_val_loss": loop["last_val_loss"], "best_val_loss": loop["best_val_loss"],
+                   "best_step": loop["best_step"], "exported": "best" if cfg.keep_best else "final",
+                   "tokens_hash": tokens.tokens_hash, "tokenizer_hash": tokens.tokenizer_hash, **(extra_meta or {})}
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"done: {num_steps} steps, val_loss {loop['last_val_loss']:.4f}"
+              + (f" (best {loop['best_val_loss']:.4f} at step {loop['best_step']})" if cfg.keep_best else "")
+              + f" -> {out_dir}", flush=True)
+    _barrier(ddp)
+    if ddp.initialized_here:
+        dist.destroy_process_group()
+    return out_dir
+
+
+def export_hf(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path) -> None:
+    """A plain Hugging Face checkpoint: config.json, model.safetensors and the run's tokenizer files."""
+    model.save_pretrained(out_dir)
+    for path in Path(tokenizer_dir).iterdir():
+        if path.is_file():
+            shutil.copy2(path, out_dir / path.name)

@@ -1,0 +1,182 @@
+"""The shared training loop: schedule, data order, resume modes, corrupt checkpoints, NaN, keep_best."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.model import build_model
+from pipeline.teacher import train_teacher
+from pipeline.train import (
+    COMPLETE,
+    STATE_DIR,
+    TokenWindows,
+    TrainingError,
+    ce_loss,
+    complete_checkpoints,
+    epoch_order,
+    format_log_line,
+    lr_at,
+    train_loop,
+)
+from stores.tokens import TokenStore
+
+
+def with_train(config, **train):
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
+
+
+def run_teacher(config, out: Path, resume=False, seed: int = 1) -> Path:
+    return train_teacher(config, config.tokens_path, config.tokenizer_path, out, seed=seed, resume=resume)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= atol, f"max weight difference {worst:.3g} > {atol}"
+
+
+def metric_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def steps_of(state_dir: Path) -> list[str]:
+    return [p.name for p in complete_checkpoints(state_dir)]
+
+
+# --- pure pieces ---------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_linearly_then_cosine_to_min(tiny_run):
+    cfg = dataclasses.replace(tiny_run.train, lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg, 20) for s in range(21)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lrs[20] == pytest.approx(0.1)
+
+
+def test_token_windows_reshuffle_per_epoch_and_random_offset(tiny_run):
+    tokens = TokenStore(tiny_run.tokens_path)
+    source = TokenWindows(tokens, "train", seed=3)
+    n = source.num_windows
+    assert sorted(epoch_order(3, 0, n)) == list(range(n))
+    assert not np.array_equal(epoch_order(3, 0, n), epoch_order(3, 1, n))
+    assert np.array_equal(epoch_order(3, 1, n), epoch_order(3, 1, n))
+    batch = source.batch(0, np.arange(4))
+    windows = tokens.windows("train", epoch_order(3, 0, n)[:4])
+    assert torch.equal(batch["input_ids"], torch.from_numpy(windows[:, :-1]))
+    assert torch.equal(batch["labels"], torch.from_numpy(windows[:, 1:]))
+    shifted = TokenWindows(tokens, "train", seed=3, random_offset=True).batch(0, np.arange(4))
+    assert shifted["input_ids"].shape == batch["input_ids"].shape
+    assert not torch.equal(shifted["input_ids"], batch["input_ids"])
+
+
+def test_log_line_format():
+    line = format_log_line(120, 800, 3.4123, {"ce": 3.1, "kl": 0.3}, 6.9e-4, 0.21, 9750.4, 1.23)
+    assert line == "step 120/800 | loss 3.412 (ce 3.100 kl 0.300) | lr 6.9e-04 | dt 210ms | tok/s 9,750 | mem 1.2GB"
+
+
+# --- resume modes ---------------------------------------------------------------------------
+
+
+def test_resume_modes(tiny_run, tmp_path):
+    config = with_train(tiny_run, max_steps=6, save_every=3)
+    with pytest.raises(TrainingError, match=r"no checkpoint in .*use --resume auto to start fresh"):
+        run_teacher(config, tmp_path / "t", resume=True)
+    run_teacher(config, tmp_path / "t", resume="auto")  # nothing to resume: starts fresh
+    assert steps_of(tmp_path / "t" / STATE_DIR) == ["step-000003", "step-000006"]
+    with pytest.raises(TrainingError, match=r"already has checkpoints .*pass --resume to continue or --force"):
+        run_teacher(config, tmp_path / "t", resume=False)
+    before = weights(tmp_path / "t")
+    run_teacher(config, tmp_path / "t", resume=True)  # already finished: re-exports the same weights
+    assert all(torch.equal(before[k], v) for k, v in weights(tmp_path / "t").items())
+    with pytest.raises(TrainingError, match="not a complete checkpoint"):
+        run_teacher(config, tmp_path / "t", resume=tmp_path / "nowhere")
+
+
+def test_resume_from_a_path_and_skipping_incomplete_or_corrupt_checkpoints(tiny_run, tmp_path):
+    config = with_train(tiny_run, max_steps=12, save_every=4, keep_checkpoints=3)
+    reference = run_teacher(config, tmp_path / "ref")
+    ref_lines = metric_lines(reference)
+    state = reference / STATE_DIR
+    assert steps_of(state) == ["step-000004", "step-000008", "step-000012"]
+
+    # an explicit folder: continue from step 4
+    run = run_teacher(with_train(config, keep_checkpoints=2), tmp_path / "ref", resume=state / "step-000004")
+    assert_same_weights(run, tmp_path / "ref")
+
+    # newest without its marker, the next one garbled: both skipped with a warning, resume from step 4
+    run = run_teacher(config, tmp_path / "b")
+    (run / STATE_DIR / "step-000012" / COMPLETE).unlink()
+    (run / STATE_DIR / "step-000008" / "model.pt").write_bytes(b"garbage")
+    (run / "model.safetensors").unlink()
+    with pytest.warns(UserWarning) as caught:
+        run_teacher(config, run, resume=True)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "step-000012: incomplete checkpoint" in messages and "step-000008: unreadable checkpoint" in messages
+    assert_same_weights(run, reference)
+    lines = metric_lines(run)
+    assert [(r["kind"], r["step"]) for r in lines] == [(r["kind"], r["step"]) for r in ref_lines]
+    assert [r.get("loss", r.get("val_loss")) for r in lines] == pytest.approx(
+        [r.get("loss", r.get("val_loss")) for r in ref_lines], abs=1e-6)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path):
+    config = with_train(tiny_run, max_steps=12, save_every=5)
+    tokens = TokenStore(tiny_run.tokens_path)
+    calls = 0
+
+    def nan_from_step_7(model, batch):
+        nonlocal calls
+        calls += 1
+        loss, metrics = ce_loss(model, batch)
+        return (loss * math.nan if calls >= 7 else loss), metrics
+
+    with pytest.raises(TrainingError, match=r"^step 7: loss is nan; .*step-000005"):
+        train_loop(config, build_model(config, tokens, 1), TokenWindows(tokens, seed=1), nan_from_step_7,
+                   tmp_path / "t", seed=1, tokens=tokens, tokenizer_dir=tiny_run.tokenizer_path)
+    state = tmp_path / "t" / STATE_DIR
+    assert steps_of(state) == ["step-000005"]
+    assert not (tmp_path / "t" / "model.safetensors").exists()
+    assert all(math.isfinite(v) for v in torch.load(state / "step-000005" / "model.pt")["lm_head.weight"].flatten())
+
+
+def test_keep_best_exports_the_best_validation_weights(tiny_run, tmp_path):
+    config = with_train(tiny_run, max_steps=12, save_every=4, eval_every=2, keep_best=True)
+    tokens = TokenStore(tiny_run.tokens_path)
+    calls = 0
+
+    def ce_then_ascent(model, batch):  # learn for 6 steps, then unlearn: the best is not the final
+        nonlocal calls
+        calls += 1
+        loss, metrics = ce_loss(model, batch)
+        return (loss if calls <= 6 else -loss), metrics
+
+    out = train_loop(config, build_model(config, tokens, 1), TokenWindows(tokens, seed=1), ce_then_ascent,
+                     tmp_path / "t", seed=1, tokens=tokens, tokenizer_dir=tiny_run.tokenizer_path)
+    summary = json.loads((out / "train_summary.json").read_text())
+    vals = {r["step"]: r["val_loss"] for r in metric_lines(out) if r["kind"] == "val"}
+    assert sorted(vals) == [2, 4, 6, 8, 10, 12]
+    best_step = min(vals, key=vals.get)
+    assert best_step <= 8 and vals[12] > vals[best_step]
+    assert summary["best_step"] == best_step and summary["exported"] == "best"
+    assert summary["best_val_loss"] == pytest.approx(vals[best_step])
+    best = torch.load(out / STATE_DIR / f"best-step-{best_step:06d}.pt")
+    exported = weights(out)
+    assert all(torch.equal(exported[k], best[k]) for k in exported)
+    # only best files that a kept checkpoint (or the loop) still refers to remain
+    assert [p.name for p in (out / STATE_DIR).glob("best-step-*.pt")] == [f"best-step-{best_step:06d}.pt"]
