@@ -422,6 +422,11 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     ``resume``: False = start fresh (refuse if complete checkpoints exist), True = continue from
     the newest complete checkpoint (refuse if there is none), "auto" = continue if one exists,
     or a path to one ``step-N`` folder. Only rank 0 writes files and prints.
+
+    The run lasts ``train.epochs x steps_per_epoch`` optimizer steps, capped by ``train.max_steps``
+    (the cosine schedule spans exactly that). metrics.jsonl lines: ``{"kind": "train", "step",
+    "epoch" (fractional epochs done), "lr", "loss", "tokens_per_second", <loss_fn metrics>,
+    "grad_norm"}`` every ``log_every`` steps and ``{"kind": "val", "step", "epoch", "val_loss"}``.
     """
     cfg = config.train
     out_dir = Path(out_dir)
@@ -491,6 +496,9 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         save_config(run_config, out_dir / "run_config.json")
     _barrier(ddp)
     start_step = meta["step"] if meta else 0
+    if start_step > num_steps:
+        raise TrainingError(f"{resumed_from} is at step {start_step}, past this run's {num_steps} steps "
+                            f"(train.epochs / train.max_steps were lowered); raise them or use --force to start over")
     loop = meta["loop"] if meta else {"best_val_loss": None, "best_step": None, "last_val_loss": None}
     if ddp.main and meta is not None:
         print(f"resuming from {resumed_from} (step {start_step}/{num_steps})", flush=True)

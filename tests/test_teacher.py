@@ -133,6 +133,15 @@ def test_bench_step_ce_writes_json(tiny_run, tmp_path):
         bench_step(config_path, None, mode="nope")
 
 
+@pytest.mark.slow
+def test_bench_step_builds_a_temporary_run_when_tokens_are_missing(tiny_config_path):
+    from workflows.bench_step import bench_step
+
+    report = bench_step(tiny_config_path, None, mode="all", steps=1, warmup=0)
+    assert report["temporary_run"] is True and set(report["modes"]) == {"ce"}
+    assert not load_config(tiny_config_path).run_path.exists()
+
+
 # --- through the CLI ---------------------------------------------------------------------------
 
 

@@ -106,6 +106,10 @@ def test_resume_modes(tiny_run, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path / "t").items())
     with pytest.raises(TrainingError, match="not a complete checkpoint"):
         run_teacher(config, tmp_path / "t", resume=tmp_path / "nowhere")
+    with pytest.raises(TrainingError, match="another model, data or global batch"):
+        run_teacher(with_train(config, batch_size=4), tmp_path / "t", resume=True)
+    with pytest.raises(TrainingError, match="past this run's 3 steps"):
+        run_teacher(with_train(config, max_steps=3), tmp_path / "t", resume=True)
 
 
 def test_resume_from_a_path_and_skipping_incomplete_or_corrupt_checkpoints(tiny_run, tmp_path):
