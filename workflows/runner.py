@@ -296,7 +296,8 @@ def evaluate_stage(config: Config, model_dir: Path) -> Stage:
         stat = (model_dir / "model.safetensors").stat()  # a checkpoint made elsewhere
         model_fp = fingerprint(str(model_dir.resolve()), stat.st_size, stat.st_mtime_ns)
     tokens_fp = output_fingerprint(config.tokens_path)
-    missing = ([] if model_fp else [f"a checkpoint in {model_dir}"]) + ([] if tokens_fp else ["`babydistill tokenize CONFIG`"])
+    missing = ([] if model_fp else [f"the stage that trains {model_dir} (`babydistill run CONFIG`)"]) + \
+        ([] if tokens_fp else ["`babydistill tokenize CONFIG`"])
     fp = None if missing else fingerprint("evaluate", config.section_hash("eval"), model_fp, tokens_fp)
     out = model_dir / "eval.json"
 
