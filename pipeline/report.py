@@ -55,7 +55,9 @@ def find_models(config: Config) -> list[ModelRun]:
     for folder, is_teacher in ((config.run_path / "teachers", True), (config.run_path / "students", False)):
         if not folder.is_dir():
             continue
-        for path in sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: _natural_key(p.name)):
+        # "s1.partial" and the like are stages still running (or interrupted), not models
+        dirs = [p for p in folder.iterdir() if p.is_dir() and "." not in p.name]
+        for path in sorted(dirs, key=lambda p: _natural_key(p.name)):
             group = "teachers" if is_teacher else "online students" if path.name.startswith("o") else "offline students"
             eval_path = path / "eval.json"
             found.append(ModelRun(path.name, group, path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import zipfile
@@ -44,6 +45,16 @@ def train_tiny_model(config: Config, store: TokenStore, seed: int, steps: int) -
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the second
+    thread's barrier waits made this module 4x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +260,17 @@ def test_evaluate_model_writes_eval_json_and_report(tiny_run, tiny_eval_run, tmp
     again = evaluate_model(tiny_run.eval, model_dir, tiny_run.tokens_path, tiny_run.tokenizer_path, out=elsewhere)
     assert json.loads(elsewhere.read_text())["blimp"]["paradigms"] == blimp["paradigms"]
     assert again["loss"] == result["loss"]
+
+    # eval.blimp points at another BLiMP copy (a folder here)
+    folder = tmp_path / "blimp_few"
+    with zipfile.ZipFile(BUNDLED_BLIMP) as archive:
+        for uid in PARADIGMS[:2]:
+            archive.extract(f"blimp/{uid}.jsonl", folder)
+    few = evaluate_model(dataclasses.replace(tiny_run.eval, blimp=str(folder)), model_dir, tiny_run.tokens_path,
+                         tiny_run.tokenizer_path, out=tmp_path / "few.json")
+    assert sorted(few["blimp"]["paradigms"]) == sorted(PARADIGMS[:2]) and few["blimp"]["num_pairs"] == 10
+    assert few["blimp"]["source"] == str(folder)
+    assert few["blimp"]["paradigms"] == {uid: blimp["paradigms"][uid] for uid in PARADIGMS[:2]}
 
     # the report reads what evaluate wrote
     report = write_report(run, tmp_path / "report")

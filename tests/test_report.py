@@ -130,7 +130,7 @@ def test_report_without_evaluations_still_plots_curves(tmp_path):
 
 def test_models_are_found_in_natural_order(tmp_path):
     root = tmp_path / "run"
-    for name in ("t10", "t2", "o1", "s1"):
+    for name in ("t10", "t2", "o1", "s1", "s2.partial"):
         make_model(root, name, None, 3.0)
     assert [(m.name, m.group) for m in find_models(Config(run_dir=str(root)))] == [
         ("t2", "teachers"), ("t10", "teachers"), ("s1", "offline students"), ("o1", "online students")]
