@@ -1,0 +1,229 @@
+"""Chunked CPU path of the sparse-distillation loss (see `kernels.reference` for the spec).
+
+Rows are processed in chunks small enough to stay in cache (about 512 KB of fp32 logits). For each chunk
+one pass computes the row maximum m, the exp-sums at T = 1 and at T from that one maximum, the CE and KL
+terms, and writes the gradient
+
+    dL/dz = w_ce (softmax(z) - e_y) + (w_kl / T) (softmax(z/T) - target)
+
+where w_ce = alpha * (CE normaliser) and w_kl = (1 - alpha) T^2 (KL normaliser) for counted rows, and
+"target" is p_T on K plus the tail term of the mode (bucket: softmax(z/T)_j r_T / Q_T on tail tokens;
+uniform: r_T / (V - k); renorm: nothing, with p renormalised over K). No dense teacher tensor is built;
+the extra memory is two fp32 chunks (plus the gradient itself, unless ``inplace``).
+
+The gradient is computed in the forward pass (the logits are hot in cache there) and scaled by
+grad_output in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import RESIDUAL_EPS, ids_as_int64
+
+CHUNK_BYTES = 1 << 19  # fp32 bytes of logits per chunk: two such buffers stay in a 2 MB L2
+
+
+def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float, tail: str, c_T=None):
+    """The teacher on K at temperature T, from the stored T = 1 log-probabilities ([N, k] work only).
+
+    Returns ids [N, k] int64, logp_K [N, k] fp32 (-inf for padding), r_T [N] fp32 (tail mass; 0 for
+    renorm) and num_tail [N] fp32 (V minus the number of real entries).
+    """
+    T = float(temperature)
+    l1 = target_logp.to(torch.float32)
+    real = l1 > float("-inf")
+    ids = ids_as_int64(target_ids)
+    # Padding entries point at the row's first real id, so that they never touch another column.
+    first_real = ids.gather(1, real.to(torch.uint8).argmax(1, keepdim=True))
+    ids = torch.where(real, ids, first_real)
+    num_tail = (vocab_size - real.sum(1)).to(torch.float32)
+    if tail == "renorm":
+        logp = torch.log_softmax(l1 / T, dim=1)
+        return ids, logp, torch.zeros_like(num_tail), num_tail
+    if c_T is not None:
+        c = c_T.to(torch.float32)
+    else:
+        # Approximation: the T = 1 residual r spread evenly over the num_tail other tokens, tempered
+        # with them: c_T = log(sum_K exp(l1/T) + num_tail * (r / num_tail)^(1/T)).
+        r1 = (1 - l1.exp().sum(1)).clamp(0, 1)
+        r1 = torch.where(r1 > RESIDUAL_EPS, r1, 0)
+        has_tail = (r1 > 0) & (num_tail > 0)
+        n = num_tail.clamp_min(1)
+        log_tail = torch.where(has_tail, n.log() + (r1.clamp_min(1e-38).log() - n.log()) / T, float("-inf"))
+        c = torch.logaddexp(torch.logsumexp(l1 / T, dim=1), log_tail)
+    logp = l1 / T - c[:, None]
+    r_T = (1 - logp.exp().sum(1)).clamp(0, 1)
+    r_T = torch.where(num_tail > 0, r_T, 0)
+    return ids, logp, r_T, num_tail
+
+
+def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature: float, uniform: bool,
+                  grad, ignore_index: int = -100, chunk_rows: int | None = None):
+    """Per-row CE and KL (fp32, 0 for ignored rows) and the weighted gradient written into ``grad``.
+
+    ``grad`` may be ``logits`` itself (each chunk is read before it is written). w_ce / w_kl are [N]
+    fp32 loss weights (0 for ignored rows).
+    """
+    N, V = logits.shape
+    T = float(temperature)
+    if chunk_rows is None:
+        chunk_rows = max(1, min(N, CHUNK_BYTES // (4 * V)))
+    ce_row = torch.empty(N, dtype=torch.float32)
+    kl_row = torch.empty(N, dtype=torch.float32)
+    C = min(chunk_rows, N)
+    buf1 = torch.empty(C, V, dtype=torch.float32)
+    buf2 = torch.empty(C, V, dtype=torch.float32) if T != 1.0 else None
+    bufx = torch.empty(C, V, dtype=torch.float32) if logits.dtype != torch.float32 else None
+    pad_K = logp_K == float("-inf")
+    p_K_all = logp_K.exp()                                           # 0 for padding
+    safe_labels = torch.where(labels == ignore_index, 0, labels)
+    bucket_tail = (not uniform) and bool((r_T > 0).any())
+    for a in range(0, N, C):
+        b = min(a + C, N)
+        n = b - a
+        x = logits[a:b]
+        if bufx is not None:
+            x = bufx[:n].copy_(x)
+        idx, p_K, l_K = ids[a:b], p_K_all[a:b], logp_K[a:b]
+        y = safe_labels[a:b, None]
+        wc, wk = w_ce[a:b], w_kl[a:b] / T
+
+        # One max, both exp-sums.
+        m = x.amax(1, keepdim=True)
+        E1 = torch.sub(x, m, out=buf1[:n]).exp_()
+        S1 = E1.sum(1)
+        lse1 = m[:, 0] + S1.log()
+        if T != 1.0:
+            ET = torch.sub(x, m, out=buf2[:n]).mul_(1.0 / T).exp_()
+            ST = ET.sum(1)
+            lseT = m[:, 0] / T + ST.log()
+        else:
+            ET, ST, lseT = E1, S1, lse1
+        z_K = x.gather(1, idx)
+        z_y = x.gather(1, y)[:, 0]
+        logq_K = z_K / T - lseT[:, None]
+        ce = lse1 - z_y
+        kl = torch.where(p_K > 0, p_K * (l_K - logq_K), 0).sum(1)
+
+        # Tail term, and the per-row coefficient of softmax(z/T) on tail tokens.
+        coefT = 1.0 / ST
+        shift = None
+        r = r_T[a:b]
+        if uniform:
+            nt = num_tail[a:b]
+            u = torch.where(nt > 0, r / nt.clamp_min(1), 0)
+            sum_tail_s = (x.sum(1) - torch.where(pad_K[a:b], 0, z_K).sum(1)) / T
+            kl = kl + torch.where(u > 0, nt * torch.xlogy(u, u) - u * (sum_tail_s - nt * lseT), 0)
+            shift = -wk * u
+        elif bucket_tail:
+            # The tail sum exactly (zero K, then sum) rather than ST - sum_K: no cancellation when K
+            # holds nearly all the student's mass. K positions are overwritten below, so zeroing is free.
+            ET.scatter_(1, idx, 0.0)
+            tail_sum = ET.sum(1).clamp_min(1e-38)
+            logQ = tail_sum.log() - ST.log()
+            kl = kl + torch.where(r > 0, r * (r.clamp_min(1e-38).log() - logQ), 0)
+            coefT = coefT - r / tail_sum
+
+        # Gradient: dense part, then K entries and the label overwritten / corrected.
+        G = grad[a:b]
+        if ET is E1:
+            c = (wc / S1 + wk * coefT)[:, None]
+            if shift is None:
+                torch.mul(E1, c, out=G)
+            else:
+                E1.mul_(c).add_(shift[:, None])
+                G.copy_(E1)
+        else:
+            E1.mul_((wc / S1)[:, None])
+            ET.mul_((wk * coefT)[:, None]).add_(E1)
+            if shift is not None:
+                ET.add_(shift[:, None])
+            G.copy_(ET)
+        q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * logq_K.exp()
+        G.scatter_(1, idx, q_part.to(G.dtype))
+        G.scatter_add_(1, idx, (-wk[:, None] * p_K).to(G.dtype))
+        G.scatter_add_(1, y, (-wc[:, None]).to(G.dtype))
+        ce_row[a:b] = ce
+        kl_row[a:b] = kl
+    valid = labels != ignore_index
+    return torch.where(valid, ce_row, 0), torch.where(valid, kl_row, 0)
+
+
+class SparseDistillCPU(torch.autograd.Function):
+    """loss = sum_rows w_ce * CE + w_kl * KL, gradient computed in forward by `loss_and_grad`.
+
+    Returns (loss, ce_row, kl_row); the per-row terms are not differentiable. With ``inplace`` the
+    gradient overwrites the logits buffer: safe only when nothing else saved the logits for backward
+    (e.g. they come straight out of a matmul whose backward does not need its output), and backward
+    may run only once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
+                ignore_index):
+        grad = logits if inplace else torch.empty_like(logits)
+        with torch.no_grad():
+            ce_row, kl_row = loss_and_grad(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
+                                           temperature, uniform, grad, ignore_index)
+        loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_row, kl_row)
+        ctx.used = False
+        return loss, ce_row, kl_row
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kl):
+        if ctx.used:
+            raise RuntimeError("sparse_distill_loss: backward may run only once (the gradient is scaled in place)")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        if float(grad_loss) != 1.0:
+            grad.mul_(grad_loss.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+class DenseDistill(torch.autograd.Function):
+    """Full-vocabulary CE + KL(softmax(t/T) || softmax(z/T)) in row chunks, gradient formed in forward.
+
+    Device-agnostic PyTorch (the online-distillation baseline); returns (loss, ce_row, kl_row) like
+    `SparseDistillCPU`, with w_ce / w_kl the per-row loss weights.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, teacher_logits, w_ce, w_kl, temperature, ignore_index):
+        N, V = logits.shape
+        T = float(temperature)
+        chunk_bytes = CHUNK_BYTES if logits.device.type == "cpu" else 1 << 27
+        C = max(1, min(N, chunk_bytes // (4 * V)))
+        grad = torch.empty_like(logits)
+        ce_row = torch.empty(N, dtype=torch.float32, device=logits.device)
+        kl_row = torch.empty(N, dtype=torch.float32, device=logits.device)
+        safe_labels = torch.where(labels == ignore_index, 0, labels)[:, None]
+        with torch.no_grad():
+            for a in range(0, N, C):
+                b = min(a + C, N)
+                x = logits[a:b].float()
+                logq1 = torch.log_softmax(x, dim=1)
+                logqT = torch.log_softmax(x / T, dim=1)
+                logpT = torch.log_softmax(teacher_logits[a:b].float() / T, dim=1)
+                pT = logpT.exp()
+                y = safe_labels[a:b]
+                ce_row[a:b] = -logq1.gather(1, y)[:, 0]
+                kl_row[a:b] = torch.where(pT > 0, pT * (logpT - logqT), 0).sum(1)
+                wc, wk = w_ce[a:b, None], w_kl[a:b, None] / T
+                g = wc * logq1.exp_() + wk * (logqT.exp_() - pT)
+                g.scatter_add_(1, y, -wc)
+                grad[a:b] = g
+        valid = labels != ignore_index
+        ce_row = torch.where(valid, ce_row, 0)
+        kl_row = torch.where(valid, kl_row, 0)
+        loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_row, kl_row)
+        return loss, ce_row, kl_row
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kl):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None

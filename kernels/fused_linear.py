@@ -1,0 +1,72 @@
+"""Fused LM head + sparse-distillation loss: logits = hidden @ W^T in row chunks, never N x V at once.
+
+For each chunk of rows: logits_c = h_c @ W^T, the row kernel (CPU path or Triton) writes its gradient g_c
+over logits_c, then grad_h_c = g_c @ W and grad_W += g_c^T h_c (accumulated in fp32). Extra memory: one
+logits chunk, grad_h [N, H] and an fp32 grad_W [V, H].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu
+
+CHUNK_BYTES = {"cpu": 1 << 25, "cuda": 1 << 28}  # fp32 bytes of one logits chunk
+
+
+def _row_loss_and_grad(impl: str):
+    if impl == "triton":
+        from kernels import triton_kernel
+        return triton_kernel.loss_and_grad
+    return cpu.loss_and_grad
+
+
+class FusedLinearSparseDistill(torch.autograd.Function):
+    """loss = sum_rows w_ce * CE + w_kl * KL of hidden @ W^T; gradients for hidden and W formed in forward.
+
+    Returns (loss, ce_row, kl_row); backward scales the saved gradients by grad_output (once).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform,
+                ignore_index, impl, chunk_rows):
+        N, H = hidden.shape
+        V = weight.shape[0]
+        row_fn = _row_loss_and_grad(impl)
+        if chunk_rows is None:
+            chunk_rows = max(1, CHUNK_BYTES.get(hidden.device.type, 1 << 25) // (4 * V))
+        C = max(1, min(N, chunk_rows))
+        grad_h = torch.empty(N, H, dtype=hidden.dtype, device=hidden.device)
+        grad_W = torch.zeros(V, H, dtype=torch.float32, device=weight.device)
+        ce_row = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        kl_row = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            h_all, W = hidden.detach(), weight.detach()
+            for a in range(0, N, C):
+                b = min(a + C, N)
+                h = h_all[a:b]
+                logits = h @ W.T                                   # [C, V], becomes its own gradient
+                ce_row[a:b], kl_row[a:b] = row_fn(
+                    logits, labels[a:b], ids[a:b], logp_K[a:b], r_T[a:b], num_tail[a:b], w_ce[a:b],
+                    w_kl[a:b], temperature, uniform, logits, ignore_index)
+                torch.matmul(logits, W, out=grad_h[a:b])
+                if logits.dtype == torch.float32 and h.dtype == torch.float32:
+                    grad_W.addmm_(logits.T, h)
+                else:
+                    grad_W += (logits.T @ h).float()
+        loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
+        ctx.save_for_backward(grad_h, grad_W)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(ce_row, kl_row)
+        ctx.used = False
+        return loss, ce_row, kl_row
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kl):
+        if ctx.used:
+            raise RuntimeError("fused_linear_sparse_distill_loss: backward may run only once")
+        ctx.used = True
+        grad_h, grad_W = ctx.saved_tensors
+        grad_h.mul_(grad_loss.to(grad_h.dtype))
+        grad_W = (grad_W * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return (grad_h, grad_W) + (None,) * 12

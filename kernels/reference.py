@@ -1,0 +1,158 @@
+"""The sparse-distillation loss as plain, dense PyTorch: the spec every kernel is tested against.
+
+Per row (token position) with student logits z (V), label y, teacher ids K (k of them) and teacher
+log-probabilities l_i at T = 1:
+
+    loss = alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * KL(p_T || softmax(z / T))
+
+The teacher at temperature T is known on K: log p_T,i = l_i / T - c_T, with c_T = LSE(zbar/T) - LSE(zbar)/T
+the per-row correction the logit store keeps; its tail mass is r_T = 1 - sum_K p_T,i. Without c_T the
+T = 1 residual r = 1 - sum_K exp(l_i) is taken as spread evenly over the V - k other tokens and tempered
+with them (an approximation; exact at T = 1 and whenever r = 0, e.g. for sampled targets; a residual
+below RESIDUAL_EPS is taken as rounding and set to 0).
+
+Tail modes (what the teacher puts outside K):
+    bucket   the tail is one bucket of mass r_T, compared with the student's tail mass Q_T
+    renorm   the tail is dropped and p_T renormalised over K (student: the full softmax)
+    uniform  r_T spread evenly over the V - k tail tokens
+
+Conventions shared by every implementation:
+    - ids within a row are distinct; an entry whose target_logp is -inf is padding and has no effect
+      (it may repeat an id of the row);
+    - rows whose label is ignore_index count in neither CE nor KL;
+    - normalisation "token": CE and KL averaged over counted rows; "sequence": CE averaged over counted
+      rows, KL summed over them and divided by num_sequences (KLDivLoss(reduction="batchmean") on
+      [B, S, V]); "sum": both summed. An all-ignored batch gives 0 and zero gradients;
+    - the returned ce and kl are the normalised, detached CE and KL (KL without T^2), so that
+      loss = alpha * ce + (1 - alpha) * T^2 * kl.
+
+This module builds the full teacher distribution densely and lets autograd differentiate; it runs in the
+logits' dtype (float64 in tests). It is never the production path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TAILS = ("bucket", "renorm", "uniform")
+# Without c_T, a T = 1 residual below this is rounding (weights that sum to 1 stored in fp32), not mass:
+# tempering would blow it up, since the tail then carries num_tail^(1 - 1/T) * r^(1/T).
+RESIDUAL_EPS = 1e-5
+NORMALIZATIONS = ("token", "sequence", "sum")
+
+
+def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, tail, normalization,
+               c_T, num_sequences) -> None:
+    """Raise one ValueError listing every problem with the arguments of a sparse_distill_loss call."""
+    problems = []
+    if logits.dim() != 2:
+        problems.append(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+    else:
+        N, V = logits.shape
+        if labels.shape != (N,):
+            problems.append(f"labels must be [N] = [{N}], got {tuple(labels.shape)}")
+        if target_ids.dim() != 2 or target_ids.shape[0] != N or not 1 <= target_ids.shape[1] <= V:
+            problems.append(f"target_ids must be [N, k] with N = {N} and 1 <= k <= V = {V}, "
+                            f"got {tuple(target_ids.shape)}")
+        if target_logp.shape != target_ids.shape:
+            problems.append(f"target_logp {tuple(target_logp.shape)} must match target_ids "
+                            f"{tuple(target_ids.shape)}")
+        if c_T is not None and c_T.shape != (N,):
+            problems.append(f"c_T must be [N] = [{N}], got {tuple(c_T.shape)}")
+    if not logits.is_floating_point():
+        problems.append(f"logits must be floating point, got {logits.dtype}")
+    if target_ids.is_floating_point():
+        problems.append(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+    if not 0.0 <= alpha <= 1.0:
+        problems.append(f"alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        problems.append(f"temperature must be > 0, got {temperature}")
+    if tail not in TAILS:
+        problems.append(f"tail must be one of {TAILS}, got {tail!r}")
+    if normalization not in NORMALIZATIONS:
+        problems.append(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "sequence" and (num_sequences is None or num_sequences < 1):
+        problems.append(f"normalization='sequence' needs num_sequences >= 1, got {num_sequences}")
+    if problems:
+        raise ValueError("sparse_distill_loss: " + "; ".join(problems))
+
+
+def loss_scales(labels: torch.Tensor, normalization: str, num_sequences: int | None, ignore_index: int):
+    """Per-row 0/1 mask of counted rows, and the CE and KL normalisers (tensors: no host sync on CUDA)."""
+    valid = labels != ignore_index
+    num_tokens = valid.sum().clamp_min(1).to(torch.float32)
+    if normalization == "token":
+        return valid, 1.0 / num_tokens, 1.0 / num_tokens
+    if normalization == "sequence":
+        return valid, 1.0 / num_tokens, torch.tensor(1.0 / num_sequences, device=labels.device)
+    one = torch.ones((), device=labels.device)
+    return valid, one, one
+
+
+def ids_as_int64(target_ids: torch.Tensor) -> torch.Tensor:
+    """Teacher ids as int64 (the store keeps uint16, which indexing does not accept)."""
+    if target_ids.dtype == torch.uint16:
+        return target_ids.to(torch.int32).to(torch.int64)
+    return target_ids.to(torch.int64)
+
+
+def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
+                        normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None):
+    """Dense reference of `kernels.sparse_distill_loss` (``impl`` is accepted and ignored).
+
+    Returns (loss, ce, kl); ce and kl are detached. Computes in ``logits.dtype``.
+    """
+    check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
+               normalization=normalization, c_T=c_T, num_sequences=num_sequences)
+    N, V = logits.shape
+    T = float(temperature)
+    dtype = logits.dtype
+    ids = ids_as_int64(target_ids)
+    l_K = target_logp.to(dtype)
+    real = l_K > float("-inf")                                     # padding entries have no effect
+
+    # Membership of K and the teacher's T = 1 probabilities on it, densely.
+    in_K = torch.zeros(N, V, dtype=torch.int32, device=logits.device).scatter_add(1, ids, real.to(torch.int32)) > 0
+    num_tail = V - in_K.sum(1)                                     # [N]
+    p1_dense = torch.zeros(N, V, dtype=dtype, device=logits.device).scatter_add(1, ids, l_K.exp())
+
+    # Teacher at temperature T, on K and in the tail.
+    if c_T is not None:
+        logp_T_dense = torch.where(in_K, p1_dense.log() / T - c_T.to(dtype)[:, None], float("-inf"))
+        p_T_dense = logp_T_dense.exp()
+        r_T = (1 - p_T_dense.sum(1)).clamp(0, 1)
+    else:
+        # T = 1 residual spread evenly over the tail, then the whole dense distribution tempered.
+        r1 = (1 - p1_dense.sum(1)).clamp(0, 1)
+        r1 = torch.where(r1 > RESIDUAL_EPS, r1, 0)
+        tail_p1 = torch.where(num_tail > 0, r1 / num_tail.clamp_min(1), 0)
+        full_p1 = torch.where(in_K, p1_dense, tail_p1[:, None])
+        full_logp_T = torch.log_softmax(full_p1.log() / T, dim=1)  # log 0 = -inf tokens stay at 0
+        p_T_dense = torch.where(in_K, full_logp_T.exp(), 0)
+        r_T = (1 - p_T_dense.sum(1)).clamp(0, 1)
+    r_T = torch.where(num_tail > 0, r_T, 0)
+
+    # Student, and the KL of the chosen tail mode.
+    logq_T = torch.log_softmax(logits / T, dim=1)
+    if tail == "renorm":
+        p = p_T_dense / p_T_dense.sum(1, keepdim=True)
+        kl = (torch.xlogy(p, p) - p * torch.where(p > 0, logq_T, 0)).sum(1)
+    elif tail == "uniform":
+        u = torch.where(num_tail > 0, r_T / num_tail.clamp_min(1), 0)
+        p = torch.where(in_K, p_T_dense, u[:, None])
+        kl = (torch.xlogy(p, p) - p * torch.where(p > 0, logq_T, 0)).sum(1)
+    else:  # bucket: K entries plus one tail bucket, on both sides
+        p = p_T_dense
+        kl_K = (torch.xlogy(p, p) - p * torch.where(in_K, logq_T, 0)).sum(1)
+        logQ_T = torch.logsumexp(logq_T.masked_fill(in_K, float("-inf")), dim=1)
+        kl = kl_K + torch.where(r_T > 0, r_T * (r_T.log() - logQ_T), 0)
+
+    ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    valid, ce_scale, kl_scale = loss_scales(labels, normalization, num_sequences, ignore_index)
+    ce_sum = torch.where(valid, ce, 0).sum()
+    kl_sum = torch.where(valid, kl, 0).sum()
+    ce_norm = ce_sum * ce_scale.to(dtype)
+    kl_norm = kl_sum * kl_scale.to(dtype)
+    loss = alpha * ce_norm + (1 - alpha) * T * T * kl_norm
+    return loss, ce_norm.detach(), kl_norm.detach()

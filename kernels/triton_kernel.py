@@ -1,0 +1,205 @@
+"""Triton kernel of the sparse-distillation loss (see `kernels.reference` for the spec).
+
+One program per row, one launch:
+
+1. online log-sum-exp pass over the vocabulary: row maximum m, S1 = sum exp(z - m) and
+   ST = sum exp((z - m) / T) from that one maximum (plus sum z for the uniform tail);
+2. a pass over the k teacher entries: the KL on K, and the final gradient of each K entry, stashed in
+   a small [N, k] fp32 buffer (so the kernel may write its gradient over the logits);
+3. the tail term; for the bucket tail, when K holds nearly all the student's mass (ST - sum_K is a
+   cancellation), the tail sum is recomputed exactly by testing each column against K;
+4. the gradient pass, dL/dz = w_ce (softmax(z) - e_y) + (w_kl / T) (softmax(z/T) - target), formed in
+   fp32 and rounded once to the logits' dtype, then the K entries overwritten from the stash.
+
+Offsets are int64 (rows x vocab may exceed 2^31); any V; k from 1 to V.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_V = 2048
+BLOCK_K = 64
+BLOCK_F = 64      # columns per step of the exact-tail fallback (a BLOCK_F x BLOCK_K compare tile)
+NUM_WARPS = 8
+EXACT_TAIL_BELOW = 1.0 / 16  # recompute the bucket tail sum exactly when it is below this share of ST
+
+
+@triton.jit
+def sparse_distill_kernel(
+    logits_ptr,   # [N, V] student logits (fp32 / bf16 / fp16), row stride stride_l
+    grad_ptr,     # [N, V] gradient, logits' dtype, row stride stride_g; may alias logits_ptr
+    labels_ptr,   # [N] int64 labels, ignore_index for rows that do not count
+    ids_ptr,      # [N, K] int64 teacher ids (contiguous)
+    logp_ptr,     # [N, K] fp32 teacher log-probs on K at T (-inf = padding entry)
+    stash_ptr,    # [N, K] fp32 scratch: the final gradient of each K entry
+    r_ptr,        # [N] fp32 teacher tail mass r_T (0 for renorm)
+    ntail_ptr,    # [N] fp32 number of tail tokens, V - (real entries of K)
+    wce_ptr,      # [N] fp32 CE loss weight (alpha * normaliser; 0 for ignored rows)
+    wkl_ptr,      # [N] fp32 KL loss weight ((1 - alpha) T^2 * normaliser; 0 for ignored rows)
+    ce_ptr,       # [N] fp32 out: per-row CE (0 for ignored rows)
+    kl_ptr,       # [N] fp32 out: per-row KL (0 for ignored rows)
+    V, K, stride_l, stride_g,
+    inv_T,        # fp32 1 / T
+    ignore_index,
+    exact_tail_below,
+    UNIFORM: tl.constexpr,   # uniform tail; otherwise bucket (renorm = bucket with r_T = 0)
+    BUCKET: tl.constexpr,    # some row may have r_T > 0 in bucket mode
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    l_row = logits_ptr + row * stride_l
+    g_row = grad_ptr + row * stride_g
+    k_off = row * K
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    safe_label = tl.where(valid, label, 0)
+    w_ce = tl.load(wce_ptr + row)
+    w_kT = tl.load(wkl_ptr + row) * inv_T
+
+    # 1. online log-sum-exp at T = 1 and T from one running maximum.
+    zero = tl.sum(tl.zeros([BLOCK_K], tl.float32), axis=0)
+    m = zero - float("inf")
+    s1 = zero
+    sT = zero
+    sx = zero
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(l_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s1 = s1 * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        sT = sT * tl.exp((m - m_new) * inv_T) + tl.sum(tl.exp((x - m_new) * inv_T), axis=0)
+        if UNIFORM:
+            sx += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        m = m_new
+    lse1 = m + tl.log(s1)
+    lseT = m * inv_T + tl.log(sT)
+
+    # 2. the K entries: KL on K, and their final gradient into the stash.
+    kl = zero
+    sum_zK = zero
+    sum_eK = zero
+    for ks in range(0, K, BLOCK_K):
+        kk = ks + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        idk = tl.load(ids_ptr + k_off + kk, mask=kmask, other=0)
+        lp = tl.load(logp_ptr + k_off + kk, mask=kmask, other=float("-inf"))
+        zk = tl.load(l_row + idk, mask=kmask, other=0.0).to(tl.float32)
+        real = lp > float("-inf")
+        p = tl.exp(lp)
+        logq = zk * inv_T - lseT
+        kl += tl.sum(tl.where(real, p * (lp - logq), 0.0), axis=0)
+        if UNIFORM:
+            sum_zK += tl.sum(tl.where(real, zk, 0.0), axis=0)
+        if BUCKET:
+            sum_eK += tl.sum(tl.where(real, tl.exp((zk - m) * inv_T), 0.0), axis=0)
+        g = w_ce * tl.exp(zk - lse1) + w_kT * (tl.exp(logq) - p) - tl.where(idk == safe_label, w_ce, 0.0)
+        tl.store(stash_ptr + k_off + kk, g, mask=kmask)
+    x_y = tl.load(l_row + safe_label).to(tl.float32)
+    ce = lse1 - x_y
+
+    # 3. tail term; tail_fac multiplies softmax(z/T) on tail tokens, shift is added to them.
+    tail_fac = zero + 1.0
+    shift = zero
+    r = tl.load(r_ptr + row)
+    if UNIFORM:
+        nt = tl.load(ntail_ptr + row)
+        u = tl.where(nt > 0, r / tl.maximum(nt, 1.0), 0.0)
+        sum_tail_s = (sx - sum_zK) * inv_T
+        kl += tl.where(u > 0, nt * u * tl.log(tl.maximum(u, 1e-38)) - u * (sum_tail_s - nt * lseT), 0.0)
+        shift = -w_kT * u
+    if BUCKET:
+        tail = sT - sum_eK
+        if r > 0:
+            if tail < exact_tail_below * sT:
+                # K holds nearly all the mass: sum the tail exactly, testing each column against K.
+                tail = zero
+                for start in range(0, V, BLOCK_F):
+                    cols = start + tl.arange(0, BLOCK_F)
+                    mask = cols < V
+                    x = tl.load(l_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    hits = tl.zeros([BLOCK_F], tl.int32)
+                    for ks in range(0, K, BLOCK_K):
+                        kk = ks + tl.arange(0, BLOCK_K)
+                        idk = tl.load(ids_ptr + k_off + kk, mask=kk < K, other=-1)
+                        hits += tl.sum((cols[:, None] == idk[None, :]).to(tl.int32), axis=1)
+                    tail += tl.sum(tl.where(mask & (hits == 0), tl.exp((x - m) * inv_T), 0.0), axis=0)
+        tail = tl.maximum(tail, 1e-38)
+        kl += tl.where(r > 0, r * (tl.log(tl.maximum(r, 1e-38)) - (tl.log(tail) - tl.log(sT))), 0.0)
+        tail_fac = 1.0 - r * sT / tail
+
+    tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
+    tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
+
+    # 4. gradient pass, then the K entries from the stash.
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(l_row + cols, mask=mask, other=0.0).to(tl.float32)
+        g = w_ce * tl.exp(x - lse1) + w_kT * (tl.exp(x * inv_T - lseT) * tail_fac) + shift
+        g = g - tl.where(cols == safe_label, w_ce, 0.0)
+        tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()
+    for ks in range(0, K, BLOCK_K):
+        kk = ks + tl.arange(0, BLOCK_K)
+        kmask = kk < K
+        idk = tl.load(ids_ptr + k_off + kk, mask=kmask, other=0)
+        lp = tl.load(logp_ptr + k_off + kk, mask=kmask, other=float("-inf"))
+        g = tl.load(stash_ptr + k_off + kk, mask=kmask, other=0.0)
+        tl.store(g_row + idk, g.to(grad_ptr.dtype.element_ty), mask=kmask & (lp > float("-inf")))
+
+
+def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature: float, uniform: bool,
+                  grad, ignore_index: int = -100):
+    """Same contract as `kernels.cpu.loss_and_grad`: per-row CE and KL, gradient written into ``grad``."""
+    N, V = logits.shape
+    K = ids.shape[1]
+    assert logits.stride(1) == 1 and grad.stride(1) == 1
+    ce_row = torch.empty(N, dtype=torch.float32, device=logits.device)
+    kl_row = torch.empty(N, dtype=torch.float32, device=logits.device)
+    stash = torch.empty(N, K, dtype=torch.float32, device=logits.device)
+    if N == 0:
+        return ce_row, kl_row
+    sparse_distill_kernel[(N,)](
+        logits, grad, labels.contiguous(), ids.contiguous(), logp_K.contiguous(), stash,
+        r_T.contiguous(), num_tail.contiguous(), w_ce.contiguous(), w_kl.contiguous(), ce_row, kl_row,
+        V, K, logits.stride(0), grad.stride(0), 1.0 / float(temperature), ignore_index, EXACT_TAIL_BELOW,
+        UNIFORM=uniform, BUCKET=(not uniform), BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F,
+        num_warps=NUM_WARPS,
+    )
+    return ce_row, kl_row
+
+
+class SparseDistillTriton(torch.autograd.Function):
+    """loss = sum_rows w_ce * CE + w_kl * KL with the gradient from `sparse_distill_kernel`.
+
+    Same contract as `kernels.cpu.SparseDistillCPU`: returns (loss, ce_row, kl_row), the gradient is
+    computed in forward and scaled by grad_output in backward (once); ``inplace`` writes it over the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
+                ignore_index):
+        grad = logits if inplace else torch.empty_like(logits)
+        with torch.no_grad():
+            ce_row, kl_row = loss_and_grad(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
+                                           temperature, uniform, grad, ignore_index)
+        loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce_row, kl_row)
+        ctx.used = False
+        return loss, ce_row, kl_row
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kl):
+        if ctx.used:
+            raise RuntimeError("sparse_distill_loss: backward may run only once (the gradient is scaled in place)")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_loss.to(grad.dtype))  # no host sync to test grad_loss == 1 on the GPU
+        return grad, None, None, None, None, None, None, None, None, None, None, None
