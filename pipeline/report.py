@@ -103,29 +103,43 @@ def _table(models: list[ModelRun], fields: list[str]) -> list[str]:
     return lines
 
 
+def _test_ce(run: ModelRun) -> float:
+    return run.eval["loss"]["test"]["ce"]
+
+
+def _blimp(run: ModelRun) -> float:
+    return run.eval["blimp"]["overall"]
+
+
 def _best_lines(evaluated: list[ModelRun]) -> list[str]:
     teachers = [m for m in evaluated if m.group == "teachers"]
+    students = [m for m in evaluated if m.group != "teachers"]
     lines = []
-    for label, key, better, unit, scale in (
-            ("Lowest test CE", lambda m: m.eval["loss"]["test"]["ce"], min, "nats", 1),
-            ("Highest BLiMP", lambda m: m.eval["blimp"]["overall"], max, "points", 100)):
+    for label, key, better, fmt, unit in (("Lowest test CE", _test_ce, min, "{:.3f}", "nats"),
+                                          ("Highest BLiMP", _blimp, max, "{:.1%}", "points")):
+        scale = 100 if unit == "points" else 1
+        digits = 1 if unit == "points" else 3
         best = better(evaluated, key=key)
-        digits = 3 if unit == "nats" else 1
-        text = f"- {label}: **{best.name}** ({best.group}), {scale * key(best):.{digits}f}{'%' if scale == 100 else ''}"
-        if teachers:
+        text = f"- {label}: **{best.name}** ({best.group}), {fmt.format(key(best))}"
+        if teachers and best.group == "teachers":
+            text += "; it is a teacher"
+            if students:
+                gap = abs(key(better(students, key=key)) - key(best))
+                text += f"; the best student, {better(students, key=key).name}, is {scale * gap:.{digits}f} {unit} behind"
+        elif teachers:
             best_teacher = better(teachers, key=key)
-            if best is best_teacher:
-                others = [m for m in evaluated if m.group != "teachers"]
-                text += "; it is a teacher"
-                if others:
-                    best_student = better(others, key=key)
-                    text += (f"; the best student, {best_student.name}, is "
-                             f"{abs(scale * (key(best_student) - key(best))):.{digits}f} {unit} behind")
-            else:
-                delta = scale * (key(best) - key(best_teacher))
-                text += (f", {delta:+.{digits}f} {unit} versus the best teacher "
-                         f"{best_teacher.name} ({scale * key(best_teacher):.{digits}f}{'%' if scale == 100 else ''})")
+            text += (f", {scale * (key(best) - key(best_teacher)):+.{digits}f} {unit} versus the best teacher "
+                     f"{best_teacher.name} ({fmt.format(key(best_teacher))})")
         lines.append(text + ".")
+    if teachers:
+        # the paper's claim is about students against teachers as groups, not single seeds
+        for group in GROUPS[1:]:
+            members = [m for m in evaluated if m.group == group]
+            if members:
+                d_ce = np.mean([_test_ce(m) for m in members]) - np.mean([_test_ce(m) for m in teachers])
+                d_blimp = np.mean([_blimp(m) for m in members]) - np.mean([_blimp(m) for m in teachers])
+                lines.append(f"- {group} (mean of {len(members)}) versus teachers (mean of {len(teachers)}): "
+                             f"test CE {d_ce:+.3f} nats, BLiMP {100 * d_blimp:+.1f} points.")
     return lines
 
 

@@ -90,6 +90,8 @@ def test_report_table_plots_and_best_model(fake_run, tmp_path):
 
     assert "Lowest test CE: **s2** (offline students), 3.050, -0.150 nats versus the best teacher t2 (3.200)." in text
     assert "Highest BLiMP: **o1** (online students), 64.0%, +2.0 points versus the best teacher t2 (62.0%)." in text
+    assert "- offline students (mean of 2) versus teachers (mean of 2): test CE -0.200 nats, BLiMP +1.0 points." in text
+    assert "- online students (mean of 1) versus teachers (mean of 2): test CE -0.200 nats, BLiMP +3.0 points." in text
     assert "Not evaluated (no eval.json): s3." in text
     assert "Models: 2 teachers, 3 offline students, 1 online student (5 evaluated)." in text
     assert "Warning" not in text
