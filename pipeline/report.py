@@ -124,8 +124,9 @@ def _best_lines(evaluated: list[ModelRun]) -> list[str]:
         if teachers and best.group == "teachers":
             text += "; it is a teacher"
             if students:
-                gap = abs(key(better(students, key=key)) - key(best))
-                text += f"; the best student, {better(students, key=key).name}, is {scale * gap:.{digits}f} {unit} behind"
+                best_student = better(students, key=key)
+                gap = scale * abs(key(best_student) - key(best))
+                text += f"; the best student, {best_student.name}, is {gap:.{digits}f} {unit} behind"
         elif teachers:
             best_teacher = better(teachers, key=key)
             text += (f", {scale * (key(best) - key(best_teacher)):+.{digits}f} {unit} versus the best teacher "

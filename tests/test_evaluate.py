@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 from pipeline.config import BUNDLED_BLIMP, Config
 from pipeline.evaluate import FIELDS, blimp_accuracy, evaluate_model, load_blimp, score_blimp, split_loss
 from pipeline.model import build_model, llama_config
-from pipeline.tokenizer import BOS, EOD, PAD, build_bpe, load_tokenizer
 from pipeline.report import write_report
+from pipeline.tokenizer import BOS, EOD, PAD, build_bpe, load_tokenizer
 from stores.tokens import TokenStore
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
