@@ -178,6 +178,16 @@ def _corpus_listing(corpus: Path) -> list:
                   for p in corpus.rglob("*") if p.is_file())
 
 
+def model_fingerprint(model_dir: Path) -> str | None:
+    """A finished model's fingerprint; for a checkpoint made elsewhere, one from its weights file."""
+    fp = output_fingerprint(model_dir)
+    weights = model_dir / "model.safetensors"
+    if fp is None and weights.is_file() and not model_dir.name.endswith(".partial"):
+        stat = weights.stat()
+        fp = fingerprint(str(model_dir.resolve()), stat.st_size, stat.st_mtime_ns)
+    return fp
+
+
 def _upstream(config: Config, path: Path, what: str, is_file: bool = False) -> tuple[str | None, str | None]:
     fp = output_fingerprint(path, is_file)
     return fp, (None if fp else what)
@@ -242,7 +252,7 @@ def cache_stage(config: Config, teacher_names: list[str] | None = None, schedule
 
     names = teacher_names or default_teacher_names(config)
     teacher_dirs = [config.teacher_path(n) for n in names]
-    ups = [output_fingerprint(p) for p in teacher_dirs]
+    ups = [model_fingerprint(p) for p in teacher_dirs]
     tokens_fp = output_fingerprint(config.tokens_path)
     missing = [f"`babydistill teacher CONFIG --name {n}`" for n, fp in zip(names, ups) if fp is None]
     if tokens_fp is None:
@@ -269,7 +279,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
     teacher_dirs = [config.teacher_path(n) for n in names]
     d = config.distill
     if online:
-        ups = [output_fingerprint(p) for p in teacher_dirs]
+        ups = [model_fingerprint(p) for p in teacher_dirs]
         missing = [f"`babydistill teacher CONFIG --name {n}`" for n, fp in zip(names, ups) if fp is None]
         source = ["online", names, ups]
     else:
@@ -291,10 +301,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
 def evaluate_stage(config: Config, model_dir: Path) -> Stage:
     from pipeline.evaluate import evaluate_model
 
-    model_fp = output_fingerprint(model_dir)
-    if model_fp is None and (model_dir / "model.safetensors").is_file():
-        stat = (model_dir / "model.safetensors").stat()  # a checkpoint made elsewhere
-        model_fp = fingerprint(str(model_dir.resolve()), stat.st_size, stat.st_mtime_ns)
+    model_fp = model_fingerprint(model_dir)
     tokens_fp = output_fingerprint(config.tokens_path)
     missing = ([] if model_fp else [f"the stage that trains {model_dir} (`babydistill run CONFIG`)"]) + \
         ([] if tokens_fp else ["`babydistill tokenize CONFIG`"])

@@ -1,0 +1,203 @@
+"""Stage `distill`: pretrain a student from the teachers' ensemble.
+
+Offline (default): batches come from ``logits.zarr`` (input ids, labels, sparse targets, ``c_T``)
+and the loss is the fused sparse KL + CE on the student's final hidden states and LM-head weight,
+so the ``N x vocab`` student logits are never materialised. No teacher is loaded.
+
+Online (``--online``, the paper's released method): the teachers are loaded and run every step,
+their logits averaged (``cache.ensemble``), and the loss is the full-vocabulary KL + CE.
+
+Both go through the teachers' training loop (``pipeline.train.train_loop``): same optimizer,
+schedule, checkpoints, exact resume, DDP and logging; only the batches and the loss differ.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from kernels import dense_distill_loss, fused_linear_sparse_distill_loss
+from pipeline.config import Config, DistillConfig
+from pipeline.model import build_model
+from pipeline.tokenizer import tokenizer_hash
+from pipeline.train import Batch, TokenWindows, TrainingError, train_loop
+from stores.logits import chunk_ranges, open_store
+from stores.reader import LogitStoreDataset
+from stores.tokens import TokenStore
+
+# --- offline batches: the logit store addressed by position ---------------------------------------
+
+
+class StoreWindows:
+    """The training windows of ``logits.zarr`` with their sparse targets, for the training loop.
+
+    The order of an epoch is the reader's chunk-aware order (chunks shuffled from (seed, epoch),
+    windows shuffled within buffers of a few chunks), so consecutive positions fall in the same
+    few chunks and each chunk is decompressed about once per epoch; decoded chunks are kept in
+    a small cache.
+    """
+
+    def __init__(self, data: LogitStoreDataset, buffer_chunks: int = 4):
+        self.data = data
+        self.num_windows = int(data.attrs["num_windows"])
+        self.ranges = chunk_ranges(self.num_windows, int(data.attrs["chunk_windows"]))
+        self.buffer_chunks = buffer_chunks
+        self._epoch: int | None = None
+        self._order = np.zeros(0, dtype=np.int64)
+        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._group = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Window ids in this epoch's reading order."""
+        self.data.set_epoch(epoch)
+        chunks = self.data.worker_chunks(0, 1)  # the loop shards positions across ranks itself
+        pieces = []
+        for b in range(0, len(chunks), self.buffer_chunks):
+            ids = np.concatenate([np.arange(*self.ranges[c], dtype=np.int64) for c in chunks[b:b + self.buffer_chunks]])
+            pieces.append(ids[np.random.default_rng([self.data.seed, epoch, chunks[b]]).permutation(len(ids))])
+        return np.concatenate(pieces)
+
+    def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        if chunk not in self._chunks:
+            if self._group is None:
+                self._group, _ = open_store(self.data.path)
+            start, stop = self.ranges[chunk]
+            arrays = {name: self._group[name][start:stop] for name in ("tokens", "ids", "logp")}
+            if self.data.c_T_column is not None:
+                arrays["c_T"] = self._group["c_T"][start:stop, :, self.data.c_T_column]
+            self._chunks[chunk] = arrays
+            while len(self._chunks) > self.buffer_chunks + 1:
+                self._chunks.popitem(last=False)
+        return self._chunks[chunk]
+
+    def batch(self, epoch: int, positions: np.ndarray) -> Batch:
+        if self._epoch != epoch:
+            self._order, self._epoch = self.order(epoch), epoch
+        window_ids = self._order[positions]
+        chunk_size = int(self.data.attrs["chunk_windows"])
+        rows: dict[str, list[np.ndarray]] = {}
+        for window in window_ids:
+            chunk = int(window) // chunk_size
+            arrays = self._chunk(chunk)
+            for name, array in arrays.items():
+                rows.setdefault(name, []).append(array[int(window) - self.ranges[chunk][0]])
+        stacked = {name: np.stack(parts) for name, parts in rows.items()}
+        return self.data._batch({**stacked, "window_ids": window_ids.astype(np.int64)})
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+
+def offline_loss(dcfg: DistillConfig, use_c_T: bool):
+    """Fused sparse KL + CE on the final hidden states: the logits are never materialised."""
+
+    def loss_fn(model: torch.nn.Module, batch: Batch):
+        # Through the (possibly DDP-wrapped) forward, keeping one position's logits only.
+        out = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
+        hidden_BTH = out.hidden_states[-1]
+        raw = model.module if hasattr(model, "module") else model
+        num_sequences, seq_len, k = batch["target_ids"].shape
+        loss, ce, kl = fused_linear_sparse_distill_loss(
+            hidden_BTH.flatten(0, 1), raw.lm_head.weight, batch["labels"].flatten(),
+            batch["target_ids"].reshape(-1, k), batch["target_logp"].reshape(-1, k),
+            alpha=dcfg.alpha, temperature=dcfg.temperature, tail=dcfg.tail, normalization=dcfg.normalization,
+            c_T=batch["c_T"].flatten() if use_c_T and "c_T" in batch else None, num_sequences=num_sequences)
+        return loss, {"ce": ce, "kl": kl}
+
+    return loss_fn
+
+
+def load_teachers(teacher_dirs: list[Path], vocab_size: int) -> list[torch.nn.Module]:
+    teachers = []
+    for path in teacher_dirs:
+        if not (path / "config.json").is_file():
+            raise TrainingError(f"{path}: not a teacher checkpoint; run `babydistill teacher CONFIG --name {path.name}`")
+        teacher = AutoModelForCausalLM.from_pretrained(str(path))
+        if teacher.config.vocab_size != vocab_size:
+            raise TrainingError(f"{path} has vocab {teacher.config.vocab_size}, the run's tokens {vocab_size}")
+        teachers.append(teacher.eval().requires_grad_(False))
+    return teachers
+
+
+def online_loss(dcfg: DistillConfig, teachers: list[torch.nn.Module], ensemble: str):
+    """The paper's released method: teachers forward every step, dense full-vocabulary KL + CE."""
+
+    def loss_fn(model: torch.nn.Module, batch: Batch):
+        input_ids = batch["input_ids"]
+        with torch.no_grad():
+            logits = [t.to(input_ids.device)(input_ids=input_ids).logits.float() for t in teachers]
+            if ensemble == "logits":
+                teacher_BTV = torch.stack(logits).mean(0)
+            else:  # log of the mean probability, a valid set of logits for the same distribution
+                teacher_BTV = torch.logsumexp(torch.stack([F.log_softmax(z, -1) for z in logits]), 0)
+        student_BTV = model(input_ids=input_ids).logits
+        loss, ce, kl = dense_distill_loss(
+            student_BTV.flatten(0, 1), batch["labels"].flatten(), teacher_BTV.flatten(0, 1),
+            alpha=dcfg.alpha, temperature=dcfg.temperature, normalization=dcfg.normalization,
+            num_sequences=input_ids.shape[0])
+        return loss, {"ce": ce, "kl": kl}
+
+    return loss_fn
+
+
+# --- stage ----------------------------------------------------------------------------------------
+
+
+def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path,
+                        seed: int) -> tuple[StoreWindows, bool]:
+    """The store as a batch source, checked against this run; and whether exact c_T is used."""
+    if not (Path(logits_path) / "zarr.json").is_file():
+        raise TrainingError(f"{logits_path}: no logit store; run `babydistill cache CONFIG` first")
+    dcfg = config.distill
+    data = LogitStoreDataset(logits_path, tokens_path, tokenizer_dir, batch_size=config.train.batch_size, seed=seed,
+                             temperature=dcfg.temperature)
+    if int(data.attrs["seq_len"]) != config.data.seq_len:
+        raise TrainingError(f"{logits_path} holds windows of {data.attrs['seq_len']} tokens but data.seq_len is "
+                            f"{config.data.seq_len}; rebuild it with `babydistill cache CONFIG --force`")
+    use_c_T = dcfg.use_exact_c_T and data.c_T_column is not None
+    if not use_c_T and dcfg.temperature != 1.0 and data.attrs["mode"] == "topk":
+        reason = ("distill.use_exact_c_T is false" if not dcfg.use_exact_c_T else
+                  f"temperature {dcfg.temperature} was not captured (store has {data.attrs['temperatures']})")
+        warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation", stacklevel=2)
+    return StoreWindows(data), use_c_T
+
+
+def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path, out_dir: Path, *,
+                  seed: int, resume=False, online: bool = False, teacher_dirs: list[Path] | None = None) -> Path:
+    """Train one student into ``out_dir`` (the runner renames it when done); returns ``out_dir``.
+
+    ``resume`` as for teachers: False, True (must), "auto", or a checkpoint folder.
+    """
+    tokens_path, tokenizer_dir = Path(tokens_path), Path(tokenizer_dir)
+    if not (tokens_path / "zarr.json").is_file():
+        raise TrainingError(f"{tokens_path}: no token store; run `babydistill tokenize CONFIG` first")
+    tokens = TokenStore(tokens_path)
+    tokens.check_tokenizer(tokenizer_hash(tokenizer_dir), str(tokenizer_dir))
+    if tokens.seq_len != config.data.seq_len:
+        raise TrainingError(f"{tokens_path} has windows of {tokens.seq_len} tokens but data.seq_len is "
+                            f"{config.data.seq_len}; re-run `babydistill tokenize CONFIG --force`")
+    dcfg = config.distill
+
+    if online:
+        if not teacher_dirs:
+            raise TrainingError("--online needs teachers: train them with `babydistill teacher CONFIG --seed S` "
+                                "or name them with --teachers t1,t2")
+        teachers = load_teachers([Path(p) for p in teacher_dirs], tokens.vocab_size)
+        batches = TokenWindows(tokens, "train", seed=seed)
+        loss_fn = online_loss(dcfg, teachers, config.cache.ensemble)
+        meta = {"stage": "student", "online": True, "teachers": [str(p) for p in teacher_dirs]}
+    else:
+        batches, use_c_T = open_offline_source(config, tokens_path, tokenizer_dir, logits_path, seed)
+        loss_fn = offline_loss(dcfg, use_c_T)
+        meta = {"stage": "student", "online": False, "logits": str(logits_path), "exact_c_T": use_c_T,
+                "store_teachers": batches.data.attrs.get("teachers")}
+
+    model = build_model(config, tokens, seed)
+    return train_loop(config, model, batches, loss_fn, Path(out_dir), seed=seed, resume=resume, tokens=tokens,
+                      tokenizer_dir=tokenizer_dir, extra_meta=meta)

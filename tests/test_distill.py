@@ -1,0 +1,200 @@
+"""Student distillation: offline from the store, online baseline, exactness at k = V, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.cache import capture_logits
+from pipeline.config import load_config
+from pipeline.distill import (
+    StoreWindows,
+    load_teachers,
+    offline_loss,
+    online_loss,
+    open_offline_source,
+    train_student,
+)
+from pipeline.model import build_model
+from pipeline.teacher import train_teacher
+from pipeline.train import TrainingError
+from stores.reader import LogitStoreDataset
+from stores.tokens import TokenStore
+from workflows.cli import main
+
+HELPER = Path(__file__).with_name("_distill_run.py")
+
+
+def _config(run, tmp_path: Path, *overrides: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(run.to_dict()))  # JSON is YAML
+    return load_config(path, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def distill_run(tiny_run, tmp_path_factory):
+    """The tiny run plus two briefly trained teachers and a float32 top-8 store."""
+    root = tmp_path_factory.mktemp("distill")
+    shutil.copytree(tiny_run.run_path, root / "run")
+    config = _config(tiny_run, root, f"run_dir={root / 'run'}", "train.max_steps=6", "cache.logp_dtype=float32")
+    for seed in (1, 2):
+        train_teacher(config, config.tokens_path, config.tokenizer_path, config.teacher_path(f"t{seed}"), seed=seed)
+    capture_logits(config.cache, config.tokens_path, config.tokenizer_path,
+                   [config.teacher_path("t1"), config.teacher_path("t2")], config.logits_path, workers=1)
+    return config
+
+
+def test_store_windows_follow_the_readers_order_and_cover_every_window(distill_run):
+    data = LogitStoreDataset(distill_run.logits_path, distill_run.tokens_path, batch_size=8, seed=3, temperature=1.0)
+    source = StoreWindows(data)
+    reader_ids = np.concatenate([b["window_ids"].numpy() for b in data])
+    assert np.array_equal(source.order(0), reader_ids)
+    assert sorted(source.order(1)) == list(range(source.num_windows))
+    assert not np.array_equal(source.order(0), source.order(1))
+    batch = source.batch(0, np.arange(5, 13))
+    tokens = TokenStore(distill_run.tokens_path)
+    expected = tokens.windows("train", batch["window_ids"].numpy())
+    assert torch.equal(batch["input_ids"], torch.from_numpy(expected[:, :-1]))
+    assert torch.equal(batch["labels"], torch.from_numpy(expected[:, 1:]))
+    assert batch["target_ids"].shape == (8, 32, 8) and batch["c_T"].shape == (8, 32)
+
+
+def test_offline_student_trains_and_its_loss_goes_down(distill_run, tmp_path):
+    config = _config(distill_run, tmp_path, "train.max_steps=30", "train.lr=1e-2", "train.log_every=1")
+    out = train_student(config, config.tokens_path, config.tokenizer_path, config.logits_path, tmp_path / "s1", seed=1)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert {"ce", "kl", "loss"} <= set(train[0])
+    first, last = np.mean([r["loss"] for r in train[:3]]), np.mean([r["loss"] for r in train[-3:]])
+    assert last < first - 0.3, (first, last)
+    assert any(r["kind"] == "val" for r in lines)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_sparse_store_with_k_equal_vocab_matches_the_dense_online_path(distill_run, tmp_path):
+    """With every id stored in float32, the offline loss and gradients equal the online dense ones."""
+    vocab = TokenStore(distill_run.tokens_path).vocab_size
+    config = _config(distill_run, tmp_path, f"cache.k={vocab}", f"run_dir={tmp_path / 'run'}")
+    shutil.copytree(distill_run.run_path / "teachers", tmp_path / "run" / "teachers")
+    teachers = [config.teacher_path("t1"), config.teacher_path("t2")]
+    capture_logits(config.cache, distill_run.tokens_path, distill_run.tokenizer_path, teachers, tmp_path / "full.zarr")
+    tokens = TokenStore(distill_run.tokens_path)
+    for tail in ("bucket", "renorm", "uniform"):
+        cfg = _config(distill_run, tmp_path, f"distill.tail={tail}", "distill.alpha=0.3", "distill.temperature=2.0")
+        source, use_c_T = open_offline_source(cfg, distill_run.tokens_path, distill_run.tokenizer_path,
+                                              tmp_path / "full.zarr", seed=1)
+        assert use_c_T
+        batch = source.batch(0, np.arange(8))
+        losses, grads = [], []
+        for loss_fn in (offline_loss(cfg.distill, use_c_T), online_loss(cfg.distill, load_teachers(teachers, vocab), "logits")):
+            student = build_model(cfg, tokens, seed=7)
+            loss, metrics = loss_fn(student, batch)
+            loss.backward()
+            losses.append((loss.item(), metrics["ce"].item(), metrics["kl"].item()))
+            grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+        np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5, atol=1e-6, err_msg=tail)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6, msg=tail)
+
+
+@pytest.mark.slow
+def test_student_killed_with_sigkill_resumes_to_the_same_weights(distill_run, tmp_path):
+    config = _config(distill_run, tmp_path, "train.max_steps=10", "train.save_every=3", "train.num_threads=1")
+    config_json = tmp_path / "config.json"
+    config_json.write_text(json.dumps(config.to_dict()))
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(HELPER), str(config_json), str(out), "--seed", "1", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    reference = run(tmp_path / "whole")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    killed = run(tmp_path / "killed", "--kill-at-step", "8")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run(tmp_path / "killed", "--resume", "true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    losses = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+              for d in (tmp_path / "whole", tmp_path / "killed")]
+    assert losses[0] == losses[1]
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+def test_no_store_yet_says_which_command_makes_it(distill_run, tmp_path):
+    with pytest.raises(TrainingError, match="run `babydistill cache CONFIG` first"):
+        train_student(distill_run, distill_run.tokens_path, distill_run.tokenizer_path, tmp_path / "none.zarr",
+                      tmp_path / "s", seed=1)
+
+
+def test_store_from_other_windows_is_refused(distill_run, tmp_path):
+    from pipeline.tokenize import tokenize_corpus
+
+    other = _config(distill_run, tmp_path, "data.seq_len=16")
+    tokenize_corpus(other.data, distill_run.data_path, distill_run.tokenizer_path, tmp_path / "tokens16.zarr")
+    with pytest.raises(ValueError, match="other tokens than"):
+        train_student(other, tmp_path / "tokens16.zarr", distill_run.tokenizer_path, distill_run.logits_path,
+                      tmp_path / "s", seed=1)
+
+
+def test_store_from_another_tokenizer_is_refused(distill_run, tmp_path):
+    from pipeline.tokenize import tokenize_corpus
+    from pipeline.tokenizer import train_tokenizer
+
+    other = _config(distill_run, tmp_path, "tokenizer.vocab_size=380")
+    train_tokenizer(other.tokenizer, distill_run.data_path / "train", tmp_path / "tok")
+    tokenize_corpus(other.data, distill_run.data_path, tmp_path / "tok", tmp_path / "tokens.zarr")
+    with pytest.raises(ValueError, match="other tokens than|another tokenizer"):
+        train_student(other, tmp_path / "tokens.zarr", tmp_path / "tok", distill_run.logits_path, tmp_path / "s", seed=1)
+
+
+def test_online_without_teachers_is_refused(distill_run, tmp_path):
+    with pytest.raises(TrainingError, match="--online needs teachers"):
+        train_student(distill_run, distill_run.tokens_path, distill_run.tokenizer_path, distill_run.logits_path,
+                      tmp_path / "o", seed=1, online=True, teacher_dirs=[])
+
+
+def test_uncaptured_temperature_warns_about_the_approximation(distill_run):
+    config = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0")
+    with pytest.warns(UserWarning, match="temperature 3.0 was not captured"):
+        _, use_c_T = open_offline_source(config, config.tokens_path, config.tokenizer_path, config.logits_path, seed=1)
+    assert not use_c_T
+
+
+def test_cli_distill_bad_inputs_are_one_line(distill_run, tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(distill_run.to_dict()))
+    for override, message in [("distill.temperature=0", "distill.temperature: must be > 0"),
+                              ("distill.alpha=1.5", "distill.alpha: must be in [0, 1]")]:
+        assert main(["distill", str(path), "--set", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(json.dumps({**distill_run.to_dict(), "run_dir": str(tmp_path / "fresh")}))
+    assert main(["distill", str(empty)]) == 2
+    assert "run `babydistill cache CONFIG` first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_online_student_trains_through_the_cli(distill_run, tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    run_dir = tmp_path / "run"
+    shutil.copytree(distill_run.run_path, run_dir, ignore=shutil.ignore_patterns("students"))
+    path.write_text(json.dumps({**distill_run.to_dict(), "run_dir": str(run_dir)}))
+    assert main(["distill", str(path), "--online", "--seed", "1", "--teachers", "t1,t2",
+                 "--set", "train.max_steps=4"]) == 0
+    out = run_dir / "students" / "o1"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["online"] is True and summary["stage"] == "student"
+    assert (out / "stage.json").is_file()
