@@ -138,7 +138,8 @@ def test_bench_step_builds_a_temporary_run_when_tokens_are_missing(tiny_config_p
     from workflows.bench_step import bench_step
 
     report = bench_step(tiny_config_path, None, mode="all", steps=1, warmup=0)
-    assert report["temporary_run"] is True and set(report["modes"]) == {"ce"}
+    assert report["temporary_run"] is True and set(report["modes"]) == {"ce", "offline", "online"}
+    assert {"offline_over_ce_time", "offline_over_ce_peak_memory", "offline_over_online_time"} <= set(report["ratios"])
     assert not load_config(tiny_config_path).run_path.exists()
 
 

@@ -2,8 +2,12 @@
 
 Every mode is timed with the training loop's own ``optimizer_step`` (forward, backward,
 clipping, AdamW) on ``train.batch_size x train.grad_accum`` windows, data fetching included,
-as in the loop. ``MODES`` maps a mode name to a setup function ``(config, tokens, model) ->
-(BatchSource, loss_fn)``; a new mode (the student's ``offline`` / ``online``) adds one entry.
+as in the loop. Modes: ``ce`` (the teacher step, plain CE), ``offline`` (the student step from
+the logit store, fused-linear loss), ``online`` (the paper's method: teachers run every step).
+``MODES`` maps a name to a setup ``(config, tokens, model, scratch) -> (BatchSource, loss_fn)``;
+``scratch`` holds what a mode must build when the run has none: randomly initialised teachers
+and a temporary logit store (timing only). Per mode, ``step_peak_extra_mb`` is the peak RSS
+during the steps above the RSS before them.
 
 The run's ``tokens.zarr`` is used when it exists; otherwise prepare, tokenizer and tokenize run
 into a temporary run folder first (removed afterwards) and the result says so.
@@ -47,14 +51,81 @@ from stores.tokens import TokenStore
 # --- modes -------------------------------------------------------------------------------
 
 
-def _ce_setup(config: Config, tokens: TokenStore, model: torch.nn.Module) -> tuple[BatchSource, LossFn]:
+def _ce_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
+              ) -> tuple[BatchSource, LossFn]:
     """The teacher step: plain CE on training windows."""
     return TokenWindows(tokens, "train", seed=config.train.seed), ce_loss
 
 
-MODES: dict[str, Callable[[Config, TokenStore, torch.nn.Module], tuple[BatchSource, LossFn]]] = {
+def _teacher_dirs(config: Config, tokens: TokenStore, scratch: Path) -> list[Path]:
+    """The run's teachers when they exist, else two randomly initialised ones (timing only)."""
+    from workflows.runner import default_teacher_names
+
+    dirs = [config.teacher_path(n) for n in default_teacher_names(config)]
+    if all((d / "model.safetensors").is_file() for d in dirs):
+        return dirs
+    dirs = [scratch / "teachers" / f"t{seed}" for seed in (1, 2)]
+    for seed, folder in zip((1, 2), dirs):
+        if not (folder / "model.safetensors").is_file():
+            build_model(config, tokens, seed).save_pretrained(folder)
+    return dirs
+
+
+def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
+                   ) -> tuple[BatchSource, LossFn]:
+    """The student step from the store: fused-linear sparse KL + CE, no teacher, no logits."""
+    from pipeline.cache import capture_logits
+    from pipeline.distill import offline_loss, open_offline_source
+    from stores.logits import incomplete_reason
+
+    store = config.logits_path
+    if not (store / "zarr.json").is_file() or incomplete_reason(store):
+        store = scratch / "logits.zarr"
+        if not (store / "zarr.json").is_file() or incomplete_reason(store):
+            print(f"bench step: no complete {config.logits_path}; capturing a temporary store {store}",
+                  file=sys.stderr, flush=True)
+            capture_logits(config.cache, config.tokens_path, config.tokenizer_path, _teacher_dirs(config, tokens, scratch),
+                           store, workers=1)
+    source, use_c_T = open_offline_source(config, config.tokens_path, config.tokenizer_path, store,
+                                          config.train.seed)
+    return source, offline_loss(config.distill, use_c_T)
+
+
+def _online_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
+                  ) -> tuple[BatchSource, LossFn]:
+    """The paper's released method: the teachers run every step, dense full-vocabulary KL + CE."""
+    from pipeline.distill import load_teachers, online_loss
+
+    teachers = load_teachers(_teacher_dirs(config, tokens, scratch), tokens.vocab_size)
+    return TokenWindows(tokens, "train", seed=config.train.seed), online_loss(config.distill, teachers,
+                                                                              config.cache.ensemble)
+
+
+MODES: dict[str, Callable[[Config, TokenStore, torch.nn.Module, Path], tuple[BatchSource, LossFn]]] = {
     "ce": _ce_setup,
+    "offline": _offline_setup,
+    "online": _online_setup,
 }
+
+
+def _memory_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_memory() -> int:
+    """Return freed memory to the OS and restart the peak-RSS count; returns the RSS now (kB)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+    return _memory_kb("VmRSS")
 
 
 # --- setup -------------------------------------------------------------------------------
@@ -81,11 +152,11 @@ def _run_with_tokens(config: Config) -> Iterator[tuple[Config, bool]]:
 
 
 def _time_mode(config: Config, tokens: TokenStore, mode: str, steps: int, warmup: int,
-               device: torch.device, amp_dtype) -> dict:
+               device: torch.device, amp_dtype, scratch: Path) -> dict:
     cfg = config.train
     model = build_model(config, tokens, cfg.seed).to(device)
     model.train()
-    batches, loss_fn = MODES[mode](config, tokens, model)
+    batches, loss_fn = MODES[mode](config, tokens, model, scratch)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     per_step = cfg.batch_size * cfg.grad_accum
@@ -93,6 +164,7 @@ def _time_mode(config: Config, tokens: TokenStore, mode: str, steps: int, warmup
         raise ValueError(f"{tokens.path}: {batches.num_windows} training windows, fewer than one step "
                          f"({per_step}); lower train.batch_size")
     times = []
+    rss_before_kb = _reset_peak_memory()
     for i in range(warmup + steps):
         start = (i * per_step) % (batches.num_windows - per_step + 1)
         t0 = time.perf_counter()
@@ -107,7 +179,8 @@ def _time_mode(config: Config, tokens: TokenStore, mode: str, steps: int, warmup
     median = statistics.median(times)
     result = {"params": count_parameters(model), "median_step_ms": round(median * 1000, 2), "min_step_ms": round(min(times) * 1000, 2),
               "tokens_per_step": tokens_per_step, "tokens_per_second": round(tokens_per_step / median, 1),
-              "final_loss": round(loss.item(), 4)}
+              "final_loss": round(loss.item(), 4),
+              "step_peak_extra_mb": round((_memory_kb("VmHWM") - rss_before_kb) / 1024, 1)}
     if device.type == "cuda":
         result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return result
@@ -133,22 +206,33 @@ def bench_step(config_path: Path, out: Path | None = None, mode: str = "ce", ste
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
-    with _run_with_tokens(config) as (run_config, temporary):
+    with _run_with_tokens(config) as (run_config, temporary), tempfile.TemporaryDirectory(prefix="bench_") as scratch:
         tokens = TokenStore(run_config.tokens_path)
-        results = {m: _time_mode(run_config, tokens, m, steps, warmup, device, amp_dtype) for m in modes}
+        results = {m: _time_mode(run_config, tokens, m, steps, warmup, device, amp_dtype, Path(scratch))
+                   for m in modes}
     params = next(iter(results.values()))["params"]
+    ratios = {}
+    if {"ce", "offline"} <= set(results):
+        ratios["offline_over_ce_time"] = round(results["offline"]["median_step_ms"] / results["ce"]["median_step_ms"], 3)
+        ratios["offline_over_ce_peak_memory"] = round(
+            results["offline"]["step_peak_extra_mb"] / max(results["ce"]["step_peak_extra_mb"], 1e-9), 3)
+    if {"online", "offline"} <= set(results):
+        ratios["offline_over_online_time"] = round(
+            results["offline"]["median_step_ms"] / results["online"]["median_step_ms"], 3)
     report = {
         "config": str(config_path), "device": str(device), "precision": str(amp_dtype or "fp32"),
         "num_threads": torch.get_num_threads(), "params": params, "seq_len": tokens.seq_len,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "steps": steps, "warmup": warmup,
         "temporary_run": temporary, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
-        "modes": results,
+        "modes": results, "ratios": ratios,
     }
     for name, r in results.items():
         print(f"bench step {name}: {r['median_step_ms']:.1f} ms/step, {r['tokens_per_second']:,.0f} tok/s "
               f"({params / 1e6:.2f}M params, {cfg.batch_size}x{cfg.grad_accum}x{tokens.seq_len} tokens, "
-              f"{device}, {report['num_threads']} threads)", flush=True)
+              f"{device}, {report['num_threads']} threads), step peak +{r['step_peak_extra_mb']} MB", flush=True)
+    for name, value in ratios.items():
+        print(f"bench step {name}: {value}", flush=True)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
