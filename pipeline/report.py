@@ -147,7 +147,7 @@ def _best_lines(evaluated: list[ModelRun]) -> list[str]:
 def _eval_settings(run: ModelRun) -> tuple:
     e = run.eval
     return (e["loss"]["validation"]["num_windows"], e["loss"]["test"]["num_windows"], e["blimp"]["num_pairs"],
-            e.get("tokens_hash"))
+            e["blimp"].get("seed"), e.get("tokens_hash"))
 
 
 # --- plots ------------------------------------------------------------------------------
