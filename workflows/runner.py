@@ -309,8 +309,12 @@ def evaluate_stage(config: Config, model_dir: Path) -> Stage:
     out = model_dir / "eval.json"
 
     def build(work: Path):
+        if config.train.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(config.train.num_threads)
         result = evaluate_model(config.eval, model_dir, config.tokens_path, config.tokenizer_path, out=out)
-        return {key: result[key] for key in ("validation", "test", "blimp") if key in result} if isinstance(result, dict) else None
+        return {"loss": result["loss"], "blimp_overall": result["blimp"]["overall"]}
 
     return Stage(f"evaluate {model_dir.name}", out, fp, build, f"babydistill evaluate CONFIG --model {model_dir}",
                  waiting_for=", ".join(missing) or None, is_file=True)
