@@ -7,7 +7,8 @@ the logit store, fused-linear loss), ``online`` (the paper's method: teachers ru
 ``MODES`` maps a name to a setup ``(config, tokens, model, scratch) -> (BatchSource, loss_fn)``;
 ``scratch`` holds what a mode must build when the run has none: randomly initialised teachers
 and a temporary logit store (timing only). Per mode, ``step_peak_extra_mb`` is the peak RSS
-during the steps above the RSS before them.
+of a few steps above the RSS before them, measured in a pass of its own; then the modes are
+timed interleaved, one step each in turn, so that noise on a shared machine hits them alike.
 
 The run's ``tokens.zarr`` is used when it exists; otherwise prepare, tokenizer and tokenize run
 into a temporary run folder first (removed afterwards) and the result says so.
@@ -151,39 +152,67 @@ def _run_with_tokens(config: Config) -> Iterator[tuple[Config, bool]]:
         yield config, True
 
 
-def _time_mode(config: Config, tokens: TokenStore, mode: str, steps: int, warmup: int,
-               device: torch.device, amp_dtype, scratch: Path) -> dict:
-    cfg = config.train
-    model = build_model(config, tokens, cfg.seed).to(device)
-    model.train()
-    batches, loss_fn = MODES[mode](config, tokens, model, scratch)
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    per_step = cfg.batch_size * cfg.grad_accum
-    if batches.num_windows < per_step:
-        raise ValueError(f"{tokens.path}: {batches.num_windows} training windows, fewer than one step "
-                         f"({per_step}); lower train.batch_size")
-    times = []
-    rss_before_kb = _reset_peak_memory()
-    for i in range(warmup + steps):
-        start = (i * per_step) % (batches.num_windows - per_step + 1)
+class _ModeRun:
+    """One mode's model, optimizer and data, stepped by the training loop's ``optimizer_step``."""
+
+    def __init__(self, config: Config, tokens: TokenStore, mode: str, device: torch.device, amp_dtype,
+                 scratch: Path):
+        self.config, self.device, self.amp_dtype = config, device, amp_dtype
+        self.model = build_model(config, tokens, config.train.seed).to(device)
+        self.model.train()
+        self.batches, self.loss_fn = MODES[mode](config, tokens, self.model, scratch)
+        self.optimizer = build_optimizer(self.model, config.train)
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.per_step = config.train.batch_size * config.train.grad_accum
+        if self.batches.num_windows < self.per_step:
+            raise ValueError(f"{tokens.path}: {self.batches.num_windows} training windows, fewer than one step "
+                             f"({self.per_step}); lower train.batch_size")
+        self.num_steps, self.times, self.loss = 0, [], float("nan")
+
+    def step(self) -> float:
+        """One training step, data fetching included; returns its wall time in seconds."""
+        cfg = self.config.train
+        start = (self.num_steps * self.per_step) % (self.batches.num_windows - self.per_step + 1)
         t0 = time.perf_counter()
-        micro = [batches.batch(0, np.arange(start + m * cfg.batch_size, start + (m + 1) * cfg.batch_size))
+        micro = [self.batches.batch(0, np.arange(start + m * cfg.batch_size, start + (m + 1) * cfg.batch_size))
                  for m in range(cfg.grad_accum)]
-        loss, _, _ = optimizer_step(model, optimizer, micro, loss_fn, device=device, amp_dtype=amp_dtype,
-                                    scaler=scaler, max_grad_norm=cfg.max_grad_norm)
-        loss.item()  # wait for the step to finish (CUDA is asynchronous)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    tokens_per_step = per_step * tokens.seq_len
-    median = statistics.median(times)
-    result = {"params": count_parameters(model), "median_step_ms": round(median * 1000, 2), "min_step_ms": round(min(times) * 1000, 2),
-              "tokens_per_step": tokens_per_step, "tokens_per_second": round(tokens_per_step / median, 1),
-              "final_loss": round(loss.item(), 4),
-              "step_peak_extra_mb": round((_memory_kb("VmHWM") - rss_before_kb) / 1024, 1)}
-    if device.type == "cuda":
-        result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return result
+        loss, _, _ = optimizer_step(self.model, self.optimizer, micro, self.loss_fn, device=self.device,
+                                    amp_dtype=self.amp_dtype, scaler=self.scaler, max_grad_norm=cfg.max_grad_norm)
+        self.loss = loss.item()  # waits for the step to finish (CUDA is asynchronous)
+        self.num_steps += 1
+        return time.perf_counter() - t0
+
+
+def _time_modes(config: Config, tokens: TokenStore, modes: list[str], steps: int, warmup: int,
+                device: torch.device, amp_dtype, scratch: Path) -> dict:
+    """Memory per mode in a pass of its own, then timing with the modes interleaved step by step,
+    so that a load spike on a shared machine hits every mode alike and the ratios stay fair."""
+    runs, memory = {}, {}
+    for mode in modes:
+        runs[mode] = _ModeRun(config, tokens, mode, device, amp_dtype, scratch)
+        rss_before_kb = _reset_peak_memory()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(max(2, warmup)):
+            runs[mode].step()
+        memory[mode] = round((_memory_kb("VmHWM") - rss_before_kb) / 1024, 1)
+        if device.type == "cuda":
+            memory[mode + "_cuda"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(steps):
+        for mode in modes:
+            times[mode].append(runs[mode].step())
+    results = {}
+    tokens_per_step = config.train.batch_size * config.train.grad_accum * tokens.seq_len
+    for mode in modes:
+        median = statistics.median(times[mode])
+        results[mode] = {"params": count_parameters(runs[mode].model), "median_step_ms": round(median * 1000, 2),
+                         "min_step_ms": round(min(times[mode]) * 1000, 2), "tokens_per_step": tokens_per_step,
+                         "tokens_per_second": round(tokens_per_step / median, 1),
+                         "final_loss": round(runs[mode].loss, 4), "step_peak_extra_mb": memory[mode]}
+        if device.type == "cuda":
+            results[mode]["cuda_peak_mb"] = memory[mode + "_cuda"]
+    return results
 
 
 # --- benchmark ---------------------------------------------------------------------------
@@ -208,8 +237,7 @@ def bench_step(config_path: Path, out: Path | None = None, mode: str = "ce", ste
     amp_dtype = resolve_precision(cfg.precision, device)
     with _run_with_tokens(config) as (run_config, temporary), tempfile.TemporaryDirectory(prefix="bench_") as scratch:
         tokens = TokenStore(run_config.tokens_path)
-        results = {m: _time_mode(run_config, tokens, m, steps, warmup, device, amp_dtype, Path(scratch))
-                   for m in modes}
+        results = _time_modes(run_config, tokens, modes, steps, warmup, device, amp_dtype, Path(scratch))
     params = next(iter(results.values()))["params"]
     ratios = {}
     if {"ce", "offline"} <= set(results):
