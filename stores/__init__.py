@@ -3,3 +3,22 @@
 from stores.tokens import TokenStore, TokenStoreError, window_starts, write_token_store
 
 __all__ = ["TokenStore", "TokenStoreError", "window_starts", "write_token_store"]
+
+from stores.logits import (  # noqa: E402
+    PAD_LOGP,
+    LogitStoreError,
+    incomplete_reason,
+    store_info,
+    verify_store,
+)
+
+__all__ += ["LogitStoreDataset", "LogitStoreError", "PAD_LOGP", "incomplete_reason", "store_info", "verify_store"]
+
+
+def __getattr__(name: str):
+    # The reader needs torch; `store info` / `store verify` should not pay for importing it.
+    if name == "LogitStoreDataset":
+        from stores.reader import LogitStoreDataset
+
+        return LogitStoreDataset
+    raise AttributeError(f"module 'stores' has no attribute {name!r}")

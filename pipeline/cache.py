@@ -1,0 +1,414 @@
+"""Stage `cache`: run the teacher ensemble once over every training window into ``logits.zarr``.
+
+Each chunk of ``cache.chunk_windows`` windows is one task: read the windows from tokens.zarr,
+run every teacher (batches of ``cache.batch_size``, aligned to the chunk), combine them into the
+ensemble, keep a sparse target per position (top-k or sampled), the temperature corrections
+``c_T``, write the chunk and then its done marker. Tasks run in-process (``workers == 1``, dask's
+synchronous scheduler), on a ``LocalCluster`` (``workers > 1``) or on an existing dask cluster
+(``scheduler=ADDRESS``); each worker process loads the teachers once. A re-run skips the chunks
+marked done whose files are intact. The store schema is documented in ``stores/logits.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import CacheConfig
+from pipeline.tokenizer import tokenizer_hash
+from stores.logits import (
+    DONE_DIR,
+    FORMAT,
+    FORMAT_VERSION,
+    IDENTITY_KEYS,
+    PAD_LOGP,
+    acquire_lock,
+    chunk_problem,
+    chunk_ranges,
+    create_store,
+    read_attrs,
+    read_marker,
+    write_chunk,
+)
+from stores.tokens import TokenStore
+
+TAIL_MODES = ("bucket", "renorm", "uniform")
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_teachers(teacher_dirs: list[Path], tokens: TokenStore) -> list[str]:
+    """Problems with the teacher folders: not a checkpoint, vocab or tokenizer differing (naming both)."""
+    problems, seen = [], []
+    for folder in map(Path, teacher_dirs):
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            problems.append(f"{folder} is not a model checkpoint (needs config.json and model.safetensors); "
+                            f"train it with `babydistill teacher CONFIG`")
+            continue
+        vocab = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+        tok = folder / "tokenizer.json"
+        tok_hash = file_sha256(tok) if tok.is_file() else None
+        for other, other_vocab, other_hash in seen[:1]:
+            if vocab != other_vocab:
+                problems.append(f"teachers {other} and {folder} have different vocab sizes ({other_vocab} vs {vocab})")
+            elif tok_hash and other_hash and tok_hash != other_hash:
+                problems.append(f"teachers {other} and {folder} use different tokenizers (tokenizer.json differs)")
+        if not seen and vocab != tokens.vocab_size:
+            problems.append(f"teacher {folder} has vocab size {vocab} but {tokens.path} has {tokens.vocab_size}")
+        if not seen and tok_hash and tok_hash != tokens.tokenizer_hash:
+            problems.append(f"teacher {folder} was trained with another tokenizer than {tokens.path}")
+        seen.append((folder, vocab, tok_hash))
+    return problems
+
+
+def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -> dict:
+    """The attributes that fix the store's content: a resume must match all of them."""
+    vocab = tokens.vocab_size
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": cfg.mode,
+        "k": cfg.k if cfg.mode == "topk" else None,
+        "samples": cfg.samples if cfg.mode == "sample" else None,
+        "slots": cfg.k if cfg.mode == "topk" else min(cfg.samples, vocab),
+        "ensemble": cfg.ensemble,
+        "temperatures": [float(t) for t in cfg.temperatures],
+        "logp_dtype": cfg.logp_dtype,
+        "chunk_windows": cfg.chunk_windows,
+        "seed": cfg.seed,
+        "fidelity_positions": cfg.fidelity_positions,
+        "vocab_size": vocab,
+        "seq_len": tokens.seq_len,
+        "num_windows": tokens.num_windows("train"),
+        "teachers": teachers,
+        "tokenizer_hash": tokens.tokenizer_hash,
+        "tokens_hash": tokens.tokens_hash,
+        "windows_hash": tokens.windows_hash,
+    }
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = [k for k in IDENTITY_KEYS if k != "teachers" and old.get(k) != new.get(k)]
+    if [t["sha256"] for t in old.get("teachers", [])] != [t["sha256"] for t in new["teachers"]]:
+        keys.append("teachers")
+    return keys
+
+
+# --- one chunk (runs in a dask worker or in-process) ----------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _load_teachers(teachers: tuple[tuple[str, str], ...]) -> list[torch.nn.Module]:
+    """Teachers of this process, loaded once (keyed by path and weight hash)."""
+    from transformers import AutoModelForCausalLM
+
+    return [AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for path, _ in teachers]
+
+
+@functools.lru_cache(maxsize=2)
+def _token_store(path: str) -> TokenStore:
+    return TokenStore(path)
+
+
+def ensemble_logp(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """log-softmax of the ensemble: mean of logits (``logits``) or log of the mean of probabilities (``probs``)."""
+    if rule == "logits":
+        return torch.log_softmax(torch.stack(logits).mean(0), dim=-1)
+    logp = torch.stack([torch.log_softmax(z, dim=-1) for z in logits])
+    return torch.logsumexp(logp, dim=0) - math.log(len(logits))
+
+
+def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: torch.Generator):
+    """``samples`` draws per row: distinct ids by decreasing count (ties: smaller id first), log(count/samples).
+
+    Free slots get the smallest ids not drawn and ``PAD_LOGP`` (see stores/logits.py).
+    """
+    num_rows, vocab = logp_NV.shape
+    draws = torch.multinomial(logp_NV.exp(), samples, replacement=True, generator=generator)
+    counts = torch.zeros(num_rows, vocab, dtype=torch.int32).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=torch.int32))
+    key = counts * (vocab + 1) + (vocab - torch.arange(vocab, dtype=torch.int32))
+    ids = key.topk(slots, dim=-1).indices
+    picked = counts.gather(1, ids).double()
+    logp = torch.where(picked > 0, torch.log(picked / samples), torch.full_like(picked, PAD_LOGP))
+    return ids, logp
+
+
+def fidelity_row(logp_V: np.ndarray, ids: np.ndarray, stored: np.ndarray, mode: str) -> tuple[float, ...]:
+    """(kl_bucket, kl_renorm, kl_uniform, residual) of one position; float64, from the stored values.
+
+    topk: bucket = KL(dense || stored) over the coarsening K + one tail bucket; uniform = KL(dense ||
+    stored, tail spread evenly); renorm = KL(renormalised stored || dense), the reverse direction,
+    because the forward one is infinite whenever the tail has mass. sample: the tail is empty and
+    every mode is KL(sampled weights || dense).
+    """
+    p = np.exp(logp_V.astype(np.float64))
+    real = stored > PAD_LOGP / 2
+    ids, q = ids[real], np.exp(stored[real].astype(np.float64))
+    p_k = p[ids]
+    residual = 1.0 - q.sum()
+    if mode == "sample":
+        kl = float(np.sum(q * (np.log(q) - np.log(p_k))))
+        return kl, kl, kl, residual
+    r, r_hat = max(1.0 - p_k.sum(), 0.0), max(residual, 1e-30)
+    head = float(np.sum(p_k * (np.log(p_k) - np.log(q))))
+    bucket = head + (r * math.log(r / r_hat) if r > 0 else 0.0)
+    tail = np.delete(p, ids)
+    tail = tail[tail > 0]
+    uniform = head + float(np.sum(tail * (np.log(tail) - math.log(r_hat / max(1, len(p) - len(ids))))))
+    q_renorm = q / q.sum()
+    renorm = float(np.sum(q_renorm * (np.log(q_renorm) - np.log(p_k))))
+    return bucket, renorm, uniform, residual
+
+
+def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: list[tuple[int, int]]):
+    """Sparse targets of one chunk of windows [n, seq_len + 1]: (arrays, fidelity per sampled position)."""
+    torch.set_num_threads(spec["threads"])
+    teachers = _load_teachers(tuple(map(tuple, spec["teachers"])))
+    np_dtype = np.dtype(spec["logp_dtype"])
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([spec["seed"], chunk]).generate_state(1)[0]))
+    inputs = torch.from_numpy(windows[:, :-1])
+    parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": []}
+    fidelity = []
+    for b in range(0, len(inputs), spec["batch_size"]):
+        x_BS = inputs[b:b + spec["batch_size"]]
+        with torch.inference_mode():
+            logits = [teacher(input_ids=x_BS).logits.float() for teacher in teachers]
+            logp_BSV = ensemble_logp(logits, spec["ensemble"])
+            # c_T = LSE(zbar/T) - LSE(zbar)/T is shift invariant and LSE(logp) = 0, so c_T = LSE(logp/T)
+            # (exactly 0 at T = 1: one pass over the vocabulary saved).
+            c_T = torch.stack([torch.logsumexp(logp_BSV / t, dim=-1) if t != 1.0 else logp_BSV.new_zeros(x_BS.shape)
+                               for t in spec["temperatures"]], dim=-1)
+            logp_NV = logp_BSV.reshape(-1, logp_BSV.shape[-1])
+            if spec["mode"] == "topk":
+                logp_NK, ids_NK = logp_NV.topk(spec["slots"], dim=-1, sorted=True)
+            else:
+                ids_NK, logp_NK = sample_targets(logp_NV, spec["samples"], spec["slots"], generator)
+        shape = (*x_BS.shape, spec["slots"])
+        ids = ids_NK.numpy().astype(np.uint16).reshape(shape)
+        logp = logp_NK.numpy().astype(np_dtype).reshape(shape)
+        parts["ids"].append(ids)
+        parts["logp"].append(logp)
+        parts["c_T"].append(c_T.numpy().astype(np.float32))
+        for w, s in fidelity_rows:
+            if b <= w < b + len(x_BS):
+                row = fidelity_row(logp_BSV[w - b, s].numpy(), ids[w - b, s].astype(np.int64), logp[w - b, s],
+                                   spec["mode"])
+                fidelity.append([w, s, *row])
+    arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    arrays["tokens"] = windows.astype(np.uint16)
+    return arrays, fidelity
+
+
+def capture_chunk(spec: dict, chunk: int, start: int, stop: int, fidelity_rows: list[tuple[int, int]]) -> dict:
+    """One task: compute chunk ``chunk`` (windows start..stop-1), write it, then its done marker.
+
+    Returns the seconds spent computing (teachers, ensemble, sparse targets) and writing.
+    """
+    import zarr
+
+    zarr.config.set({"async.concurrency": 4})  # many dask workers share one file system
+    started, started_cpu = time.perf_counter(), time.process_time()
+    windows = _token_store(spec["tokens"]).windows("train", np.arange(start, stop))
+    arrays, fidelity = compute_chunk(spec, chunk, windows, [(w - start, s) for w, s in fidelity_rows])
+    computed, computed_cpu = time.perf_counter(), time.process_time()
+    group = zarr.open_group(store=spec["out"], mode="r+")
+    write_chunk(Path(spec["out"]), group, chunk, start, arrays, {"fidelity": fidelity})
+    return {"chunk": chunk, "compute_s": computed - started, "write_s": time.perf_counter() - computed,
+            "compute_cpu_s": computed_cpu - started_cpu, "write_cpu_s": time.process_time() - computed_cpu}
+
+
+# --- fidelity report ------------------------------------------------------------------------
+
+
+def fidelity_positions(num_windows: int, seq_len: int, count: int, seed: int) -> np.ndarray:
+    """``count`` distinct (window, position) pairs, fixed by the seed: int64 [count, 2], sorted."""
+    total = num_windows * seq_len
+    flat = np.sort(np.random.default_rng([seed, 1]).choice(total, size=min(count, total), replace=False))
+    return np.stack([flat // seq_len, flat % seq_len], axis=1)
+
+
+def _stats(values: np.ndarray) -> dict:
+    return {"mean": float(values.mean()), "p50": float(np.percentile(values, 50)),
+            "p90": float(np.percentile(values, 90)), "max": float(values.max())}
+
+
+def fidelity_report(out: Path, num_chunks: int, mode: str) -> dict:
+    rows = [row for i in range(num_chunks) for row in (read_marker(out, i) or {}).get("fidelity", [])]
+    if not rows:
+        return {"positions": 0}
+    table = np.asarray(rows, dtype=np.float64)
+    return {
+        "positions": len(rows),
+        "kl_nats": {name: _stats(table[:, 2 + j]) for j, name in enumerate(TAIL_MODES)},
+        "residual_mass": _stats(table[:, 5]),
+        "note": ("bucket and uniform: KL(dense || stored reconstruction); renorm: KL(renormalised || dense), "
+                 "the forward KL being infinite when the tail has mass" if mode == "topk" else
+                 "sampled targets: no tail, every mode is KL(sampled weights || dense)"),
+    }
+
+
+def format_fidelity(report: dict) -> str:
+    if not report.get("positions"):
+        return "fidelity: no positions sampled"
+    lines = [f"fidelity on {report['positions']} positions ({report['note']}):"]
+    for name, s in {**report["kl_nats"], "residual mass": report["residual_mass"]}.items():
+        lines.append(f"  {name:<14} mean {s['mean']:.3e}  p50 {s['p50']:.3e}  p90 {s['p90']:.3e}  max {s['max']:.3e}")
+    return "\n".join(lines)
+
+
+# --- the stage ------------------------------------------------------------------------------
+
+
+def _run_tasks(spec: dict, todo: list[tuple[int, int, int, list]], workers: int, scheduler: str | None,
+               seq_len: int) -> list[dict]:
+    """Run the chunk tasks with a progress bar over chunks (tokens/s, ETA); returns their timings."""
+    import dask
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="chunk", desc="cache", mininterval=1.0)
+    started, num_tokens, timings = time.time(), 0, []
+
+    def advance(start: int, stop: int) -> None:
+        nonlocal num_tokens
+        num_tokens += (stop - start) * seq_len
+        bar.set_postfix_str(f"{num_tokens / max(1e-9, time.time() - started):,.0f} tok/s", refresh=False)
+        bar.update(1)
+
+    try:
+        if scheduler is None and workers == 1:
+            for chunk, start, stop, rows in todo:
+                timings.append(dask.delayed(capture_chunk)(spec, chunk, start, stop, rows)
+                               .compute(scheduler="synchronous"))
+                advance(start, stop)
+            return timings
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        cluster = None
+        if scheduler is None:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=40)
+        client = Client(scheduler or cluster)
+        try:
+            futures = {client.submit(capture_chunk, spec, *task, pure=False): task for task in todo}
+            for future in as_completed(futures):
+                timings.append(future.result())  # re-raises a task's error here
+                advance(*futures[future][1:3])
+            return timings
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    finally:
+        bar.close()
+
+
+def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, teacher_dirs: list[Path], out: Path,
+                   *, workers: int | None = None, scheduler: str | None = None, k: int | None = None) -> dict:
+    """Capture the ensemble's sparse targets for every training window into ``out`` (resumable in place).
+
+    Returns the summary, including the fidelity report (also saved in the store's attributes).
+
+    Examples
+    --------
+    >>> summary = capture_logits(CacheConfig(k=32), Path("runs/demo/tokens.zarr"), Path("runs/demo/tokenizer"),
+    ...                          [Path("runs/demo/teachers/t1"), Path("runs/demo/teachers/t2")],
+    ...                          Path("runs/demo/logits.zarr"))  # doctest: +SKIP
+    """
+    # --- check the inputs
+    if k is not None:
+        cfg = dataclasses.replace(cfg, k=k)
+    workers = cfg.workers if workers is None else workers
+    tokens_path, tokenizer_dir, out = Path(tokens_path), Path(tokenizer_dir), Path(out)
+    teacher_dirs = [Path(d) for d in teacher_dirs]
+    tokens = TokenStore(tokens_path)
+    problems = [] if teacher_dirs else ["no teachers given"]
+    problems += check_teachers(teacher_dirs, tokens)
+    if tokenizer_hash(tokenizer_dir) != tokens.tokenizer_hash:
+        problems.append(f"{tokenizer_dir} is another tokenizer than the one of {tokens_path}")
+    if cfg.mode == "topk" and cfg.k > tokens.vocab_size:
+        problems.append(f"cache.k = {cfg.k} is larger than the vocab size {tokens.vocab_size}")
+    if cfg.mode == "sample" and cfg.samples * (tokens.vocab_size + 1) + tokens.vocab_size >= 2**31:
+        problems.append(f"cache.samples = {cfg.samples} is too large for vocab {tokens.vocab_size}")
+    if workers < 1:
+        problems.append(f"workers must be >= 1, got {workers}")
+    if tokens.num_windows("train") == 0:
+        problems.append(f"{tokens_path} has no training windows")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+    # --- set up the store (or check the one being resumed)
+    teachers = [{"path": str(d.resolve()), "sha256": file_sha256(d / "model.safetensors")} for d in teacher_dirs]
+    identity = store_identity(cfg, tokens, teachers)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(out)
+    try:
+        existing = read_attrs(out)
+        if existing is None:
+            create_store(out, identity)
+        elif existing.get("format") != FORMAT or (diff := _differences(existing, identity)):
+            what = ", ".join(diff) if existing.get("format") == FORMAT else "not a logit store"
+            raise ValueError(f"{out} was made from other inputs ({what}); rerun `babydistill cache CONFIG --force` "
+                             f"to rebuild it")
+        for leftover in out.rglob("*.partial"):  # half-written files of a killed capture
+            leftover.unlink()
+        ranges = chunk_ranges(identity["num_windows"], cfg.chunk_windows)
+        positions = fidelity_positions(identity["num_windows"], tokens.seq_len, cfg.fidelity_positions, cfg.seed)
+        todo = []
+        for i, (start, stop) in enumerate(ranges):
+            if chunk_problem(out, i, checksum=True) is None:
+                continue
+            (out / DONE_DIR / f"{i:06d}.json").unlink(missing_ok=True)
+            rows = positions[(positions[:, 0] >= start) & (positions[:, 0] < stop)]
+            todo.append((i, start, stop, [(int(w), int(s)) for w, s in rows]))
+        remote = scheduler is not None or workers > 1
+        spec = {
+            "out": str(out.resolve()), "tokens": str(tokens_path.resolve()),
+            "teachers": [(t["path"], t["sha256"]) for t in teachers],
+            "mode": cfg.mode, "slots": identity["slots"], "samples": cfg.samples,
+            "temperatures": identity["temperatures"], "ensemble": cfg.ensemble, "logp_dtype": cfg.logp_dtype,
+            "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "threads": 1 if remote else max(1, torch.get_num_threads()),
+        }
+
+        # --- run the chunk tasks
+        started = time.time()
+        print(f"cache: {len(ranges)} chunks of {cfg.chunk_windows} windows, {len(ranges) - len(todo)} already done, "
+              f"{len(teachers)} teacher(s), mode {cfg.mode}, "
+              + (f"scheduler {scheduler}" if scheduler else f"{workers} worker(s)"), flush=True)
+        timings = _run_tasks(spec, todo, workers, scheduler, tokens.seq_len) if todo else []
+        seconds = time.time() - started
+
+        # --- summary
+        report = fidelity_report(out, len(ranges), cfg.mode)
+        import zarr
+
+        zarr.open_group(store=str(out), mode="r+").attrs.update({"fidelity": report})
+        print(format_fidelity(report), flush=True)
+        computed = sum(stop - start for _, start, stop, _ in todo) * tokens.seq_len
+        return {
+            "out": str(out), "mode": cfg.mode, "slots": identity["slots"], "num_windows": identity["num_windows"],
+            "num_chunks": len(ranges), "chunks_computed": len(todo), "chunks_skipped": len(ranges) - len(todo),
+            "seconds": round(seconds, 3), "tokens_per_s": computed / seconds if computed else None,
+            **{f"task_{key}": sum(t[key] for t in timings)
+               for key in ("compute_s", "write_s", "compute_cpu_s", "write_cpu_s")},
+            "workers": workers, "scheduler": scheduler, "fidelity": report,
+        }
+    finally:
+        lock.unlink(missing_ok=True)

@@ -1,0 +1,313 @@
+"""The logit store (``logits.zarr``): schema, chunk writer, done markers, lock, info and verify.
+
+Layout (Zarr v3 group; every array chunked along windows only, ``C = chunk_windows``)::
+
+    logits.zarr/
+      zarr.json            group attributes (below)
+      ids/                 uint16  [W, S, K]   sparse teacher ids per position
+      logp/                float16 [W, S, K]   log-probabilities at T = 1 (float32 with logp_dtype float32)
+      c_T/                 float32 [W, S, nT]  c_T = LSE(zbar/T) - LSE(zbar)/T, one column per capture temperature
+      tokens/              uint16  [W, S + 1]  the window's token ids: inputs = [:, :-1], labels = [:, 1:]
+      _done/000012.json    done marker of chunk 12: written only after the chunk's files, holds their
+                           byte sizes and crc32 (a truncated or deleted chunk file is detected and redone)
+      capture.lock         present while a capture runs (pid + host)
+
+``W`` = training windows of tokens.zarr (row w is window w), ``S`` = seq_len, ``K`` = k (mode topk:
+the k most probable ids, sorted by decreasing probability) or min(samples, vocab) slots (mode sample:
+the distinct sampled ids, sorted by decreasing count, with ``logp = log(count / samples)``).
+
+Padding (mode sample, rows with fewer distinct ids than slots): the free slots hold ids that occur
+nowhere else in the row (the smallest unused ids), so ids stay distinct per row, and ``logp = PAD_LOGP``
+(-1e4, finite in float16): its weight exp(-1e4) is exactly 0, so a loss needs no mask, and a tail
+computed as 1 - sum(exp(logp)) is unaffected. ``target_mask = logp > PAD_LOGP / 2`` recovers the
+real slots.
+
+Open it with plain zarr or dask::
+
+    import zarr, dask.array as da
+    group = zarr.open_group("runs/demo/logits.zarr", mode="r")
+    ids = da.from_zarr(group["ids"])            # [W, S, K]
+    p = da.exp(da.from_zarr(group["logp"]).astype("f4"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import zlib
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+FORMAT = "babydistill.logits"
+FORMAT_VERSION = 1
+PAD_LOGP = -1.0e4
+DONE_DIR = "_done"
+LOCK_FILE = "capture.lock"
+ARRAYS = ("ids", "logp", "c_T", "tokens")
+# Chosen by measurement (workflows/bench_loader.py, demo teachers, k = 32): Blosc-zstd with byte
+# shuffle gives the smallest chunks of the candidates at ~the same decode speed; see the README.
+CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
+# Keys that must match for a capture to resume into an existing store.
+IDENTITY_KEYS = ("format_version", "mode", "k", "samples", "slots", "ensemble", "temperatures", "logp_dtype",
+                 "chunk_windows", "seed", "fidelity_positions", "vocab_size", "seq_len", "num_windows", "teachers",
+                 "tokenizer_hash", "tokens_hash", "windows_hash")
+
+
+class LogitStoreError(ValueError):
+    """The logit store is missing, of another format, incomplete, or does not match its inputs."""
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.Group:
+    """Create the group and its empty arrays; ``attrs`` must hold the identity keys."""
+    num_windows, seq_len, slots = attrs["num_windows"], attrs["seq_len"], attrs["slots"]
+    chunk = min(attrs["chunk_windows"], max(1, num_windows))
+    group = zarr.open_group(store=str(path), mode="a")
+    compressor = BloscCodec(**(codec or CODEC))
+    shapes = {"ids": ((num_windows, seq_len, slots), "uint16"),
+              "logp": ((num_windows, seq_len, slots), attrs["logp_dtype"]),
+              "c_T": ((num_windows, seq_len, len(attrs["temperatures"])), "float32"),
+              "tokens": ((num_windows, seq_len + 1), "uint16")}
+    for name, (shape, dtype) in shapes.items():
+        group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), compressors=compressor,
+                           fill_value=0, overwrite=True)
+    group.attrs.update({"format": FORMAT, **attrs, "codec": codec or CODEC})
+    (path / DONE_DIR).mkdir(exist_ok=True)
+    return group
+
+
+def read_attrs(path: Path) -> dict | None:
+    """The group attributes, or None when ``path`` holds no logit store yet."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta.get("attributes", {})
+
+
+def open_store(path: Path) -> tuple[zarr.Group, dict]:
+    attrs = read_attrs(path)
+    if attrs is None:
+        raise LogitStoreError(f"{path}: no logit store; run `babydistill cache CONFIG` first")
+    if attrs.get("format") != FORMAT:
+        raise LogitStoreError(f"{path}: not a babydistill logit store (format {attrs.get('format')!r})")
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise LogitStoreError(f"{path}: logit store format version {attrs.get('format_version')}, this babydistill "
+                              f"reads {FORMAT_VERSION}; rebuild it with `babydistill cache CONFIG --force`")
+    return zarr.open_group(store=str(path), mode="r"), attrs
+
+
+def chunk_ranges(num_windows: int, chunk_windows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk_windows, num_windows)) for s in range(0, num_windows, chunk_windows)]
+
+
+def chunk_files(group: zarr.Group, chunk: int) -> dict[str, str]:
+    """Store-relative file of each array's chunk ``chunk``."""
+    files = {}
+    for name in ARRAYS:
+        array = group[name]
+        files[name] = f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+    return files
+
+
+# --- chunk writer and done markers --------------------------------------------------------
+
+
+def _crc(path: Path) -> int:
+    return zlib.crc32(path.read_bytes())
+
+
+def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: dict[str, np.ndarray],
+                extra: dict | None = None) -> dict:
+    """Write one chunk of every array, then its done marker (atomically, last). Returns the marker."""
+    stop = start + len(arrays["ids"])
+    for name in ARRAYS:  # a chunk equal to the fill value must still be written (c_T at T = 1 is all 0)
+        group[name].with_config({"write_empty_chunks": True})[start:stop] = arrays[name]
+    files = {}
+    for rel in chunk_files(group, chunk).values():
+        file = path / rel
+        files[rel] = {"bytes": file.stat().st_size, "crc32": _crc(file)}
+    marker = {"chunk": chunk, "start": start, "stop": stop, "files": files, **(extra or {})}
+    done = path / DONE_DIR / f"{chunk:06d}.json"
+    partial = done.with_suffix(".json.partial")
+    partial.write_text(json.dumps(marker), encoding="utf-8")
+    partial.replace(done)
+    return marker
+
+
+def read_marker(path: Path, chunk: int) -> dict | None:
+    try:
+        return json.loads((Path(path) / DONE_DIR / f"{chunk:06d}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def chunk_problem(path: Path, chunk: int, *, checksum: bool = False) -> str | None:
+    """Why chunk ``chunk`` is not done and intact (no marker, file missing / resized / changed), or None."""
+    marker = read_marker(path, chunk)
+    if marker is None:
+        return "not marked done"
+    for rel, info in marker["files"].items():
+        file = Path(path) / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        if file.stat().st_size != info["bytes"]:
+            return f"{rel} has {file.stat().st_size} bytes, {info['bytes']} were written"
+        if checksum and _crc(file) != info["crc32"]:
+            return f"{rel} changed since it was written (crc32)"
+    return None
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """None when the store exists and every chunk is marked done with intact files, else a short reason."""
+    attrs = read_attrs(path)
+    if attrs is None or attrs.get("format") != FORMAT:
+        return "no logit store"
+    ranges = chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])
+    bad = [(i, why) for i in range(len(ranges)) if (why := chunk_problem(path, i))]
+    if bad:
+        first, why = bad[0]
+        return f"{len(bad)} of {len(ranges)} chunks to (re)do (first: chunk {first}: {why})"
+    return None
+
+
+# --- lock ---------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(path: Path) -> Path:
+    """Take the capture lock of ``path``; a lock left by a dead process on this host is taken over."""
+    lock = Path(path) / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                lock.unlink(missing_ok=True)  # stale: its capture was killed
+                continue
+            raise LogitStoreError(f"{path}: another capture is running (pid {owner.get('pid')} on "
+                                  f"{owner.get('host')}); wait for it or remove {lock} if it is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise LogitStoreError(f"{path}: could not take {lock}")
+
+
+# --- info and verify ----------------------------------------------------------------------
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for name in ARRAYS for f in (Path(path) / name).rglob("*") if f.is_file())
+
+
+def store_info(path: Path) -> dict:
+    """Shapes, mode, k, teachers, bytes per token on disk, compression vs dense fp16 logits, chunks done.
+
+    Examples
+    --------
+    >>> info = store_info(Path("runs/demo/logits.zarr"))  # doctest: +SKIP
+    >>> info["bytes_per_token"], info["chunks_done"], info["num_chunks"]  # doctest: +SKIP
+    """
+    group, attrs = open_store(path)
+    num_windows, seq_len = attrs["num_windows"], attrs["seq_len"]
+    ranges = chunk_ranges(num_windows, attrs["chunk_windows"])
+    done = sum(chunk_problem(path, i) is None for i in range(len(ranges)))
+    disk = _disk_bytes(path)
+    num_tokens = num_windows * seq_len
+    dense_fp16 = num_tokens * attrs["vocab_size"] * 2
+    return {
+        "path": str(path),
+        "format": f"{attrs['format']} v{attrs['format_version']}",
+        "mode": attrs["mode"], "k": attrs["k"] if attrs["mode"] == "topk" else None,
+        "samples": attrs["samples"] if attrs["mode"] == "sample" else None, "slots": attrs["slots"],
+        "ensemble": attrs["ensemble"], "temperatures": attrs["temperatures"], "logp_dtype": attrs["logp_dtype"],
+        "vocab_size": attrs["vocab_size"],
+        "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),
+                          "chunks": list(group[name].chunks)} for name in ARRAYS},
+        "teachers": attrs["teachers"],
+        "num_windows": num_windows, "num_tokens": num_tokens,
+        "num_chunks": len(ranges), "chunks_done": done,
+        "disk_bytes": disk,
+        "bytes_per_token": disk / max(1, num_tokens),
+        "compression_vs_dense_fp16": dense_fp16 / max(1, disk),
+        "codec": attrs.get("codec"),
+        "fidelity": attrs.get("fidelity"),
+    }
+
+
+def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
+    """Read every chunk and check it; returns the problems, the first bad chunk first ([] = fine).
+
+    Checks: format, done marker and file sizes/crc32, every chunk readable, ids < vocab and distinct
+    per row, probabilities in (0, 1] (sample-mode padding excepted), residual mass >= 0 within
+    rounding, c_T finite; with ``tokens_path``: the hashes match tokens.zarr and the stored windows
+    equal its training windows.
+    """
+    from stores.tokens import TokenStore
+
+    try:
+        group, attrs = open_store(path)
+    except LogitStoreError as exc:
+        return [str(exc)]
+    problems = []
+    tokens = None
+    if tokens_path is not None:
+        tokens = TokenStore(tokens_path)
+        for key in ("tokenizer_hash", "tokens_hash", "windows_hash"):
+            if attrs[key] != tokens.attrs[key]:
+                problems.append(f"{key} differs from {tokens_path} ({attrs[key][:12]} vs {tokens.attrs[key][:12]})")
+        if attrs["num_windows"] != tokens.num_windows("train"):
+            problems.append(f"{attrs['num_windows']} windows, {tokens_path} has {tokens.num_windows('train')}")
+        if problems:
+            return problems
+    vocab = attrs["vocab_size"]
+    # Rounding of log-probabilities stored in float16: up to ~1e-3 relative per value.
+    tolerance = 2e-3 * attrs["slots"] ** 0.5 if attrs["logp_dtype"] == "float16" else 1e-5 * attrs["slots"]
+    for i, (start, stop) in enumerate(chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])):
+        where = f"chunk {i} (windows {start}-{stop - 1})"
+        why = chunk_problem(path, i, checksum=True)
+        if why:
+            problems.append(f"{where}: {why}")
+            continue
+        try:
+            ids = group["ids"][start:stop]
+            logp = group["logp"][start:stop].astype(np.float32)
+            c_T = group["c_T"][start:stop]
+            window_tokens = group["tokens"][start:stop]
+        except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
+            problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
+            continue
+        real = logp > PAD_LOGP / 2
+        if int(ids.max(initial=0)) >= vocab:
+            problems.append(f"{where}: id {int(ids.max())} >= vocab size {vocab}")
+        elif (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any():
+            problems.append(f"{where}: repeated ids within a position")
+        elif not np.isfinite(logp).all() or (logp[real] > 1e-3).any() or not real[..., 0].all():
+            problems.append(f"{where}: probabilities outside (0, 1]")
+        elif (residual := 1.0 - np.exp(logp).sum(-1)).min() < -tolerance:
+            problems.append(f"{where}: residual mass {residual.min():.2e} < 0")
+        elif not np.isfinite(c_T).all():
+            problems.append(f"{where}: c_T not finite")
+        elif tokens is not None and not np.array_equal(window_tokens, tokens.windows("train", np.arange(start, stop))):
+            problems.append(f"{where}: token ids differ from {tokens_path}")
+    return problems

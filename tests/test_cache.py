@@ -1,0 +1,294 @@
+"""Stage `cache`: capture against a dense computation, resume after kill -9, workers, bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from transformers import AutoModelForCausalLM
+
+from pipeline.cache import capture_logits, compute_chunk, ensemble_logp
+from pipeline.config import CacheConfig, ConfigError, load_config
+from pipeline.model import build_model
+from stores.logits import (
+    ARRAYS,
+    LOCK_FILE,
+    PAD_LOGP,
+    LogitStoreError,
+    chunk_files,
+    incomplete_reason,
+    store_info,
+    verify_store,
+)
+from stores.tokens import TokenStore
+
+CFG = CacheConfig(k=8, chunk_windows=32, batch_size=16, temperatures=[1.0, 2.0], fidelity_positions=64)
+NUM_CHUNKS = 14  # 442 training windows of the tiny run / 32
+
+
+def make_teacher(config, folder: Path, seed: int, vocab_size: int | None = None) -> Path:
+    """A tiny random-init Llama saved as a plain HF checkpoint with the run's tokenizer files."""
+    model = build_model(config, TokenStore(config.tokens_path), seed)
+    if vocab_size is not None:
+        model.resize_token_embeddings(vocab_size)
+    with torch.no_grad():  # sharper than random init, so top-k and sampling see a non-flat distribution
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder)
+    for file in config.tokenizer_path.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def teachers(tiny_run, tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("teachers")
+    return [make_teacher(tiny_run, root / f"t{seed}", seed) for seed in (1, 2)]
+
+
+@pytest.fixture(scope="session")
+def topk_store(tiny_run, teachers, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished top-k store (read-only for tests: copy it to modify)."""
+    out = tmp_path_factory.mktemp("cache") / "logits.zarr"
+    summary = capture_logits(CFG, tiny_run.tokens_path, tiny_run.tokenizer_path, teachers, out)
+    return out, summary
+
+
+def capture(run, teachers, out, cfg=CFG, **kwargs) -> dict:
+    return capture_logits(cfg, run.tokens_path, run.tokenizer_path, teachers, out, **kwargs)
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Equal chunk by chunk: every chunk file byte-identical, and the decoded arrays equal."""
+    ga, gb = zarr.open_group(str(a), mode="r"), zarr.open_group(str(b), mode="r")
+    for chunk in range(NUM_CHUNKS):
+        for rel in chunk_files(ga, chunk).values():
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"chunk {chunk}: {rel} differs"
+    for name in ARRAYS:
+        np.testing.assert_array_equal(ga[name][:], gb[name][:], err_msg=name)
+
+
+# --- capture vs dense -----------------------------------------------------------------------
+
+
+def test_capture_layout_and_attrs(topk_store, tiny_run, teachers):
+    out, summary = topk_store
+    assert sorted(p.name for p in out.iterdir()) == ["_done", "c_T", "ids", "logp", "tokens", "zarr.json"]
+    assert len(list((out / "_done").glob("*.json"))) == NUM_CHUNKS
+    attrs = zarr.open_group(str(out), mode="r").attrs
+    tokens = TokenStore(tiny_run.tokens_path)
+    assert attrs["format"] == "babydistill.logits" and attrs["format_version"] == 1
+    assert (attrs["mode"], attrs["k"], attrs["ensemble"], attrs["logp_dtype"]) == ("topk", 8, "logits", "float16")
+    assert attrs["temperatures"] == [1.0, 2.0] and attrs["num_windows"] == 442 and attrs["seq_len"] == 32
+    assert [t["path"] for t in attrs["teachers"]] == [str(t.resolve()) for t in teachers]
+    assert all(len(t["sha256"]) == 64 for t in attrs["teachers"])
+    for key in ("tokenizer_hash", "tokens_hash", "windows_hash"):
+        assert attrs[key] == tokens.attrs[key]
+    assert attrs["fidelity"]["positions"] == 64 and summary["fidelity"] == attrs["fidelity"]
+    assert attrs["fidelity"]["kl_nats"]["bucket"]["max"] < 1e-4  # only float16 rounding
+    assert summary["chunks_computed"] == NUM_CHUNKS and incomplete_reason(out) is None
+    assert verify_store(out, tiny_run.tokens_path) == []
+
+
+def test_topk_and_c_T_match_a_dense_computation(topk_store, tiny_run, teachers):
+    out, _ = topk_store
+    group = zarr.open_group(str(out), mode="r")
+    rows = np.array([0, 1, 200, 441])
+    windows = TokenStore(tiny_run.tokens_path).windows("train", rows)
+    models = [AutoModelForCausalLM.from_pretrained(t, dtype=torch.float64).eval() for t in teachers]
+    with torch.no_grad():
+        zbar = torch.stack([m(input_ids=torch.from_numpy(windows[:, :-1])).logits for m in models]).mean(0)
+    logp = torch.log_softmax(zbar, -1)
+    values, ids = logp.topk(8, dim=-1)
+    stored_ids = torch.from_numpy(group["ids"][rows].astype(np.int64))
+    stored_logp = torch.from_numpy(group["logp"][rows].astype(np.float64))
+    same = (stored_ids == ids).float().mean().item()
+    assert same > 0.999, f"{same:.4f} of top-k ids agree"  # float32 vs float64 may swap near-ties
+    torch.testing.assert_close(logp.gather(-1, stored_ids), stored_logp, atol=2e-3, rtol=1e-3)
+    assert (stored_logp[..., :-1] >= stored_logp[..., 1:]).all(), "sorted by decreasing probability"
+    for j, t in enumerate([1.0, 2.0]):
+        c_T = torch.logsumexp(zbar / t, -1) - torch.logsumexp(zbar, -1) / t
+        torch.testing.assert_close(torch.from_numpy(group["c_T"][rows, :, j]).double(), c_T, atol=1e-4, rtol=1e-5)
+    np.testing.assert_array_equal(group["tokens"][rows], windows)
+
+
+def _spec(teachers, **overrides) -> dict:
+    spec = {"teachers": [(str(t), "") for t in teachers], "mode": "topk", "slots": 8, "samples": 64,
+            "temperatures": [1.0, 2.0], "ensemble": "logits", "logp_dtype": "float16", "batch_size": 16,
+            "seed": 0, "threads": 1}
+    return {**spec, **overrides}
+
+
+def test_probs_ensemble_is_the_log_of_mean_probabilities():
+    z = [torch.randn(2, 3, 50, dtype=torch.float64) for _ in range(3)]
+    expected = torch.log(torch.stack([torch.softmax(x, -1) for x in z]).mean(0))
+    torch.testing.assert_close(ensemble_logp(z, "probs"), expected)
+    torch.testing.assert_close(ensemble_logp(z, "logits"), torch.log_softmax(torch.stack(z).mean(0), -1))
+
+
+def test_sampled_targets(tiny_run, teachers):
+    windows = TokenStore(tiny_run.tokens_path).windows("train", np.arange(8))
+    spec = _spec(teachers, mode="sample", slots=64, samples=64, logp_dtype="float32")
+    arrays, _ = compute_chunk(spec, 3, windows, [])
+    ids, logp = arrays["ids"].astype(np.int64), arrays["logp"]
+    weights = np.exp(logp.astype(np.float64))
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    counts = weights * 64
+    real = logp > PAD_LOGP / 2
+    np.testing.assert_allclose(counts[real], np.round(counts[real]), atol=1e-4)  # weights are count / S
+    assert (logp[~real] == PAD_LOGP).all() and real[..., 0].all()
+    assert (np.diff(np.sort(ids, -1), axis=-1) > 0).all(), "ids distinct per position (padding too)"
+    assert (np.diff(counts.round(), axis=-1) <= 0).all(), "sorted by decreasing count"
+    # Same chunk and seed -> same draws; another chunk -> other draws.
+    again, _ = compute_chunk(spec, 3, windows, [])
+    other, _ = compute_chunk(spec, 4, windows, [])
+    np.testing.assert_array_equal(again["ids"], arrays["ids"])
+    assert not np.array_equal(other["ids"], arrays["ids"])
+
+
+def test_sample_store_verifies(tiny_run, teachers, tmp_path):
+    cfg = dataclasses.replace(CFG, mode="sample", samples=16, chunk_windows=128)
+    summary = capture(tiny_run, teachers, tmp_path / "s.zarr", cfg)
+    assert summary["slots"] == 16 and verify_store(tmp_path / "s.zarr", tiny_run.tokens_path) == []
+    assert summary["fidelity"]["residual_mass"]["max"] < 2e-3
+
+
+# --- parallel and resumable -------------------------------------------------------------------
+
+
+def test_two_worker_cluster_equals_synchronous(topk_store, tiny_run, teachers, tmp_path):
+    summary = capture(tiny_run, teachers, tmp_path / "w2.zarr", workers=2)
+    assert summary["workers"] == 2 and summary["chunks_computed"] == NUM_CHUNKS
+    assert_same_store(topk_store[0], tmp_path / "w2.zarr")
+
+
+_KILLABLE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import pipeline.cache as cache
+    from pipeline.config import CacheConfig
+    run = cache.capture_chunk
+    cache.capture_chunk = lambda *a: (time.sleep(0.4), run(*a))[1]  # slow, so the kill lands partway
+    tokens, tokenizer, out, *teachers = map(Path, sys.argv[1:])
+    cache.capture_logits(CacheConfig(k=8, chunk_windows=32, batch_size=16, fidelity_positions=64),
+                         tokens, tokenizer, teachers, out)
+""")
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_capture(topk_store, tiny_run, teachers, tmp_path):
+    out = tmp_path / "logits.zarr"
+    args = [sys.executable, "-c", _KILLABLE, str(tiny_run.tokens_path), str(tiny_run.tokenizer_path), str(out),
+            *map(str, teachers)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 120
+    while len(list((out / "_done").glob("*.json"))) < 3 if (out / "_done").is_dir() else True:
+        assert proc.poll() is None and time.time() < deadline, "capture ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "_done").glob("*.json")))
+    assert 3 <= done < NUM_CHUNKS and (out / LOCK_FILE).exists()  # the dead process's lock is left behind
+    assert incomplete_reason(out) is not None
+    summary = capture(tiny_run, teachers, out)  # takes over the stale lock, redoes the rest
+    assert summary["chunks_skipped"] == done and summary["chunks_computed"] == NUM_CHUNKS - done
+    assert_same_store(topk_store[0], out)
+    assert not (out / LOCK_FILE).exists() and incomplete_reason(out) is None
+
+
+def test_a_second_capture_is_refused_while_one_runs(topk_store, tiny_run, teachers, tmp_path):
+    out = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], out)
+    (out / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    with pytest.raises(LogitStoreError, match="another capture is running") as err:
+        capture(tiny_run, teachers, out)
+    assert "\n" not in str(err.value) and (out / LOCK_FILE).exists()
+
+
+def test_truncated_or_deleted_chunk_is_named_by_verify_and_rewritten(topk_store, tiny_run, teachers, tmp_path):
+    out = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], out)
+    files = chunk_files(zarr.open_group(str(out), mode="r"), 2)
+    ids_file = out / files["ids"]
+    ids_file.write_bytes(ids_file.read_bytes()[:-7])
+    (out / chunk_files(zarr.open_group(str(out), mode="r"), 5)["logp"]).unlink()
+    problems = verify_store(out, tiny_run.tokens_path)
+    assert len(problems) == 2 and problems[0].startswith("chunk 2 ") and files["ids"] in problems[0]
+    assert problems[1].startswith("chunk 5 ")
+    assert "chunk 2" in incomplete_reason(out)
+    summary = capture(tiny_run, teachers, out)
+    assert summary["chunks_computed"] == 2
+    assert_same_store(topk_store[0], out)
+    assert verify_store(out, tiny_run.tokens_path) == []
+
+
+def test_verify_names_bad_content_even_with_a_consistent_marker(topk_store, tmp_path):
+    out = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], out)
+    group = zarr.open_group(str(out), mode="r+")
+    group["ids"][100, 0, 0] = 65000  # window 100 is in chunk 3; its marker no longer matches
+    assert verify_store(out)[0].startswith("chunk 3 ")
+
+
+def test_store_info(topk_store):
+    info = store_info(topk_store[0])
+    assert info["num_chunks"] == info["chunks_done"] == NUM_CHUNKS
+    assert info["arrays"]["ids"] == {"shape": [442, 32, 8], "dtype": "uint16", "chunks": [32, 32, 8]}
+    assert info["arrays"]["c_T"]["dtype"] == "float32" and info["arrays"]["tokens"]["shape"] == [442, 33]
+    assert 0 < info["bytes_per_token"] < 2 * 8 * 4 and info["compression_vs_dense_fp16"] > 10
+    assert len(info["teachers"]) == 2 and info["fidelity"]["positions"] == 64
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_store_from_other_inputs_is_refused_and_left_intact(topk_store, tiny_run, teachers, tmp_path):
+    out = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], out)
+    with pytest.raises(ValueError, match=r"other inputs \(k, slots\).*--force"):
+        capture(tiny_run, teachers, out, k=4)
+    with pytest.raises(ValueError, match=r"other inputs \(teachers\).*--force"):
+        capture(tiny_run, teachers[::-1], out)
+    assert incomplete_reason(out) is None and not (out / LOCK_FILE).exists()
+    assert_same_store(topk_store[0], out)
+
+
+def test_teachers_with_different_vocab_sizes_are_refused(tiny_run, teachers, tmp_path):
+    vocab = TokenStore(tiny_run.tokens_path).vocab_size
+    odd = make_teacher(tiny_run, tmp_path / "t_odd", 3, vocab_size=vocab + 16)
+    with pytest.raises(ValueError, match=f"teachers {teachers[0]} and {odd} have different vocab sizes "
+                                         rf"\({vocab} vs {vocab + 16}\)") as err:
+        capture(tiny_run, [teachers[0], odd], tmp_path / "out.zarr")
+    assert "\n" not in str(err.value) and not (tmp_path / "out.zarr").exists()
+
+
+def test_a_folder_that_is_not_a_checkpoint_is_refused(tiny_run, teachers, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'} is not a model checkpoint"):
+        capture(tiny_run, [teachers[0], tmp_path / "empty"], tmp_path / "out.zarr")
+
+
+def test_k_larger_than_the_vocab_is_refused(tiny_run, teachers, tmp_path):
+    with pytest.raises(ValueError, match="cache.k = 100000 is larger than the vocab size"):
+        capture(tiny_run, teachers, tmp_path / "out.zarr", k=100000)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cache.samples=0", "cache.samples: must be >= 1"),
+    ("cache.k=0", "cache.k: must be >= 1"),
+    ("cache.temperatures=[1.0, 0]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
+    ("cache.temperatures=[-2]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
+])
+def test_bad_cache_config_values_are_config_errors(tiny_config_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(tiny_config_path, [override])

@@ -1,0 +1,313 @@
+"""Benchmark `bench loader`: capture overhead, bytes per token (codecs, encodings), reader vs student speed.
+
+Builds a temporary run from the demo config (a share of the bundled corpus), trains two demo-size
+teachers for a few dozen CE steps (random-init teachers have unrealistically flat distributions),
+then measures:
+
+- capture overhead: capture wall time vs the teachers' bare forward over the same windows, and the
+  share of it spent outside ``compute_chunk`` (store writing, markers);
+- store size: bytes per token on disk for topk k = 32 and sample S = 64; codecs on the same chunks
+  (Blosc-zstd shuffle / bitshuffle / none, Blosc-lz4, plain Zstd); encodings (logp 8-bit quantised,
+  ids sorted and delta-coded) with their fidelity KL against float16 storage;
+- reader tokens/s (one DataLoader worker) vs the demo student's CE training tokens/s.
+
+Run: ``python -m workflows.bench_loader --out bench_loader.json`` (a few minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import PROJECT_ROOT, load_config
+
+DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+
+
+# --- setup: a demo-size run and two briefly trained teachers -----------------------------------
+
+
+def _make_run(config_path: Path, work: Path, max_train_words: int):
+    from pipeline.prepare import prepare_corpus
+    from pipeline.tokenize import tokenize_corpus
+    from pipeline.tokenizer import train_tokenizer
+
+    config = load_config(config_path, [f"run_dir={work / 'run'}", f"data.max_train_words={max_train_words}"])
+    if not config.tokens_path.exists():
+        prepare_corpus(config.data, config.corpus_path, config.data_path)
+        train_tokenizer(config.tokenizer, config.data_path / "train", config.tokenizer_path)
+        tokenize_corpus(config.data, config.data_path, config.tokenizer_path, config.tokens_path)
+    return config
+
+
+def _train_teacher(config, seed: int, steps: int, out: Path) -> Path:
+    """A plain CE loop (not the project's trainer): enough steps to give peaked distributions."""
+    from pipeline.model import build_model
+    from stores.tokens import TokenStore
+
+    if (out / "model.safetensors").is_file():
+        return out
+    tokens = TokenStore(config.tokens_path)
+    model = build_model(config, tokens, seed).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        windows = torch.from_numpy(tokens.windows("train", rng.integers(0, tokens.num_windows("train"), 16)))
+        loss = model(input_ids=windows[:, :-1], labels=windows[:, :-1].clone()).loss  # HF shifts labels itself
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval().save_pretrained(out)
+    for file in config.tokenizer_path.iterdir():
+        shutil.copy(file, out / file.name)
+    return out
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def _bare_forward_seconds(teacher_dirs: list[Path], tokens_path: Path, batch_size: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of every teacher's forward over every training window."""
+    from transformers import AutoModelForCausalLM
+
+    from stores.tokens import TokenStore
+
+    tokens = TokenStore(tokens_path)
+    windows = torch.from_numpy(tokens.windows("train", np.arange(tokens.num_windows("train"))))
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in teacher_dirs]
+    started, started_cpu = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        for b in range(0, len(windows), batch_size):
+            for model in models:
+                model(input_ids=windows[b:b + batch_size, :-1]).logits.float()
+    return time.perf_counter() - started, time.process_time() - started_cpu
+
+
+def _codec_table(store: Path, num_chunks: int = 4) -> dict:
+    """Bytes and decode time of candidate codecs on the first chunks of ``ids`` and ``logp``."""
+    import numcodecs
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    rows = min(group["ids"].shape[0], num_chunks * group["ids"].chunks[0])
+    data = {name: np.ascontiguousarray(group[name][:rows]) for name in ("ids", "logp")}
+    blosc = numcodecs.Blosc
+    candidates = {
+        "blosc-zstd5-shuffle": blosc(cname="zstd", clevel=5, shuffle=blosc.SHUFFLE),
+        "blosc-zstd5-bitshuffle": blosc(cname="zstd", clevel=5, shuffle=blosc.BITSHUFFLE),
+        "blosc-zstd5-noshuffle": blosc(cname="zstd", clevel=5, shuffle=blosc.NOSHUFFLE),
+        "blosc-zstd7-shuffle": blosc(cname="zstd", clevel=7, shuffle=blosc.SHUFFLE),
+        "blosc-zstd9-shuffle": blosc(cname="zstd", clevel=9, shuffle=blosc.SHUFFLE),
+        "blosc-lz4-shuffle": blosc(cname="lz4", clevel=5, shuffle=blosc.SHUFFLE),
+        "zstd3": numcodecs.Zstd(level=3),
+        "zstd9": numcodecs.Zstd(level=9),
+    }
+    def best_seconds(fn, *args) -> float:
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fn(*args)
+            timings.append(time.perf_counter() - started)
+        return min(timings)
+
+    table = {}
+    for name, codec in candidates.items():
+        row = {}
+        for array, values in data.items():
+            encoded = codec.encode(values)
+            row[array] = {"bytes_per_token": len(encoded) / (values.shape[0] * values.shape[1]),
+                          "encode_MB_per_s": values.nbytes / 1e6 / best_seconds(codec.encode, values),
+                          "decode_MB_per_s": values.nbytes / 1e6 / best_seconds(codec.decode, encoded)}
+        row["bytes_per_token"] = row["ids"]["bytes_per_token"] + row["logp"]["bytes_per_token"]
+        table[name] = row
+    return table
+
+
+def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_windows: int = 8) -> dict:
+    """Bytes per token and fidelity KL (vs dense) of alternative encodings of the top-k targets."""
+    import numcodecs
+    import zarr
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.cache import ensemble_logp, fidelity_row
+    from stores.tokens import TokenStore
+
+    codec = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    group = zarr.open_group(str(store), mode="r")
+    rows = min(group["ids"].shape[0], 4 * group["ids"].chunks[0])
+    ids, logp16 = group["ids"][:rows], group["logp"][:rows]
+    num_tokens = ids.shape[0] * ids.shape[1]
+
+    def size(*arrays) -> float:
+        return sum(len(codec.encode(np.ascontiguousarray(a))) for a in arrays) / num_tokens
+
+    # logp quantised to 8 bits: -logp in steps of 1/16 nat (values below -15.9 nats clip: mass < 1.3e-7).
+    q8 = np.clip(np.round(-logp16.astype(np.float32) * 16), 0, 255).astype(np.uint8)
+    logp8 = (-q8.astype(np.float32) / 16).astype(np.float32)
+    # ids sorted ascending per position, delta-coded (logp permuted alike): small numbers compress well.
+    order = np.argsort(ids, axis=-1, kind="stable")
+    sorted_ids = np.take_along_axis(ids, order, -1)
+    deltas = np.diff(sorted_ids.astype(np.int32), axis=-1, prepend=0).astype(np.uint16)
+    logp16_perm = np.take_along_axis(logp16, order, -1)
+    q8_perm = np.take_along_axis(q8, order, -1)
+    result = {
+        "fp16_logp+uint16_ids": size(ids, logp16),
+        "fp16_logp+delta_ids": size(deltas, logp16_perm),
+        "u8_logp+uint16_ids": size(ids, q8),
+        "u8_logp+delta_ids": size(deltas, q8_perm),
+        "fp16_logp_only": size(logp16), "uint16_ids_only": size(ids), "delta_ids_only": size(deltas),
+        "u8_logp_only": size(q8),
+    }
+    # Fidelity of float16 vs 8-bit logp against the dense ensemble on a few windows.
+    tokens = TokenStore(tokens_path)
+    windows = torch.from_numpy(tokens.windows("train", np.arange(num_windows)))
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in teacher_dirs]
+    with torch.inference_mode():
+        dense = ensemble_logp([m(input_ids=windows[:, :-1]).logits.float() for m in models], "logits").numpy()
+    kls = {"fp16": [], "u8": [], "fp32": []}
+    stored32 = np.take_along_axis(dense, ids[:num_windows].astype(np.int64), -1)
+    for w in range(num_windows):
+        for s in range(dense.shape[1]):
+            row_ids = ids[w, s].astype(np.int64)
+            kls["fp32"].append(fidelity_row(dense[w, s], row_ids, stored32[w, s], "topk"))
+            kls["fp16"].append(fidelity_row(dense[w, s], row_ids, logp16[w, s], "topk"))
+            kls["u8"].append(fidelity_row(dense[w, s], row_ids, logp8[w, s], "topk"))
+    result["fidelity_kl_mean"] = {
+        enc: {"bucket": float(np.mean([r[0] for r in v])), "uniform": float(np.mean([r[2] for r in v]))}
+        for enc, v in kls.items()}
+    return result
+
+
+def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_len: int) -> float:
+    from torch.utils.data import DataLoader
+
+    from stores.reader import LogitStoreDataset
+
+    dataset = LogitStoreDataset(store, tokens_path, batch_size=batch_size, seed=0, temperature=1.0)
+    started, num_tokens = time.perf_counter(), 0
+    for batch in DataLoader(dataset, batch_size=None, num_workers=1):
+        num_tokens += batch["input_ids"].numel()
+    return num_tokens / (time.perf_counter() - started)
+
+
+def _student_tokens_per_s(vocab_size: int, batch_size: int = 16, seq_len: int = 128, steps: int = 5) -> float:
+    """A CE training step of the demo student (hidden 128, 4 layers, 4 heads, 2 kv heads, ffn 384)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=seq_len, tie_word_embeddings=False)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, vocab_size, (batch_size, seq_len))
+    timings = []
+    for _ in range(steps + 1):
+        started = time.perf_counter()
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - started)
+    return batch_size * seq_len / float(np.median(timings[1:]))
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def bench_loader(out: Path | None, *, config_path: Path = DEMO_CONFIG, work_dir: Path | None = None,
+                 max_train_words: int = 60000, teacher_steps: int = 40) -> dict:
+    """Run the loader benchmark; write the JSON to ``out`` (if given) and return it."""
+    from pipeline.cache import capture_logits
+    from stores.logits import store_info
+
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    try:
+        # --- setup
+        started = time.perf_counter()
+        config = _make_run(Path(config_path), work, max_train_words)
+        teachers = [_train_teacher(config, seed, teacher_steps, work / f"t{seed}") for seed in (1, 2)]
+        setup_s = time.perf_counter() - started
+        c = config.cache
+        topk_cfg = type(c)(**{**c.__dict__, "mode": "topk", "k": 32, "workers": 1})
+        sample_cfg = type(c)(**{**c.__dict__, "mode": "sample", "samples": 64, "workers": 1})
+
+        # --- capture overhead (bare forward first, so both runs see warm caches)
+        forward_s, forward_cpu_s = _bare_forward_seconds(teachers, config.tokens_path, c.batch_size)
+        topk_store = work / "topk.zarr"
+        shutil.rmtree(topk_store, ignore_errors=True)
+        topk = capture_logits(topk_cfg, config.tokens_path, config.tokenizer_path, teachers, topk_store)
+        sample_store = work / "sample.zarr"
+        shutil.rmtree(sample_store, ignore_errors=True)
+        sample = capture_logits(sample_cfg, config.tokens_path, config.tokenizer_path, teachers, sample_store)
+        topk_info, sample_info = store_info(topk_store), store_info(sample_store)
+
+        # --- sizes, codecs, encodings, throughput
+        codecs = _codec_table(topk_store)
+        encodings = _encodings(topk_store, teachers, config.tokens_path)
+        reader_tps = _reader_tokens_per_s(topk_store, config.tokens_path, config.train.batch_size,
+                                          config.data.seq_len)
+        student_tps = _student_tokens_per_s(topk_info["vocab_size"], config.train.batch_size, config.data.seq_len)
+        result = {
+            "command": "python -m workflows.bench_loader --out FILE.json",
+            "config": str(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
+            "torch_threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
+            "num_windows": topk_info["num_windows"], "num_tokens": topk_info["num_tokens"],
+            "vocab_size": topk_info["vocab_size"],
+            "capture": {
+                "bare_forward_s": forward_s, "topk_capture_s": topk["seconds"], "sample_capture_s": sample["seconds"],
+                "topk_overhead_vs_forward_wall": topk["seconds"] / forward_s - 1,
+                # CPU seconds: the machine is shared, so wall times are noisy.
+                "bare_forward_cpu_s": forward_cpu_s,
+                "topk_compute_cpu_s": topk["task_compute_cpu_s"], "topk_write_cpu_s": topk["task_write_cpu_s"],
+                "topk_overhead_vs_forward_cpu": (topk["task_compute_cpu_s"] + topk["task_write_cpu_s"]) / forward_cpu_s - 1,
+                "topk_write_vs_forward_cpu": topk["task_write_cpu_s"] / forward_cpu_s,
+                "sample_overhead_vs_forward_cpu":
+                    (sample["task_compute_cpu_s"] + sample["task_write_cpu_s"]) / forward_cpu_s - 1,
+                "sample_write_vs_forward_cpu": sample["task_write_cpu_s"] / forward_cpu_s,
+                "goal": "store writing adds <= 10% over the bare teacher forward",
+            },
+            "size": {
+                "topk_k32_bytes_per_token": topk_info["bytes_per_token"],
+                "topk_k32_vs_dense_fp16": topk_info["compression_vs_dense_fp16"],
+                "sample_s64_bytes_per_token": sample_info["bytes_per_token"],
+                "sample_s64_slots": sample_info["slots"],
+                "dense_fp16_bytes_per_token": 2 * topk_info["vocab_size"],
+                "goal": "<= 64 bytes/token at k = 32, fidelity KL within 1e-4 nats of float16 storage",
+                "codecs": codecs, "encodings": encodings,
+            },
+            "fidelity": {"topk": topk["fidelity"], "sample": sample["fidelity"]},
+            "throughput": {
+                "reader_tokens_per_s_1_worker": reader_tps, "student_train_tokens_per_s": student_tps,
+                "ratio": reader_tps / student_tps, "goal": ">= 20x",
+            },
+        }
+    finally:
+        if work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if out is not None:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"run config (default: {DEMO_CONFIG})")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep the run here (default: a temp dir, removed)")
+    parser.add_argument("--max-train-words", type=int, default=60000, help="training words (default: 60000)")
+    parser.add_argument("--teacher-steps", type=int, default=40, help="CE steps per teacher (default: 40)")
+    args = parser.parse_args(argv)
+    result = bench_loader(args.out, config_path=args.config, work_dir=args.work_dir,
+                          max_train_words=args.max_train_words, teacher_steps=args.teacher_steps)
+    print(json.dumps({k: result[k] for k in ("capture", "throughput")}, indent=2))
+    print(json.dumps({k: v for k, v in result["size"].items() if k not in ("codecs",)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
