@@ -1,6 +1,6 @@
 """Chunked CPU path of the sparse-distillation loss (see `kernels.reference` for the spec).
 
-Rows are processed in chunks small enough to stay in cache (about 512 KB of fp32 logits). For each chunk
+Rows are processed in chunks small enough to stay in cache (about 2 MB of fp32 logits per thread). For each chunk
 one pass computes the row maximum m, the exp-sums at T = 1 and at T from that one maximum, the CE and KL
 terms, and writes the gradient
 
@@ -17,11 +17,13 @@ grad_output in backward.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from kernels.reference import RESIDUAL_EPS, ids_as_int64
 
-CHUNK_BYTES = 1 << 19  # fp32 bytes of logits per chunk: two such buffers stay in a 2 MB L2
+CHUNK_BYTES = 1 << 21  # fp32 bytes of logits per chunk (per thread; about 32 rows at V = 16000)
 
 
 def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float, tail: str, c_T=None):
@@ -72,80 +74,95 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
     ce_row = torch.empty(N, dtype=torch.float32)
     kl_row = torch.empty(N, dtype=torch.float32)
     C = min(chunk_rows, N)
-    buf1 = torch.empty(C, V, dtype=torch.float32)
-    buf2 = torch.empty(C, V, dtype=torch.float32) if T != 1.0 else None
-    bufx = torch.empty(C, V, dtype=torch.float32) if logits.dtype != torch.float32 else None
     pad_K = logp_K == float("-inf")
     p_K_all = logp_K.exp()                                           # 0 for padding
     safe_labels = torch.where(labels == ignore_index, 0, labels)
     bucket_tail = (not uniform) and bool((r_T > 0).any())
-    for a in range(0, N, C):
-        b = min(a + C, N)
-        n = b - a
-        x = logits[a:b]
-        if bufx is not None:
-            x = bufx[:n].copy_(x)
-        idx, p_K, l_K = ids[a:b], p_K_all[a:b], logp_K[a:b]
-        y = safe_labels[a:b, None]
-        wc, wk = w_ce[a:b], w_kl[a:b] / T
 
-        # One max, both exp-sums.
-        m = x.amax(1, keepdim=True)
-        E1 = torch.sub(x, m, out=buf1[:n]).exp_()
-        S1 = E1.sum(1)
-        lse1 = m[:, 0] + S1.log()
-        if T != 1.0:
-            ET = torch.sub(x, m, out=buf2[:n]).mul_(1.0 / T).exp_()
-            ST = ET.sum(1)
-            lseT = m[:, 0] / T + ST.log()
-        else:
-            ET, ST, lseT = E1, S1, lse1
-        z_K = x.gather(1, idx)
-        z_y = x.gather(1, y)[:, 0]
-        logq_K = z_K / T - lseT[:, None]
-        ce = lse1 - z_y
-        kl = torch.where(p_K > 0, p_K * (l_K - logq_K), 0).sum(1)
+    @torch.no_grad()  # grad mode is per thread: the pool's threads do not inherit the caller's no_grad
+    def work(lo: int, hi: int) -> None:
+        buf1 = torch.empty(C, V, dtype=torch.float32)
+        buf2 = torch.empty(C, V, dtype=torch.float32) if T != 1.0 else None
+        buf3 = torch.empty(C, V, dtype=torch.float32) if T != 1.0 else None
+        bufx = torch.empty(C, V, dtype=torch.float32) if logits.dtype != torch.float32 else None
+        for a in range(lo, hi, C):
+            b = min(a + C, hi)
+            n = b - a
+            x = logits[a:b]
+            if bufx is not None:
+                x = bufx[:n].copy_(x)
+            idx, p_K, l_K = ids[a:b], p_K_all[a:b], logp_K[a:b]
+            y = safe_labels[a:b, None]
+            wc, wk = w_ce[a:b], w_kl[a:b] / T
 
-        # Tail term, and the per-row coefficient of softmax(z/T) on tail tokens.
-        coefT = 1.0 / ST
-        shift = None
-        r = r_T[a:b]
-        if uniform:
-            nt = num_tail[a:b]
-            u = torch.where(nt > 0, r / nt.clamp_min(1), 0)
-            sum_tail_s = (x.sum(1) - torch.where(pad_K[a:b], 0, z_K).sum(1)) / T
-            kl = kl + torch.where(u > 0, nt * torch.xlogy(u, u) - u * (sum_tail_s - nt * lseT), 0)
-            shift = -wk * u
-        elif bucket_tail:
-            # The tail sum exactly (zero K, then sum) rather than ST - sum_K: no cancellation when K
-            # holds nearly all the student's mass. K positions are overwritten below, so zeroing is free.
-            ET.scatter_(1, idx, 0.0)
-            tail_sum = ET.sum(1).clamp_min(1e-38)
-            logQ = tail_sum.log() - ST.log()
-            kl = kl + torch.where(r > 0, r * (r.clamp_min(1e-38).log() - logQ), 0)
-            coefT = coefT - r / tail_sum
-
-        # Gradient: dense part, then K entries and the label overwritten / corrected.
-        G = grad[a:b]
-        if ET is E1:
-            c = (wc / S1 + wk * coefT)[:, None]
-            if shift is None:
-                torch.mul(E1, c, out=G)
+            # One max; softmax at T = 1 and at T (each subtracts the row max: the max of z/T is m/T).
+            # The log-normaliser is read back from the largest probability: max q = exp(0) / S.
+            m = x.amax(1)
+            q1 = torch.ops.aten._softmax.out(x, 1, False, out=buf1[:n])
+            lse1 = m - q1.amax(1).log()
+            if T != 1.0:
+                qT = torch.ops.aten._softmax.out(torch.mul(x, 1.0 / T, out=buf2[:n]), 1, False, out=buf3[:n])
+                lseT = m / T - qT.amax(1).log()
             else:
-                E1.mul_(c).add_(shift[:, None])
-                G.copy_(E1)
-        else:
-            E1.mul_((wc / S1)[:, None])
-            ET.mul_((wk * coefT)[:, None]).add_(E1)
+                qT, lseT = q1, lse1
+            z_K = x.gather(1, idx)
+            z_y = x.gather(1, y)[:, 0]
+            logq_K = z_K / T - lseT[:, None]
+            ce = lse1 - z_y
+            kl = torch.where(p_K > 0, p_K * (l_K - logq_K), 0).sum(1)
+
+            # Tail term: tail_fac multiplies softmax(z/T) on tail tokens, shift is added to them.
+            tail_fac = None
+            shift = None
+            r = r_T[a:b]
+            if uniform:
+                nt = num_tail[a:b]
+                u = torch.where(nt > 0, r / nt.clamp_min(1), 0)
+                sum_tail_s = (x.sum(1) - torch.where(pad_K[a:b], 0, z_K).sum(1)) / T
+                kl = kl + torch.where(u > 0, nt * torch.xlogy(u, u) - u * (sum_tail_s - nt * lseT), 0)
+                shift = (-wk * u)[:, None]
+            elif bucket_tail:
+                # The student's tail mass exactly (zero K, then sum) rather than 1 - sum_K: no cancellation
+                # when K holds nearly all of it. K positions are overwritten below, so zeroing is free.
+                Q = qT.scatter_(1, idx, 0.0).sum(1).clamp_min(1e-38)
+                kl = kl + torch.where(r > 0, r * (r.clamp_min(1e-38).log() - Q.log()), 0)
+                tail_fac = 1 - r / Q
+
+            # Gradient, formed in fp32: dense part, then K entries and the label overwritten / corrected.
+            G = grad[a:b]
+            out = G if G.dtype == torch.float32 else q1
+            kT = wk if tail_fac is None else wk * tail_fac
+            if qT is q1:
+                torch.mul(q1, (wc + kT)[:, None], out=out)
+            else:
+                torch.mul(q1, wc[:, None], out=out).addcmul_(qT, kT[:, None])
             if shift is not None:
-                ET.add_(shift[:, None])
-            G.copy_(ET)
-        q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * logq_K.exp()
-        G.scatter_(1, idx, q_part.to(G.dtype))
-        G.scatter_add_(1, idx, (-wk[:, None] * p_K).to(G.dtype))
-        G.scatter_add_(1, y, (-wc[:, None]).to(G.dtype))
-        ce_row[a:b] = ce
-        kl_row[a:b] = kl
+                out.add_(shift)
+            if out is not G:
+                G.copy_(out)
+            q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * logq_K.exp()
+            G.scatter_(1, idx, q_part.to(G.dtype))
+            G.scatter_add_(1, idx, (-wk[:, None] * p_K).to(G.dtype))
+            G.scatter_add_(1, y, (-wc[:, None]).to(G.dtype))
+            ce_row[a:b] = ce
+            kl_row[a:b] = kl
+
+    # Rows split between threads, each running single-threaded ops on its own chunks: many small ops
+    # with an OpenMP barrier each are slow (and erratic on a busy machine); this has none.
+    num_workers = min(torch.get_num_threads(), N // (4 * C))
+    if num_workers > 1:
+        step = -(-N // (num_workers * C)) * C
+        bounds = [(lo, min(lo + step, N)) for lo in range(0, N, step)]
+        num_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(len(bounds)) as pool:
+                for f in [pool.submit(work, lo, hi) for lo, hi in bounds]:
+                    f.result()
+        finally:
+            torch.set_num_threads(num_threads)
+    else:
+        work(0, N)
     valid = labels != ignore_index
     return torch.where(valid, ce_row, 0), torch.where(valid, kl_row, 0)
 
@@ -162,7 +179,7 @@ class SparseDistillCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
                 ignore_index):
-        grad = logits if inplace else torch.empty_like(logits)
+        grad = logits.detach() if inplace else torch.empty_like(logits)
         with torch.no_grad():
             ce_row, kl_row = loss_and_grad(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
                                            temperature, uniform, grad, ignore_index)

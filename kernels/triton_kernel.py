@@ -185,7 +185,7 @@ class SparseDistillTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
                 ignore_index):
-        grad = logits if inplace else torch.empty_like(logits)
+        grad = logits.detach() if inplace else torch.empty_like(logits)
         with torch.no_grad():
             ce_row, kl_row = loss_and_grad(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
                                            temperature, uniform, grad, ignore_index)

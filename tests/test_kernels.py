@@ -273,12 +273,15 @@ def test_inplace_writes_gradient_over_logits():
     torch.testing.assert_close(logits.detach(), expected[3])  # the logits buffer now holds the gradient
 
 
-def test_small_cpu_chunks(monkeypatch):
-    """Chunk boundaries that do not divide N."""
+@pytest.mark.parametrize("tail", reference.TAILS)
+def test_small_cpu_chunks_on_two_threads(monkeypatch, tail):
+    """Chunk boundaries that do not divide N, rows split between two worker threads."""
     from kernels import cpu
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 3 * 4 * 1271)
-    z, labels, ids, logp, c_T = make_inputs(*_SHAPE_PARAMS[0], 8, T=2.0)
-    check_against_reference("cpu", z, labels, ids, logp, temperature=2.0, tail="uniform", c_T=c_T)
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    z, labels, ids, logp, c_T = make_inputs(*_SHAPE_PARAMS[0], 8, T=2.0, confident=True)
+    check_against_reference("cpu", z, labels, ids, logp, temperature=2.0, tail=tail, c_T=c_T)
+    check_against_reference("cpu", z, labels, ids, logp, temperature=1.0, tail=tail)
 
 
 # --- fused linear, dense helper, dispatch
