@@ -126,12 +126,21 @@ def _token_store(path: str) -> TokenStore:
     return TokenStore(path)
 
 
-def ensemble_logp(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
-    """log-softmax of the ensemble: mean of logits (``logits``) or log of the mean of probabilities (``probs``)."""
+def ensemble_logits(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """Unnormalised ensemble logits zbar: the mean of the logits (``logits``) or the log of the mean of
+    the probabilities (``probs``). The ensemble's log-probabilities are zbar - LSE(zbar)."""
     if rule == "logits":
-        return torch.log_softmax(torch.stack(logits).mean(0), dim=-1)
+        zbar = logits[0] + logits[1] if len(logits) > 1 else logits[0].clone()
+        for z in logits[2:]:
+            zbar += z
+        return zbar.div_(len(logits))
     logp = torch.stack([torch.log_softmax(z, dim=-1) for z in logits])
     return torch.logsumexp(logp, dim=0) - math.log(len(logits))
+
+
+def ensemble_logp(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """log-softmax of the ensemble (see ``ensemble_logits``)."""
+    return torch.log_softmax(ensemble_logits(logits, rule), dim=-1)
 
 
 def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: torch.Generator):
@@ -190,15 +199,17 @@ def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: li
         x_BS = inputs[b:b + spec["batch_size"]]
         with torch.inference_mode():
             logits = [teacher(input_ids=x_BS).logits.float() for teacher in teachers]
-            logp_BSV = ensemble_logp(logits, spec["ensemble"])
-            # c_T = LSE(zbar/T) - LSE(zbar)/T is shift invariant and LSE(logp) = 0, so c_T = LSE(logp/T)
-            # (exactly 0 at T = 1: one pass over the vocabulary saved).
-            c_T = torch.stack([torch.logsumexp(logp_BSV / t, dim=-1) if t != 1.0 else logp_BSV.new_zeros(x_BS.shape)
-                               for t in spec["temperatures"]], dim=-1)
-            logp_NV = logp_BSV.reshape(-1, logp_BSV.shape[-1])
+            # The dense log-softmax is never materialised in topk mode: logp = zbar - LSE(zbar) on the k ids.
+            zbar_BSV = ensemble_logits(logits, spec["ensemble"])
+            lse_BS = torch.logsumexp(zbar_BSV, dim=-1)
+            c_T = torch.stack([torch.logsumexp(zbar_BSV / t, dim=-1) - lse_BS / t if t != 1.0
+                               else lse_BS.new_zeros(lse_BS.shape) for t in spec["temperatures"]], dim=-1)
+            zbar_NV = zbar_BSV.reshape(-1, zbar_BSV.shape[-1])
             if spec["mode"] == "topk":
-                logp_NK, ids_NK = logp_NV.topk(spec["slots"], dim=-1, sorted=True)
+                top_NK, ids_NK = zbar_NV.topk(spec["slots"], dim=-1, sorted=True)
+                logp_NK = top_NK - lse_BS.reshape(-1, 1)
             else:
+                logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
                 ids_NK, logp_NK = sample_targets(logp_NV, spec["samples"], spec["slots"], generator)
         shape = (*x_BS.shape, spec["slots"])
         ids = ids_NK.numpy().astype(np.uint16).reshape(shape)
@@ -208,8 +219,8 @@ def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: li
         parts["c_T"].append(c_T.numpy().astype(np.float32))
         for w, s in fidelity_rows:
             if b <= w < b + len(x_BS):
-                row = fidelity_row(logp_BSV[w - b, s].numpy(), ids[w - b, s].astype(np.int64), logp[w - b, s],
-                                   spec["mode"])
+                dense = (zbar_BSV[w - b, s] - lse_BS[w - b, s]).numpy()
+                row = fidelity_row(dense, ids[w - b, s].astype(np.int64), logp[w - b, s], spec["mode"])
                 fidelity.append([w, s, *row])
     arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     arrays["tokens"] = windows.astype(np.uint16)

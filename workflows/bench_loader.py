@@ -220,9 +220,15 @@ def _student_tokens_per_s(vocab_size: int, batch_size: int = 16, seq_len: int = 
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-def bench_loader(out: Path | None, *, config_path: Path = DEMO_CONFIG, work_dir: Path | None = None,
-                 max_train_words: int = 60000, teacher_steps: int = 40) -> dict:
-    """Run the loader benchmark; write the JSON to ``out`` (if given) and return it."""
+def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = DEMO_CONFIG,
+                 work_dir: Path | None = None, max_train_words: int | None = None,
+                 teacher_steps: int | None = None) -> dict:
+    """Run the loader benchmark; write the JSON to ``out`` (if given) and return it.
+
+    Defaults: 60000 training words and 40 CE steps per teacher; ``quick``: 15000 words, 8 steps.
+    """
+    max_train_words = max_train_words or (15000 if quick else 60000)
+    teacher_steps = teacher_steps or (8 if quick else 40)
     from pipeline.cache import capture_logits
     from stores.logits import store_info
 
@@ -254,7 +260,7 @@ def bench_loader(out: Path | None, *, config_path: Path = DEMO_CONFIG, work_dir:
                                           config.data.seq_len)
         student_tps = _student_tokens_per_s(topk_info["vocab_size"], config.train.batch_size, config.data.seq_len)
         result = {
-            "command": "python -m workflows.bench_loader --out FILE.json",
+            "command": "python -m workflows.bench_loader --out FILE.json" + (" --quick" if quick else ""),
             "config": str(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
             "torch_threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
             "num_windows": topk_info["num_windows"], "num_tokens": topk_info["num_tokens"],
@@ -300,10 +306,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help=f"run config (default: {DEMO_CONFIG})")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the run here (default: a temp dir, removed)")
-    parser.add_argument("--max-train-words", type=int, default=60000, help="training words (default: 60000)")
-    parser.add_argument("--teacher-steps", type=int, default=40, help="CE steps per teacher (default: 40)")
+    parser.add_argument("--quick", action="store_true", help="a smaller run (default: off)")
+    parser.add_argument("--max-train-words", type=int, default=None,
+                        help="training words (default: 60000, 15000 with --quick)")
+    parser.add_argument("--teacher-steps", type=int, default=None, help="CE steps per teacher (default: 40, 8 with --quick)")
     args = parser.parse_args(argv)
-    result = bench_loader(args.out, config_path=args.config, work_dir=args.work_dir,
+    result = bench_loader(args.out, quick=args.quick, config_path=args.config, work_dir=args.work_dir,
                           max_train_words=args.max_train_words, teacher_steps=args.teacher_steps)
     print(json.dumps({k: result[k] for k in ("capture", "throughput")}, indent=2))
     print(json.dumps({k: v for k, v in result["size"].items() if k not in ("codecs",)}, indent=2))
