@@ -1,6 +1,7 @@
 """The distillation loss: `sparse_distill_loss`, `fused_linear_sparse_distill_loss`, `dense_distill_loss`.
 
-Dispatch: the Triton kernel for CUDA tensors, the chunked CPU path otherwise; ``impl=`` forces one
+Dispatch: the Triton kernel for CUDA tensors, the chunked CPU path otherwise (also the fallback on a GPU
+without triton: it is device-agnostic PyTorch); ``impl=`` forces one
 ("triton" on CPU tensors runs the kernel through the interpreter when TRITON_INTERPRET=1 was set before
 triton was imported), and the module-level ``_override_impl`` lets tests force a path everywhere.
 ``kernels.reference.sparse_distill_loss`` is the dense spec (same signature), never the production path.
@@ -18,11 +19,19 @@ IMPLS = ("triton", "cpu", "reference")
 _override_impl: str | None = None  # tests set this to force a path; an explicit impl= still wins
 
 
+def _have_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # the chunked torch path ("cpu") runs on any device
+        return False
+    return True
+
+
 def _resolve_impl(impl: str | None, device: torch.device) -> str:
     if impl is None:
         impl = _override_impl
     if impl is None:
-        impl = "triton" if device.type == "cuda" else "cpu"
+        impl = "triton" if device.type == "cuda" and _have_triton() else "cpu"
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
     return impl

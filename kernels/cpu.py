@@ -17,6 +17,7 @@ grad_output in backward.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -70,23 +71,32 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
     N, V = logits.shape
     T = float(temperature)
     if chunk_rows is None:
-        chunk_rows = max(1, min(N, CHUNK_BYTES // (4 * V)))
-    ce_row = torch.empty(N, dtype=torch.float32)
-    kl_row = torch.empty(N, dtype=torch.float32)
+        chunk_bytes = CHUNK_BYTES if logits.device.type == "cpu" else 1 << 28  # torch fallback on a GPU
+        chunk_rows = max(1, min(N, chunk_bytes // (4 * V)))
+    dev = logits.device
+    ce_row = torch.empty(N, dtype=torch.float32, device=dev)
+    kl_row = torch.empty(N, dtype=torch.float32, device=dev)
     C = min(chunk_rows, N)
     pad_K = logp_K == float("-inf")
     p_K_all = logp_K.exp()                                           # 0 for padding
     safe_labels = torch.where(labels == ignore_index, 0, labels)
     bucket_tail = (not uniform) and bool((r_T > 0).any())
 
+    chunk_starts = iter(range(0, N, C))
+    lock = threading.Lock()
+
+    def next_chunk():
+        with lock:
+            return next(chunk_starts, None)
+
     @torch.no_grad()  # grad mode is per thread: the pool's threads do not inherit the caller's no_grad
-    def work(lo: int, hi: int) -> None:
-        buf1 = torch.empty(C, V, dtype=torch.float32)
-        buf2 = torch.empty(C, V, dtype=torch.float32) if T != 1.0 else None
-        buf3 = torch.empty(C, V, dtype=torch.float32) if T != 1.0 else None
-        bufx = torch.empty(C, V, dtype=torch.float32) if logits.dtype != torch.float32 else None
-        for a in range(lo, hi, C):
-            b = min(a + C, hi)
+    def work() -> None:
+        buf1 = torch.empty(C, V, dtype=torch.float32, device=dev)
+        buf2 = torch.empty(C, V, dtype=torch.float32, device=dev) if T != 1.0 else None
+        buf3 = torch.empty(C, V, dtype=torch.float32, device=dev) if T != 1.0 else None
+        bufx = torch.empty(C, V, dtype=torch.float32, device=dev) if logits.dtype != torch.float32 else None
+        while (a := next_chunk()) is not None:
+            b = min(a + C, N)
             n = b - a
             x = logits[a:b]
             if bufx is not None:
@@ -147,22 +157,21 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
             ce_row[a:b] = ce
             kl_row[a:b] = kl
 
-    # Rows split between threads, each running single-threaded ops on its own chunks: many small ops
-    # with an OpenMP barrier each are slow (and erratic on a busy machine); this has none.
-    num_workers = min(torch.get_num_threads(), N // (4 * C))
+    # Threads take chunks one at a time and run single-threaded ops on them: many small ops with an
+    # OpenMP barrier each are slow (and erratic on a busy machine); this has no barrier, and a thread
+    # that gets descheduled holds up one chunk, not half the rows.
+    num_workers = min(torch.get_num_threads(), N // (2 * C)) if dev.type == "cpu" else 1
     if num_workers > 1:
-        step = -(-N // (num_workers * C)) * C
-        bounds = [(lo, min(lo + step, N)) for lo in range(0, N, step)]
         num_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            with ThreadPoolExecutor(len(bounds)) as pool:
-                for f in [pool.submit(work, lo, hi) for lo, hi in bounds]:
+            with ThreadPoolExecutor(num_workers) as pool:
+                for f in [pool.submit(work) for _ in range(num_workers)]:
                     f.result()
         finally:
             torch.set_num_threads(num_threads)
     else:
-        work(0, N)
+        work()
     valid = labels != ignore_index
     return torch.where(valid, ce_row, 0), torch.where(valid, kl_row, 0)
 
