@@ -225,9 +225,9 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
                  teacher_steps: int | None = None) -> dict:
     """Run the loader benchmark; write the JSON to ``out`` (if given) and return it.
 
-    Defaults: 60000 training words and 40 CE steps per teacher; ``quick``: 15000 words, 8 steps.
+    Defaults: 60000 training words and 40 CE steps per teacher; ``quick``: 40000 words, 8 steps.
     """
-    max_train_words = max_train_words or (15000 if quick else 60000)
+    max_train_words = max_train_words or (40000 if quick else 60000)
     teacher_steps = teacher_steps or (8 if quick else 40)
     from pipeline.cache import capture_logits
     from stores.logits import store_info
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the run here (default: a temp dir, removed)")
     parser.add_argument("--quick", action="store_true", help="a smaller run (default: off)")
     parser.add_argument("--max-train-words", type=int, default=None,
-                        help="training words (default: 60000, 15000 with --quick)")
+                        help="training words (default: 60000, 40000 with --quick)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="CE steps per teacher (default: 40, 8 with --quick)")
     args = parser.parse_args(argv)
     result = bench_loader(args.out, quick=args.quick, config_path=args.config, work_dir=args.work_dir,
