@@ -608,8 +608,8 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
                    "tokens_hash": tokens.tokens_hash, "tokenizer_hash": tokens.tokenizer_hash, **(extra_meta or {})}
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"done: {num_steps} steps, val_loss {loop['last_val_loss']:.4f}"
-              + (f" (best {loop['best_val_loss']:.4f} at step {loop['best_step']})" if cfg.keep_best else "")
-              + f" -> {out_dir}", flush=True)
+              + (f" (best {loop['best_val_loss']:.4f} at step {loop['best_step']})" if cfg.keep_best else ""),
+              flush=True)
     _barrier(ddp)
     if ddp.initialized_here:
         dist.destroy_process_group()
