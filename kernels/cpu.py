@@ -1,18 +1,21 @@
 """Chunked CPU path of the sparse-distillation loss (see `kernels.reference` for the spec).
 
-Rows are processed in chunks small enough to stay in cache (about 2 MB of fp32 logits per thread). For each chunk
-one pass computes the row maximum m, the exp-sums at T = 1 and at T from that one maximum, the CE and KL
-terms, and writes the gradient
+Rows go through in chunks of about 2 MB of fp32 logits (cache-sized). For each chunk: one row maximum m;
+softmax(z) and softmax(z/T) (each subtracts that same maximum, the max of z/T being m/T), the two
+log-normalisers read back from the largest probability (max q = exp(0) / S); CE and the KL on K from
+gathered logits; the tail term; then the gradient
 
     dL/dz = w_ce (softmax(z) - e_y) + (w_kl / T) (softmax(z/T) - target)
 
-where w_ce = alpha * (CE normaliser) and w_kl = (1 - alpha) T^2 (KL normaliser) for counted rows, and
-"target" is p_T on K plus the tail term of the mode (bucket: softmax(z/T)_j r_T / Q_T on tail tokens;
-uniform: r_T / (V - k); renorm: nothing, with p renormalised over K). No dense teacher tensor is built;
-the extra memory is two fp32 chunks (plus the gradient itself, unless ``inplace``).
+written straight into the gradient buffer, where w_ce = alpha * (CE normaliser) and
+w_kl = (1 - alpha) T^2 (KL normaliser) for counted rows (0 otherwise), and "target" is p_T on K plus the
+tail term of the mode (bucket: softmax(z/T)_j r_T / Q_T on tail tokens, Q_T summed exactly over the
+tail; uniform: r_T / (V - k); renorm: nothing, p renormalised over K). No dense teacher tensor is built;
+the extra memory is two or three fp32 chunks per thread (plus the gradient itself, unless ``inplace``).
 
-The gradient is computed in the forward pass (the logits are hot in cache there) and scaled by
-grad_output in backward.
+Threads (torch.get_num_threads() of them) take chunks one at a time and run single-threaded ops; the
+gradient is computed in the forward pass (the logits are hot in cache there) and scaled by grad_output
+in backward.
 """
 
 from __future__ import annotations

@@ -42,10 +42,12 @@ class FusedLinearSparseDistill(torch.autograd.Function):
         kl_row = torch.empty(N, dtype=torch.float32, device=hidden.device)
         with torch.no_grad():
             h_all, W = hidden.detach(), weight.detach()
+            logits_buf = torch.empty(C, V, dtype=torch.promote_types(hidden.dtype, weight.dtype),
+                                     device=hidden.device)  # one buffer: fresh pages per chunk cost time
             for a in range(0, N, C):
                 b = min(a + C, N)
                 h = h_all[a:b]
-                logits = h @ W.T                                   # [C, V], becomes its own gradient
+                logits = torch.matmul(h, W.T, out=logits_buf[: b - a])  # [C, V], becomes its own gradient
                 ce_row[a:b], kl_row[a:b] = row_fn(
                     logits, labels[a:b], ids[a:b], logp_K[a:b], r_T[a:b], num_tail[a:b], w_ce[a:b],
                     w_kl[a:b], temperature, uniform, logits, ignore_index)
