@@ -116,9 +116,9 @@ def _differences(old: dict, new: dict) -> list[str]:
 @functools.lru_cache(maxsize=2)
 def _load_teachers(teachers: tuple[tuple[str, str], ...]) -> list[torch.nn.Module]:
     """Teachers of this process, loaded once (keyed by path and weight hash)."""
-    from transformers import AutoModelForCausalLM
+    from pipeline.model import load_model
 
-    return [AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval() for path, _ in teachers]
+    return [load_model(path).eval() for path, _ in teachers]
 
 
 @functools.lru_cache(maxsize=2)

@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from kernels import dense_distill_loss, fused_linear_sparse_distill_loss
 from pipeline.config import Config, DistillConfig
-from pipeline.model import build_model
+from pipeline.model import build_model, load_model
 from pipeline.tokenizer import tokenizer_hash
 from pipeline.train import Batch, TokenWindows, TrainingError, train_loop
 from stores.logits import chunk_ranges, open_store
@@ -118,7 +117,7 @@ def load_teachers(teacher_dirs: list[Path], vocab_size: int) -> list[torch.nn.Mo
     for path in teacher_dirs:
         if not (path / "config.json").is_file():
             raise TrainingError(f"{path}: not a teacher checkpoint; run `babydistill teacher CONFIG --name {path.name}`")
-        teacher = AutoModelForCausalLM.from_pretrained(str(path))
+        teacher = load_model(path)
         if teacher.config.vocab_size != vocab_size:
             raise TrainingError(f"{path} has vocab {teacher.config.vocab_size}, the run's tokens {vocab_size}")
         teachers.append(teacher.eval().requires_grad_(False))

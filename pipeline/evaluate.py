@@ -39,9 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from pipeline.config import BUNDLED_BLIMP, EvalConfig
+from pipeline.model import load_model
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stores.tokens import TokenStore
 
@@ -233,7 +234,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenize
     # --- setup
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(tokenizer_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model = load_model(model_dir, device).to(device).eval()
     seconds = {"load": time.perf_counter() - start}
 
     # --- held-out loss

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import Config
 from stores.tokens import TokenStore
 
 
+def attention_implementation(num_heads: int, num_kv_heads: int, device: str | torch.device | None = None) -> str:
+    """SDPA, except for grouped-query attention on the CPU, where PyTorch's SDPA is ~25x slower
+    than the eager path (measured: 5 s vs 0.2 s per demo training step); eager gives the same values."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and num_kv_heads not in (1, num_heads):
+        return "eager"
+    return "sdpa"
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
+    """A Hugging Face checkpoint in fp32, with the attention implementation that is fast on ``device``."""
+    hf_config = AutoConfig.from_pretrained(str(path))
+    heads = getattr(hf_config, "num_attention_heads", 1)
+    attention = attention_implementation(heads, getattr(hf_config, "num_key_value_heads", None) or heads, device)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attention)
+
+
 def llama_config(config: Config, tokens: TokenStore) -> LlamaConfig:
     """A LlamaConfig for this run: sizes from ``model.*``, vocab and special ids from the token store."""
     m = config.model
+    device = None if config.train.device == "auto" else config.train.device
     return LlamaConfig(
+        attn_implementation=attention_implementation(m.num_heads, m.num_kv_heads, device),
         vocab_size=tokens.vocab_size,
         hidden_size=m.hidden_size,
         intermediate_size=m.intermediate_size,

@@ -75,13 +75,12 @@ def _train_teacher(config, seed: int, steps: int, out: Path) -> Path:
 
 def _bare_forward_seconds(teacher_dirs: list[Path], tokens_path: Path, batch_size: int) -> tuple[float, float]:
     """(wall, process CPU) seconds of every teacher's forward over every training window."""
-    from transformers import AutoModelForCausalLM
-
+    from pipeline.model import load_model
     from stores.tokens import TokenStore
 
     tokens = TokenStore(tokens_path)
     windows = torch.from_numpy(tokens.windows("train", np.arange(tokens.num_windows("train"))))
-    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in teacher_dirs]
+    models = [load_model(d).eval() for d in teacher_dirs]
     started, started_cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for b in range(0, len(windows), batch_size):
@@ -134,9 +133,9 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
     """Bytes per token and fidelity KL (vs dense) of alternative encodings of the top-k targets."""
     import numcodecs
     import zarr
-    from transformers import AutoModelForCausalLM
 
     from pipeline.cache import ensemble_logp, fidelity_row
+    from pipeline.model import load_model
     from stores.tokens import TokenStore
 
     codec = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
@@ -168,7 +167,7 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
     # Fidelity of float16 vs 8-bit logp against the dense ensemble on a few windows.
     tokens = TokenStore(tokens_path)
     windows = torch.from_numpy(tokens.windows("train", np.arange(num_windows)))
-    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in teacher_dirs]
+    models = [load_model(d).eval() for d in teacher_dirs]
     with torch.inference_mode():
         dense = ensemble_logp([m(input_ids=windows[:, :-1]).logits.float() for m in models], "logits").numpy()
     kls = {"fp16": [], "u8": [], "fp32": []}
