@@ -319,13 +319,24 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some sections, for stage fingerprints."""
-        payload = {name: dataclasses.asdict(getattr(self, name)) if dataclasses.is_dataclass(getattr(self, name))
-                   else getattr(self, name) for name in sections}
+        """Stable hash of some sections, for stage fingerprints.
+
+        Keys that change how a stage runs but not what it computes (threads, logging and
+        checkpoint cadence) are left out, so changing them does not make a finished stage stale.
+        """
+        payload = {}
+        for name in sections:
+            value = getattr(self, name)
+            value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            if isinstance(value, dict):
+                value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY_KEYS}
+            payload[name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+EXECUTION_ONLY_KEYS = {"train.num_threads", "train.log_every", "train.save_every", "train.keep_checkpoints",
+                       "cache.workers", "cache.batch_size", "eval.batch_size"}
 
 
 # --- loading ----------------------------------------------------------------------------

@@ -276,3 +276,11 @@ def test_interrupted_stage_leaves_no_finished_looking_output(tiny_config_path, m
     monkeypatch.undo()
     assert run_cli("prepare", tiny_config_path) == 0
     assert (config.data_path / "stage.json").exists() and not (config.run_path / "data.partial").exists()
+
+
+def test_execution_only_keys_do_not_change_stage_fingerprints(tmp_path):
+    base = load_config(write_config(tmp_path))
+    faster = load_config(write_config(tmp_path), ["train.num_threads=2", "train.log_every=7", "cache.workers=2"])
+    assert base.section_hash("model", "train", "cache") == faster.section_hash("model", "train", "cache")
+    other = load_config(write_config(tmp_path), ["train.lr=0.1"])
+    assert base.section_hash("model", "train") != other.section_hash("model", "train")
