@@ -13,7 +13,7 @@ from test_train import assert_same_weights, metric_lines, run_teacher, with_trai
 
 from pipeline.train import STATE_DIR, complete_checkpoints
 
-HELPER = Path(__file__).with_name("_teacher_run.py")
+HELPER = Path(__file__).with_name("_train_run.py")
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from stores.reader import LogitStoreDataset
 from stores.tokens import TokenStore
 from workflows.cli import main
 
-HELPER = Path(__file__).with_name("_distill_run.py")
+HELPER = Path(__file__).with_name("_train_run.py")
 
 
 def _config(run, tmp_path: Path, *overrides: str):
@@ -112,7 +112,7 @@ def test_student_killed_with_sigkill_resumes_to_the_same_weights(distill_run, tm
     config_json.write_text(json.dumps(config.to_dict()))
 
     def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(HELPER), str(config_json), str(out), "--seed", "1", *extra],
+        return subprocess.run([sys.executable, str(HELPER), str(config_json), str(out), "--seed", "1", "--stage", "student", *extra],
                               capture_output=True, text=True, timeout=300)
 
     reference = run(tmp_path / "whole")

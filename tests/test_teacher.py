@@ -22,7 +22,7 @@ from pipeline.tokenizer import load_tokenizer
 from pipeline.train import STATE_DIR, complete_checkpoints
 from stores.tokens import TokenStore
 
-HELPER = Path(__file__).with_name("_teacher_run.py")
+HELPER = Path(__file__).with_name("_train_run.py")
 
 
 def test_teacher_learns_and_writes_a_hugging_face_checkpoint(tiny_run, tmp_path):
