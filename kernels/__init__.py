@@ -108,7 +108,7 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
     """`sparse_distill_loss` of ``hidden @ lm_head_weight.T`` without materialising the N x V logits.
 
     hidden [N, H], lm_head_weight [V, H]; gradients flow to both (grad_W accumulated in fp32). Rows go
-    through in chunks of ``chunk_rows`` (default: about 32 MB of fp32 logits on CPU, 256 MB on CUDA).
+    through in chunks of ``chunk_rows`` (default: about 64 MB of fp32 logits on CPU, 256 MB on CUDA).
     impl="reference" materialises the logits and calls the reference.
     """
     from kernels import fused_linear
