@@ -242,6 +242,11 @@ def teacher_stage(config: Config, seed: int, name: str | None = None, resume: An
                  f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting)
 
 
+def teacher_command(name: str) -> str:
+    seed = name[1:] if name.startswith("t") and name[1:].isdigit() else "S"
+    return f"`babydistill teacher CONFIG --seed {seed}" + ("`" if seed != "S" else f" --name {name}`")
+
+
 def default_teacher_names(config: Config) -> list[str]:
     return [f"t{seed}" for seed in config.teachers.resolved_seeds()]
 
@@ -254,7 +259,7 @@ def cache_stage(config: Config, teacher_names: list[str] | None = None, schedule
     teacher_dirs = [config.teacher_path(n) for n in names]
     ups = [model_fingerprint(p) for p in teacher_dirs]
     tokens_fp = output_fingerprint(config.tokens_path)
-    missing = [f"`babydistill teacher CONFIG --name {n}`" for n, fp in zip(names, ups) if fp is None]
+    missing = [teacher_command(n) for n, fp in zip(names, ups) if fp is None]
     if tokens_fp is None:
         missing.insert(0, "`babydistill tokenize CONFIG`")
     c = config.cache
@@ -280,7 +285,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
     d = config.distill
     if online:
         ups = [model_fingerprint(p) for p in teacher_dirs]
-        missing = [f"`babydistill teacher CONFIG --name {n}`" for n, fp in zip(names, ups) if fp is None]
+        missing = [teacher_command(n) for n, fp in zip(names, ups) if fp is None]
         source = ["online", names, ups]
     else:
         up = output_fingerprint(config.logits_path)
