@@ -37,13 +37,6 @@ def _resolve_impl(impl: str | None, device: torch.device) -> str:
     return impl
 
 
-def _row_function(impl: str):
-    if impl == "triton":
-        from kernels.triton_kernel import SparseDistillTriton
-        return SparseDistillTriton
-    return cpu.SparseDistillCPU
-
-
 def _weights(labels, alpha, temperature, normalization, num_sequences, ignore_index):
     """Per-row loss weights w_ce, w_kl ([N] fp32, 0 for ignored rows) and the CE / KL normalisers."""
     valid, ce_scale, kl_scale = reference.loss_scales(labels, normalization, num_sequences, ignore_index)
@@ -96,9 +89,9 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     ids, logp_K, r_T, num_tail = cpu.prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
-    loss, ce_row, kl_row = _row_function(impl).apply(
+    loss, ce_row, kl_row = cpu.SparseDistillRows.apply(
         logits.contiguous(), labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", inplace, ignore_index)
+        float(temperature), tail == "uniform", inplace, ignore_index, cpu.row_kernel(impl))
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 

@@ -179,8 +179,17 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
     return torch.where(valid, ce_row, 0), torch.where(valid, kl_row, 0)
 
 
-class SparseDistillCPU(torch.autograd.Function):
-    """loss = sum_rows w_ce * CE + w_kl * KL, gradient computed in forward by `loss_and_grad`.
+def row_kernel(impl: str):
+    """The per-row ``loss_and_grad`` of an implementation: this module's, or the Triton kernel's."""
+    if impl == "triton":
+        from kernels import triton_kernel
+        return triton_kernel.loss_and_grad
+    return loss_and_grad
+
+
+class SparseDistillRows(torch.autograd.Function):
+    """loss = sum_rows w_ce * CE + w_kl * KL, gradient computed in forward by ``row_fn`` (this module's
+    `loss_and_grad` or the Triton kernel's, which share one contract).
 
     Returns (loss, ce_row, kl_row); the per-row terms are not differentiable. With ``inplace`` the
     gradient overwrites the logits buffer: safe only when nothing else saved the logits for backward
@@ -190,11 +199,11 @@ class SparseDistillCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
-                ignore_index):
+                ignore_index, row_fn):
         grad = logits.detach() if inplace else torch.empty_like(logits)
         with torch.no_grad():
-            ce_row, kl_row = loss_and_grad(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
-                                           temperature, uniform, grad, ignore_index)
+            ce_row, kl_row = row_fn(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
+                                    temperature, uniform, grad, ignore_index)
         loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(ce_row, kl_row)
@@ -207,16 +216,18 @@ class SparseDistillCPU(torch.autograd.Function):
             raise RuntimeError("sparse_distill_loss: backward may run only once (the gradient is scaled in place)")
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        if float(grad_loss) != 1.0:
+        # On the CPU, skip a full pass over the gradient when grad_output is 1; on a GPU, the
+        # multiply is cheaper than the host sync that the test would cost.
+        if grad.device.type != "cpu" or float(grad_loss) != 1.0:
             grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 class DenseDistill(torch.autograd.Function):
     """Full-vocabulary CE + KL(softmax(t/T) || softmax(z/T)) in row chunks, gradient formed in forward.
 
     Device-agnostic PyTorch (the online-distillation baseline); returns (loss, ce_row, kl_row) like
-    `SparseDistillCPU`, with w_ce / w_kl the per-row loss weights.
+    `SparseDistillRows`, with w_ce / w_kl the per-row loss weights.
     """
 
     @staticmethod

@@ -14,13 +14,6 @@ from kernels import cpu
 CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}  # fp32 bytes of one logits chunk (64 MB: GEMMs stay efficient)
 
 
-def _row_loss_and_grad(impl: str):
-    if impl == "triton":
-        from kernels import triton_kernel
-        return triton_kernel.loss_and_grad
-    return cpu.loss_and_grad
-
-
 class FusedLinearSparseDistill(torch.autograd.Function):
     """loss = sum_rows w_ce * CE + w_kl * KL of hidden @ W^T; gradients for hidden and W formed in forward.
 
@@ -32,7 +25,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                 ignore_index, impl, chunk_rows):
         N, H = hidden.shape
         V = weight.shape[0]
-        row_fn = _row_loss_and_grad(impl)
+        row_fn = cpu.row_kernel(impl)
         if chunk_rows is None:
             chunk_rows = max(1, CHUNK_BYTES.get(hidden.device.type, 1 << 25) // (4 * V))
         C = max(1, min(N, chunk_rows))

@@ -173,33 +173,3 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
         num_warps=NUM_WARPS,
     )
     return ce_row, kl_row
-
-
-class SparseDistillTriton(torch.autograd.Function):
-    """loss = sum_rows w_ce * CE + w_kl * KL with the gradient from `sparse_distill_kernel`.
-
-    Same contract as `kernels.cpu.SparseDistillCPU`: returns (loss, ce_row, kl_row), the gradient is
-    computed in forward and scaled by grad_output in backward (once); ``inplace`` writes it over the logits.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
-                ignore_index):
-        grad = logits.detach() if inplace else torch.empty_like(logits)
-        with torch.no_grad():
-            ce_row, kl_row = loss_and_grad(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
-                                           temperature, uniform, grad, ignore_index)
-        loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce_row, kl_row)
-        ctx.used = False
-        return loss, ce_row, kl_row
-
-    @staticmethod
-    def backward(ctx, grad_loss, _ce, _kl):
-        if ctx.used:
-            raise RuntimeError("sparse_distill_loss: backward may run only once (the gradient is scaled in place)")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
-        grad.mul_(grad_loss.to(grad.dtype))  # no host sync to test grad_loss == 1 on the GPU
-        return grad, None, None, None, None, None, None, None, None, None, None, None
