@@ -87,7 +87,7 @@ class StoreWindows:
             for name, array in arrays.items():
                 rows.setdefault(name, []).append(array[int(window) - self.ranges[chunk][0]])
         stacked = {name: np.stack(parts) for name, parts in rows.items()}
-        return self.data._batch({**stacked, "window_ids": window_ids.astype(np.int64)})
+        return self.data.make_batch({**stacked, "window_ids": window_ids.astype(np.int64)})
 
 
 # --- losses ---------------------------------------------------------------------------------------

@@ -155,7 +155,8 @@ class LogitStoreDataset(IterableDataset):
             parts["window_ids"].append(np.arange(start, stop, dtype=np.int64))
         return {name: np.concatenate(p) for name, p in parts.items() if p}
 
-    def _batch(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    def make_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Stored rows (``tokens``, ``ids``, ``logp``, optional ``c_T``, ``window_ids``) -> a batch of tensors."""
         tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
         batch = {
             "input_ids": tokens[:, :-1].contiguous(),
@@ -194,9 +195,9 @@ class LogitStoreDataset(IterableDataset):
                 arrays = {name: np.concatenate([pending[name], a]) for name, a in arrays.items()}
             start = 0
             while len(arrays["ids"]) - start >= self.batch_size and num_yield > 0:
-                yield self._batch({n: a[start:start + self.batch_size] for n, a in arrays.items()})
+                yield self.make_batch({n: a[start:start + self.batch_size] for n, a in arrays.items()})
                 start += self.batch_size
                 num_yield -= 1
             pending = {n: a[start:] for n, a in arrays.items()}
         if pending is not None and len(pending["ids"]) and num_yield > 0:
-            yield self._batch(pending)
+            yield self.make_batch(pending)
