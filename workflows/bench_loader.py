@@ -34,6 +34,14 @@ DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 # --- setup: a demo-size run and two briefly trained teachers -----------------------------------
 
 
+def _display_path(path: Path) -> str:
+    """Relative to the project when inside it, so results carry no machine-specific prefix."""
+    try:
+        return str(Path(path).resolve().relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _make_run(config_path: Path, work: Path, max_train_words: int):
     from pipeline.prepare import prepare_corpus
     from pipeline.tokenize import tokenize_corpus
@@ -260,7 +268,7 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
         student_tps = _student_tokens_per_s(topk_info["vocab_size"], config.train.batch_size, config.data.seq_len)
         result = {
             "command": "python -m workflows.bench_loader --out FILE.json" + (" --quick" if quick else ""),
-            "config": str(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
+            "config": _display_path(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
             "torch_threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
             "num_windows": topk_info["num_windows"], "num_tokens": topk_info["num_tokens"],
             "vocab_size": topk_info["vocab_size"],
