@@ -188,7 +188,7 @@ def model_fingerprint(model_dir: Path) -> str | None:
     return fp
 
 
-def _upstream(config: Config, path: Path, what: str, is_file: bool = False) -> tuple[str | None, str | None]:
+def _upstream(path: Path, what: str, is_file: bool = False) -> tuple[str | None, str | None]:
     fp = output_fingerprint(path, is_file)
     return fp, (None if fp else what)
 
@@ -210,7 +210,7 @@ def _summary_prepare(manifest: dict) -> dict:
 def tokenizer_stage(config: Config) -> Stage:
     from pipeline.tokenizer import train_tokenizer
 
-    up, waiting = _upstream(config, config.data_path, "`babydistill prepare CONFIG`")
+    up, waiting = _upstream(config.data_path, "`babydistill prepare CONFIG`")
     fp = fingerprint("tokenizer", config.section_hash("tokenizer"), up) if up else None
     def build(work: Path):
         train_tokenizer(config.tokenizer, config.data_path / "train", work)
@@ -221,7 +221,7 @@ def tokenizer_stage(config: Config) -> Stage:
 def tokenize_stage(config: Config) -> Stage:
     from pipeline.tokenize import tokenize_corpus
 
-    up, waiting = _upstream(config, config.tokenizer_path, "`babydistill tokenizer CONFIG`")
+    up, waiting = _upstream(config.tokenizer_path, "`babydistill tokenizer CONFIG`")
     fp = fingerprint("tokenize", config.data.seq_len, up) if up else None
     return Stage("tokenize", config.tokens_path, fp,
                  lambda work: tokenize_corpus(config.data, config.data_path, config.tokenizer_path, work),
@@ -232,7 +232,7 @@ def teacher_stage(config: Config, seed: int, name: str | None = None, resume: An
     from pipeline.teacher import train_teacher
 
     name = name or f"t{seed}"
-    up, waiting = _upstream(config, config.tokens_path, "`babydistill tokenize CONFIG`")
+    up, waiting = _upstream(config.tokens_path, "`babydistill tokenize CONFIG`")
     fp = fingerprint("teacher", config.section_hash("model", "train"), seed, up) if up else None
 
     def build(work: Path):
