@@ -42,11 +42,11 @@ class StoreWindows:
     a small cache.
     """
 
-    def __init__(self, data: LogitStoreDataset, buffer_chunks: int = 4):
+    def __init__(self, data: LogitStoreDataset):
         self.data = data
         self.num_windows = int(data.attrs["num_windows"])
         self.ranges = chunk_ranges(self.num_windows, int(data.attrs["chunk_windows"]))
-        self.buffer_chunks = buffer_chunks
+        self.buffer_chunks = data.shuffle_buffer_chunks
         self._epoch: int | None = None
         self._order = np.zeros(0, dtype=np.int64)
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
@@ -58,8 +58,9 @@ class StoreWindows:
         chunks = self.data.worker_chunks(0, 1)  # the loop shards positions across ranks itself
         pieces = []
         for b in range(0, len(chunks), self.buffer_chunks):
-            ids = np.concatenate([np.arange(*self.ranges[c], dtype=np.int64) for c in chunks[b:b + self.buffer_chunks]])
-            pieces.append(ids[np.random.default_rng([self.data.seed, epoch, chunks[b]]).permutation(len(ids))])
+            buffer = chunks[b:b + self.buffer_chunks]
+            ids = np.concatenate([np.arange(*self.ranges[c], dtype=np.int64) for c in buffer])
+            pieces.append(ids[self.data.buffer_permutation(buffer)])
         return np.concatenate(pieces)
 
     def _chunk(self, chunk: int) -> dict[str, np.ndarray]:

@@ -114,6 +114,12 @@ class LogitStoreDataset(IterableDataset):
         rank = self.rank if rank is None else rank
         return [int(c) for c in perm[rank::self.world_size][worker::num_workers]]
 
+    def buffer_permutation(self, buffer: list[int]) -> np.ndarray:
+        """The reading order of one shuffle buffer: a permutation of its chunks' windows, concatenated
+        in chunk order, fixed by (seed, epoch, first chunk)."""
+        size = sum(self.ranges[c][1] - self.ranges[c][0] for c in buffer)
+        return np.random.default_rng([self.seed, self.epoch, buffer[0]]).permutation(size)
+
     def _num_worker_batches(self, chunks: list[int]) -> int:
         num = sum(self.ranges[c][1] - self.ranges[c][0] for c in chunks)
         return num // self.batch_size if self.drop_last else -(-num // self.batch_size)
@@ -188,7 +194,7 @@ class LogitStoreDataset(IterableDataset):
             if skip >= size:  # a buffer wholly before the resume point is never read
                 skip -= size
                 continue
-            order = np.random.default_rng([self.seed, self.epoch, buffer[0]]).permutation(size)[skip:]
+            order = self.buffer_permutation(buffer)[skip:]
             skip = 0
             arrays = {name: a[order] for name, a in self._read(store, buffer).items()}
             if pending is not None:
