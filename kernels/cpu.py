@@ -49,11 +49,13 @@ def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float
         return ids, logp, torch.zeros_like(num_tail), num_tail
     if c_T is not None:
         c = c_T.to(torch.float32)
+    elif T == 1.0:
+        c = torch.zeros_like(num_tail)  # exact: the stored values are the T = 1 probabilities
     else:
         # Approximation: the T = 1 residual r spread evenly over the num_tail other tokens, tempered
-        # with them: c_T = log(sum_K exp(l1/T) + num_tail * (r / num_tail)^(1/T)).
-        r1 = (1 - l1.exp().sum(1)).clamp(0, 1)
-        r1 = torch.where(r1 > RESIDUAL_EPS, r1, 0)
+        # with them: c_T = log(sum_K exp(l1/T) + num_tail * (r / num_tail)^(1/T)). The first
+        # RESIDUAL_EPS of r is taken as rounding, continuously (r - eps, not a cut-off).
+        r1 = (1 - l1.exp().sum(1) - RESIDUAL_EPS).clamp(0, 1)
         has_tail = (r1 > 0) & (num_tail > 0)
         n = num_tail.clamp_min(1)
         log_tail = torch.where(has_tail, n.log() + (r1.clamp_min(1e-38).log() - n.log()) / T, float("-inf"))

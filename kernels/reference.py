@@ -8,8 +8,9 @@ log-probabilities l_i at T = 1:
 The teacher at temperature T is known on K: log p_T,i = l_i / T - c_T, with c_T = LSE(zbar/T) - LSE(zbar)/T
 the per-row correction the logit store keeps; its tail mass is r_T = 1 - sum_K p_T,i. Without c_T the
 T = 1 residual r = 1 - sum_K exp(l_i) is taken as spread evenly over the V - k other tokens and tempered
-with them (an approximation; exact at T = 1 and whenever r = 0, e.g. for sampled targets; a residual
-below RESIDUAL_EPS is taken as rounding and set to 0).
+with them (an approximation; exact at T = 1 and whenever r = 0; the first RESIDUAL_EPS of the residual
+is taken as rounding and subtracted, so the tail is continuous in r). Sampled targets (weights summing
+to 1, up to storage rounding) are complete distributions: pass tail="renorm" for them.
 
 Tail modes (what the teacher puts outside K):
     bucket   the tail is one bucket of mass r_T, compared with the student's tail mass Q_T
@@ -36,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 TAILS = ("bucket", "renorm", "uniform")
-# Without c_T, a T = 1 residual below this is rounding (weights that sum to 1 stored in fp32), not mass:
-# tempering would blow it up, since the tail then carries num_tail^(1 - 1/T) * r^(1/T).
+# Without c_T at T != 1, this much of the T = 1 residual is rounding (weights that sum to 1 stored in fp32),
+# not mass: tempering would blow it up, since the tail then carries num_tail^(1 - 1/T) * r^(1/T).
 RESIDUAL_EPS = 1e-5
 NORMALIZATIONS = ("token", "sequence", "sum")
 
@@ -118,14 +119,15 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     p1_dense = torch.zeros(N, V, dtype=dtype, device=logits.device).scatter_add(1, ids, l_K.exp())
 
     # Teacher at temperature T, on K and in the tail.
-    if c_T is not None:
-        logp_T_dense = torch.where(in_K, p1_dense.log() / T - c_T.to(dtype)[:, None], float("-inf"))
+    if c_T is not None or T == 1.0:
+        c = c_T.to(dtype) if c_T is not None else torch.zeros(N, dtype=dtype, device=logits.device)
+        logp_T_dense = torch.where(in_K, p1_dense.log() / T - c[:, None], float("-inf"))
         p_T_dense = logp_T_dense.exp()
         r_T = (1 - p_T_dense.sum(1)).clamp(0, 1)
     else:
-        # T = 1 residual spread evenly over the tail, then the whole dense distribution tempered.
-        r1 = (1 - p1_dense.sum(1)).clamp(0, 1)
-        r1 = torch.where(r1 > RESIDUAL_EPS, r1, 0)
+        # T = 1 residual spread evenly over the tail, then the whole dense distribution tempered;
+        # its first RESIDUAL_EPS is rounding, removed continuously.
+        r1 = (1 - p1_dense.sum(1) - RESIDUAL_EPS).clamp(0, 1)
         tail_p1 = torch.where(num_tail > 0, r1 / num_tail.clamp_min(1), 0)
         full_p1 = torch.where(in_K, p1_dense, tail_p1[:, None])
         full_logp_T = torch.log_softmax(full_p1.log() / T, dim=1)  # log 0 = -inf tokens stay at 0

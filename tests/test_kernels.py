@@ -70,7 +70,8 @@ def assert_verbose_allclose(actual, expected, atol, rtol, name="tensor", max_pri
     assert not problems, f"{name}: " + "; ".join(problems)
 
 
-def make_inputs(N, V, k, *, seed=0, dtype=torch.float32, T=1.0, ignored=(3,), confident=False, sampled=False):
+def make_inputs(N, V, k, *, seed=0, dtype=torch.float32, T=1.0, ignored=(3,), confident=False, sampled=False,
+                hybrid=False):
     """Student logits, labels, a top-k teacher target (ids, T = 1 log-probs) and the exact c_T."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
@@ -87,6 +88,15 @@ def make_inputs(N, V, k, *, seed=0, dtype=torch.float32, T=1.0, ignored=(3,), co
             z[i, j] += 40.0
     logp = teacher_logp.gather(1, ids)
     c_T = torch.logsumexp(teacher / T, 1) - torch.logsumexp(teacher, 1) / T
+    if hybrid:  # the top k // 2 exact, then k - k // 2 distinct tail ids sharing the tail mass r
+        head = k // 2
+        tail_p = teacher_logp.exp().scatter(1, ids[:, :head], 0.0)
+        tail_ids = torch.multinomial(tail_p, k - head, replacement=False, generator=g)
+        r = 1 - teacher_logp.gather(1, ids[:, :head]).exp().sum(1, keepdim=True)
+        weights = torch.rand(N, k - head, generator=g, dtype=torch.float64) + 0.1
+        ids = torch.cat([ids[:, :head], tail_ids], 1)
+        logp = torch.cat([logp[:, :head], (r * weights / weights.sum(1, keepdim=True)).log()], 1)
+        c_T = None
     if sampled:  # k distinct ids drawn from the teacher, with weights summing to 1
         ids = torch.multinomial(teacher_logp.exp(), k, replacement=False, generator=g)
         weights = torch.rand(N, k, generator=g, dtype=torch.float64) + 0.1
@@ -216,6 +226,33 @@ def test_sampled_targets_all_tails_coincide(impl, T):
 
 
 @pytest.mark.parametrize("impl", _IMPLS)
+@pytest.mark.parametrize("tail", reference.TAILS)
+def test_hybrid_targets_against_reference(impl, tail):
+    """Exact head plus weighted tail draws: a complete distribution, the same in every path and tail mode."""
+    z, labels, ids, logp, _ = make_inputs(*_SHAPE_PARAMS[0], 8, hybrid=True)
+    actual, _ = check_against_reference(impl, z, labels, ids, logp, alpha=0.3, tail=tail)
+    renorm, _ = check_against_reference(impl, z, labels, ids, logp, alpha=0.3, tail="renorm")
+    for a, b in zip(actual, renorm):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0, 3.0])
+def test_tail_without_c_T_is_continuous_in_the_residual(T):
+    """Without c_T the first RESIDUAL_EPS of the residual is rounding, removed continuously: no jump."""
+    V, k = 16000, 4
+    ids = torch.arange(k)[None, :]
+    tails = []
+    # 2.01e-5 is what a cut-off at RESIDUAL_EPS made of 1.01e-5 (0.072 at T = 2, a jump from 0 at 0.99e-5).
+    for residual in (reference.RESIDUAL_EPS * 0.99, reference.RESIDUAL_EPS * 1.01, 2.01e-5, 1e-4):
+        logp = torch.full((1, k), (1 - residual) / k, dtype=torch.float64).log()
+        _, _, r_T, _ = kernels.cpu.prepare_targets(ids, logp, V, T, "bucket")
+        tails.append(r_T.item())
+    assert tails[0] == 0.0 and tails == sorted(tails), tails  # more residual, more tail
+    if T == 2.0:  # r^(1/T) is steep near 0, but it starts from 0 instead of jumping
+        assert tails[1] < tails[2] / 2, tails
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
 def test_padding_entries_have_no_effect(impl):
     """Entries with target_logp = -inf (repeating an id of the row) change nothing."""
     z, labels, ids, logp, c_T = make_inputs(20, 150, 6, T=2.0)
@@ -308,6 +345,24 @@ def test_fused_linear(impl, tail):
     actual = grads(impl, hidden.float(), weight.float(), logp.float(), c_T.float(), chunk_rows=10)
     for name, a, e in zip(["loss", "ce", "kl", "grad_h", "grad_W"], actual, expected):
         assert_verbose_allclose(a, e, 1e-5, 1e-4, name=f"fused-linear {name}")
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+def test_fused_linear_with_hybrid_targets(impl):
+    g = torch.Generator().manual_seed(3)
+    N, H, V, k = 37, 24, 301, 8
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    _, labels, ids, logp, _ = make_inputs(N, V, k, hybrid=True, ignored=(4,))
+    results = []
+    for name, h, w, lp in [("reference", hidden, weight, logp), (impl, hidden.float(), weight.float(), logp.float())]:
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, ce, kl = kernels.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, tail="renorm", impl=name,
+                                                                **({} if name == "reference" else {"chunk_rows": 10}))
+        loss.backward()
+        results.append((loss.detach(), ce, kl, h.grad, w.grad))
+    for name, a, e in zip(["loss", "ce", "kl", "grad_h", "grad_W"], results[1], results[0]):
+        assert_verbose_allclose(a, e, 1e-5, 1e-4, name=f"fused-linear hybrid {name}")
 
 
 def test_dense_distill_loss_matches_sparse_with_full_k():
