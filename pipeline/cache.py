@@ -36,6 +36,7 @@ from stores.logits import (
     create_store,
     read_attrs,
     read_marker,
+    window_order,
     write_chunk,
 )
 from stores.tokens import TokenStore
@@ -84,9 +85,11 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
     return {
         "format_version": FORMAT_VERSION,
         "mode": cfg.mode,
-        "k": cfg.k if cfg.mode == "topk" else None,
-        "samples": cfg.samples if cfg.mode == "sample" else None,
-        "slots": cfg.k if cfg.mode == "topk" else min(cfg.samples, vocab),
+        "k": cfg.k if cfg.mode in ("topk", "hybrid") else None,
+        "samples": cfg.samples if cfg.mode in ("sample", "hybrid") else None,
+        "slots": {"topk": cfg.k, "sample": min(cfg.samples, vocab),
+                  "hybrid": cfg.k + min(cfg.samples, vocab - cfg.k)}[cfg.mode],
+        "order": cfg.order,
         "ensemble": cfg.ensemble,
         "temperatures": [float(t) for t in cfg.temperatures],
         "logp_dtype": cfg.logp_dtype,
@@ -143,20 +146,86 @@ def ensemble_logp(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
     return torch.log_softmax(ensemble_logits(logits, rule), dim=-1)
 
 
-def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: torch.Generator):
-    """``samples`` draws per row: distinct ids by decreasing count (ties: smaller id first), log(count/samples).
+def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: torch.Generator,
+                   head_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled sparse targets per row: (ids [N, slots] int64, logp [N, slots] float64).
 
-    Free slots get the smallest ids not drawn and ``PAD_LOGP`` (see stores/logits.py).
+    Mode sample (``head_ids`` None): ``samples`` draws from each row's distribution; the distinct ids
+    by decreasing count (ties: smaller id first), ``logp = log(count / samples)``.
+    Mode hybrid (``head_ids`` [N, k]): those ids first with their exact log-probabilities, then
+    ``samples`` draws from the rest of the distribution renormalised, ``logp = log(r * count / samples)``
+    with r the mass outside the head: E[weight of a tail id j] = p_j, so the target is unbiased.
+    Free slots get the smallest ids used nowhere else in the row and ``PAD_LOGP`` (see stores/logits.py).
     """
     num_rows, vocab = logp_NV.shape
-    draws = torch.multinomial(logp_NV.exp(), samples, replacement=True, generator=generator)
+    probs = logp_NV.exp()
+    head = None
+    if head_ids is not None:
+        head = torch.zeros(num_rows, vocab, dtype=torch.bool).scatter_(1, head_ids, True)
+        probs = probs.masked_fill(head, 0.0)
+        # A row whose tail underflowed to 0 draws uniformly; its weights are 0 (r = 0) and become padding.
+        probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, (~head).to(probs.dtype))
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)
     counts = torch.zeros(num_rows, vocab, dtype=torch.int32).scatter_add_(
         1, draws, torch.ones_like(draws, dtype=torch.int32))
     key = counts * (vocab + 1) + (vocab - torch.arange(vocab, dtype=torch.int32))
-    ids = key.topk(slots, dim=-1).indices
-    picked = counts.gather(1, ids).double()
-    logp = torch.where(picked > 0, torch.log(picked / samples), torch.full_like(picked, PAD_LOGP))
-    return ids, logp
+    if head is None:
+        ids = key.topk(slots, dim=-1).indices
+        picked = counts.gather(1, ids).double()
+        return ids, torch.where(picked > 0, torch.log(picked / samples), torch.full_like(picked, PAD_LOGP))
+    key = key.masked_fill(head, -1)  # head ids are taken already, never again as tail or padding
+    tail_ids = key.topk(slots - head_ids.shape[1], dim=-1).indices
+    picked = counts.gather(1, tail_ids).double()
+    head_logp = logp_NV.gather(1, head_ids).double()
+    log_r = torch.log((-torch.expm1(torch.logsumexp(head_logp, dim=1, keepdim=True))).clamp_min(0.0))
+    tail_logp = log_r + torch.log(picked / samples)
+    tail_logp = torch.where((picked > 0) & (log_r > -math.inf), tail_logp, torch.full_like(tail_logp, PAD_LOGP))
+    return torch.cat([head_ids, tail_ids], dim=1), torch.cat([head_logp, tail_logp], dim=1)
+
+
+def stored_target(ids: np.ndarray, stored: np.ndarray, vocab: int, mode: str) -> np.ndarray:
+    """The dense target [V] a student at the uniform reference point is pulled towards (float64).
+
+    At a uniform student the gradient of the KL w.r.t. its logits is ``1/V - target``: bucket and uniform
+    tails then both put the residual evenly on the tail; sample and hybrid weights are renormalised
+    (their float16 rounding is all the residual they have), as the student stage does.
+    """
+    real = stored > PAD_LOGP / 2
+    ids, q = ids[real], np.exp(stored[real].astype(np.float64))
+    target = np.zeros(vocab)
+    if mode == "topk":
+        target[:] = max(1.0 - q.sum(), 0.0) / max(1, vocab - len(ids))
+        target[ids] = q
+    else:
+        target[ids] = q / q.sum()
+    return target
+
+
+def gradient_fidelity(logp_V: torch.Tensor, ids: np.ndarray, stored: np.ndarray, mode: str, k: int, samples: int,
+                      generator: torch.Generator, redraws: int = 32) -> tuple[float, float, float]:
+    """(bias, spread, norm) of the distillation gradient w.r.t. the student logits from the stored target,
+    at a uniform student, against the dense teacher's gradient ``norm = ||1/V - p||_2``.
+
+    bias = ||E[target] - p||_2: what no number of steps averages away (top-k: the tail's shape).
+    spread = sqrt(E ||target - E[target]||^2): sampling noise, which averages out over steps.
+    For sampled modes E is estimated from ``redraws`` fresh captures of this position (so the bias
+    estimate carries a noise floor of about spread / sqrt(redraws)); top-k targets are deterministic.
+    """
+    vocab = logp_V.shape[0]
+    p = logp_V.double().exp().numpy()
+    p /= p.sum()
+    norm = float(np.linalg.norm(1.0 / vocab - p))
+    if mode == "topk":
+        return float(np.linalg.norm(stored_target(ids, stored, vocab, mode) - p)), 0.0, norm
+    rows = logp_V.expand(redraws, vocab).contiguous()
+    slots = len(ids)
+    head = rows.topk(k, dim=-1).indices if mode == "hybrid" else None
+    draw_ids, draw_logp = sample_targets(rows, samples, slots, generator, head)
+    targets = np.stack([stored_target(draw_ids[i].numpy(), draw_logp[i].numpy(), vocab, mode)
+                        for i in range(redraws)])
+    mean = targets.mean(0)
+    spread = float(np.sqrt(((targets - mean) ** 2).sum(1).mean()))
+    return float(np.linalg.norm(mean - p)), spread, norm
 
 
 def fidelity_row(logp_V: np.ndarray, ids: np.ndarray, stored: np.ndarray, mode: str) -> tuple[float, ...]:
@@ -172,7 +241,7 @@ def fidelity_row(logp_V: np.ndarray, ids: np.ndarray, stored: np.ndarray, mode: 
     ids, q = ids[real], np.exp(stored[real].astype(np.float64))
     p_k = p[ids]
     residual = 1.0 - q.sum()
-    if mode == "sample":
+    if mode in ("sample", "hybrid"):
         kl = float(np.sum(q * (np.log(q) - np.log(p_k))))
         return kl, kl, kl, residual
     r, r_hat = max(1.0 - p_k.sum(), 0.0), max(residual, 1e-30)
@@ -192,6 +261,9 @@ def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: li
     teachers = _load_teachers(tuple(map(tuple, spec["teachers"])))
     np_dtype = np.dtype(spec["logp_dtype"])
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([spec["seed"], chunk]).generate_state(1)[0]))
+    # The fidelity redraws have their own stream, so the stored targets do not depend on where they fall.
+    fidelity_generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([spec["seed"], chunk, 1]).generate_state(1)[0]))
     inputs = torch.from_numpy(windows[:, :-1])
     parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": []}
     fidelity = []
@@ -210,7 +282,8 @@ def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: li
                 logp_NK = top_NK - lse_BS.reshape(-1, 1)
             else:
                 logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
-                ids_NK, logp_NK = sample_targets(logp_NV, spec["samples"], spec["slots"], generator)
+                head = zbar_NV.topk(spec["k"], dim=-1, sorted=True).indices if spec["mode"] == "hybrid" else None
+                ids_NK, logp_NK = sample_targets(logp_NV, spec["samples"], spec["slots"], generator, head)
         shape = (*x_BS.shape, spec["slots"])
         ids = ids_NK.numpy().astype(np.uint16).reshape(shape)
         logp = logp_NK.numpy().astype(np_dtype).reshape(shape)
@@ -220,15 +293,18 @@ def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: li
         for w, s in fidelity_rows:
             if b <= w < b + len(x_BS):
                 dense = (zbar_BSV[w - b, s] - lse_BS[w - b, s]).numpy()
-                row = fidelity_row(dense, ids[w - b, s].astype(np.int64), logp[w - b, s], spec["mode"])
-                fidelity.append([w, s, *row])
+                row_ids = ids[w - b, s].astype(np.int64)
+                row = fidelity_row(dense, row_ids, logp[w - b, s], spec["mode"])
+                grad = gradient_fidelity(torch.from_numpy(dense), row_ids, logp[w - b, s], spec["mode"],
+                                         spec["k"], spec["samples"], fidelity_generator)
+                fidelity.append([w, s, *row, *grad])
     arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     arrays["tokens"] = windows.astype(np.uint16)
     return arrays, fidelity
 
 
 def capture_chunk(spec: dict, chunk: int, start: int, stop: int, fidelity_rows: list[tuple[int, int]]) -> dict:
-    """One task: compute chunk ``chunk`` (windows start..stop-1), write it, then its done marker.
+    """One task: compute chunk ``chunk`` (store rows start..stop-1), write it, then its done marker.
 
     Returns the seconds spent computing (teachers, ensemble, sparse targets) and writing.
     """
@@ -236,8 +312,10 @@ def capture_chunk(spec: dict, chunk: int, start: int, stop: int, fidelity_rows: 
 
     zarr.config.set({"async.concurrency": 4})  # many dask workers share one file system
     started, started_cpu = time.perf_counter(), time.process_time()
-    windows = _token_store(spec["tokens"]).windows("train", np.arange(start, stop))
+    window_ids = window_order(spec["num_windows"], spec["order"], spec["seed"])[start:stop]
+    windows = _token_store(spec["tokens"]).windows("train", window_ids)
     arrays, fidelity = compute_chunk(spec, chunk, windows, [(w - start, s) for w, s in fidelity_rows])
+    arrays["window_ids"] = window_ids.astype(np.uint32)
     computed, computed_cpu = time.perf_counter(), time.process_time()
     group = zarr.open_group(store=spec["out"], mode="r+")
     write_chunk(Path(spec["out"]), group, chunk, start, arrays, {"fidelity": fidelity})
@@ -265,22 +343,37 @@ def fidelity_report(out: Path, num_chunks: int, mode: str) -> dict:
     if not rows:
         return {"positions": 0}
     table = np.asarray(rows, dtype=np.float64)
-    return {
+    report = {
         "positions": len(rows),
         "kl_nats": {name: _stats(table[:, 2 + j]) for j, name in enumerate(TAIL_MODES)},
         "residual_mass": _stats(table[:, 5]),
-        "note": ("bucket and uniform: KL(dense || stored reconstruction); renorm: KL(renormalised || dense), "
-                 "the forward KL being infinite when the tail has mass" if mode == "topk" else
-                 "sampled targets: no tail, every mode is KL(sampled weights || dense)"),
+        "note": ("storage precision: bucket and uniform: KL(dense || stored reconstruction) on the coarsened "
+                 "space; renorm: KL(renormalised || dense), the forward KL being infinite when the tail has mass. "
+                 "It does not measure what top-k leaves out: see gradient" if mode == "topk" else
+                 "sampled targets: no tail, every mode is KL(sampled weights || dense), sampling noise"),
     }
+    if table.shape[1] > 6:
+        norm = table[:, 8]
+        report["gradient"] = {
+            "bias_rel": _stats(table[:, 6] / norm), "spread_rel": _stats(table[:, 7] / norm),
+            "note": ("distillation gradient w.r.t. the student logits at a uniform student, from the stored "
+                     "target vs the dense teacher, relative to the dense gradient's L2 norm: bias does not "
+                     "average out over steps, spread (sampling noise) does"),
+        }
+    return report
 
 
 def format_fidelity(report: dict) -> str:
     if not report.get("positions"):
         return "fidelity: no positions sampled"
     lines = [f"fidelity on {report['positions']} positions ({report['note']}):"]
-    for name, s in {**report["kl_nats"], "residual mass": report["residual_mass"]}.items():
-        lines.append(f"  {name:<14} mean {s['mean']:.3e}  p50 {s['p50']:.3e}  p90 {s['p90']:.3e}  max {s['max']:.3e}")
+    rows = {f"KL {name}": v for name, v in report["kl_nats"].items()}
+    rows["residual mass"] = report["residual_mass"]
+    if "gradient" in report:
+        rows.update({"grad bias/norm": report["gradient"]["bias_rel"],
+                     "grad spread/norm": report["gradient"]["spread_rel"]})
+    for name, s in rows.items():
+        lines.append(f"  {name:<17} mean {s['mean']:.3e}  p50 {s['p50']:.3e}  p90 {s['p90']:.3e}  max {s['max']:.3e}")
     return "\n".join(lines)
 
 
@@ -353,10 +446,13 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
     problems += check_teachers(teacher_dirs, tokens)
     if tokenizer_hash(tokenizer_dir) != tokens.tokenizer_hash:
         problems.append(f"{tokenizer_dir} is another tokenizer than the one of {tokens_path}")
-    if cfg.mode == "topk" and cfg.k > tokens.vocab_size:
-        problems.append(f"cache.k = {cfg.k} is larger than the vocab size {tokens.vocab_size}")
-    if cfg.mode == "sample" and cfg.samples * (tokens.vocab_size + 1) + tokens.vocab_size >= 2**31:
-        problems.append(f"cache.samples = {cfg.samples} is too large for vocab {tokens.vocab_size}")
+    vocab = tokens.vocab_size
+    if cfg.mode == "topk" and cfg.k > vocab:
+        problems.append(f"cache.k = {cfg.k} is larger than the vocab size {vocab}")
+    if cfg.mode == "hybrid" and cfg.k >= vocab:
+        problems.append(f"cache.k = {cfg.k} leaves no tail to sample at vocab size {vocab} (mode hybrid)")
+    if cfg.mode in ("sample", "hybrid") and not cfg.samples <= vocab:
+        problems.append(f"cache.samples = {cfg.samples} must be in 1..{vocab} (the vocab size)")
     if workers < 1:
         problems.append(f"workers must be >= 1, got {workers}")
     if tokens.num_windows("train") == 0:
@@ -392,7 +488,8 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
         spec = {
             "out": str(out.resolve()), "tokens": str(tokens_path.resolve()),
             "teachers": [(t["path"], t["sha256"]) for t in teachers],
-            "mode": cfg.mode, "slots": identity["slots"], "samples": cfg.samples,
+            "mode": cfg.mode, "slots": identity["slots"], "samples": cfg.samples, "k": cfg.k,
+            "order": cfg.order, "num_windows": identity["num_windows"],
             "temperatures": identity["temperatures"], "ensemble": cfg.ensemble, "logp_dtype": cfg.logp_dtype,
             "batch_size": cfg.batch_size, "seed": cfg.seed,
             "threads": 1 if remote else max(1, torch.get_num_threads()),

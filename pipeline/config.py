@@ -182,11 +182,16 @@ class TeachersConfig:
 
 @dataclass
 class CacheConfig:
-    mode: Literal["topk", "sample"] = "topk"
+    mode: Literal["topk", "sample", "hybrid"] = "topk"
+    """topk = the k most probable ids; sample = ids drawn from the ensemble (unbiased, T = 1 only);
+    hybrid = the top k exactly plus draws from the rest (unbiased, T = 1 only). See stores/logits.py."""
     k: int = 32
-    """Top-k ids kept per position (mode topk)."""
+    """Top-k ids kept per position (modes topk and hybrid)."""
     samples: int = 64
-    """Draws per position from the ensemble (mode sample)."""
+    """Draws per position from the ensemble (mode sample) or from its tail beyond the top k (mode hybrid)."""
+    order: Literal["shuffled", "corpus"] = "shuffled"
+    """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming
+    reader) or corpus order (poorly mixed; kept to measure the difference)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """Capture temperatures: the store keeps the exact correction c_T for each."""
     ensemble: Literal["logits", "probs"] = "logits"
@@ -204,6 +209,9 @@ class CacheConfig:
     """Seed for sampled targets and the fidelity sample."""
 
     def __post_init__(self):
+        _check(self.mode in ("topk", "sample", "hybrid"), "cache.mode",
+               f"must be topk, sample or hybrid, got {self.mode!r}")
+        _check(self.order in ("shuffled", "corpus"), "cache.order", f"must be shuffled or corpus, got {self.order!r}")
         _check(self.k >= 1, "cache.k", f"must be >= 1, got {self.k}")
         _check(self.samples >= 1, "cache.samples", f"must be >= 1, got {self.samples}")
         _check(len(self.temperatures) >= 1 and all(t > 0 for t in self.temperatures), "cache.temperatures",
@@ -279,6 +287,15 @@ class Config:
         mpe = self.model.max_position_embeddings
         _check(mpe is None or mpe >= self.data.seq_len, "model.max_position_embeddings",
                f"must be >= data.seq_len ({self.data.seq_len}), got {mpe}")
+        vocab, c = self.tokenizer.vocab_size, self.cache
+        if c.mode in ("topk", "hybrid"):
+            limit = vocab - 1 if c.mode == "hybrid" else vocab  # hybrid needs a tail to sample from
+            _check(c.k <= limit, "cache.k", f"must be in 1..{limit} for mode {c.mode} at vocab {vocab}, got {c.k}")
+        if c.mode in ("sample", "hybrid"):
+            _check(c.samples <= vocab, "cache.samples", f"must be in 1..{vocab} (the vocab size), got {c.samples}")
+            _check(self.distill.temperature == 1.0, "distill.temperature",
+                   f"must be 1 with cache.mode {c.mode}: sampled weights are teacher probabilities at T = 1 only "
+                   f"(got {self.distill.temperature}); use cache.mode topk for other temperatures")
 
     # --- derived paths (one place, so every stage agrees) ---
     @property

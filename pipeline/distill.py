@@ -14,10 +14,8 @@ schedule, checkpoints, exact resume, DDP and logging; only the batches and the l
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,75 +24,14 @@ from pipeline.config import Config, DistillConfig
 from pipeline.model import build_model, load_model
 from pipeline.tokenizer import tokenizer_hash
 from pipeline.train import Batch, TokenWindows, TrainingError, train_loop
-from stores.logits import chunk_ranges, open_store
-from stores.reader import LogitStoreDataset
+from stores.logits import targets_are_complete
+from stores.reader import LogitStoreReader
 from stores.tokens import TokenStore
-
-# --- offline batches: the logit store addressed by position ---------------------------------------
-
-
-class StoreWindows:
-    """The training windows of ``logits.zarr`` with their sparse targets, for the training loop.
-
-    The order of an epoch is the reader's chunk-aware order (chunks shuffled from (seed, epoch),
-    windows shuffled within buffers of a few chunks), so consecutive positions fall in the same
-    few chunks and each chunk is decompressed about once per epoch; decoded chunks are kept in
-    a small cache.
-    """
-
-    def __init__(self, data: LogitStoreDataset):
-        self.data = data
-        self.num_windows = int(data.attrs["num_windows"])
-        self.ranges = chunk_ranges(self.num_windows, int(data.attrs["chunk_windows"]))
-        self.buffer_chunks = data.shuffle_buffer_chunks
-        self._epoch: int | None = None
-        self._order = np.zeros(0, dtype=np.int64)
-        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self._group = None
-
-    def order(self, epoch: int) -> np.ndarray:
-        """Window ids in this epoch's reading order."""
-        self.data.set_epoch(epoch)
-        chunks = self.data.worker_chunks(0, 1)  # the loop shards positions across ranks itself
-        pieces = []
-        for b in range(0, len(chunks), self.buffer_chunks):
-            buffer = chunks[b:b + self.buffer_chunks]
-            ids = np.concatenate([np.arange(*self.ranges[c], dtype=np.int64) for c in buffer])
-            pieces.append(ids[self.data.buffer_permutation(buffer)])
-        return np.concatenate(pieces)
-
-    def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
-        if chunk not in self._chunks:
-            if self._group is None:
-                self._group, _ = open_store(self.data.path)
-            start, stop = self.ranges[chunk]
-            arrays = {name: self._group[name][start:stop] for name in ("tokens", "ids", "logp")}
-            if self.data.c_T_column is not None:
-                arrays["c_T"] = self._group["c_T"][start:stop, :, self.data.c_T_column]
-            self._chunks[chunk] = arrays
-            while len(self._chunks) > self.buffer_chunks + 1:
-                self._chunks.popitem(last=False)
-        return self._chunks[chunk]
-
-    def batch(self, epoch: int, positions: np.ndarray) -> Batch:
-        if self._epoch != epoch:
-            self._order, self._epoch = self.order(epoch), epoch
-        window_ids = self._order[positions]
-        chunk_size = int(self.data.attrs["chunk_windows"])
-        rows: dict[str, list[np.ndarray]] = {}
-        for window in window_ids:
-            chunk = int(window) // chunk_size
-            arrays = self._chunk(chunk)
-            for name, array in arrays.items():
-                rows.setdefault(name, []).append(array[int(window) - self.ranges[chunk][0]])
-        stacked = {name: np.stack(parts) for name, parts in rows.items()}
-        return self.data.make_batch({**stacked, "window_ids": window_ids.astype(np.int64)})
-
 
 # --- losses ---------------------------------------------------------------------------------------
 
 
-def offline_loss(dcfg: DistillConfig, use_c_T: bool):
+def offline_loss(dcfg: DistillConfig, use_c_T: bool, tail: str):
     """Fused sparse KL + CE on the final hidden states: the logits are never materialised."""
 
     def loss_fn(model: torch.nn.Module, batch: Batch):
@@ -106,7 +43,7 @@ def offline_loss(dcfg: DistillConfig, use_c_T: bool):
         loss, ce, kl = fused_linear_sparse_distill_loss(
             hidden_BTH.flatten(0, 1), raw.lm_head.weight, batch["labels"].flatten(),
             batch["target_ids"].reshape(-1, k), batch["target_logp"].reshape(-1, k),
-            alpha=dcfg.alpha, temperature=dcfg.temperature, tail=dcfg.tail, normalization=dcfg.normalization,
+            alpha=dcfg.alpha, temperature=dcfg.temperature, tail=tail, normalization=dcfg.normalization,
             c_T=batch["c_T"].flatten() if use_c_T and "c_T" in batch else None, num_sequences=num_sequences)
         return loss, {"ce": ce, "kl": kl}
 
@@ -150,22 +87,30 @@ def online_loss(dcfg: DistillConfig, teachers: list[torch.nn.Module], ensemble: 
 
 
 def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path,
-                        seed: int) -> tuple[StoreWindows, bool]:
-    """The store as a batch source, checked against this run; and whether exact c_T is used."""
+                        seed: int) -> tuple[LogitStoreReader, bool, str]:
+    """The store as a batch source, checked against this run; whether exact c_T is used; the tail mode."""
     if not (Path(logits_path) / "zarr.json").is_file():
         raise TrainingError(f"{logits_path}: no logit store; run `babydistill cache CONFIG` first")
     dcfg = config.distill
-    data = LogitStoreDataset(logits_path, tokens_path, tokenizer_dir, batch_size=config.train.batch_size, seed=seed,
-                             temperature=dcfg.temperature)
-    if int(data.attrs["seq_len"]) != config.data.seq_len:
-        raise TrainingError(f"{logits_path} holds windows of {data.attrs['seq_len']} tokens but data.seq_len is "
+    reader = LogitStoreReader(logits_path, tokens_path, tokenizer_dir, seed=seed, temperature=dcfg.temperature)
+    attrs = reader.attrs
+    if int(attrs["seq_len"]) != config.data.seq_len:
+        raise TrainingError(f"{logits_path} holds windows of {attrs['seq_len']} tokens but data.seq_len is "
                             f"{config.data.seq_len}; rebuild it with `babydistill cache CONFIG --force`")
-    use_c_T = dcfg.use_exact_c_T and data.c_T_column is not None
-    if not use_c_T and dcfg.temperature != 1.0 and data.attrs["mode"] == "topk":
+    if targets_are_complete(attrs):
+        # Sampled weights estimate p at T = 1; p^(1/T) cannot be recovered from them.
+        if dcfg.temperature != 1.0:
+            raise TrainingError(f"{logits_path} holds {attrs['mode']} targets, which serve distill.temperature 1 "
+                                f"only (got {dcfg.temperature}); set distill.temperature=1 or rebuild the store "
+                                f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
+        # Their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail.
+        return reader, False, "renorm"
+    use_c_T = dcfg.use_exact_c_T and reader.c_T_column is not None
+    if not use_c_T and dcfg.temperature != 1.0:
         reason = ("distill.use_exact_c_T is false" if not dcfg.use_exact_c_T else
-                  f"temperature {dcfg.temperature} was not captured (store has {data.attrs['temperatures']})")
+                  f"temperature {dcfg.temperature} was not captured (store has {attrs['temperatures']})")
         warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation", stacklevel=2)
-    return StoreWindows(data), use_c_T
+    return reader, use_c_T, dcfg.tail
 
 
 def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path, out_dir: Path, *,
@@ -193,10 +138,11 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
         loss_fn = online_loss(dcfg, teachers, config.cache.ensemble)
         meta = {"stage": "student", "online": True, "teachers": [str(p) for p in teacher_dirs]}
     else:
-        batches, use_c_T = open_offline_source(config, tokens_path, tokenizer_dir, logits_path, seed)
-        loss_fn = offline_loss(dcfg, use_c_T)
+        batches, use_c_T, tail = open_offline_source(config, tokens_path, tokenizer_dir, logits_path, seed)
+        loss_fn = offline_loss(dcfg, use_c_T, tail)
         meta = {"stage": "student", "online": False, "logits": str(logits_path), "exact_c_T": use_c_T,
-                "store_teachers": batches.data.attrs.get("teachers")}
+                "tail": tail, "store_mode": batches.attrs["mode"], "store_order": batches.attrs["order"],
+                "store_teachers": batches.attrs.get("teachers")}
 
     model = build_model(config, tokens, seed)
     return train_loop(config, model, batches, loss_fn, Path(out_dir), seed=seed, resume=resume, tokens=tokens,

@@ -12,13 +12,13 @@ from stores.logits import (  # noqa: E402
     verify_store,
 )
 
-__all__ += ["LogitStoreDataset", "LogitStoreError", "PAD_LOGP", "incomplete_reason", "store_info", "verify_store"]
+__all__ += ["LogitStoreError", "LogitStoreReader", "PAD_LOGP", "incomplete_reason", "store_info", "verify_store"]
 
 
 def __getattr__(name: str):
     # The reader needs torch; `store info` / `store verify` should not pay for importing it.
-    if name == "LogitStoreDataset":
-        from stores.reader import LogitStoreDataset
+    if name == "LogitStoreReader":
+        from stores.reader import LogitStoreReader
 
-        return LogitStoreDataset
+        return LogitStoreReader
     raise AttributeError(f"module 'stores' has no attribute {name!r}")

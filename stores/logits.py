@@ -7,16 +7,30 @@ Layout (Zarr v3 group; every array chunked along windows only, ``C = chunk_windo
       ids/                 uint16  [W, S, K]   sparse teacher ids per position
       logp/                float16 [W, S, K]   log-probabilities at T = 1 (float32 with logp_dtype float32)
       c_T/                 float32 [W, S, nT]  c_T = LSE(zbar/T) - LSE(zbar)/T, one column per capture temperature
-      tokens/              uint16  [W, S + 1]  the window's token ids: inputs = [:, :-1], labels = [:, 1:]
+      tokens/              uint16  [W, S + 1]  the row's token ids: inputs = [:, :-1], labels = [:, 1:]
+      window_ids/          uint32  [W]         the training window of tokens.zarr that each row holds
       _done/000012.json    done marker of chunk 12: written only after the chunk's files, holds their
                            byte sizes and crc32 (a truncated or deleted chunk file is detected and redone)
       capture.lock         present while a capture runs (pid + host)
 
-``W`` = training windows of tokens.zarr (row w is window w), ``S`` = seq_len, ``K`` = k (mode topk:
-the k most probable ids, sorted by decreasing probability) or min(samples, vocab) slots (mode sample:
-the distinct sampled ids, sorted by decreasing count, with ``logp = log(count / samples)``).
+``W`` = training windows of tokens.zarr, ``S`` = seq_len. Row order (attribute ``order``):
+``shuffled`` (default) stores the windows in a global permutation fixed by ``cache.seed``
+(``window_order``), so any run of consecutive rows, and so any chunk, is a uniform sample of the
+corpus and a reader that streams a few chunks at a time still gets batches as well mixed as a
+global shuffle; ``corpus`` keeps tokens.zarr's order (row w is window w; for comparison only).
 
-Padding (mode sample, rows with fewer distinct ids than slots): the free slots hold ids that occur
+Slots ``K`` per position, by ``mode``:
+- ``topk``: the k most probable ids, by decreasing probability, ``logp`` = their log-probability.
+- ``sample``: the distinct ids of ``samples`` draws from the ensemble, by decreasing count,
+  ``logp = log(count / samples)``; min(samples, vocab) slots. An unbiased estimate of the
+  teacher distribution with an empty tail.
+- ``hybrid``: the top k exactly as ``topk``, then the distinct ids of ``samples`` draws from the
+  remaining tail (renormalised), by decreasing count, ``logp = log(r * count / samples)`` with r the
+  tail mass; k + min(samples, vocab - k) slots. Exact on the head, unbiased on the tail, empty tail.
+Sampled weights are probabilities at T = 1 only: there is no exact way back to p_j^(1/T) from them,
+so sample and hybrid stores serve students at temperature 1 (the paper's value).
+
+Padding (modes sample and hybrid, rows with fewer distinct ids than slots): the free slots hold ids that occur
 nowhere else in the row (the smallest unused ids), so ids stay distinct per row, and ``logp = PAD_LOGP``
 (-1e4, finite in float16): its weight exp(-1e4) is exactly 0, so a loss needs no mask, and a tail
 computed as 1 - sum(exp(logp)) is unaffected. ``target_mask = logp > PAD_LOGP / 2`` recovers the
@@ -43,16 +57,19 @@ import zarr
 from zarr.codecs import BloscCodec
 
 FORMAT = "babydistill.logits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 stored rows in corpus order, which a chunk-streaming reader cannot mix into good batches.
 PAD_LOGP = -1.0e4
 DONE_DIR = "_done"
 LOCK_FILE = "capture.lock"
-ARRAYS = ("ids", "logp", "c_T", "tokens")
+ARRAYS = ("ids", "logp", "c_T", "tokens", "window_ids")
+MODES = ("topk", "sample", "hybrid")
+ORDERS = ("shuffled", "corpus")
 # Chosen by measurement (workflows/bench_loader.py, demo teachers, k = 32): Blosc-zstd with byte
 # shuffle gives the smallest chunks of the candidates at ~the same decode speed; see the README.
 CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
 # Keys that must match for a capture to resume into an existing store.
-IDENTITY_KEYS = ("format_version", "mode", "k", "samples", "slots", "ensemble", "temperatures", "logp_dtype",
+IDENTITY_KEYS = ("format_version", "mode", "k", "samples", "slots", "order", "ensemble", "temperatures", "logp_dtype",
                  "chunk_windows", "seed", "fidelity_positions", "vocab_size", "seq_len", "num_windows", "teachers",
                  "tokenizer_hash", "tokens_hash", "windows_hash")
 
@@ -64,6 +81,21 @@ class LogitStoreError(ValueError):
 # --- schema -------------------------------------------------------------------------------
 
 
+def window_order(num_windows: int, order: str, seed: int) -> np.ndarray:
+    """The training window held by each store row: a permutation fixed by ``seed`` (``shuffled``) or
+    the identity (``corpus``). int64 [num_windows]."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if order == "corpus":
+        return np.arange(num_windows, dtype=np.int64)
+    return np.random.default_rng([seed, 2]).permutation(num_windows).astype(np.int64)
+
+
+def targets_are_complete(attrs: dict) -> bool:
+    """True for stores whose slot weights sum to 1 by construction (sample, hybrid): no tail."""
+    return attrs["mode"] in ("sample", "hybrid")
+
+
 def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.Group:
     """Create the group and its empty arrays; ``attrs`` must hold the identity keys."""
     num_windows, seq_len, slots = attrs["num_windows"], attrs["seq_len"], attrs["slots"]
@@ -73,7 +105,8 @@ def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.
     shapes = {"ids": ((num_windows, seq_len, slots), "uint16"),
               "logp": ((num_windows, seq_len, slots), attrs["logp_dtype"]),
               "c_T": ((num_windows, seq_len, len(attrs["temperatures"])), "float32"),
-              "tokens": ((num_windows, seq_len + 1), "uint16")}
+              "tokens": ((num_windows, seq_len + 1), "uint16"),
+              "window_ids": ((num_windows,), "uint32")}
     for name, (shape, dtype) in shapes.items():
         group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), compressors=compressor,
                            fill_value=0, overwrite=True)
@@ -99,7 +132,8 @@ def open_store(path: Path) -> tuple[zarr.Group, dict]:
         raise LogitStoreError(f"{path}: not a babydistill logit store (format {attrs.get('format')!r})")
     if attrs.get("format_version") != FORMAT_VERSION:
         raise LogitStoreError(f"{path}: logit store format version {attrs.get('format_version')}, this babydistill "
-                              f"reads {FORMAT_VERSION}; rebuild it with `babydistill cache CONFIG --force`")
+                              f"reads {FORMAT_VERSION} (rows in a global shuffle, for well-mixed batches); "
+                              f"rebuild it with `babydistill cache CONFIG --force`")
     return zarr.open_group(store=str(path), mode="r"), attrs
 
 
@@ -238,8 +272,8 @@ def store_info(path: Path) -> dict:
     return {
         "path": str(path),
         "format": f"{attrs['format']} v{attrs['format_version']}",
-        "mode": attrs["mode"], "k": attrs["k"] if attrs["mode"] == "topk" else None,
-        "samples": attrs["samples"] if attrs["mode"] == "sample" else None, "slots": attrs["slots"],
+        "mode": attrs["mode"], "k": attrs["k"], "samples": attrs["samples"], "slots": attrs["slots"],
+        "order": attrs["order"],
         "ensemble": attrs["ensemble"], "temperatures": attrs["temperatures"], "logp_dtype": attrs["logp_dtype"],
         "vocab_size": attrs["vocab_size"],
         "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),
@@ -260,7 +294,7 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
 
     Checks: format, done marker and file sizes/crc32, every chunk readable, ids < vocab and distinct
     per row, probabilities in (0, 1] (sample-mode padding excepted), residual mass >= 0 within
-    rounding, c_T finite; with ``tokens_path``: the hashes match tokens.zarr and the stored windows
+    rounding, c_T finite, rows holding the windows of the recorded order; with ``tokens_path``: the hashes match tokens.zarr and the stored windows
     equal its training windows.
     """
     from stores.tokens import TokenStore
@@ -283,8 +317,9 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
     vocab = attrs["vocab_size"]
     # Rounding of log-probabilities stored in float16: up to ~1e-3 relative per value.
     tolerance = 2e-3 * attrs["slots"] ** 0.5 if attrs["logp_dtype"] == "float16" else 1e-5 * attrs["slots"]
+    expected_windows = window_order(attrs["num_windows"], attrs["order"], attrs["seed"])
     for i, (start, stop) in enumerate(chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])):
-        where = f"chunk {i} (windows {start}-{stop - 1})"
+        where = f"chunk {i} (rows {start}-{stop - 1})"
         why = chunk_problem(path, i, checksum=True)
         if why:
             problems.append(f"{where}: {why}")
@@ -294,6 +329,7 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
             logp = group["logp"][start:stop].astype(np.float32)
             c_T = group["c_T"][start:stop]
             window_tokens = group["tokens"][start:stop]
+            row_windows = group["window_ids"][start:stop].astype(np.int64)
         except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
             problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
             continue
@@ -308,6 +344,8 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
             problems.append(f"{where}: residual mass {residual.min():.2e} < 0")
         elif not np.isfinite(c_T).all():
             problems.append(f"{where}: c_T not finite")
-        elif tokens is not None and not np.array_equal(window_tokens, tokens.windows("train", np.arange(start, stop))):
+        elif not np.array_equal(row_windows, expected_windows[start:stop]):
+            problems.append(f"{where}: window_ids differ from the store's {attrs['order']} order")
+        elif tokens is not None and not np.array_equal(window_tokens, tokens.windows("train", row_windows)):
             problems.append(f"{where}: token ids differ from {tokens_path}")
     return problems

@@ -19,7 +19,7 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM
 
-from pipeline.cache import capture_logits, compute_chunk, ensemble_logp
+from pipeline.cache import capture_logits, compute_chunk, ensemble_logp, sample_targets
 from pipeline.config import CacheConfig, ConfigError, load_config
 from pipeline.model import build_model
 from stores.logits import (
@@ -84,12 +84,14 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 def test_capture_layout_and_attrs(topk_store, tiny_run, teachers):
     out, summary = topk_store
-    assert sorted(p.name for p in out.iterdir()) == ["_done", "c_T", "ids", "logp", "tokens", "zarr.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["_done", "c_T", "ids", "logp", "tokens", "window_ids",
+                                                       "zarr.json"]
     assert len(list((out / "_done").glob("*.json"))) == NUM_CHUNKS
     attrs = zarr.open_group(str(out), mode="r").attrs
     tokens = TokenStore(tiny_run.tokens_path)
-    assert attrs["format"] == "babydistill.logits" and attrs["format_version"] == 1
+    assert attrs["format"] == "babydistill.logits" and attrs["format_version"] == 2
     assert (attrs["mode"], attrs["k"], attrs["ensemble"], attrs["logp_dtype"]) == ("topk", 8, "logits", "float16")
+    assert attrs["order"] == "shuffled"
     assert attrs["temperatures"] == [1.0, 2.0] and attrs["num_windows"] == 442 and attrs["seq_len"] == 32
     assert [t["path"] for t in attrs["teachers"]] == [str(t.resolve()) for t in teachers]
     assert all(len(t["sha256"]) == 64 for t in attrs["teachers"])
@@ -105,7 +107,7 @@ def test_topk_and_c_T_match_a_dense_computation(topk_store, tiny_run, teachers):
     out, _ = topk_store
     group = zarr.open_group(str(out), mode="r")
     rows = np.array([0, 1, 200, 441])
-    windows = TokenStore(tiny_run.tokens_path).windows("train", rows)
+    windows = TokenStore(tiny_run.tokens_path).windows("train", group["window_ids"][rows])
     models = [AutoModelForCausalLM.from_pretrained(t, dtype=torch.float64).eval() for t in teachers]
     with torch.no_grad():
         zbar = torch.stack([m(input_ids=torch.from_numpy(windows[:, :-1])).logits for m in models]).mean(0)
@@ -126,7 +128,7 @@ def test_topk_and_c_T_match_a_dense_computation(topk_store, tiny_run, teachers):
 def _spec(teachers, **overrides) -> dict:
     spec = {"teachers": [(str(t), "") for t in teachers], "mode": "topk", "slots": 8, "samples": 64,
             "temperatures": [1.0, 2.0], "ensemble": "logits", "logp_dtype": "float16", "batch_size": 16,
-            "seed": 0, "threads": 1}
+            "seed": 0, "threads": 1, "k": 8}
     return {**spec, **overrides}
 
 
@@ -155,6 +157,65 @@ def test_sampled_targets(tiny_run, teachers):
     other, _ = compute_chunk(spec, 4, windows, [])
     np.testing.assert_array_equal(again["ids"], arrays["ids"])
     assert not np.array_equal(other["ids"], arrays["ids"])
+
+
+def test_hybrid_targets_keep_the_top_k_exactly_and_sample_the_rest(tiny_run, teachers):
+    windows = TokenStore(tiny_run.tokens_path).windows("train", np.arange(8))
+    topk, _ = compute_chunk(_spec(teachers, logp_dtype="float32"), 3, windows, [])
+    spec = _spec(teachers, mode="hybrid", k=8, samples=16, slots=24, logp_dtype="float32")
+    arrays, _ = compute_chunk(spec, 3, windows, [])
+    ids, logp = arrays["ids"].astype(np.int64), arrays["logp"].astype(np.float64)
+    np.testing.assert_array_equal(ids[..., :8], topk["ids"])
+    np.testing.assert_array_equal(logp[..., :8], topk["logp"])
+    np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, atol=1e-5)  # head + r * counts / S
+    tail_mass = 1 - np.exp(logp[..., :8]).sum(-1, keepdims=True)
+    real = logp[..., 8:] > PAD_LOGP / 2
+    counts = np.exp(logp[..., 8:]) / tail_mass * 16
+    np.testing.assert_allclose(counts[real], np.round(counts[real]), atol=1e-3)
+    assert (np.diff(np.sort(ids, -1), axis=-1) > 0).all(), "ids distinct per position (padding too)"
+
+
+@pytest.mark.parametrize("mode", ["sample", "hybrid"])
+def test_sampled_targets_are_unbiased_for_the_distillation_loss_and_gradient(mode):
+    """Averaged over capture seeds, the sparse loss (up to the target's own entropy, which carries no
+    gradient) and its gradient converge to the dense KD ones, within a tolerance set by the draws."""
+    from kernels import reference
+
+    vocab, num_rows, samples, k, draws = 60, 4, 8, 4, 400
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(num_rows, vocab, generator=gen, dtype=torch.float64) * 2, -1)
+    student = torch.randn(num_rows, vocab, generator=gen, dtype=torch.float64)
+    labels = torch.zeros(num_rows, dtype=torch.int64)
+
+    def loss_and_grad(ids, weights_logp):
+        z = student.clone().requires_grad_(True)
+        loss, _, kl = reference.sparse_distill_loss(z, labels, ids, weights_logp, alpha=0.0, tail="renorm")
+        loss.backward()
+        real = weights_logp > PAD_LOGP / 2
+        w = torch.where(real, weights_logp.exp(), 0)
+        entropy = -(w * torch.where(real, weights_logp, 0)).sum() / num_rows
+        return (kl + entropy).item(), z.grad
+
+    dense_ce, dense_grad = loss_and_grad(torch.arange(vocab).expand(num_rows, vocab), logp)
+    head = logp.topk(k, -1).indices if mode == "hybrid" else None
+    slots = samples + (k if mode == "hybrid" else 0)
+    losses, grads = [], []
+    for seed in range(draws):
+        ids, weights = sample_targets(logp.float(), samples, slots, torch.Generator().manual_seed(seed), head)
+        weights = torch.where(weights > PAD_LOGP / 2, weights, float("-inf"))
+        value, grad = loss_and_grad(ids, weights)
+        losses.append(value)
+        grads.append(grad)
+    grads = torch.stack(grads)
+    # A draw's weight on token j has variance at most p_j / S (a binomial count / S; in hybrid, r * count / S
+    # with count ~ Binomial(S, p_j / r)), so the mean over `draws` captures is within 5 standard errors.
+    grad_tol = 5 * (logp.exp() / samples).sqrt() / num_rows / draws ** 0.5
+    assert ((grads.mean(0) - dense_grad).abs() <= grad_tol).all()
+    assert abs(np.mean(losses) - dense_ce) <= 5 * np.std(losses) / draws ** 0.5
+    # And the test can fail: the top-k target (renormalised) is biased by far more than that tolerance.
+    top_ids = logp.topk(k + samples, -1).indices
+    _, biased = loss_and_grad(top_ids, logp.gather(1, top_ids))
+    assert ((biased - dense_grad).abs() > grad_tol).any()
 
 
 def test_sample_store_verifies(tiny_run, teachers, tmp_path):
@@ -286,9 +347,20 @@ def test_k_larger_than_the_vocab_is_refused(tiny_run, teachers, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("cache.samples=0", "cache.samples: must be >= 1"),
     ("cache.k=0", "cache.k: must be >= 1"),
+    ("cache.k=401", "cache.k: must be in 1..400 for mode topk"),
+    ("cache.samples=401", None),
+    ("cache.mode=hybrid\0cache.k=400\0cache.samples=4", "cache.k: must be in 1..399 for mode hybrid"),
+    ("cache.mode=sample\0cache.samples=401", "cache.samples: must be in 1..400"),
+    ("cache.mode=sample\0cache.samples=8\0distill.temperature=2", "distill.temperature: must be 1 with cache.mode"),
+    ("cache.mode=dense", "cache.mode"),
+    ("cache.order=sorted", "cache.order"),
     ("cache.temperatures=[1.0, 0]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
     ("cache.temperatures=[-2]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
 ])
 def test_bad_cache_config_values_are_config_errors(tiny_config_path, override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
-        load_config(tiny_config_path, [override])
+    if message is None:  # samples only matter in the sampled modes
+        load_config(tiny_config_path, override.split("\0"))
+        return
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as err:
+        load_config(tiny_config_path, override.split("\0"))
+    assert "\n" not in str(err.value)

@@ -1,4 +1,5 @@
-"""DDP: two gloo processes (torchrun) match one process with the same global batch."""
+"""DDP: two gloo processes (torchrun) match one process with the same global batch, teacher and student."""
+# ruff: noqa: F811  (the module fixture imported from test_distill is used as an argument)
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_distill import distill_run  # noqa: F401  (module fixture)
 from test_train import assert_same_weights, metric_lines, run_teacher, with_train
 
 from pipeline.train import STATE_DIR, complete_checkpoints
@@ -43,3 +45,29 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ru
     newest = complete_checkpoints(ddp / STATE_DIR)[-1]
     assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in newest.iterdir()}
     assert proc.stdout.count("step 6/6 | loss") == 1
+
+
+def _torchrun(config, out: Path, *args: str) -> subprocess.CompletedProcess:
+    config_json = out.parent / f"{out.name}.json"
+    config_json.write_text(json.dumps(config.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(HELPER), str(config_json), str(out), "--seed", "1", *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_two_process_offline_student_matches_one_process(distill_run, tmp_path):
+    """Each rank reads its own positions of the store; together they equal one process with the global batch."""
+    from pipeline.distill import train_student
+
+    single_cfg = with_train(distill_run, batch_size=8, max_steps=6, save_every=3, eval_every=3, num_threads=1)
+    single = train_student(single_cfg, single_cfg.tokens_path, single_cfg.tokenizer_path, single_cfg.logits_path,
+                           tmp_path / "single", seed=1)
+    config = with_train(distill_run, batch_size=4, max_steps=6, save_every=3, eval_every=3, num_threads=1)
+    proc = _torchrun(config, tmp_path / "ddp", "--stage", "student")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(tmp_path / "ddp", single, atol=1e-5)
+    for got, want in zip(metric_lines(tmp_path / "ddp"), metric_lines(single), strict=True):
+        key = "loss" if got["kind"] == "train" else "val_loss"
+        assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 from pipeline.cache import capture_logits
 from pipeline.config import load_config
 from pipeline.distill import (
-    StoreWindows,
     load_teachers,
     offline_loss,
     online_loss,
@@ -27,7 +26,7 @@ from pipeline.distill import (
 from pipeline.model import build_model
 from pipeline.teacher import train_teacher
 from pipeline.train import TrainingError
-from stores.reader import LogitStoreDataset
+from stores.reader import LogitStoreReader
 from stores.tokens import TokenStore
 from workflows.cli import main
 
@@ -53,19 +52,81 @@ def distill_run(tiny_run, tmp_path_factory):
     return config
 
 
-def test_store_windows_follow_the_readers_order_and_cover_every_window(distill_run):
-    data = LogitStoreDataset(distill_run.logits_path, distill_run.tokens_path, batch_size=8, seed=3, temperature=1.0)
-    source = StoreWindows(data)
-    reader_ids = np.concatenate([b["window_ids"].numpy() for b in data])
-    assert np.array_equal(source.order(0), reader_ids)
+def test_the_student_reads_the_store_through_the_one_reader(distill_run):
+    source, use_c_T, tail = open_offline_source(distill_run, distill_run.tokens_path, distill_run.tokenizer_path,
+                                                distill_run.logits_path, seed=3)
+    assert isinstance(source, LogitStoreReader) and use_c_T and tail == "bucket"
     assert sorted(source.order(1)) == list(range(source.num_windows))
-    assert not np.array_equal(source.order(0), source.order(1))
     batch = source.batch(0, np.arange(5, 13))
-    tokens = TokenStore(distill_run.tokens_path)
-    expected = tokens.windows("train", batch["window_ids"].numpy())
+    expected = TokenStore(distill_run.tokens_path).windows("train", batch["window_ids"].numpy())
     assert torch.equal(batch["input_ids"], torch.from_numpy(expected[:, :-1]))
     assert torch.equal(batch["labels"], torch.from_numpy(expected[:, 1:]))
     assert batch["target_ids"].shape == (8, 32, 8) and batch["c_T"].shape == (8, 32)
+
+
+@pytest.fixture(scope="module")
+def sampled_stores(distill_run, tmp_path_factory):
+    """Sample and hybrid stores of the distill run's teachers, in float16 and float32."""
+    root = tmp_path_factory.mktemp("sampled")
+    teachers = [distill_run.teacher_path("t1"), distill_run.teacher_path("t2")]
+    stores = {}
+    for mode, dtype in [("sample", "float16"), ("sample", "float32"), ("hybrid", "float16"), ("hybrid", "float32")]:
+        cfg = _config(distill_run, root, f"cache.mode={mode}", "cache.samples=12", "cache.k=4",
+                      f"cache.logp_dtype={dtype}").cache
+        stores[mode, dtype] = capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path, teachers,
+                                             root / f"{mode}-{dtype}.zarr")["out"]
+    return stores
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("mode, dtype", [("sample", "float16"), ("sample", "float32"), ("hybrid", "float16"),
+                                         ("hybrid", "float32")])
+@pytest.mark.parametrize("use_exact_c_T", [True, False])
+def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(distill_run, sampled_stores, tmp_path,
+                                                                           mode, dtype, temperature, use_exact_c_T):
+    """Sampled weights are p at T = 1: at T = 1 the loss is the dense KL to the renormalised weights whatever
+    distill.tail says (no tail is invented from float16 rounding, c_T or not); other temperatures are refused."""
+    store = Path(sampled_stores[mode, dtype])
+    # The config's cache section is the run's (topk): the store's own mode decides.
+    config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.tail=bucket",
+                     f"distill.use_exact_c_T={str(use_exact_c_T).lower()}")
+    if temperature != 1.0:
+        with pytest.raises(TrainingError, match=rf"{store} holds {mode} targets, which serve distill.temperature 1 "
+                                                rf"only \(got {temperature}\).*cache.mode=topk") as err:
+            open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store, seed=1)
+        assert "\n" not in str(err.value)
+        return
+    source, use_c_T, tail = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store,
+                                                seed=1)
+    assert (use_c_T, tail) == (False, "renorm")
+    batch = source.batch(0, np.arange(4))
+    student = build_model(config, TokenStore(distill_run.tokens_path), seed=7)
+    loss, metrics = offline_loss(config.distill, use_c_T, tail)(student, batch)
+    # The spec: dense KL against the stored weights renormalised, in float64.
+    from kernels import reference
+
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
+    logp = batch["target_logp"].double().flatten(0, 1)
+    weights = torch.where(logp > -1e3, logp.exp(), 0)
+    weights_logp = (weights / weights.sum(1, keepdim=True)).log()
+    k = batch["target_ids"].shape[-1]
+    expected, _, kl = reference.sparse_distill_loss(
+        logits, batch["labels"].flatten(), batch["target_ids"].reshape(-1, k), weights_logp, tail="bucket")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert metrics["kl"].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sample", "hybrid"])
+def test_offline_student_trains_from_a_sampled_store(distill_run, sampled_stores, tmp_path, mode):
+    config = _config(distill_run, tmp_path, "train.max_steps=12", "train.lr=1e-2", "train.log_every=1")
+    out = train_student(config, config.tokens_path, config.tokenizer_path, Path(sampled_stores[mode, "float16"]),
+                        tmp_path / "s1", seed=1)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["store_mode"] == mode and summary["tail"] == "renorm"
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert len(train) == 12 and all(np.isfinite(r["loss"]) for r in train)
+    assert np.mean([r["loss"] for r in train[-3:]]) < np.mean([r["loss"] for r in train[:3]])
 
 
 def test_offline_student_trains_and_its_loss_goes_down(distill_run, tmp_path):
@@ -90,12 +151,12 @@ def test_sparse_store_with_k_equal_vocab_matches_the_dense_online_path(distill_r
     tokens = TokenStore(distill_run.tokens_path)
     for tail in ("bucket", "renorm", "uniform"):
         cfg = _config(distill_run, tmp_path, f"distill.tail={tail}", "distill.alpha=0.3", "distill.temperature=2.0")
-        source, use_c_T = open_offline_source(cfg, distill_run.tokens_path, distill_run.tokenizer_path,
-                                              tmp_path / "full.zarr", seed=1)
-        assert use_c_T
+        source, use_c_T, store_tail = open_offline_source(cfg, distill_run.tokens_path, distill_run.tokenizer_path,
+                                                          tmp_path / "full.zarr", seed=1)
+        assert use_c_T and store_tail == tail
         batch = source.batch(0, np.arange(8))
         losses, grads = [], []
-        for loss_fn in (offline_loss(cfg.distill, use_c_T), online_loss(cfg.distill, load_teachers(teachers, vocab), "logits")):
+        for loss_fn in (offline_loss(cfg.distill, use_c_T, tail), online_loss(cfg.distill, load_teachers(teachers, vocab), "logits")):
             student = build_model(cfg, tokens, seed=7)
             loss, metrics = loss_fn(student, batch)
             loss.backward()
@@ -168,7 +229,8 @@ def test_online_without_teachers_is_refused(distill_run, tmp_path):
 def test_uncaptured_temperature_warns_about_the_approximation(distill_run):
     config = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0")
     with pytest.warns(UserWarning, match="temperature 3.0 was not captured"):
-        _, use_c_T = open_offline_source(config, config.tokens_path, config.tokenizer_path, config.logits_path, seed=1)
+        _, use_c_T, _ = open_offline_source(config, config.tokens_path, config.tokenizer_path, config.logits_path,
+                                            seed=1)
     assert not use_c_T
 
 

@@ -9,7 +9,7 @@ then measures:
 - store size: bytes per token on disk for topk k = 32 and sample S = 64; codecs on the same chunks
   (Blosc-zstd shuffle / bitshuffle / none, Blosc-lz4, plain Zstd); encodings (logp 8-bit quantised,
   ids sorted and delta-coded) with their fidelity KL against float16 storage;
-- reader tokens/s (one DataLoader worker) vs the demo student's CE training tokens/s.
+- reader tokens/s (the training loop's reader, in-process, one epoch) vs the demo student's CE training tokens/s.
 
 Run: ``python -m workflows.bench_loader --out bench_loader.json`` (a few minutes on 2 CPU cores).
 """
@@ -193,14 +193,12 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
 
 
 def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_len: int) -> float:
-    from torch.utils.data import DataLoader
+    from stores.reader import LogitStoreReader
 
-    from stores.reader import LogitStoreDataset
-
-    dataset = LogitStoreDataset(store, tokens_path, batch_size=batch_size, seed=0, temperature=1.0)
+    reader = LogitStoreReader(store, tokens_path, seed=0, temperature=1.0)
     started, num_tokens = time.perf_counter(), 0
-    for batch in DataLoader(dataset, batch_size=None, num_workers=1):
-        num_tokens += batch["input_ids"].numel()
+    for start in range(0, reader.num_windows - batch_size + 1, batch_size):  # one epoch, as the loop reads it
+        num_tokens += reader.batch(0, np.arange(start, start + batch_size))["input_ids"].numel()
     return num_tokens / (time.perf_counter() - started)
 
 

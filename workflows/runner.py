@@ -263,7 +263,7 @@ def cache_stage(config: Config, teacher_names: list[str] | None = None, schedule
     if tokens_fp is None:
         missing.insert(0, "`babydistill tokenize CONFIG`")
     c = config.cache
-    fp = None if missing else fingerprint("cache", c.mode, c.k, c.samples, c.temperatures, c.ensemble,
+    fp = None if missing else fingerprint("cache", c.mode, c.k, c.samples, c.order, c.temperatures, c.ensemble,
                                           c.chunk_windows, c.logp_dtype, c.seed, names, ups, tokens_fp)
 
     def build(work: Path):
