@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv experiment
+.PHONY: demo test lint bench clean-venv experiment offline-study
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: $(STAMP)
 
 experiment: $(STAMP)
 	$(BIN)/babydistill run configs/cpu-experiment.yaml
+
+offline-study: $(STAMP)
+	$(BIN)/babydistill study configs/offline-study.yaml
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.config import load_config
 
 VERBS = ["prepare", "tokenizer", "tokenize", "teacher", "cache", "distill", "evaluate", "report", "run", "status",
-         "store", "bench"]
+         "store", "bench", "study"]
 
 
 # --- runners: parsed flags -> stage functions -----------------------------------------------------
@@ -152,10 +152,33 @@ def cmd_bench(args):
         bench_step(Path(args.config), out, mode=args.mode)
 
 
+def cmd_study(args):
+    from workflows.study import (
+        collect_results,
+        load_study,
+        run_study,
+        select,
+        study_command,
+        write_study_report,
+    )
+
+    study = load_study(args.study)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, e.g. 1,2; got {args.seeds!r}") from None
+    arms, seeds = select(study, _names(args.arms), seeds)
+    if not args.report_only:
+        run_study(study, arms, seeds, jobs=args.jobs)
+    out = Path(args.out) if args.out else study.root / "report"
+    command = study_command(args.study, args.arms, args.seeds, args.jobs, args.report_only, args.out)
+    print(f"report: {write_study_report(collect_results(study), out, command=command)}")
+
+
 COMMANDS = {
     "prepare": cmd_prepare, "tokenizer": cmd_tokenizer, "tokenize": cmd_tokenize, "teacher": cmd_teacher,
     "cache": cmd_cache, "distill": cmd_distill, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
-    "status": cmd_status, "store": cmd_store, "bench": cmd_bench,
+    "status": cmd_status, "store": cmd_store, "bench": cmd_bench, "study": cmd_study,
 }
 assert list(COMMANDS) == VERBS, "the command table and the documented verbs must agree"
 
@@ -238,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look (default: off)")
     p.add_argument("--mode", default="all", help="bench step: ce | offline | online | all (default: all)")
     p.add_argument("--config", default="configs/demo.yaml", help="bench step: the model config (default: configs/demo.yaml)")
+
+    p = sub.add_parser("study", help="a controlled comparison of student arms (online, offline stores) over seeds "
+                                     "-> run_dir/study/")
+    p.add_argument("study", help="the study file (e.g. configs/offline-study.yaml): base config, seeds, reference, arms")
+    p.add_argument("--arms", help="comma-separated arm names to run (default: all; the report covers every arm)")
+    p.add_argument("--seeds", help="comma-separated seeds to run, a subset of the study's (default: all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models trained/evaluated at once, as subprocesses with train.num_threads = cores // jobs "
+                        "(default: 1, in this process)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only aggregate what is finished; missing cells are shown as - (default: off)")
+    p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/study/report)")
     return parser
 
 

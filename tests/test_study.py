@@ -1,0 +1,172 @@
+"""`babydistill study`: the paired interval, study-file refusals, a tiny 2-arm x 2-seed study end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+from conftest import write_config, write_corpus
+
+from pipeline.config import load_config
+from workflows.cli import _config, build_parser, main
+from workflows.study import arm_units, load_study, paired_ci, teacher_units, unit_commands
+
+ONLINE = {"name": "online", "online": True}
+OFFLINE = {"name": "topk4", "set": ["cache.k=4", "distill.alpha=0.3"]}
+
+
+def write_study(tmp_path, **fields):
+    study = {"base": "tiny.yaml", "seeds": [1, 2], "reference": "online",
+             "set": ["eval.max_pairs_per_paradigm=1"], "arms": [ONLINE, OFFLINE], **fields}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study), encoding="utf-8")
+    return path
+
+
+def table_row(text: str, first_cell: str, index: int = 0) -> list[str]:
+    """The cells of the ``index``-th table row starting with ``first_cell`` (0: the arms table, 1: test CE per seed)."""
+    rows = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+    return [cell.strip() for cell in rows[index].strip("|").split("|")]
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def test_paired_ci_matches_a_hand_computed_example():
+    # d = (0.10, 0.20, 0.05): mean 0.116667, sd 0.0763763, se 0.0440959, t(0.975, 2) = 4.302653
+    ci = paired_ci({1: 3.00, 2: 3.20, 3: 3.10, 4: 9.9}, {1: 2.90, 2: 3.00, 3: 3.05})
+    assert ci["seeds"] == [1, 2, 3] and ci["n"] == 3  # seed 4 has no reference: not paired
+    assert ci["mean"] == pytest.approx(0.1166667, abs=1e-6)
+    assert ci["sd"] == pytest.approx(0.0763763, abs=1e-6)
+    assert ci["half_width"] == pytest.approx(4.302653 * 0.0440959, abs=1e-5)
+    assert (ci["low"], ci["high"]) == pytest.approx((-0.073063, 0.306396), abs=1e-5)
+    one = paired_ci({1: 3.0}, {1: 2.5, 2: 2.0})
+    assert one["n"] == 1 and one["mean"] == pytest.approx(0.5) and one["half_width"] is None
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"arms": [ONLINE, {"name": "b", "set": ["model.num_layers=4"]}]}, "arms[1].set: 'model.num_layers=4' changes `model`"),
+    ({"arms": [ONLINE, {"name": "b", "set": ["teachers.count=3"]}]}, "changes `teachers`"),
+    ({"arms": [ONLINE, {"name": "b", "set": ["cache.nope=1"]}]}, "arms[1] (b): cache.nope: unknown key"),
+    ({"arms": [ONLINE, {"name": "online"}]}, "arms[1].name: duplicate arm name 'online'"),
+    ({"reference": "offline"}, "reference: must name one of the arms"),
+    ({"seeds": [1]}, "seeds: a paired comparison needs at least 2 seeds"),
+    ({"set": ["data.seq_len=16"]}, "set: 'data.seq_len=16' changes `data`"),
+    ({"arms": [ONLINE, {"name": "b", "online": "yes"}]}, "arms[1].online: must be true or false"),
+])
+def test_bad_study_files_are_refused_in_one_line_and_write_nothing(tmp_path, capsys, fields, expected):
+    write_config(tmp_path)
+    path = write_study(tmp_path, **fields)
+    assert main(["study", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("babydistill: error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_arm_or_seed_on_the_command_line_is_refused(tmp_path, capsys):
+    write_config(tmp_path)
+    path = write_study(tmp_path)
+    assert main(["study", str(path), "--arms", "online,nope"]) == 2
+    assert "--arms: no arm named 'nope'" in capsys.readouterr().err
+    assert main(["study", str(path), "--seeds", "3"]) == 2
+    assert "--seeds: 3 is not one of the study's seeds [1, 2]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_subprocess_commands_load_the_same_config_as_the_arm(tmp_path):
+    """--jobs runs `babydistill distill/evaluate` with --set: they must rebuild exactly the arm's config."""
+    write_config(tmp_path)
+    study = load_study(write_study(tmp_path))
+    for unit in [*teacher_units(study), *arm_units(study.arm("topk4"), [2]), *arm_units(study.arm("online"), [1])]:
+        for argv in unit_commands(study, unit, num_threads=3):
+            args = build_parser().parse_args(argv)
+            config = _config(args)
+            assert config.train.num_threads == 3
+            config.train.num_threads = unit.config.train.num_threads
+            assert config.to_dict() == unit.config.to_dict()
+    distill = unit_commands(study, arm_units(study.arm("online"), [1])[0], 1)[0]
+    assert distill[0] == "distill" and distill[-1] == "--online" and "o1" in distill
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_study_partial_then_report_only_then_complete_then_a_unit_with_jobs(tmp_path, capsys):
+    write_corpus(tmp_path / "corpus", num_files=3, paragraphs=60)
+    write_config(tmp_path, {"train": {"max_steps": 2, "save_every": 2, "log_every": 1},
+                            "eval": {"max_pairs_per_paradigm": 1, "max_windows": 2}})
+    path = write_study(tmp_path)
+    run = load_config(tmp_path / "tiny.yaml").run_path
+    study_dir = run / "study"
+
+    # --- seed 1 only: a partial study
+    assert main(["study", str(path), "--seeds", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "only 2 seeds" in captured.err  # the warning below 3 seeds
+    assert "online seed 1: test CE" in captured.out and "topk4 seed 1: test CE" in captured.out
+    assert "teacher t1: test CE" in captured.out and "topk4 cache:" in captured.out
+    for arm in ("online", "topk4"):
+        for name in ("data", "tokenizer", "tokens.zarr", "teachers"):
+            link = study_dir / arm / name
+            assert link.is_symlink() and os.readlink(link) == f"../../{name}" and link.resolve() == (run / name).resolve()
+    assert (study_dir / "online/students/o1/eval.json").is_file() and not (study_dir / "online/logits.zarr").exists()
+    assert (study_dir / "topk4/students/s1/eval.json").is_file() and (study_dir / "topk4/logits.zarr").is_dir()
+    assert (study_dir / "topk4/logs/s1.log").is_file()
+    assert (study_dir / "teachers/t1/eval.json").is_file() and not (run / "teachers/t1/eval.json").exists()
+
+    # --- report only, elsewhere: seed 2 is missing and flagged, nothing invented
+    out = tmp_path / "partial-report"
+    assert main(["study", str(path), "--report-only", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "Incomplete: 2 of 4" in text
+    assert table_row(text, "online")[2] == "1/2 (incomplete)"
+    assert table_row(text, "topk4")[1] == "topk k=4 shuffled order"
+    assert table_row(text, "topk4")[5].endswith("(n=1, no interval)")
+    assert table_row(text, "topk4")[8] != "-"  # bytes/token: the store is finished
+    assert table_row(text, "online", 1)[2] == "-" and table_row(text, "online", 1)[1] != "-"  # test CE, seeds 1, 2
+    assert "- topk4 seed 2: student" in text
+    results = json.loads((out / "results.json").read_text())
+    cell = results["arms"][1]["per_seed"]["2"]
+    assert cell["test_ce"] is None and cell["status"].startswith("student")
+    assert not (study_dir / "online/students/o2").exists()  # report-only trained nothing
+
+    # --- the whole study: seed 1 is skipped, seed 2 runs
+    assert main(["study", str(path)]) == 0
+    captured = capsys.readouterr().out
+    assert "online seed 1: test CE" in captured and "(up to date)" in captured
+    report = study_dir / "report"
+    text = (report / "report.md").read_text()
+    results = json.loads((report / "results.json").read_text())
+    assert "Incomplete" not in text and "Reproduce: `babydistill study " in text
+    assert (report / "test_ce_vs_bytes.png").read_bytes()[:4] == b"\x89PNG"
+    online, topk = results["arms"]
+    assert [a["name"] for a in results["arms"]] == ["online", "topk4"] and online["seeds_finished"] == [1, 2]
+    for arm, folder, prefix in ((online, "online", "o"), (topk, "topk4", "s")):
+        for seed in (1, 2):
+            e = json.loads((study_dir / folder / f"students/{prefix}{seed}/eval.json").read_text())
+            assert arm["per_seed"][str(seed)]["test_ce"] == e["loss"]["test"]["ce"]
+    d = [topk["per_seed"][s]["test_ce"] - online["per_seed"][s]["test_ce"] for s in ("1", "2")]
+    ci = topk["vs_reference"]["test_ce"]
+    assert ci["n"] == 2 and ci["mean"] == pytest.approx(sum(d) / 2) and ci["low"] <= ci["mean"] <= ci["high"]
+    assert table_row(text, "online")[5] == "reference" and table_row(text, "topk4")[5].startswith(f"{ci['mean']:+.3f} [")
+    assert topk["store"]["bytes_per_token"] > 0 and topk["store"]["capture_seconds"] is not None
+    assert topk["step_seconds"] > 0 and online["store"] is None
+    assert table_row(text, "t1")[1] == "teacher" and results["best_teacher"] in ("t1", "t2")
+    assert "Best teacher by test CE" in text
+
+    # --- --jobs: the same unit again, as `babydistill distill/evaluate` subprocesses with a log
+    before = online["per_seed"]["2"]["test_ce"]
+    shutil.rmtree(study_dir / "online/students/o2")
+    assert main(["study", str(path), "--arms", "online", "--jobs", "2"]) == 0
+    assert "online seed 2: test CE" in capsys.readouterr().out
+    log = (study_dir / "online/logs/o2.log").read_text()
+    assert "$ babydistill distill " in log and "--online" in log and "$ babydistill evaluate " in log
+    again = json.loads((report / "results.json").read_text())["arms"][0]["per_seed"]["2"]["test_ce"]
+    assert again == pytest.approx(before, abs=1e-3)
