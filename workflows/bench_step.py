@@ -87,9 +87,9 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
                   file=sys.stderr, flush=True)
             capture_logits(config.cache, config.tokens_path, config.tokenizer_path, _teacher_dirs(config, tokens, scratch),
                            store, workers=1)
-    source, use_c_T = open_offline_source(config, config.tokens_path, config.tokenizer_path, store,
-                                          config.train.seed)
-    return source, offline_loss(config.distill, use_c_T)
+    source, use_c_T, tail = open_offline_source(config, config.tokens_path, config.tokenizer_path, store,
+                                                config.train.seed)
+    return source, offline_loss(config.distill, use_c_T, tail)
 
 
 def _online_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
