@@ -208,8 +208,9 @@ def gradient_fidelity(logp_V: torch.Tensor, ids: np.ndarray, stored: np.ndarray,
 
     bias = ||E[target] - p||_2: what no number of steps averages away (top-k: the tail's shape).
     spread = sqrt(E ||target - E[target]||^2): sampling noise, which averages out over steps.
-    For sampled modes E is estimated from ``redraws`` fresh captures of this position (so the bias
-    estimate carries a noise floor of about spread / sqrt(redraws)); top-k targets are deterministic.
+    For sampled modes E is estimated from ``redraws`` fresh captures of this position, and the squared
+    bias is corrected for the estimate's own noise (||mean - p||^2 - spread^2 / (redraws - 1), which is
+    unbiased; clamped at 0); top-k targets are deterministic.
     """
     vocab = logp_V.shape[0]
     p = logp_V.double().exp().numpy()
@@ -224,8 +225,9 @@ def gradient_fidelity(logp_V: torch.Tensor, ids: np.ndarray, stored: np.ndarray,
     targets = np.stack([stored_target(draw_ids[i].numpy(), draw_logp[i].numpy(), vocab, mode)
                         for i in range(redraws)])
     mean = targets.mean(0)
-    spread = float(np.sqrt(((targets - mean) ** 2).sum(1).mean()))
-    return float(np.linalg.norm(mean - p)), spread, norm
+    spread_sq = float(((targets - mean) ** 2).sum(1).mean())
+    bias_sq = float(((mean - p) ** 2).sum()) - spread_sq / (redraws - 1)
+    return math.sqrt(max(bias_sq, 0.0)), math.sqrt(spread_sq), norm
 
 
 def fidelity_row(logp_V: np.ndarray, ids: np.ndarray, stored: np.ndarray, mode: str) -> tuple[float, ...]:

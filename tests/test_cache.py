@@ -19,7 +19,7 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM
 
-from pipeline.cache import capture_logits, compute_chunk, ensemble_logp, sample_targets
+from pipeline.cache import capture_logits, compute_chunk, ensemble_logp, gradient_fidelity, sample_targets
 from pipeline.config import CacheConfig, ConfigError, load_config
 from pipeline.model import build_model
 from stores.logits import (
@@ -216,6 +216,24 @@ def test_sampled_targets_are_unbiased_for_the_distillation_loss_and_gradient(mod
     top_ids = logp.topk(k + samples, -1).indices
     _, biased = loss_and_grad(top_ids, logp.gather(1, top_ids))
     assert ((biased - dense_grad).abs() > grad_tol).any()
+
+
+def test_gradient_fidelity_separates_bias_from_noise():
+    """Top-k: deterministic and biased; sample and hybrid: noisy and unbiased (bias within the estimate's noise)."""
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(500, generator=gen, dtype=torch.float64) * 1.5, -1)
+    ids = logp.topk(8).indices.numpy()
+    bias, spread, norm = gradient_fidelity(logp, ids, logp.numpy()[ids], "topk", 8, 0, gen)
+    assert spread == 0 and bias > 0.05 * norm
+    results = {}
+    for mode, slots in [("sample", 16), ("hybrid", 24)]:
+        head = logp[None].topk(8, -1).indices if mode == "hybrid" else None
+        stored_ids, stored = sample_targets(logp[None].float(), 16, slots, gen, head)
+        results[mode] = gradient_fidelity(logp, stored_ids[0].numpy(), stored[0].numpy(), mode, 8, 16, gen,
+                                          redraws=400)
+        sample_bias, sample_spread, _ = results[mode]
+        assert sample_spread > 0 and sample_bias < 3 * sample_spread / 400 ** 0.5, (mode, results[mode])
+    assert results["hybrid"][1] < results["sample"][1], "an exact head leaves less noise"
 
 
 def test_sample_store_verifies(tiny_run, teachers, tmp_path):
