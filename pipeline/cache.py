@@ -481,8 +481,12 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
         positions = fidelity_positions(identity["num_windows"], tokens.seq_len, cfg.fidelity_positions, cfg.seed)
         todo = []
         for i, (start, stop) in enumerate(ranges):
-            if chunk_problem(out, i, checksum=True) is None:
+            # Every done chunk's files are checked against their sizes and crc32, so a changed byte is redone.
+            why = chunk_problem(out, i, checksum=True)
+            if why is None:
                 continue
+            if why != "not marked done":
+                print(f"cache: rewriting chunk {i} (rows {start}-{stop - 1}): {why}", flush=True)
             (out / DONE_DIR / f"{i:06d}.json").unlink(missing_ok=True)
             rows = positions[(positions[:, 0] >= start) & (positions[:, 0] < stop)]
             todo.append((i, start, stop, [(int(w), int(s)) for w, s in rows]))

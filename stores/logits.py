@@ -198,13 +198,18 @@ def chunk_problem(path: Path, chunk: int, *, checksum: bool = False) -> str | No
     return None
 
 
-def incomplete_reason(path: Path) -> str | None:
-    """None when the store exists and every chunk is marked done with intact files, else a short reason."""
+def incomplete_reason(path: Path, *, checksum: bool = True) -> str | None:
+    """None when the store exists and every chunk is marked done with intact files, else a short reason.
+
+    ``checksum`` also compares every chunk file's crc32 with its done marker, so a changed byte makes the
+    store incomplete (and `babydistill cache` rewrites that chunk). It reads the whole store once: 17 ms
+    for the demo's 22 MB store with warm page cache (crc32 runs at ~2 GB/s); see the README.
+    """
     attrs = read_attrs(path)
     if attrs is None or attrs.get("format") != FORMAT:
         return "no logit store"
     ranges = chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])
-    bad = [(i, why) for i in range(len(ranges)) if (why := chunk_problem(path, i))]
+    bad = [(i, why) for i in range(len(ranges)) if (why := chunk_problem(path, i, checksum=checksum))]
     if bad:
         first, why = bad[0]
         return f"{len(bad)} of {len(ranges)} chunks to (re)do (first: chunk {first}: {why})"

@@ -311,6 +311,40 @@ def test_truncated_or_deleted_chunk_is_named_by_verify_and_rewritten(topk_store,
     assert verify_store(out, tiny_run.tokens_path) == []
 
 
+def flip_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    file.write_bytes(bytes(data))
+
+
+def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_store, tiny_run, teachers, tmp_path,
+                                                                         capsys):
+    from workflows.runner import MARKER, Stage, run_stage, stage_status
+
+    out = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], out)
+    group = zarr.open_group(str(out), mode="r")
+    bad = {name: chunk for chunk, name in zip((1, 3, 6, 8, 10), ARRAYS)}  # one chunk of each array
+    for name, chunk in bad.items():
+        flip_byte(out / chunk_files(group, chunk)[name])
+    problems = verify_store(out, tiny_run.tokens_path)
+    assert [p.split(" ")[1] for p in problems] == [str(c) for c in sorted(bad.values())]
+    assert all("changed since it was written (crc32)" in p for p in problems)
+    assert "5 of 14 chunks" in incomplete_reason(out) and incomplete_reason(out, checksum=False) is None
+    # `run` and `cache` go through run_stage: a finished stage with a changed byte is not up to date.
+    (out / MARKER).write_text(json.dumps({"fingerprint": "fp"}))
+    stage = Stage("cache", out, "fp", lambda work: capture(tiny_run, teachers, work), "babydistill cache CONFIG",
+                  in_place=True, incomplete=incomplete_reason)
+    assert stage_status(stage)[0] == "incomplete"
+    capsys.readouterr()
+    assert run_stage(stage)
+    printed = capsys.readouterr().out
+    for name, chunk in bad.items():
+        assert f"rewriting chunk {chunk} " in printed and chunk_files(group, chunk)[name] in printed
+    assert_same_store(topk_store[0], out)
+    assert verify_store(out, tiny_run.tokens_path) == [] and stage_status(stage)[0] == "done"
+
+
 def test_verify_names_bad_content_even_with_a_consistent_marker(topk_store, tmp_path):
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)
