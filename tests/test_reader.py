@@ -14,7 +14,7 @@ import torch
 import zarr
 from test_cache import CFG, capture, teachers, topk_store  # noqa: F401  (session fixtures)
 
-from stores.logits import window_order
+from stores.logits import ARRAYS, chunk_files, window_order
 from stores.reader import LogitStoreReader
 from stores.tokens import TokenStore, write_token_store
 
@@ -141,6 +141,40 @@ def test_an_incomplete_store_is_refused(topk_store, tiny_run, tmp_path):
     (store / "_done" / "000004.json").unlink()
     with pytest.raises(ValueError, match=r"is incomplete \(1 of 14 chunks to \(re\)do \(first: chunk 4"):
         LogitStoreReader(store, tiny_run.tokens_path, seed=0)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("name", ARRAYS)
+def test_a_damaged_chunk_is_refused_when_read_naming_the_store_chunk_and_repair(topk_store, tiny_run, tmp_path,
+                                                                              name, damage):
+    store = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], store)
+    source = reader((store,), tiny_run, temperature=2.0)  # opened while intact: damage lands mid-training
+    rel = chunk_files(zarr.open_group(str(store), mode="r"), 7)[name]
+    data = bytearray((store / rel).read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        (store / rel).write_bytes(bytes(data))
+    elif damage == "truncate":
+        (store / rel).write_bytes(bytes(data[:-3]))
+    else:
+        (store / rel).unlink()
+    position = int(np.flatnonzero(source.order(0) // 32 == 7)[0])
+    source.batch(0, np.arange(0, position))  # the chunks before it read fine
+    with pytest.raises(ValueError) as err:
+        source.batch(0, np.arange(position, position + 1))
+    why = "is missing" if damage == "delete" else "changed since it was written (crc32)"
+    assert str(err.value) == (f"{store}: chunk 7 (rows 224-255) {rel} {why}; "
+                              "re-run `babydistill cache CONFIG` to rewrite it")
+
+
+def test_a_store_without_the_c_T_column_read_skips_checking_it(topk_store, tiny_run, tmp_path):
+    store = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], store)
+    source = reader((store,), tiny_run, temperature=1.5)  # not a capture temperature: c_T is never read
+    rel = chunk_files(zarr.open_group(str(store), mode="r"), 0)["c_T"]
+    (store / rel).write_bytes((store / rel).read_bytes()[:-1])
+    assert len(epoch_batches(source, 0)) == 28
 
 
 def test_a_format_1_store_is_refused_with_the_rebuild_command(topk_store, tiny_run, tmp_path):
