@@ -12,9 +12,13 @@ all G windows, so N processes with batch_size B match one process with batch_siz
 grad_accum N x A) up to float summation order. The last partial global batch of an epoch is
 dropped.
 
-Resume: ``out_dir/trainer_state/step-000123/`` holds the weights, optimizer, grad scaler, RNG
-states of every rank and ``meta.json`` (step, loop state, metrics.jsonl length, resolved
+Resume: ``out_dir/trainer_state/step-000123/`` holds the weights, optimizer, grad scaler
+(``*.pt``, loaded with ``weights_only=True``), the RNG states of every rank (safetensors + JSON:
+nothing is unpickled) and ``meta.json`` (step, loop state, metrics.jsonl length, resolved
 config); ``COMPLETE`` is written last and the folder is renamed from ``*.tmp`` into place.
+A checkpoint is loaded all or nothing; one that cannot be read is moved to
+``trainer_state/unreadable/`` (never deleted) and the previous one is tried; when none can be
+read, training refuses to start over until ``--force``.
 The learning rate is a pure function of the step and the data position a pure function of
 (seed, epoch, step_in_epoch), so neither needs more state than the step.
 
@@ -26,6 +30,7 @@ files), ``metrics.jsonl``, ``run_config.json`` (the resolved run config) and
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -45,6 +50,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.config import Config, TrainConfig, save_config
@@ -53,6 +60,7 @@ from stores.tokens import TokenStore
 STATE_DIR = "trainer_state"
 COMPLETE = "COMPLETE"
 METRICS = "metrics.jsonl"
+UNREADABLE = "unreadable"
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -276,7 +284,7 @@ def _incomplete_checkpoints(state_dir: Path) -> list[Path]:
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    return {"python": random.getstate(), "numpy": np.random.get_state(legacy=False), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
@@ -286,6 +294,37 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_rng(path: Path) -> None:
+    """Every RNG state as tensors (safetensors) and JSON (its metadata): a resume unpickles nothing, so a
+    checkpoint folder from someone else cannot run code."""
+    state = _rng_state()
+    version, python_key, python_gauss = state["python"]
+    tensors = {"python": torch.tensor(python_key, dtype=torch.int64),
+               "numpy": torch.from_numpy(state["numpy"]["state"]["key"].astype(np.int64)),
+               "torch": state["torch"]}
+    for i, cuda in enumerate(state["cuda"] or []):
+        tensors[f"cuda{i}"] = cuda
+    meta = {"python_version": version, "python_gauss": python_gauss, "numpy_pos": state["numpy"]["state"]["pos"],
+            "numpy_has_gauss": state["numpy"]["has_gauss"], "numpy_gauss": state["numpy"]["gauss"],
+            "num_cuda": len(state["cuda"] or [])}
+    save_file(tensors, str(path), metadata={"rng": json.dumps(meta)})
+
+
+def _load_rng(path: Path) -> dict:
+    """The RNG state saved by ``_save_rng`` (checked for shape, not applied)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["rng"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    python_key, numpy_key = tensors["python"].tolist(), tensors["numpy"].numpy()
+    if len(python_key) != 625 or numpy_key.shape != (624,) or tensors["torch"].dtype != torch.uint8:
+        raise ValueError(f"{path}: not an RNG state")
+    return {"python": (meta["python_version"], tuple(python_key), meta["python_gauss"]),
+            "numpy": {"bit_generator": "MT19937", "state": {"key": numpy_key.astype(np.uint32), "pos": meta["numpy_pos"]},
+                      "has_gauss": meta["numpy_has_gauss"], "gauss": meta["numpy_gauss"]},
+            "torch": tensors["torch"],
+            "cuda": [tensors[f"cuda{i}"] for i in range(meta["num_cuda"])] if meta["num_cuda"] else None}
 
 
 def _barrier(ddp: Dist) -> None:
@@ -302,7 +341,7 @@ def save_checkpoint(state_dir: Path, step: int, raw_model: torch.nn.Module, opti
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(ddp)
-    torch.save(_rng_state(), tmp / f"rng-rank{ddp.rank}.pt")
+    _save_rng(tmp / f"rng-rank{ddp.rank}.safetensors")
     _barrier(ddp)
     if ddp.main:
         torch.save(raw_model.state_dict(), tmp / "model.pt")
@@ -319,24 +358,40 @@ def save_checkpoint(state_dir: Path, step: int, raw_model: torch.nn.Module, opti
 
 
 def _load_checkpoint(folder: Path, fingerprint: dict, raw_model, optimizer, scaler, ddp: Dist) -> dict:
-    """Read every file of a checkpoint first, then apply them, so a bad file changes nothing."""
+    """Load a checkpoint all or nothing: every file is read first (tensors with ``weights_only=True`` or
+    safetensors, the rest JSON: nothing is unpickled), then applied; if applying fails, the model,
+    optimizer, scaler and RNG states are put back as they were."""
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     if meta["fingerprint"] != fingerprint:
         raise TrainingError(f"{folder} was written for another model, data or global batch "
                             f"({meta['fingerprint']} vs {fingerprint}); use --force to start over")
-    rng_file = folder / f"rng-rank{ddp.rank}.pt"
     model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    rng_file = folder / f"rng-rank{ddp.rank}.safetensors"
     # a checkpoint written by fewer processes has no RNG state for this rank: keep the seeded one
-    rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.is_file() else None
+    rng = _load_rng(rng_file) if rng_file.is_file() else None
+    if rng is None and (folder / f"rng-rank{ddp.rank}.pt").is_file():
+        warnings.warn(f"{folder}: RNG state pickled by an older babydistill, not loaded (pickle can run code); "
+                      f"random draws after the resume differ from an uninterrupted run", stacklevel=3)
     scaler_state = (torch.load(folder / "scaler.pt", weights_only=True)
                     if scaler is not None and (folder / "scaler.pt").is_file() else None)
-    raw_model.load_state_dict(model_state)
-    optimizer.load_state_dict(optimizer_state)
-    if scaler_state is not None:
-        scaler.load_state_dict(scaler_state)
-    if rng is not None:
-        _set_rng_state(rng)
+    before = ({k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items()},
+              copy.deepcopy(optimizer.state_dict()), scaler.state_dict() if scaler is not None else None,
+              _rng_state())
+    try:
+        raw_model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        if scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
+        if rng is not None:
+            _set_rng_state(rng)
+    except Exception:
+        raw_model.load_state_dict(before[0])
+        optimizer.load_state_dict(before[1])
+        if scaler is not None:
+            scaler.load_state_dict(before[2])
+        _set_rng_state(before[3])
+        raise
     return meta
 
 
@@ -375,6 +430,10 @@ def _resume_candidates(resume, state_dir: Path, out_dir: Path) -> list[Path]:
     if resume is False and complete:
         raise TrainingError(f"{out_dir} already has checkpoints (newest {complete[0].name}); "
                             f"pass --resume to continue or --force to start over")
+    aside = state_dir / UNREADABLE
+    if resume is True and not complete and aside.is_dir() and any(aside.iterdir()):
+        raise TrainingError(f"no readable checkpoint in {state_dir} (unreadable ones are in {aside}); "
+                            f"pass --force to start over, which discards them")
     if resume is True and not complete:
         raise TrainingError(f"no checkpoint in {state_dir}; use --resume auto to start fresh")
     return complete
@@ -466,26 +525,42 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
 
     # --- resume or start fresh ---
     candidates = _resume_candidates(resume, state_dir, out_dir)
-    meta, resumed_from = None, None
+    meta, resumed_from, unreadable = None, None, []
     for folder in candidates:
         try:
             meta = _load_checkpoint(folder, fingerprint, model, optimizer, scaler, ddp)
         except TrainingError:
             raise
-        except Exception as exc:  # a truncated or garbled file: fall back to the previous checkpoint
-            if ddp.main:
-                warnings.warn(f"{folder}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
-                              f"trying the previous one", stacklevel=2)
+        except Exception as exc:  # a truncated or garbled file: move it aside, fall back to the previous one
+            unreadable.append((folder, " ".join(f"{type(exc).__name__}: {exc}".split())[:300]))
             continue
         resumed_from = folder
         break
-    if candidates and meta is None and resume != "auto":
-        raise TrainingError(f"no readable checkpoint in {state_dir}; use --resume auto to start fresh")
     _barrier(ddp)  # every rank has read its state before rank 0 touches the folder
+    aside = state_dir / UNREADABLE
+    if ddp.main:
+        for folder, why in unreadable:
+            if folder.parent != state_dir:
+                continue  # a folder passed by path stays where its owner put it
+            target = aside / folder.name
+            for n in range(1, 1000):
+                if not target.exists():
+                    break
+                target = aside / f"{folder.name}-{n}"
+            aside.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, target)
+            warnings.warn(f"{folder}: unreadable checkpoint ({why}); moved to {target}", stacklevel=2)
+    if meta is None and unreadable and unreadable[-1][0].parent != state_dir:
+        raise TrainingError(f"{unreadable[-1][0]}: unreadable checkpoint ({unreadable[-1][1]})")
+    if meta is None and (unreadable or (aside.is_dir() and any(aside.iterdir()))):
+        # Never start over on top of checkpoints that could not be read: that is for the user to decide.
+        raise TrainingError(f"no readable checkpoint in {state_dir} (unreadable ones are in {aside}); "
+                            f"pass --force to start over, which discards them")
+    _barrier(ddp)
     metrics_path = out_dir / METRICS
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if meta is None:
+        if meta is None:  # no checkpoint at all: only half-written ones (*.tmp, no marker) are removed
             shutil.rmtree(state_dir, ignore_errors=True)
             metrics_path.write_text("", encoding="utf-8")
         else:

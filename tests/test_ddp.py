@@ -43,7 +43,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ru
     # only rank 0 wrote the outputs; every rank saved its RNG state; rank 0 alone printed the log
     assert json.loads((ddp / "train_summary.json").read_text())["world_size"] == 2
     newest = complete_checkpoints(ddp / STATE_DIR)[-1]
-    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in newest.iterdir()}
+    assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= {p.name for p in newest.iterdir()}
     assert proc.stdout.count("step 6/6 | loss") == 1
 
 

@@ -35,7 +35,7 @@ def test_teacher_learns_and_writes_a_hugging_face_checkpoint(tiny_run, tmp_path)
         assert (out / name).is_file(), name
     assert [p.name for p in complete_checkpoints(out / STATE_DIR)] == ["step-000020", "step-000030"]
     assert sorted(p.name for p in (out / STATE_DIR / "step-000030").iterdir()) == [
-        "COMPLETE", "meta.json", "model.pt", "optimizer.pt", "rng-rank0.pt"]
+        "COMPLETE", "meta.json", "model.pt", "optimizer.pt", "rng-rank0.safetensors"]
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["train"]["seed"] == 1 and run_config["model"] == dataclasses.asdict(tiny_run.model)
 

@@ -184,3 +184,81 @@ def test_keep_best_exports_the_best_validation_weights(tiny_run, tmp_path):
     assert all(torch.equal(exported[k], best[k]) for k in exported)
     # only best files that a kept checkpoint (or the loop) still refers to remain
     assert [p.name for p in (out / STATE_DIR).glob("best-step-*.pt")] == [f"best-step-{best_step:06d}.pt"]
+
+
+# --- checkpoints that cannot be trusted -------------------------------------------------------
+
+
+class _RunsCode:
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.sentinel}",)
+
+
+def test_a_pickle_in_a_checkpoint_is_never_unpickled(tiny_run, tmp_path):
+    import pickle
+
+    config = with_train(tiny_run, max_steps=8, save_every=4)
+    run = run_teacher(config, tmp_path / "t")
+    state = run / STATE_DIR
+    assert sorted(p.name for p in (state / "step-000008").iterdir()) == [
+        "COMPLETE", "meta.json", "model.pt", "optimizer.pt", "rng-rank0.safetensors"]
+    sentinel = tmp_path / "code-ran"
+    evil = pickle.dumps(_RunsCode(sentinel))
+    (state / "step-000008" / "rng-rank0.safetensors").write_bytes(evil)  # unreadable: moved aside
+    (state / "step-000004" / "rng-rank0.safetensors").unlink()  # an older babydistill's pickled RNG state
+    (state / "step-000004" / "rng-rank0.pt").write_bytes(evil)
+    with pytest.warns(UserWarning) as caught:
+        run_teacher(config, run, resume="auto")
+    messages = [str(w.message) for w in caught]
+    assert any("step-000008: unreadable checkpoint" in m and "moved to" in m for m in messages)
+    assert any("pickled by an older babydistill, not loaded" in m for m in messages)
+    assert not sentinel.exists()
+    assert (state / "unreadable" / "step-000008" / "rng-rank0.safetensors").read_bytes() == evil
+    assert steps_of(state) == ["step-000004", "step-000008"]
+
+
+def test_every_checkpoint_garbled_is_kept_and_a_fresh_start_needs_force(tiny_run, tmp_path):
+    config = with_train(tiny_run, max_steps=8, save_every=4)
+    run = run_teacher(config, tmp_path / "t")
+    state = run / STATE_DIR
+    for step in ("step-000004", "step-000008"):
+        (state / step / "model.pt").write_bytes(b"garbage " + step.encode())
+    metrics = (run / "metrics.jsonl").read_bytes()
+    message = r"^no readable checkpoint in .*trainer_state \(unreadable ones are in .*unreadable\); pass --force"
+    with pytest.raises(TrainingError, match=message), pytest.warns(UserWarning, match="moved to"):
+        run_teacher(config, run, resume="auto")
+    for resume in (True, "auto"):  # again: only the moved-aside checkpoints are left, still no fresh start
+        with pytest.raises(TrainingError, match=message) as err:
+            run_teacher(config, run, resume=resume)
+        assert "\n" not in str(err.value)
+    for step in ("step-000004", "step-000008"):  # moved aside whole, never deleted
+        assert (state / "unreadable" / step / "model.pt").read_bytes() == b"garbage " + step.encode()
+        assert (state / "unreadable" / step / "optimizer.pt").is_file()
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_checkpoint_is_loaded_all_or_nothing(tiny_run, tmp_path):
+    from pipeline.train import Dist, _load_checkpoint, build_optimizer
+
+    config = with_train(tiny_run, max_steps=4, save_every=4)
+    run = run_teacher(config, tmp_path / "t")
+    folder = run / STATE_DIR / "step-000004"
+    tokens = TokenStore(tiny_run.tokens_path)
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])  # an optimizer state for other parameters
+    other.zero_grad()
+    torch.save(other.state_dict(), folder / "optimizer.pt")
+    model = build_model(config, tokens, 7)
+    optimizer = build_optimizer(model, config.train)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    fingerprint = json.loads((folder / "meta.json").read_text())["fingerprint"]
+    with pytest.raises(ValueError):
+        _load_checkpoint(folder, fingerprint, model, optimizer, None, Dist())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the weights were put back
+    assert optimizer.state_dict()["state"] == {} and torch.equal(torch.get_rng_state(), rng_before)
