@@ -79,7 +79,8 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     >>> loss.backward()
     """
     reference.check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature,
-                         tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences)
+                         tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
+                         ignore_index=ignore_index)
     impl = _resolve_impl(impl, logits.device)
     if impl == "reference":
         return reference.sparse_distill_loss(
@@ -109,7 +110,7 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
     logits_shape_check = torch.empty(hidden.shape[0], lm_head_weight.shape[0], device="meta")
     reference.check_args(logits_shape_check, labels, target_ids, target_logp, alpha=alpha,
                          temperature=temperature, tail=tail, normalization=normalization, c_T=c_T,
-                         num_sequences=num_sequences)
+                         num_sequences=num_sequences, ignore_index=ignore_index)
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise ValueError(f"hidden [N, H] and lm_head_weight [V, H] must share H, got {tuple(hidden.shape)} "
                          f"and {tuple(lm_head_weight.shape)}")
@@ -143,7 +144,8 @@ def dense_distill_loss(logits, labels, teacher_logits, *, alpha=0.5, temperature
     N, V = logits.shape
     dummy = torch.zeros(N, 1, dtype=torch.int64, device=logits.device)
     reference.check_args(logits, labels, dummy, dummy.float(), alpha=alpha, temperature=temperature,
-                         tail="bucket", normalization=normalization, c_T=None, num_sequences=num_sequences)
+                         tail="bucket", normalization=normalization, c_T=None, num_sequences=num_sequences,
+                         ignore_index=ignore_index)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
     loss, ce_row, kl_row = cpu.DenseDistill.apply(logits.contiguous(), labels.to(torch.int64),

@@ -143,7 +143,9 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
                 kl = kl + torch.where(r > 0, r * (r.clamp_min(1e-38).log() - Q.log()), 0)
                 tail_fac = 1 - r / Q
 
-            # Gradient, formed in fp32: dense part, then K entries and the label overwritten / corrected.
+            # Gradient, formed whole in fp32 (dense part, then K entries and the label overwritten /
+            # corrected) and rounded once into a low-precision gradient: rounding the K entries' two
+            # near-equal terms apart would leave their difference mostly rounding error.
             G = grad[a:b]
             out = G if G.dtype == torch.float32 else q1
             kT = wk if tail_fac is None else wk * tail_fac
@@ -153,12 +155,12 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
                 torch.mul(q1, wc[:, None], out=out).addcmul_(qT, kT[:, None])
             if shift is not None:
                 out.add_(shift)
+            q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * logq_K.exp()
+            out.scatter_(1, idx, q_part)
+            out.scatter_add_(1, idx, -wk[:, None] * p_K)
+            out.scatter_add_(1, y, -wc[:, None])
             if out is not G:
                 G.copy_(out)
-            q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * logq_K.exp()
-            G.scatter_(1, idx, q_part.to(G.dtype))
-            G.scatter_add_(1, idx, (-wk[:, None] * p_K).to(G.dtype))
-            G.scatter_add_(1, y, (-wc[:, None]).to(G.dtype))
             ce_row[a:b] = ce
             kl_row[a:b] = kl
 

@@ -44,8 +44,12 @@ NORMALIZATIONS = ("token", "sequence", "sum")
 
 
 def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, tail, normalization,
-               c_T, num_sequences) -> None:
-    """Raise one ValueError listing every problem with the arguments of a sparse_distill_loss call."""
+               c_T, num_sequences, ignore_index=-100) -> None:
+    """Raise one ValueError listing every problem with the arguments of a sparse_distill_loss call.
+
+    Labels (other than ``ignore_index``) and target ids must lie in [0, V): the kernels index with them
+    unchecked, so an out-of-range value would read and write outside the row. One host sync.
+    """
     problems = []
     if logits.dim() != 2:
         problems.append(f"logits must be [N, V], got shape {tuple(logits.shape)}")
@@ -61,6 +65,8 @@ def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, t
                             f"{tuple(target_ids.shape)}")
         if c_T is not None and c_T.shape != (N,):
             problems.append(f"c_T must be [N] = [{N}], got {tuple(c_T.shape)}")
+        if not problems and not target_ids.is_floating_point() and not labels.is_floating_point():
+            problems += _out_of_range(labels, ids_as_int64(target_ids), V, ignore_index)
     if not logits.is_floating_point():
         problems.append(f"logits must be floating point, got {logits.dtype}")
     if target_ids.is_floating_point():
@@ -77,6 +83,23 @@ def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, t
         problems.append(f"normalization='sequence' needs num_sequences >= 1, got {num_sequences}")
     if problems:
         raise ValueError("sparse_distill_loss: " + "; ".join(problems))
+
+
+def _out_of_range(labels, ids, V: int, ignore_index: int) -> list[str]:
+    """The first label and the first target id outside [0, V), by row, or []."""
+    bad_labels = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+    bad_ids = (ids < 0) | (ids >= V)
+    if not (bad_labels.any() | bad_ids.any()).item():
+        return []
+    problems = []
+    if bad_labels.any():
+        row = int(bad_labels.nonzero()[0, 0])
+        problems.append(f"labels[{row}] = {int(labels[row])} is outside [0, V = {V}) and is not "
+                        f"ignore_index = {ignore_index}")
+    if bad_ids.any():
+        row, col = (int(i) for i in bad_ids.nonzero()[0])
+        problems.append(f"target_ids[{row}, {col}] = {int(ids[row, col])} is outside [0, V = {V})")
+    return problems
 
 
 def loss_scales(labels: torch.Tensor, normalization: str, num_sequences: int | None, ignore_index: int):
@@ -105,7 +128,7 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     Returns (loss, ce, kl); ce and kl are detached. Computes in ``logits.dtype``.
     """
     check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
-               normalization=normalization, c_T=c_T, num_sequences=num_sequences)
+               normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index)
     N, V = logits.shape
     T = float(temperature)
     dtype = logits.dtype

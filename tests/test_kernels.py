@@ -23,7 +23,10 @@ except ImportError:
 # (N, V): an odd shape (V not a multiple of any block), and a small one for k = V through the interpreter.
 _SHAPE_PARAMS = [(41, 1271), (9, 300)]
 # dtype, atol, rtol (against the float64 reference; bf16 is judged against the dense bf16 error instead)
-_DTYPE_PARAMS = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 5e-2)]
+_DTYPE_PARAMS = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 5e-2), (torch.float16, 1e-3, 1e-2)]
+# dtype, atol, rtol per gradient entry against float64 on the same (rounded) inputs: one rounding of an
+# fp32 result (unit roundoff 2^-8 for bf16, 2^-11 for fp16) and a little; atol covers fp16 subnormals.
+_ENTRY_PARAMS = [(torch.bfloat16, 1e-30, 1e-2), (torch.float16, 1e-7, 2e-3)]
 _IMPLS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
     not HAVE_TRITON or (not INTERPRETED and not torch.cuda.is_available()),
     reason="needs triton with TRITON_INTERPRET=1 (CPU) or a GPU"))]
@@ -286,6 +289,53 @@ def test_dtypes(impl, dtype, atol, rtol):
         dense_err = (d.double() - e).abs().max().item()
         assert err <= dense_err + atol * max(1.0, e.abs().max().item()), \
             f"bf16 {name}: error {err:.3g} > dense bf16 error {dense_err:.3g} + tolerance"
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+@pytest.mark.parametrize("dtype,atol,rtol", _ENTRY_PARAMS)
+@pytest.mark.parametrize("alpha,T", [(0.0, 1.0), (0.0, 2.0), (0.5, 1.0)])
+def test_low_precision_gradient_entries_are_rounded_once(impl, dtype, atol, rtol, alpha, T):
+    """Student near the teacher: the stored ids' entries are small differences of near-equal terms; each
+    gradient entry must be the float64 value on the same inputs, rounded once (per-entry tolerance)."""
+    N, V, k = _SHAPE_PARAMS[0][0], _SHAPE_PARAMS[0][1], 8
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    z = (teacher + 0.05 * torch.randn(N, V, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[3] = -100
+    teacher_logp = torch.log_softmax(teacher, 1)
+    ids = teacher_logp.topk(k, dim=1).indices
+    logp = teacher_logp.gather(1, ids).float()
+    c_T = (torch.logsumexp(teacher / T, 1) - torch.logsumexp(teacher, 1) / T).float()
+    kw = dict(alpha=alpha, temperature=T, tail="bucket")
+    exact = run("reference", z.double(), labels, ids, logp.double(), c_T=c_T.double(), **kw)
+    actual = run(impl, z, labels, ids, logp, c_T=c_T, **kw)
+    assert actual[3].dtype == dtype
+    assert_verbose_allclose(actual[0], exact[0], 1e-6, 1e-5, name="loss")  # fp32 sums of terms of size ~1
+    assert_verbose_allclose(actual[3], exact[3], atol, rtol, name=f"{dtype} grad")
+
+
+@pytest.mark.parametrize("impl", _IMPLS + ["reference"])
+def test_out_of_range_labels_and_ids_are_refused_naming_the_value(impl):
+    z, labels, ids, logp, _ = make_inputs(10, 120, 5)
+    bad_labels = labels.clone()
+    bad_labels[4] = 120
+    with pytest.raises(ValueError, match=r"labels\[4\] = 120 is outside \[0, V = 120\) and is not "
+                                         r"ignore_index = -100") as err:
+        kernels.sparse_distill_loss(z, bad_labels, ids, logp.float(), impl=impl)
+    assert "\n" not in str(err.value)
+    bad_labels[4] = -1
+    with pytest.raises(ValueError, match=r"labels\[4\] = -1 is outside"):
+        kernels.sparse_distill_loss(z, bad_labels, ids, logp.float(), impl=impl)
+    bad_ids = ids.clone()
+    bad_ids[7, 2] = 5000
+    with pytest.raises(ValueError, match=r"target_ids\[7, 2\] = 5000 is outside \[0, V = 120\)"):
+        kernels.sparse_distill_loss(z, labels, bad_ids, logp.float(), impl=impl)
+    with pytest.raises(ValueError, match=r"target_ids\[7, 2\] = 5000 is outside"):
+        kernels.fused_linear_sparse_distill_loss(torch.randn(10, 16), torch.randn(120, 16), labels, bad_ids,
+                                                 logp.float(), impl=impl)
+    with pytest.raises(ValueError, match=r"labels\[4\] = -1 is outside"):
+        kernels.dense_distill_loss(z, bad_labels, torch.randn(10, 120))
 
 
 @pytest.mark.parametrize("impl", _IMPLS)
