@@ -341,18 +341,24 @@ def save_checkpoint(state_dir: Path, step: int, raw_model: torch.nn.Module, opti
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(ddp)
-    _save_rng(tmp / f"rng-rank{ddp.rank}.safetensors")
-    _barrier(ddp)
-    if ddp.main:
-        torch.save(raw_model.state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")  # last: the folder is whole
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    try:
+        _save_rng(tmp / f"rng-rank{ddp.rank}.safetensors")
+        _barrier(ddp)
+        if ddp.main:
+            torch.save(raw_model.state_dict(), tmp / "model.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if scaler is not None:
+                torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")  # last: the folder is whole
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:  # disk full or an I/O error (torch.save reports it as RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = " ".join(str(exc).split())[:300]
+        raise TrainingError(f"{final}: writing the checkpoint failed ({why}); the previous checkpoints are kept: "
+                            f"free space and resume with --resume") from exc
     _barrier(ddp)
     return final
 

@@ -170,19 +170,29 @@ def _crc(path: Path) -> int:
 
 def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: dict[str, np.ndarray],
                 extra: dict | None = None) -> dict:
-    """Write one chunk of every array, then its done marker (atomically, last). Returns the marker."""
+    """Write one chunk of every array, then its done marker (atomically, last). Returns the marker.
+
+    A write that fails (disk full, I/O error) leaves the chunk unmarked, so it counts as not done, and
+    raises one line naming the store and the chunk; zarr writes each file atomically.
+    """
     stop = start + len(arrays["ids"])
-    for name in ARRAYS:  # a chunk equal to the fill value must still be written (c_T at T = 1 is all 0)
-        group[name].with_config({"write_empty_chunks": True})[start:stop] = arrays[name]
-    files = {}
-    for rel in chunk_files(group, chunk).values():
-        file = path / rel
-        files[rel] = {"bytes": file.stat().st_size, "crc32": _crc(file)}
-    marker = {"chunk": chunk, "start": start, "stop": stop, "files": files, **(extra or {})}
     done = path / DONE_DIR / f"{chunk:06d}.json"
     partial = done.with_suffix(".json.partial")
-    partial.write_text(json.dumps(marker), encoding="utf-8")
-    partial.replace(done)
+    try:
+        for name in ARRAYS:  # a chunk equal to the fill value must still be written (c_T at T = 1 is all 0)
+            group[name].with_config({"write_empty_chunks": True})[start:stop] = arrays[name]
+        files = {}
+        for rel in chunk_files(group, chunk).values():
+            file = path / rel
+            files[rel] = {"bytes": file.stat().st_size, "crc32": _crc(file)}
+        marker = {"chunk": chunk, "start": start, "stop": stop, "files": files, **(extra or {})}
+        partial.write_text(json.dumps(marker), encoding="utf-8")
+        partial.replace(done)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise LogitStoreError(f"{path}: writing chunk {chunk} failed ({exc.strerror or exc}: {exc.filename or path}); "
+                              f"it is not marked done: free space and re-run `babydistill cache CONFIG` to finish "
+                              f"(chunks already done are kept)") from exc
     return marker
 
 

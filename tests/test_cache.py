@@ -345,6 +345,36 @@ def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_s
     assert verify_store(out, tiny_run.tokens_path) == [] and stage_status(stage)[0] == "done"
 
 
+def test_a_chunk_write_that_fails_is_not_marked_done_and_the_next_run_finishes(topk_store, tiny_run, teachers,
+                                                                              tmp_path, monkeypatch):
+    import errno
+
+    import zarr.storage._local as local
+
+    out = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], out)
+    group = zarr.open_group(str(out), mode="r")
+    flip_byte(out / chunk_files(group, 5)["ids"])  # chunk 5 is rewritten: the disk fills up during it
+    put = local._put
+
+    def disk_full(path, value, exclusive=False):
+        if "/logp/" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return put(path, value, exclusive)
+
+    monkeypatch.setattr(local, "_put", disk_full)
+    with pytest.raises(LogitStoreError, match=r"logits.zarr: writing chunk 5 failed \(No space left on device: "
+                                              r".*logp.*\); it is not marked done: free space and re-run "
+                                              r"`babydistill cache CONFIG`") as err:
+        capture(tiny_run, teachers, out)
+    assert "\n" not in str(err.value) and not (out / LOCK_FILE).exists()
+    assert [p.split(":")[0] for p in verify_store(out)] == ["chunk 5 (rows 160-191)"]
+    assert not list(out.rglob("*.partial"))
+    monkeypatch.setattr(local, "_put", put)
+    assert capture(tiny_run, teachers, out)["chunks_computed"] == 1
+    assert_same_store(topk_store[0], out)
+
+
 def test_verify_names_bad_content_even_with_a_consistent_marker(topk_store, tmp_path):
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)

@@ -262,3 +262,26 @@ def test_a_checkpoint_is_loaded_all_or_nothing(tiny_run, tmp_path):
         _load_checkpoint(folder, fingerprint, model, optimizer, None, Dist())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the weights were put back
     assert optimizer.state_dict()["state"] == {} and torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_a_checkpoint_write_that_fails_leaves_nothing_that_looks_complete(tiny_run, tmp_path, monkeypatch):
+    import errno
+
+    config = with_train(tiny_run, max_steps=8, save_every=4)
+    reference = run_teacher(config, tmp_path / "ref")
+    save = torch.save
+
+    def disk_full_at_step_8(obj, path, *args, **kwargs):
+        if "step-000008" in str(path) and Path(path).name == "optimizer.pt":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_8)
+    with pytest.raises(TrainingError, match=r"step-000008: writing the checkpoint failed \(.*No space left on "
+                                            r"device.*\); the previous checkpoints are kept") as err:
+        run_teacher(config, tmp_path / "t")
+    assert "\n" not in str(err.value)
+    state = tmp_path / "t" / STATE_DIR
+    assert steps_of(state) == ["step-000004"] and not list(state.glob("step-000008*"))
+    monkeypatch.setattr(torch, "save", save)
+    assert_same_weights(run_teacher(config, tmp_path / "t", resume=True), reference)
