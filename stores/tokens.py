@@ -12,8 +12,9 @@ cache and the student refer to training windows by number.
 
 Group attributes: ``format`` ("babydistill.tokens"), ``format_version``, ``vocab_size``,
 ``seq_len``, ``bos_id``, ``eod_id``, ``pad_id``, ``tokenizer_hash``, ``corpus_hashes`` (per split),
-``splits`` (per split: num_tokens, num_windows), ``tokens_hash`` (all streams and window tables)
-and ``windows_hash`` (the training window table).
+``splits`` (per split: num_tokens, num_windows), ``tokens_hash`` (all streams and window tables),
+``windows_hash`` (the training window table) and ``chunk_crc32`` (every chunk file's crc32, written
+after the arrays: a changed byte is named by ``verify_token_store`` and refused by the reader).
 
 Examples
 --------
@@ -25,6 +26,7 @@ Examples
 from __future__ import annotations
 
 import hashlib
+import zlib
 from functools import cached_property
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import zarr
 FORMAT = "babydistill.tokens"
 FORMAT_VERSION = 1
 _STREAM_CHUNK = 1 << 20
+REBUILD = "rebuild it with `babydistill tokenize CONFIG`"
 
 
 class TokenStoreError(ValueError):
@@ -73,7 +76,10 @@ def write_token_store(path: Path, streams: dict[str, np.ndarray], *, seq_len: in
         digest_parts.append(_hash_arrays(stream, starts, prefix=split))
         splits[split] = {"num_tokens": int(len(stream)), "num_windows": int(len(starts))}
     train_starts = window_starts(splits.get("train", {}).get("num_tokens", 0), seq_len)
+    crcs = {rel: (zlib.crc32((Path(path) / rel).read_bytes()) if (Path(path) / rel).is_file() else None)
+            for split in streams for name in ("tokens", "windows") for rel in _chunk_files(group, f"{split}/{name}")}
     group.attrs.update({
+        "chunk_crc32": crcs,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "vocab_size": int(vocab_size),
@@ -85,6 +91,50 @@ def write_token_store(path: Path, streams: dict[str, np.ndarray], *, seq_len: in
         "tokens_hash": hashlib.sha256((tokenizer_hash + "".join(digest_parts)).encode()).hexdigest(),
         "windows_hash": _hash_arrays(train_starts, prefix=f"seq_len={seq_len}"),
     })
+
+
+def _chunk_files(group: zarr.Group, name: str) -> list[str]:
+    """Store-relative files of every chunk of the 1-D array ``name``."""
+    array = group[name]
+    num_chunks = -(-array.shape[0] // array.chunks[0])
+    return [f"{name}/" + array.metadata.encode_chunk_key((i,)) for i in range(num_chunks)]
+
+
+def _file_problem(path: Path, rel: str, crc: int | None) -> str | None:
+    file = Path(path) / rel
+    if crc is None:  # a chunk equal to the fill value is not written
+        return f"{rel} appeared since it was written" if file.is_file() else None
+    if not file.is_file():
+        return f"{rel} is missing"
+    if zlib.crc32(file.read_bytes()) != crc:
+        return f"{rel} changed since it was written (crc32)"
+    return None
+
+
+def verify_token_store(path: Path) -> list[str]:
+    """Every chunk file of ``tokens.zarr`` against its recorded crc32 ([] = fine); stores written before
+    chunk checksums are checked against their ``tokens_hash`` instead."""
+    try:
+        store = TokenStore(path)
+    except TokenStoreError as exc:
+        return [str(exc)]
+    crcs = store.attrs.get("chunk_crc32")
+    if crcs is None:
+        try:
+            digest = "".join(_hash_arrays(store.group[f"{split}/tokens"][:], store.group[f"{split}/windows"][:],
+                                          prefix=split) for split in store.splits)
+        except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
+            return [f"unreadable ({type(exc).__name__}: {exc})"]
+        if hashlib.sha256((store.tokenizer_hash + digest).encode()).hexdigest() != store.tokens_hash:
+            return ["the token streams changed since they were written (tokens_hash)"]
+        return []
+    return [why for rel, crc in crcs.items() if (why := _file_problem(path, rel, crc))]
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """None when ``path`` holds an intact token store, else the first problem (for `run` and `status`)."""
+    problems = verify_token_store(path)
+    return f"{len(problems)} problem(s), first: {problems[0]}" if problems else None
 
 
 class TokenStore:
@@ -132,16 +182,24 @@ class TokenStore:
         if split not in self.attrs["splits"]:
             raise TokenStoreError(f"{self.path}: no split {split!r} (has {', '.join(self.splits)})")
 
+    def _read(self, name: str) -> np.ndarray:
+        """Array ``name`` whole, after checking its chunk files against their recorded crc32."""
+        for rel in _chunk_files(self.group, name) if "chunk_crc32" in self.attrs else []:
+            why = _file_problem(self.path, rel, self.attrs["chunk_crc32"].get(rel))
+            if why:
+                raise TokenStoreError(f"{self.path}: {why}; {REBUILD}")
+        return self.group[name][:]
+
     def stream(self, split: str) -> np.ndarray:
         self._check_split(split)
         if split not in self._streams:
-            self._streams[split] = self.group[f"{split}/tokens"][:]
+            self._streams[split] = self._read(f"{split}/tokens")
         return self._streams[split]
 
     def starts(self, split: str) -> np.ndarray:
         self._check_split(split)
         if split not in self._starts:
-            self._starts[split] = self.group[f"{split}/windows"][:]
+            self._starts[split] = self._read(f"{split}/windows")
         return self._starts[split]
 
     def num_windows(self, split: str) -> int:

@@ -284,3 +284,41 @@ def test_execution_only_keys_do_not_change_stage_fingerprints(tmp_path):
     assert base.section_hash("model", "train", "cache") == faster.section_hash("model", "train", "cache")
     other = load_config(write_config(tmp_path), ["train.lr=0.1"])
     assert base.section_hash("model", "train") != other.section_hash("model", "train")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_token_chunk_is_named_refused_and_rebuilt_by_tokenize(tiny_config_path, capsys, damage):
+    from stores.tokens import TokenStoreError
+
+    for verb in ("prepare", "tokenizer", "tokenize"):
+        assert run_cli(verb, tiny_config_path) == 0
+    tokens = load_config(tiny_config_path).tokens_path
+    files = sorted(p.relative_to(tokens).as_posix() for p in tokens.rglob("c/*") if p.is_file())
+    original = {rel: (tokens / rel).read_bytes() for rel in files}
+    capsys.readouterr()
+    assert run_cli("store", "verify", tokens) == 0
+    for rel in ("train/tokens/c/0", "validation/windows/c/0"):
+        file = tokens / rel
+        if damage == "flip":
+            data = bytearray(file.read_bytes())
+            data[len(data) // 2] ^= 0x10
+            file.write_bytes(bytes(data))
+        elif damage == "truncate":
+            file.write_bytes(file.read_bytes()[:-2])
+        else:
+            file.unlink()
+        why = "is missing" if damage == "delete" else "changed since it was written (crc32)"
+        capsys.readouterr()
+        assert run_cli("store", "verify", tokens) == 1
+        out, err = capsys.readouterr()
+        assert f"FAIL {rel} {why}" in out and "`babydistill tokenize CONFIG`" in err
+        split = rel.split("/")[0]
+        with pytest.raises(TokenStoreError) as refused:
+            TokenStore(tokens).windows(split, [0])
+        assert str(refused.value) == f"{tokens}: {rel} {why}; rebuild it with `babydistill tokenize CONFIG`"
+        assert run_cli("status", tiny_config_path) == 0
+        assert "incomplete  tokenize" in capsys.readouterr().out
+        assert run_cli("tokenize", tiny_config_path) == 0
+        assert "[run ] tokenize" in capsys.readouterr().out
+        assert {rel: (tokens / rel).read_bytes() for rel in files} == original
+        assert run_cli("store", "verify", tokens) == 0

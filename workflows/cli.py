@@ -120,17 +120,26 @@ def cmd_status(args):
 def cmd_store(args):
     import json
 
-    from stores.logits import store_info, verify_store
+    from stores.logits import read_attrs, store_info, verify_store
+    from stores.tokens import FORMAT as TOKENS_FORMAT
+    from stores.tokens import verify_token_store
 
+    is_tokens = (read_attrs(Path(args.path)) or {}).get("format") == TOKENS_FORMAT
     if args.action == "info":
+        if is_tokens:
+            raise ValueError(f"{args.path}: `store info` reads logit stores; this is a token store")
         print(json.dumps(store_info(Path(args.path)), indent=2, default=str))
         return 0
-    problems = verify_store(Path(args.path), Path(args.tokens) if args.tokens else None)
+    if is_tokens:
+        problems, fix = verify_token_store(Path(args.path)), "Re-run `babydistill tokenize CONFIG` to rebuild it"
+    else:
+        problems = verify_store(Path(args.path), Path(args.tokens) if args.tokens else None)
+        fix = "Re-run `babydistill cache CONFIG` to rewrite the bad chunks"
     if problems:
         for problem in problems:
             print(f"FAIL {problem}")
-        print(f"babydistill: error: {args.path}: {len(problems)} problem(s); first: {problems[0]}. "
-              "Re-run `babydistill cache CONFIG` to rewrite the bad chunks", file=sys.stderr)
+        print(f"babydistill: error: {args.path}: {len(problems)} problem(s); first: {problems[0]}. {fix}",
+              file=sys.stderr)
         return 1
     print(f"OK {args.path}: every chunk readable and consistent")
     return 0
@@ -250,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what is done, what is not, and why")
     _add_config(p, force=False)
 
-    p = sub.add_parser("store", help="inspect a logit store")
+    p = sub.add_parser("store", help="inspect a logit store; verify also checks a tokens.zarr")
     p.add_argument("action", choices=["info", "verify"], help="info: shapes, sizes, teachers; verify: check every chunk")
     p.add_argument("path", help="a logits.zarr folder")
     p.add_argument("--tokens", help="verify: also check the hashes against this tokens.zarr (default: none)")

@@ -220,12 +220,13 @@ def tokenizer_stage(config: Config) -> Stage:
 
 def tokenize_stage(config: Config) -> Stage:
     from pipeline.tokenize import tokenize_corpus
+    from stores.tokens import incomplete_reason
 
     up, waiting = _upstream(config.tokenizer_path, "`babydistill tokenizer CONFIG`")
     fp = fingerprint("tokenize", config.data.seq_len, up) if up else None
     return Stage("tokenize", config.tokens_path, fp,
                  lambda work: tokenize_corpus(config.data, config.data_path, config.tokenizer_path, work),
-                 "babydistill tokenize CONFIG", waiting_for=waiting)
+                 "babydistill tokenize CONFIG", waiting_for=waiting, incomplete=incomplete_reason)
 
 
 def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = "auto") -> Stage:
