@@ -129,6 +129,7 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
             # Tail term: tail_fac multiplies softmax(z/T) on tail tokens, shift is added to them.
             tail_fac = None
             shift = None
+            deep_shift = None
             r = r_T[a:b]
             if uniform:
                 nt = num_tail[a:b]
@@ -139,9 +140,21 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
             elif bucket_tail:
                 # The student's tail mass exactly (zero K, then sum) rather than 1 - sum_K: no cancellation
                 # when K holds nearly all of it. K positions are overwritten below, so zeroing is free.
-                Q = qT.scatter_(1, idx, 0.0).sum(1).clamp_min(1e-38)
-                kl = kl + torch.where(r > 0, r * (r.clamp_min(1e-38).log() - Q.log()), 0)
-                tail_fac = 1 - r / Q
+                Q = qT.scatter_(1, idx, 0.0).sum(1)
+                logQ = Q.clamp_min(1e-38).log()
+                tail_fac = 1 - r / Q.clamp_min(1e-38)
+                # Rows whose tail mass nears fp32's range (a confidence gap above ~45 T nats) in log space:
+                # logQ = LSE_tail(z/T) - LSE(z/T), and the tail's gradient w (Q - r) softmax_tail(z/T)
+                # (= w softmax(z/T) (1 - r / Q)) from the tail's own softmax, which does not underflow.
+                deep = ((r > 0) & (Q < 1e-20)).nonzero()[:, 0]
+                if len(deep):
+                    s_tail = (x[deep] / T).scatter_(1, idx[deep], float("-inf"))
+                    lse_tail = torch.logsumexp(s_tail, 1)
+                    logQ[deep] = lse_tail - lseT[deep]
+                    tail_fac[deep] = 0.0
+                    fac = wk[deep] * (logQ[deep].exp() - r[deep])
+                    deep_shift = fac[:, None] * (s_tail - lse_tail[:, None]).exp()  # 0 on K
+                kl = kl + torch.where(r > 0, r * (r.clamp_min(1e-38).log() - logQ), 0)
 
             # Gradient, formed whole in fp32 (dense part, then K entries and the label overwritten /
             # corrected) and rounded once into a low-precision gradient: rounding the K entries' two
@@ -155,6 +168,8 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
                 torch.mul(q1, wc[:, None], out=out).addcmul_(qT, kT[:, None])
             if shift is not None:
                 out.add_(shift)
+            if deep_shift is not None:
+                out[deep] += deep_shift
             q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * logq_K.exp()
             out.scatter_(1, idx, q_part)
             out.scatter_add_(1, idx, -wk[:, None] * p_K)

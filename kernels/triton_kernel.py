@@ -7,7 +7,8 @@ One program per row, one launch:
 2. a pass over the k teacher entries: the KL on K, and the final gradient of each K entry, stashed in
    a small [N, k] fp32 buffer (so the kernel may write its gradient over the logits);
 3. the tail term; for the bucket tail, when K holds nearly all the student's mass (ST - sum_K is a
-   cancellation), the tail sum is recomputed exactly by testing each column against K;
+   cancellation), the tail sum is recomputed exactly by testing each column against K, as a log-sum-exp
+   from the tail's own maximum, and a tail mass below fp32's range gets its loss and gradient in log space;
 4. the gradient pass, dL/dz = w_ce (softmax(z) - e_y) + (w_kl / T) (softmax(z/T) - target), formed in
    fp32 and rounded once to the logits' dtype, then the K entries overwritten from the stash.
 
@@ -103,9 +104,11 @@ def sparse_distill_kernel(
     x_y = tl.load(l_row + safe_label).to(tl.float32)
     ce = lse1 - x_y
 
-    # 3. tail term; tail_fac multiplies softmax(z/T) on tail tokens, shift is added to them.
-    tail_fac = zero + 1.0
+    # 3. tail term: tail tokens get exp(z/T - tail_off) * tail_fac + shift (tail_off = LSE(z/T) but for a
+    # bucket tail below fp32's range, see below).
     shift = zero
+    tail_fac = zero + 1.0
+    tail_off = lseT
     r = tl.load(r_ptr + row)
     if UNIFORM:
         nt = tl.load(ntail_ptr + row)
@@ -113,12 +116,16 @@ def sparse_distill_kernel(
         sum_tail_s = (sx - sum_zK) * inv_T
         kl += tl.where(u > 0, nt * u * tl.log(tl.maximum(u, 1e-38)) - u * (sum_tail_s - nt * lseT), 0.0)
         shift = -w_kT * u
+    # log_tail = log sum_tail exp((z - m) / T), the student's tail mass relative to its row maximum.
+    log_tail = zero
     if BUCKET:
-        tail = sT - sum_eK
+        log_tail = tl.log(tl.maximum(sT - sum_eK, 1e-38))
         if r > 0:
-            if tail < exact_tail_below * sT:
-                # K holds nearly all the mass: sum the tail exactly, testing each column against K.
-                tail = zero
+            if sT - sum_eK < exact_tail_below * sT:
+                # K holds nearly all the mass: sum the tail exactly, testing each column against K, as an
+                # online log-sum-exp from the tail's own maximum (a tail below fp32's range stays exact).
+                mt = zero - float("inf")
+                st = zero
                 for start in range(0, V, BLOCK_F):
                     cols = start + tl.arange(0, BLOCK_F)
                     mask = cols < V
@@ -128,10 +135,23 @@ def sparse_distill_kernel(
                         kk = ks + tl.arange(0, BLOCK_K)
                         idk = tl.load(ids_ptr + k_off + kk, mask=kk < K, other=-1)
                         hits += tl.sum((cols[:, None] == idk[None, :]).to(tl.int32), axis=1)
-                    tail += tl.sum(tl.where(mask & (hits == 0), tl.exp((x - m) * inv_T), 0.0), axis=0)
-        tail = tl.maximum(tail, 1e-38)
-        kl += tl.where(r > 0, r * (tl.log(tl.maximum(r, 1e-38)) - (tl.log(tail) - tl.log(sT))), 0.0)
-        tail_fac = 1.0 - r * sT / tail
+                    xt = tl.where(mask & (hits == 0), x, float("-inf"))
+                    mt_new = tl.maximum(mt, tl.max(xt, axis=0))
+                    if mt_new > float("-inf"):
+                        st = st * tl.exp((mt - mt_new) * inv_T) + tl.sum(
+                            tl.where(xt > float("-inf"), tl.exp((xt - mt_new) * inv_T), 0.0), axis=0)
+                        mt = mt_new
+                if st > 0:
+                    log_tail = (mt - m) * inv_T + tl.log(st)
+        log_Q = log_tail - tl.log(sT)
+        kl += tl.where(r > 0, r * (tl.log(tl.maximum(r, 1e-38)) - log_Q), 0.0)
+        # Tail tokens: softmax(z/T) (1 - r / Q); when Q nears fp32's range, the same as
+        # softmax_tail(z/T) (Q - r) = exp((z - m) / T - log_tail) (Q - r), which does not underflow.
+        if (r > 0) & (log_Q < -40.0):
+            tail_off = m * inv_T + log_tail
+            tail_fac = tl.exp(log_Q) - r
+        else:
+            tail_fac = 1.0 - r * tl.exp(-tl.maximum(log_Q, -40.0))  # finite: r = 0 (renorm) gives 1
 
     tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
     tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
@@ -141,7 +161,8 @@ def sparse_distill_kernel(
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         x = tl.load(l_row + cols, mask=mask, other=0.0).to(tl.float32)
-        g = w_ce * tl.exp(x - lse1) + w_kT * (tl.exp(x * inv_T - lseT) * tail_fac) + shift
+        # (the exponent is <= 0 on every tail token; K entries, where it may not be, are overwritten below)
+        g = w_ce * tl.exp(x - lse1) + w_kT * tl.exp(tl.minimum(x * inv_T - tail_off, 0.0)) * tail_fac + shift
         g = g - tl.where(cols == safe_label, w_ce, 0.0)
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()

@@ -453,3 +453,18 @@ def test_bad_arguments_are_listed():
     message = str(err.value)
     for word in ("labels", "alpha", "tail", "num_sequences"):
         assert word in message
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_a_student_tail_mass_below_fp32_range_keeps_loss_and_gradient(impl, T):
+    """A confidence gap above 87 T nats: the student's tail mass underflows fp32; the bucket term is formed
+    in log space, so loss and gradient still match float64 (they used to lose the tail's gradient)."""
+    z, labels, ids, logp, c_T = make_inputs(12, 300, 6, T=T, ignored=())
+    for i in range(0, 12, 2):
+        z[i, ids[i, 0]] += 100.0 * T + 30.0  # the student is (far too) sure of the teacher's top token
+    kw = dict(alpha=0.3, temperature=T, tail="bucket", c_T=c_T.float())
+    exact = run("reference", z.double(), labels, ids, logp.float().double(), **dict(kw, c_T=c_T.float().double()))
+    actual = run(impl, z, labels, ids, logp.float(), **kw)
+    assert_verbose_allclose(actual[0], exact[0], 0.0, 1e-5, name="loss")
+    assert_verbose_allclose(actual[3], exact[3], 1e-9, 1e-4, name="grad")
