@@ -25,7 +25,6 @@ import torch
 from pipeline.config import CacheConfig
 from pipeline.tokenizer import tokenizer_hash
 from stores.logits import (
-    DONE_DIR,
     FORMAT,
     FORMAT_VERSION,
     IDENTITY_KEYS,
@@ -34,8 +33,10 @@ from stores.logits import (
     chunk_problem,
     chunk_ranges,
     create_store,
+    migrate_markers,
     read_attrs,
     read_marker,
+    remove_marker,
     window_order,
     write_chunk,
 )
@@ -478,6 +479,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
         for leftover in out.rglob("*.partial"):  # half-written files of a killed capture
             leftover.unlink()
         ranges = chunk_ranges(identity["num_windows"], cfg.chunk_windows)
+        migrate_markers(out, len(ranges))
         positions = fidelity_positions(identity["num_windows"], tokens.seq_len, cfg.fidelity_positions, cfg.seed)
         todo = []
         for i, (start, stop) in enumerate(ranges):
@@ -487,7 +489,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
                 continue
             if why != "not marked done":
                 print(f"cache: rewriting chunk {i} (rows {start}-{stop - 1}): {why}", flush=True)
-            (out / DONE_DIR / f"{i:06d}.json").unlink(missing_ok=True)
+            remove_marker(out, i)
             rows = positions[(positions[:, 0] >= start) & (positions[:, 0] < stop)]
             todo.append((i, start, stop, [(int(w), int(s)) for w, s in rows]))
         remote = scheduler is not None or workers > 1

@@ -9,9 +9,15 @@ Layout (Zarr v3 group; every array chunked along windows only, ``C = chunk_windo
       c_T/                 float32 [W, S, nT]  c_T = LSE(zbar/T) - LSE(zbar)/T, one column per capture temperature
       tokens/              uint16  [W, S + 1]  the row's token ids: inputs = [:, :-1], labels = [:, 1:]
       window_ids/          uint32  [W]         the training window of tokens.zarr that each row holds
-      _done/000012.json    done marker of chunk 12: written only after the chunk's files, holds their
-                           byte sizes and crc32 (a truncated or deleted chunk file is detected and redone)
-      capture.lock         present while a capture runs (pid + host)
+      _done/               a plain zarr group holding the done markers
+      _done/000012/zarr.json  done marker of chunk 12 (a zarr group node; the marker is its attributes):
+                           written only after the chunk's files, holds their byte sizes and crc32 (a
+                           truncated, changed or deleted chunk file is detected and redone)
+    logits.zarr.lock       beside the store, present while a capture runs (pid + host)
+
+Every piece of bookkeeping is a zarr node (the runner's stage marker too: ``_stage/zarr.json``), so
+plain zarr walks the store without a warning. Stores written before keep ``_done/000012.json`` and
+``stage.json``, which are still read (a re-run of `babydistill cache` moves them to the new places).
 
 ``W`` = training windows of tokens.zarr, ``S`` = seq_len. Row order (attribute ``order``):
 ``shuffled`` (default) stores the windows in a global permutation fixed by ``cache.seed``
@@ -62,7 +68,6 @@ FORMAT_VERSION = 2
 # Version 1 stored rows in corpus order, which a chunk-streaming reader cannot mix into good batches.
 PAD_LOGP = -1.0e4
 DONE_DIR = "_done"
-LOCK_FILE = "capture.lock"
 ARRAYS = ("ids", "logp", "c_T", "tokens", "window_ids")
 MODES = ("topk", "sample", "hybrid")
 ORDERS = ("shuffled", "corpus")
@@ -112,8 +117,49 @@ def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.
         group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), compressors=compressor,
                            fill_value=0, overwrite=True)
     group.attrs.update({"format": FORMAT, **attrs, "codec": codec or CODEC})
-    (path / DONE_DIR).mkdir(exist_ok=True)
+    group.require_group(DONE_DIR)
     return group
+
+
+def lock_path(path: Path) -> Path:
+    """The capture lock of store ``path``: a file beside it (inside, plain zarr would trip over it)."""
+    return Path(path).with_name(Path(path).name + ".lock")
+
+
+def marker_path(path: Path, chunk: int) -> Path:
+    return Path(path) / DONE_DIR / f"{chunk:06d}" / "zarr.json"
+
+
+def _legacy_marker_path(path: Path, chunk: int) -> Path:
+    return Path(path) / DONE_DIR / f"{chunk:06d}.json"
+
+
+def node_json(attributes: dict) -> str:
+    """A zarr v3 group node whose attributes are ``attributes``: how bookkeeping hides in plain sight."""
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}, default=str)
+
+
+def remove_marker(path: Path, chunk: int) -> None:
+    marker = marker_path(path, chunk)
+    marker.unlink(missing_ok=True)
+    if marker.parent.is_dir():
+        for leftover in marker.parent.iterdir():
+            leftover.unlink()
+        marker.parent.rmdir()
+    _legacy_marker_path(path, chunk).unlink(missing_ok=True)
+
+
+def migrate_markers(path: Path, num_chunks: int) -> None:
+    """Move a store's done markers of the layout before zarr nodes (``_done/N.json``) to ``_done/N/zarr.json``."""
+    done = Path(path) / DONE_DIR
+    if not (done / "zarr.json").is_file():
+        zarr.open_group(store=str(path), mode="r+").require_group(DONE_DIR)
+    for chunk in range(num_chunks):
+        legacy = _legacy_marker_path(path, chunk)
+        if legacy.is_file():
+            marker = json.loads(legacy.read_text(encoding="utf-8"))
+            _write_marker(path, chunk, marker)
+            legacy.unlink()
 
 
 def read_attrs(path: Path) -> dict | None:
@@ -176,8 +222,7 @@ def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: d
     raises one line naming the store and the chunk; zarr writes each file atomically.
     """
     stop = start + len(arrays["ids"])
-    done = path / DONE_DIR / f"{chunk:06d}.json"
-    partial = done.with_suffix(".json.partial")
+    partial = marker_path(path, chunk).with_suffix(".json.partial")
     try:
         for name in ARRAYS:  # a chunk equal to the fill value must still be written (c_T at T = 1 is all 0)
             group[name].with_config({"write_empty_chunks": True})[start:stop] = arrays[name]
@@ -186,8 +231,7 @@ def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: d
             file = path / rel
             files[rel] = {"bytes": file.stat().st_size, "crc32": _crc(file)}
         marker = {"chunk": chunk, "start": start, "stop": stop, "files": files, **(extra or {})}
-        partial.write_text(json.dumps(marker), encoding="utf-8")
-        partial.replace(done)
+        _write_marker(path, chunk, marker)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         raise LogitStoreError(f"{path}: writing chunk {chunk} failed ({exc.strerror or exc}: {exc.filename or path}); "
@@ -196,9 +240,22 @@ def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: d
     return marker
 
 
+def _write_marker(path: Path, chunk: int, marker: dict) -> None:
+    """Chunk ``chunk``'s done marker, atomically (written whole, then renamed into place)."""
+    final = marker_path(path, chunk)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_suffix(".json.partial")
+    partial.write_text(node_json(marker), encoding="utf-8")
+    partial.replace(final)
+
+
 def read_marker(path: Path, chunk: int) -> dict | None:
     try:
-        return json.loads((Path(path) / DONE_DIR / f"{chunk:06d}.json").read_text(encoding="utf-8"))
+        return json.loads(marker_path(path, chunk).read_text(encoding="utf-8"))["attributes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        return json.loads(_legacy_marker_path(path, chunk).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -252,7 +309,7 @@ def _pid_alive(pid: int) -> bool:
 
 def acquire_lock(path: Path) -> Path:
     """Take the capture lock of ``path``; a lock left by a dead process on this host is taken over."""
-    lock = Path(path) / LOCK_FILE
+    lock = lock_path(path)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(2):
         try:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,11 @@ from pipeline.config import CacheConfig, ConfigError, load_config
 from pipeline.model import build_model
 from stores.logits import (
     ARRAYS,
-    LOCK_FILE,
     PAD_LOGP,
     LogitStoreError,
     chunk_files,
     incomplete_reason,
+    lock_path,
     store_info,
     verify_store,
 )
@@ -86,7 +87,7 @@ def test_capture_layout_and_attrs(topk_store, tiny_run, teachers):
     out, summary = topk_store
     assert sorted(p.name for p in out.iterdir()) == ["_done", "c_T", "ids", "logp", "tokens", "window_ids",
                                                        "zarr.json"]
-    assert len(list((out / "_done").glob("*.json"))) == NUM_CHUNKS
+    assert len(list((out / "_done").glob("*/zarr.json"))) == NUM_CHUNKS
     attrs = zarr.open_group(str(out), mode="r").attrs
     tokens = TokenStore(tiny_run.tokens_path)
     assert attrs["format"] == "babydistill.logits" and attrs["format_version"] == 2
@@ -271,27 +272,27 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_capture(topk_store, tiny_run,
             *map(str, teachers)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
     deadline = time.time() + 120
-    while len(list((out / "_done").glob("*.json"))) < 3 if (out / "_done").is_dir() else True:
+    while len(list((out / "_done").glob("*/zarr.json"))) < 3 if (out / "_done").is_dir() else True:
         assert proc.poll() is None and time.time() < deadline, "capture ended before it could be killed"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list((out / "_done").glob("*.json")))
-    assert 3 <= done < NUM_CHUNKS and (out / LOCK_FILE).exists()  # the dead process's lock is left behind
+    done = len(list((out / "_done").glob("*/zarr.json")))
+    assert 3 <= done < NUM_CHUNKS and lock_path(out).exists()  # the dead process's lock is left behind
     assert incomplete_reason(out) is not None
     summary = capture(tiny_run, teachers, out)  # takes over the stale lock, redoes the rest
     assert summary["chunks_skipped"] == done and summary["chunks_computed"] == NUM_CHUNKS - done
     assert_same_store(topk_store[0], out)
-    assert not (out / LOCK_FILE).exists() and incomplete_reason(out) is None
+    assert not lock_path(out).exists() and incomplete_reason(out) is None
 
 
 def test_a_second_capture_is_refused_while_one_runs(topk_store, tiny_run, teachers, tmp_path):
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)
-    (out / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    lock_path(out).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
     with pytest.raises(LogitStoreError, match="another capture is running") as err:
         capture(tiny_run, teachers, out)
-    assert "\n" not in str(err.value) and (out / LOCK_FILE).exists()
+    assert "\n" not in str(err.value) and lock_path(out).exists()
 
 
 def test_truncated_or_deleted_chunk_is_named_by_verify_and_rewritten(topk_store, tiny_run, teachers, tmp_path):
@@ -319,7 +320,7 @@ def flip_byte(file: Path) -> None:
 
 def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_store, tiny_run, teachers, tmp_path,
                                                                          capsys):
-    from workflows.runner import MARKER, Stage, run_stage, stage_status
+    from workflows.runner import STORE_MARKER, Stage, run_stage, stage_status, write_marker
 
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)
@@ -332,9 +333,9 @@ def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_s
     assert all("changed since it was written (crc32)" in p for p in problems)
     assert "5 of 14 chunks" in incomplete_reason(out) and incomplete_reason(out, checksum=False) is None
     # `run` and `cache` go through run_stage: a finished stage with a changed byte is not up to date.
-    (out / MARKER).write_text(json.dumps({"fingerprint": "fp"}))
+    write_marker(out / STORE_MARKER, {"fingerprint": "fp"})
     stage = Stage("cache", out, "fp", lambda work: capture(tiny_run, teachers, work), "babydistill cache CONFIG",
-                  in_place=True, incomplete=incomplete_reason)
+                  in_place=True, incomplete=incomplete_reason, store=True)
     assert stage_status(stage)[0] == "incomplete"
     capsys.readouterr()
     assert run_stage(stage)
@@ -343,6 +344,38 @@ def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_s
         assert f"rewriting chunk {chunk} " in printed and chunk_files(group, chunk)[name] in printed
     assert_same_store(topk_store[0], out)
     assert verify_store(out, tiny_run.tokens_path) == [] and stage_status(stage)[0] == "done"
+    assert_plain_zarr_sees_a_clean_hierarchy(out)
+
+
+def assert_plain_zarr_sees_a_clean_hierarchy(store: Path) -> None:
+    """The README's snippet runs as written, and walking every node of the store warns about nothing."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = readme.split("Open it without babydistill:\n\n```python\n", 1)[1].split("```", 1)[0]
+    assert "runs/demo/logits.zarr" in snippet
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        namespace: dict = {}
+        exec(snippet.replace("runs/demo/logits.zarr", str(store)), namespace)
+        assert float(namespace["p"][:2].sum().compute()) > 0
+        group = zarr.open_group(str(store), mode="r")
+        names = [name for name, _ in group.members(max_depth=None)]
+        group.tree()
+    assert set(ARRAYS) <= set(names)
+
+
+def test_plain_zarr_walks_a_store_of_the_layout_before_marker_nodes_after_a_cache_rerun(topk_store, tiny_run,
+                                                                                      teachers, tmp_path):
+    out = tmp_path / "logits.zarr"
+    shutil.copytree(topk_store[0], out)
+    for chunk in range(NUM_CHUNKS):  # the layout before: _done/N.json, _done not a zarr group
+        marker = out / "_done" / f"{chunk:06d}" / "zarr.json"
+        (out / "_done" / f"{chunk:06d}.json").write_text(json.dumps(json.loads(marker.read_text())["attributes"]))
+        shutil.rmtree(marker.parent)
+    (out / "_done" / "zarr.json").unlink()
+    assert incomplete_reason(out) is None and verify_store(out) == []  # still read
+    assert capture(tiny_run, teachers, out)["chunks_computed"] == 0
+    assert not list((out / "_done").glob("0*.json")) and verify_store(out) == []
+    assert_plain_zarr_sees_a_clean_hierarchy(out)
 
 
 def test_a_chunk_write_that_fails_is_not_marked_done_and_the_next_run_finishes(topk_store, tiny_run, teachers,
@@ -367,7 +400,7 @@ def test_a_chunk_write_that_fails_is_not_marked_done_and_the_next_run_finishes(t
                                               r".*logp.*\); it is not marked done: free space and re-run "
                                               r"`babydistill cache CONFIG`") as err:
         capture(tiny_run, teachers, out)
-    assert "\n" not in str(err.value) and not (out / LOCK_FILE).exists()
+    assert "\n" not in str(err.value) and not lock_path(out).exists()
     assert [p.split(":")[0] for p in verify_store(out)] == ["chunk 5 (rows 160-191)"]
     assert not list(out.rglob("*.partial"))
     monkeypatch.setattr(local, "_put", put)
@@ -402,7 +435,7 @@ def test_store_from_other_inputs_is_refused_and_left_intact(topk_store, tiny_run
         capture(tiny_run, teachers, out, k=4)
     with pytest.raises(ValueError, match=r"other inputs \(teachers\).*--force"):
         capture(tiny_run, teachers[::-1], out)
-    assert incomplete_reason(out) is None and not (out / LOCK_FILE).exists()
+    assert incomplete_reason(out) is None and not lock_path(out).exists()
     assert_same_store(topk_store[0], out)
 
 

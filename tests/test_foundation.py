@@ -322,3 +322,13 @@ def test_a_damaged_token_chunk_is_named_refused_and_rebuilt_by_tokenize(tiny_con
         assert "[run ] tokenize" in capsys.readouterr().out
         assert {rel: (tokens / rel).read_bytes() for rel in files} == original
         assert run_cli("store", "verify", tokens) == 0
+    # the stage marker is a zarr node: plain zarr walks the store without a warning
+    assert (tokens / "_stage" / "zarr.json").is_file() and not (tokens / "stage.json").exists()
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        names = [name for name, _ in zarr.open_group(str(tokens), mode="r").members(max_depth=None)]
+    assert {"train/tokens", "train/windows", "_stage"} <= set(names)

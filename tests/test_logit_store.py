@@ -11,7 +11,6 @@ import pytest
 import zarr
 
 from stores.logits import (
-    LOCK_FILE,
     PAD_LOGP,
     LogitStoreError,
     acquire_lock,
@@ -19,10 +18,12 @@ from stores.logits import (
     chunk_ranges,
     create_store,
     incomplete_reason,
+    lock_path,
     open_store,
     read_attrs,
     store_info,
     verify_store,
+    window_order,
     write_chunk,
 )
 
@@ -37,7 +38,7 @@ class LogitStoreTests:
     logp_dtype = "float16"
 
     def attrs(self) -> dict:
-        return {"format_version": 1, "mode": self.mode, "k": self.slots if self.mode == "topk" else None,
+        return {"format_version": 2, "order": "shuffled", "mode": self.mode, "k": self.slots if self.mode == "topk" else None,
                 "samples": 8 if self.mode == "sample" else None, "slots": self.slots, "ensemble": "logits",
                 "temperatures": [1.0, 2.0], "logp_dtype": self.logp_dtype, "chunk_windows": CHUNK, "seed": 0,
                 "fidelity_positions": 0, "vocab_size": VOCAB, "seq_len": SEQ_LEN, "num_windows": NUM_WINDOWS,
@@ -53,7 +54,8 @@ class LogitStoreTests:
             logp[..., -1] = PAD_LOGP  # one padding slot per position
         return {"ids": ids.astype(np.uint16), "logp": logp.astype(self.logp_dtype),
                 "c_T": rng.normal(size=(n, SEQ_LEN, 2)).astype(np.float32),
-                "tokens": rng.integers(0, VOCAB, size=(n, SEQ_LEN + 1)).astype(np.uint16)}
+                "tokens": rng.integers(0, VOCAB, size=(n, SEQ_LEN + 1)).astype(np.uint16),
+                "window_ids": window_order(NUM_WINDOWS, "shuffled", 0)[start:stop].astype(np.uint32)}
 
     @pytest.fixture
     def store(self, tmp_path) -> Path:
@@ -110,8 +112,8 @@ class LogitStoreTests:
         worse["logp"][1, 1, 0] = 0.5  # a probability above 1
         write_chunk(store, group, 3, 15, worse)
         problems = verify_store(store)
-        assert problems == [f"chunk 2 (windows 10-14): id {VOCAB + 1} >= vocab size {VOCAB}",
-                            "chunk 3 (windows 15-19): probabilities outside (0, 1]"]
+        assert problems == [f"chunk 2 (rows 10-14): id {VOCAB + 1} >= vocab size {VOCAB}",
+                            "chunk 3 (rows 15-19): probabilities outside (0, 1]"]
 
     def test_verify_reports_an_unreadable_chunk(self, store):
         self.fill(store)
@@ -120,7 +122,7 @@ class LogitStoreTests:
         size = (store / rel).stat().st_size
         (store / rel).write_bytes(b"\0" * size)
         problems = verify_store(store)
-        assert len(problems) == 1 and problems[0].startswith("chunk 1 (windows 5-9): ") and "crc32" in problems[0]
+        assert len(problems) == 1 and problems[0].startswith("chunk 1 (rows 5-9): ") and "crc32" in problems[0]
 
     def test_lock(self, store):
         lock = acquire_lock(store)
@@ -128,7 +130,7 @@ class LogitStoreTests:
             acquire_lock(store)
         lock.unlink()
         # A lock left by a dead process on this host is stale and taken over.
-        (store / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
+        lock_path(store).write_text(json.dumps({"pid": 2**22 + 12345, "host": os.uname().nodename}))
         assert json.loads(acquire_lock(store).read_text())["pid"] == os.getpid()
 
     def test_not_a_store(self, tmp_path):

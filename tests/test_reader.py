@@ -14,7 +14,7 @@ import torch
 import zarr
 from test_cache import CFG, capture, teachers, topk_store  # noqa: F401  (session fixtures)
 
-from stores.logits import ARRAYS, chunk_files, window_order
+from stores.logits import ARRAYS, chunk_files, remove_marker, window_order
 from stores.reader import LogitStoreReader
 from stores.tokens import TokenStore, write_token_store
 
@@ -138,7 +138,7 @@ def test_a_store_from_another_tokenizer_is_refused(topk_store, tiny_run, tmp_pat
 def test_an_incomplete_store_is_refused(topk_store, tiny_run, tmp_path):
     store = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], store)
-    (store / "_done" / "000004.json").unlink()
+    remove_marker(store, 4)
     with pytest.raises(ValueError, match=r"is incomplete \(1 of 14 chunks to \(re\)do \(first: chunk 4"):
         LogitStoreReader(store, tiny_run.tokens_path, seed=0)
 

@@ -2,8 +2,9 @@
 
 A stage's output is a folder (or a file) under the run directory. When a stage finishes, a
 marker ``stage.json`` is written inside its output folder (``<file>.stage.json`` beside a file
-output) recording a *fingerprint*: a hash of the stage's config sections and of its inputs'
-fingerprints. So:
+output; in a Zarr store, ``_stage/zarr.json``, a group node holding the record as its attributes,
+so that plain zarr sees a clean hierarchy) recording a *fingerprint*: a hash of the stage's config
+sections and of its inputs' fingerprints. So:
 
 - output present, marker fingerprint equal to the current one -> up to date, skipped;
 - output present, fingerprint differs -> its inputs or config changed: refused unless ``--force``;
@@ -31,6 +32,7 @@ from typing import Any
 from pipeline.config import Config
 
 MARKER = "stage.json"
+STORE_MARKER = "_stage/zarr.json"
 PARTIAL_MARKER = "stage.partial.json"
 
 
@@ -65,26 +67,48 @@ class Stage:
     in_place: bool = False
     incomplete: Callable[[Path], str | None] | None = None
     is_file: bool = False
+    store: bool = False
+    """The output is a Zarr store: its marker is a zarr node (``_stage/zarr.json``)."""
 
     @property
     def marker(self) -> Path:
-        return self.out.with_name(self.out.name + ".stage.json") if self.is_file else self.out / MARKER
+        if self.is_file:
+            return self.out.with_name(self.out.name + ".stage.json")
+        return marker_in(self.out) if self.store else self.out / MARKER
 
     @property
     def work(self) -> Path:
         return self.out if self.in_place or self.is_file else self.out.with_name(self.out.name + ".partial")
 
 
+def marker_in(out: Path) -> Path:
+    """The marker of a finished folder output: ``_stage/zarr.json`` in a Zarr store (``stage.json`` in
+    stores written before), ``stage.json`` elsewhere."""
+    return out / STORE_MARKER if (out / STORE_MARKER).is_file() or (out / "zarr.json").is_file() and \
+        not (out / MARKER).is_file() else out / MARKER
+
+
 def read_marker(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return record.get("attributes") if path.name == "zarr.json" else record
+
+
+def write_marker(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name == "zarr.json":
+        from stores.logits import node_json
+
+        path.write_text(node_json(record) + "\n", encoding="utf-8")
+    else:
+        path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def output_fingerprint(out: Path, is_file: bool = False) -> str | None:
     """The fingerprint of a finished stage output, or None when it is not finished."""
-    marker = out.with_name(out.name + ".stage.json") if is_file else out / MARKER
+    marker = out.with_name(out.name + ".stage.json") if is_file else marker_in(out)
     record = read_marker(marker)
     return record.get("fingerprint") if record else None
 
@@ -115,6 +139,11 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _remove_marker(stage: Stage) -> None:
+    marker = stage.marker
+    _remove(marker.parent if marker.name == "zarr.json" else marker)  # a store's marker node: its folder
+
+
 def run_stage(stage: Stage, *, force: bool = False) -> bool:
     """Run ``stage`` unless it is up to date. Returns True when it ran."""
     state, why = stage_status(stage)
@@ -130,9 +159,9 @@ def run_stage(stage: Stage, *, force: bool = False) -> bool:
         if force:
             _remove(stage.work)
             if stage.in_place or stage.is_file:
-                _remove(stage.marker)
+                _remove_marker(stage)
         elif state in ("stale", "incomplete") or stage.in_place:
-            _remove(stage.marker)  # an in-place stage is unfinished until it says otherwise
+            _remove_marker(stage)  # an in-place stage is unfinished until it says otherwise
         partial = read_marker(stage.work / PARTIAL_MARKER) if not (stage.in_place or stage.is_file) else None
         if partial is not None and partial.get("fingerprint") != stage.fingerprint:
             say(f"[note] {stage.name}: discarding {stage.work} (made from other inputs)")
@@ -156,14 +185,16 @@ def run_stage(stage: Stage, *, force: bool = False) -> bool:
             record["result"] = result
         if not (stage.in_place or stage.is_file):
             (stage.work / PARTIAL_MARKER).unlink(missing_ok=True)
-            (stage.work / MARKER).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            write_marker(stage.work / (STORE_MARKER if stage.store else MARKER), record)
             old = stage.out.with_name(stage.out.name + ".old")
             if stage.out.exists():
                 stage.out.rename(old)
             stage.work.rename(stage.out)
             _remove(old)
         else:
-            stage.marker.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            if stage.store:
+                (stage.out / MARKER).unlink(missing_ok=True)  # of a store written before markers were nodes
+            write_marker(stage.out / STORE_MARKER if stage.store else stage.marker, record)
         say(f"[done] {stage.name} in {seconds} s")
     return True
 
@@ -226,7 +257,7 @@ def tokenize_stage(config: Config) -> Stage:
     fp = fingerprint("tokenize", config.data.seq_len, up) if up else None
     return Stage("tokenize", config.tokens_path, fp,
                  lambda work: tokenize_corpus(config.data, config.data_path, config.tokenizer_path, work),
-                 "babydistill tokenize CONFIG", waiting_for=waiting, incomplete=incomplete_reason)
+                 "babydistill tokenize CONFIG", waiting_for=waiting, incomplete=incomplete_reason, store=True)
 
 
 def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = "auto") -> Stage:
@@ -273,7 +304,7 @@ def cache_stage(config: Config, teacher_names: list[str] | None = None, schedule
 
     return Stage("cache", config.logits_path, fp, build,
                  f"babydistill cache CONFIG --teachers {','.join(names)}",
-                 waiting_for=", ".join(missing) or None, in_place=True, incomplete=incomplete_reason)
+                 waiting_for=", ".join(missing) or None, in_place=True, incomplete=incomplete_reason, store=True)
 
 
 def student_stage(config: Config, seed: int, name: str | None = None, resume: Any = "auto",

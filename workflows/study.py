@@ -766,7 +766,7 @@ def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
     lines += ["", "CE in nats (lower is better), mean ± sample std over the finished seeds. Δ: mean over seeds of "
               f"(arm - {ref}) on the same seed, with the 95% t-interval mean ± t(0.975, n-1) · sd / √n. "
               "bytes/token: the store's bytes on disk over its tokens. capture s: wall time of the cache stage "
-              "(its `stage.json`; a resumed capture counts its last run only). step s: seconds per optimizer "
+              "(its stage marker; a resumed capture counts its last run only). step s: seconds per optimizer "
               "step, the median over logged windows (global batch x seq_len / tokens per second), median over seeds. "
               f"Evaluation, the same for every row: validation/test windows: {e['max_windows'] or 'all'}; "
               f"BLiMP pairs per paradigm: {e['max_pairs_per_paradigm'] or 'all'}.", ""]
