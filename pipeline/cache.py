@@ -434,7 +434,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
 
     Examples
     --------
-    >>> summary = capture_logits(CacheConfig(k=32), Path("runs/demo/tokens.zarr"), Path("runs/demo/tokenizer"),
+    >>> summary = capture_logits(CacheConfig(), Path("runs/demo/tokens.zarr"), Path("runs/demo/tokenizer"),
     ...                          [Path("runs/demo/teachers/t1"), Path("runs/demo/teachers/t2")],
     ...                          Path("runs/demo/logits.zarr"))  # doctest: +SKIP
     """

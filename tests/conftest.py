@@ -39,7 +39,7 @@ TINY_CONFIG = {
     "train": {"lr": 3e-3, "epochs": 1, "batch_size": 8, "grad_accum": 1, "warmup_steps": 2, "weight_decay": 0.0,
               "save_every": 5, "log_every": 1, "seed": 0, "num_threads": 1},
     "teachers": {"count": 2},
-    "cache": {"k": 8, "chunk_windows": 4, "batch_size": 4, "temperatures": [1.0, 2.0], "fidelity_positions": 64},
+    "cache": {"mode": "topk", "k": 8, "chunk_windows": 4, "batch_size": 4, "temperatures": [1.0, 2.0], "fidelity_positions": 64},
     "distill": {"students": 1},
     "eval": {"max_pairs_per_paradigm": 5, "batch_size": 8, "max_windows": 8},
 }

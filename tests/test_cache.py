@@ -35,7 +35,7 @@ from stores.logits import (
 )
 from stores.tokens import TokenStore
 
-CFG = CacheConfig(k=8, chunk_windows=32, batch_size=16, temperatures=[1.0, 2.0], fidelity_positions=64)
+CFG = CacheConfig(mode="topk", k=8, chunk_windows=32, batch_size=16, temperatures=[1.0, 2.0], fidelity_positions=64)
 NUM_CHUNKS = 14  # 442 training windows of the tiny run / 32
 
 
@@ -261,7 +261,7 @@ _KILLABLE = textwrap.dedent("""
     run = cache.capture_chunk
     cache.capture_chunk = lambda *a: (time.sleep(0.4), run(*a))[1]  # slow, so the kill lands partway
     tokens, tokenizer, out, *teachers = map(Path, sys.argv[1:])
-    cache.capture_logits(CacheConfig(k=8, chunk_windows=32, batch_size=16, fidelity_positions=64),
+    cache.capture_logits(CacheConfig(mode="topk", k=8, chunk_windows=32, batch_size=16, fidelity_positions=64),
                          tokens, tokenizer, teachers, out)
 """)
 
