@@ -27,7 +27,8 @@ def write_study(tmp_path, **fields):
 
 
 def table_row(text: str, first_cell: str, index: int = 0) -> list[str]:
-    """The cells of the ``index``-th table row starting with ``first_cell`` (0: the arms table, 1: test CE per seed)."""
+    """The cells of the ``index``-th table row starting with ``first_cell`` (0: the arms table, 1: contrasts, 2: test
+    CE per seed)."""
     rows = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
     return [cell.strip() for cell in rows[index].strip("|").split("|")]
 
@@ -59,6 +60,8 @@ def test_paired_ci_matches_a_hand_computed_example():
     ({"seeds": [1]}, "seeds: a paired comparison needs at least 2 seeds"),
     ({"set": ["data.seq_len=16"]}, "set: 'data.seq_len=16' changes `data`"),
     ({"arms": [ONLINE, {"name": "b", "online": "yes"}]}, "arms[1].online: must be true or false"),
+    ({"contrasts": [["online", "nope"]]}, "contrasts: 'nope' is not an arm"),
+    ({"contrasts": ["online"]}, "contrasts: must be a list of [arm, arm] pairs"),
 ])
 def test_bad_study_files_are_refused_in_one_line_and_write_nothing(tmp_path, capsys, fields, expected):
     write_config(tmp_path)
@@ -102,7 +105,7 @@ def test_tiny_study_partial_then_report_only_then_complete_then_a_unit_with_jobs
     write_corpus(tmp_path / "corpus", num_files=3, paragraphs=60)
     write_config(tmp_path, {"train": {"max_steps": 2, "save_every": 2, "log_every": 1},
                             "eval": {"max_pairs_per_paradigm": 1, "max_windows": 2}})
-    path = write_study(tmp_path)
+    path = write_study(tmp_path, contrasts=[["online", "topk4"]])
     run = load_config(tmp_path / "tiny.yaml").run_path
     study_dir = run / "study"
 
@@ -130,7 +133,7 @@ def test_tiny_study_partial_then_report_only_then_complete_then_a_unit_with_jobs
     assert table_row(text, "topk4")[1] == "topk k=4 shuffled order"
     assert table_row(text, "topk4")[5].endswith("(n=1, no interval)")
     assert table_row(text, "topk4")[8] != "-"  # bytes/token: the store is finished
-    assert table_row(text, "online", 1)[2] == "-" and table_row(text, "online", 1)[1] != "-"  # test CE, seeds 1, 2
+    assert table_row(text, "online", 2)[2] == "-" and table_row(text, "online", 2)[1] != "-"  # test CE, seeds 1, 2
     assert "- topk4 seed 2: student" in text
     results = json.loads((out / "results.json").read_text())
     cell = results["arms"][1]["per_seed"]["2"]
@@ -155,6 +158,10 @@ def test_tiny_study_partial_then_report_only_then_complete_then_a_unit_with_jobs
     d = [topk["per_seed"][s]["test_ce"] - online["per_seed"][s]["test_ce"] for s in ("1", "2")]
     ci = topk["vs_reference"]["test_ce"]
     assert ci["n"] == 2 and ci["mean"] == pytest.approx(sum(d) / 2) and ci["low"] <= ci["mean"] <= ci["high"]
+    contrast = results["contrasts"][0]  # online minus topk4: the same pairs, the other sign
+    assert (contrast["arm"], contrast["minus"]) == ("online", "topk4")
+    assert contrast["test_ce"]["mean"] == pytest.approx(-ci["mean"]) and contrast["test_ce"]["n"] == 2
+    assert table_row(text, "online", 1)[1] == "topk4"  # the contrasts table
     assert table_row(text, "online")[5] == "reference" and table_row(text, "topk4")[5].startswith(f"{ci['mean']:+.3f} [")
     assert topk["store"]["bytes_per_token"] > 0 and topk["store"]["capture_seconds"] is not None
     assert topk["step_seconds"] > 0 and online["store"] is None

@@ -59,7 +59,7 @@ SHARED_SECTIONS = ("data", "tokenizer", "model", "teachers")
 ARM_FIXED = (*SHARED_SECTIONS, "eval", "run_dir")
 """An arm also keeps the evaluation (every arm is scored the same way) and its run_dir (the study sets it)."""
 SHARED_LINKS = ("data", "tokenizer", "tokens.zarr", "teachers")
-STUDY_KEYS = ("base", "seeds", "reference", "set", "arms")
+STUDY_KEYS = ("base", "seeds", "reference", "set", "arms", "contrasts")
 ARM_KEYS = ("name", "online", "set")
 RESERVED_NAMES = ("report", "teachers", "logs")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -106,6 +106,8 @@ class Study:
     set: list[str]
     arms: list[Arm]
     warnings: list[str]
+    contrasts: list[tuple[str, str]]
+    """Pairs of arms compared seed by seed besides the reference: each isolates one factor."""
 
     @property
     def root(self) -> Path:
@@ -202,6 +204,14 @@ def load_study(path: str | Path) -> Study:
         fail("reference", f"must name one of the arms ({', '.join(names)}): the arm every other arm is compared "
                           f"with, got {reference!r}")
 
+    contrasts = raw.get("contrasts") or []
+    if not isinstance(contrasts, list) or not all(isinstance(c, list) and len(c) == 2 for c in contrasts):
+        fail("contrasts", f"must be a list of [arm, arm] pairs, got {contrasts!r}")
+    for pair in contrasts:
+        for name in pair:
+            if name not in names:
+                fail("contrasts", f"{name!r} is not an arm ({', '.join(names)})")
+
     # --- the configs (load_config names any unknown key or bad value)
     try:
         base = load_config(base_path)
@@ -225,7 +235,8 @@ def load_study(path: str | Path) -> Study:
     if len(seeds) < 3:
         warnings.append(f"{path}: seeds: only {len(seeds)} seeds; the 95% t-interval uses t = 12.7 at n = 2 "
                         "and is very wide: use 3 or more")
-    return Study(path, base_path, base, shared, list(seeds), reference, study_set, arms, warnings)
+    return Study(path, base_path, base, shared, list(seeds), reference, study_set, arms, warnings,
+                 [tuple(c) for c in contrasts])
 
 
 def select(study: Study, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[Arm], list[int]]:
@@ -648,13 +659,21 @@ def collect_results(study: Study) -> dict:
         a["vs_reference"] = {m: paired_ci({s: c[m] for s, c in a["per_seed"].items() if c["status"] == "done"},
                                           {s: c[m] for s, c in reference["per_seed"].items() if c["status"] == "done"})
                              for m in ("test_ce", "val_ce", "blimp")}
+    by_name = {a["name"]: a for a in arms}
+
+    def done(arm: dict, metric: str) -> dict[int, float]:
+        return {s: c[metric] for s, c in arm["per_seed"].items() if c["status"] == "done"}
+
+    contrasts = [{"arm": a, "minus": b, **{m: paired_ci(done(by_name[a], m), done(by_name[b], m))
+                                           for m in ("test_ce", "val_ce")}} for a, b in study.contrasts]
     for a in arms:
         a["per_seed"] = {str(s): c for s, c in a["per_seed"].items()}  # JSON keys
     return {"study": str(study.path), "base_config": str(study.base_path), "base_run_dir": str(study.base.run_path),
             "seeds": study.seeds, "reference": study.reference, "set": study.set,
             "eval_config": study.shared.to_dict()["eval"],
             "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "teachers": teachers, "best_teacher": best["name"] if best else None, "arms": arms}
+            "teachers": teachers, "best_teacher": best["name"] if best else None, "arms": arms,
+            "contrasts": contrasts}
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -782,6 +801,12 @@ def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
     else:
         lines += ["No teacher is evaluated yet, so there is no student vs teacher comparison.", ""]
 
+    if results.get("contrasts"):
+        lines += ["## Contrasts", "", "Paired by seed, each isolating one factor (negative: the first arm is better):",
+                  "", "| arm | minus | Δ val CE (95% CI) | Δ test CE (95% CI) | seeds |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['arm']} | {c['minus']} | {_interval(c['val_ce'])} | {_interval(c['test_ce'])} | "
+                  f"{c['test_ce']['n']} |" for c in results["contrasts"]]
+        lines.append("")
     lines += ["## Test CE per seed", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|" + " --- |" * (len(seeds) + 1)]
     for a in results["arms"]:
