@@ -261,7 +261,8 @@ _KILLABLE = textwrap.dedent("""
     run = cache.capture_chunk
     cache.capture_chunk = lambda *a: (time.sleep(0.4), run(*a))[1]  # slow, so the kill lands partway
     tokens, tokenizer, out, *teachers = map(Path, sys.argv[1:])
-    cache.capture_logits(CacheConfig(mode="topk", k=8, chunk_windows=32, batch_size=16, fidelity_positions=64),
+    cache.capture_logits(CacheConfig(mode="topk", k=8, chunk_windows=32, batch_size=16, temperatures=[1.0, 2.0],
+                                     fidelity_positions=64),
                          tokens, tokenizer, teachers, out)
 """)
 
@@ -350,7 +351,7 @@ def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_s
 def assert_plain_zarr_sees_a_clean_hierarchy(store: Path) -> None:
     """The README's snippet runs as written, and walking every node of the store warns about nothing."""
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    snippet = readme.split("Open it without babydistill:\n\n```python\n", 1)[1].split("```", 1)[0]
+    snippet = readme.split("Open it without babydistill", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     assert "runs/demo/logits.zarr" in snippet
     with warnings.catch_warnings():
         warnings.simplefilter("error")
