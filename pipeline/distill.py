@@ -103,6 +103,11 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
             raise TrainingError(f"{logits_path} holds {attrs['mode']} targets, which serve distill.temperature 1 "
                                 f"only (got {dcfg.temperature}); set distill.temperature=1 or rebuild the store "
                                 f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
+        if dcfg.normalization == "sequence":
+            warnings.warn(f"{logits_path} holds {attrs['mode']} targets: under distill.normalization=sequence their "
+                          f"sampling noise weighs with the KL, and hybrid students fell 0.05 nats behind online ones "
+                          f"(docs/results/offline-study); consider cache.mode=topk for sequence normalisation",
+                          stacklevel=2)
         # Their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail.
         return reader, False, "renorm"
     use_c_T = dcfg.use_exact_c_T and reader.c_T_column is not None

@@ -117,6 +117,13 @@ def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(disti
     assert metrics["kl"].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
 
 
+def test_sampled_targets_under_sequence_normalisation_warn(distill_run, sampled_stores, tmp_path):
+    config = _config(distill_run, tmp_path, "distill.normalization=sequence")
+    with pytest.warns(UserWarning, match="hybrid targets: under distill.normalization=sequence .*cache.mode=topk"):
+        open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path,
+                            Path(sampled_stores["hybrid", "float16"]), seed=1)
+
+
 @pytest.mark.parametrize("mode", ["sample", "hybrid"])
 def test_offline_student_trains_from_a_sampled_store(distill_run, sampled_stores, tmp_path, mode):
     config = _config(distill_run, tmp_path, "train.max_steps=12", "train.lr=1e-2", "train.log_every=1")
