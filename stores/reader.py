@@ -130,12 +130,18 @@ class LogitStoreReader:
 
     def rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The stored arrays of store rows ``rows``, stacked in that order."""
-        parts: dict[str, list[np.ndarray]] = {}
-        for row in np.asarray(rows, dtype=np.int64):
-            chunk = int(row) // self.chunk_windows
-            for name, array in self._chunk(chunk).items():
-                parts.setdefault(name, []).append(array[int(row) - self.ranges[chunk][0]])
-        return {name: np.stack(values) for name, values in parts.items()}
+        rows = np.asarray(rows, dtype=np.int64)
+        chunks = rows // self.chunk_windows
+        out: dict[str, np.ndarray] = {}
+        # Chunks in order of first use, so the small cache of decoded chunks sees the access pattern it expects.
+        _, first = np.unique(chunks, return_index=True)
+        for chunk in chunks[np.sort(first)]:
+            picked = np.flatnonzero(chunks == chunk)
+            for name, array in self._chunk(int(chunk)).items():
+                if name not in out:
+                    out[name] = np.empty((len(rows),) + array.shape[1:], dtype=array.dtype)
+                out[name][picked] = array[rows[picked] - self.ranges[chunk][0]]
+        return out
 
     def batch(self, epoch: int, positions: np.ndarray) -> dict[str, torch.Tensor]:
         """The rows at ``positions`` of epoch ``epoch``'s order, as a batch of CPU tensors."""
