@@ -538,7 +538,8 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         except TrainingError:
             raise
         except Exception as exc:  # a truncated or garbled file: move it aside, fall back to the previous one
-            unreadable.append((folder, " ".join(f"{type(exc).__name__}: {exc}".split())[:300]))
+            first_sentence = " ".join(str(exc).split()).split(". ")[0][:200]  # torch's load errors run for lines
+            unreadable.append((folder, f"{type(exc).__name__}: {first_sentence}"))
             continue
         resumed_from = folder
         break

@@ -40,3 +40,38 @@ def test_run_goes_end_to_end_then_skips_everything(tmp_path, capsys):
     # A changed config is refused for the stages it touches, and --force rebuilds them.
     assert main(["run", str(path), "--set", "distill.alpha=0.9"]) == 2
     assert "student s1" in capsys.readouterr().err
+
+
+def test_run_keeps_garbled_checkpoints_and_refuses_a_fresh_start_without_force(tmp_path, capsys, monkeypatch):
+    """`run` resumes with --resume auto: when every checkpoint of an interrupted teacher is unreadable they are
+    moved aside (never deleted), `run` stops with one line naming --force, and --force starts over."""
+    import pipeline.train
+
+    write_corpus(tmp_path / "corpus", num_files=3, paragraphs=60)
+    path = write_config(tmp_path, {"train": {"max_steps": 8, "save_every": 4, "log_every": 4}})
+    export = pipeline.train.export_hf
+
+    def interrupted(*args, **kwargs):  # killed after the last checkpoint, before the export
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.train, "export_hf", interrupted)
+    assert main(["run", str(path)]) == 130
+    capsys.readouterr()
+    work = load_config(path).run_path / "teachers" / "t1.partial"
+    state = work / "trainer_state"
+    steps = sorted(p.name for p in state.glob("step-*"))
+    assert steps == ["step-000004", "step-000008"]
+    for step in steps:
+        (state / step / "model.pt").write_bytes(b"garbage " + step.encode())
+
+    monkeypatch.setattr(pipeline.train, "export_hf", export)
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("babydistill: error: ") and "--force" in err[-1] and "unreadable" in err[-1]
+    for step in steps:  # moved aside whole, never deleted
+        assert (state / "unreadable" / step / "model.pt").read_bytes() == b"garbage " + step.encode()
+    assert main(["run", str(path)]) == 2  # still no fresh start without --force
+    capsys.readouterr()
+
+    assert main(["teacher", str(path), "--seed", "1", "--force"]) == 0
+    assert (load_config(path).run_path / "teachers" / "t1" / "model.safetensors").is_file()
