@@ -401,6 +401,10 @@ def pipeline_stages(config: Config) -> list[Callable[[], Stage]]:
 def run_all(config: Config, *, force: bool = False) -> int:
     """Run every stage in order, skipping finished ones. Returns how many ran."""
     started = time.time()
+    if config.eval.zero_shot:
+        from pipeline.evaluate import load_zero_shot_suites
+
+        load_zero_shot_suites(config.eval)  # a bad data file stops the run now, not after hours of training
     ran = 0
     for thunk in pipeline_stages(config):
         ran += run_stage(thunk(), force=force)
