@@ -140,9 +140,14 @@ class TrainConfig:
     num_threads: int | None = None
     """torch.set_num_threads on CPU; None = torch's default."""
     keep_checkpoints: int = 2
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    """Experiment trackers that get the metrics.jsonl records too (pipeline/trackers.py; each needs its
+    extra, e.g. pip install -e ".[tensorboard]"); metrics.jsonl is always written."""
 
     def __post_init__(self):
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(len(set(self.trackers)) == len(self.trackers), "train.trackers",
+               f"lists a tracker twice: {self.trackers}")
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
