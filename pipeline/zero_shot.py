@@ -42,6 +42,8 @@ TASKS = ("blimp", "ewok", "entity_tracking")
 REQUIRED = {"blimp": ("sentence_good", "sentence_bad"),
             "ewok": ("Context1", "Target1", "Target2", "Domain"),
             "entity_tracking": ("input_prefix", "options", "numops")}
+TEXT_FIELDS = {"blimp": ("sentence_good", "sentence_bad"), "ewok": ("Context1", "Target1", "Target2"),
+               "entity_tracking": ("input_prefix",)}
 ENTITY_TRACKING_SPLITS = ("regular", "ambiref", "move_contents")
 
 
@@ -127,6 +129,10 @@ def load_suite(task: str, path: Path | str) -> list[Item]:
                     raise ZeroShotDataError(
                         f"{file}: line {number} lacks {', '.join(lacking)}, so it is not in the {task} format "
                         f"(needs {', '.join(REQUIRED[task])}); check the file or its task in eval.zero_shot")
+                not_text = [key for key in TEXT_FIELDS[task] if not isinstance(row[key], str)]
+                if not_text:
+                    raise ZeroShotDataError(f"{where}: {', '.join(not_text)} must be text (a JSON string), got "
+                                            f"{', '.join(repr(row[key]) for key in not_text)}")
                 items.append(_decode(task, row, file, where))
     if not items:
         raise ZeroShotDataError(f"{path}: its *.jsonl files hold no items")

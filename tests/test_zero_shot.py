@@ -204,6 +204,9 @@ def test_bad_files_are_refused_with_one_line(tmp_path):
         load_suite("ewok", blimp_folder(tmp_path))
     message = str(info.value)
     assert "agreement.jsonl: line 1 lacks Context1, Target1, Target2, Domain" in message and "\n" not in message
+    numbers = write_jsonl(tmp_path / "numbers" / "b.jsonl", [{"sentence_good": "a", "sentence_bad": 3}])
+    with pytest.raises(ZeroShotDataError, match=f"{numbers}:1: sentence_bad must be text"):
+        load_suite("blimp", numbers)
     odd = write_jsonl(tmp_path / "odd" / "e.jsonl", [{"input_prefix": "a", "options": "b", "numops": 0}])
     with pytest.raises(ZeroShotDataError, match=f"{odd}:1: `options` must be a list"):
         load_suite("entity_tracking", odd)
