@@ -8,6 +8,9 @@ BIN    := $(VENV)/bin
 # because a torch is already present.
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# `make test` also installs the experiment trackers (TensorBoard, MLflow, W&B: the extras of
+# `.[trackers]`) so that their tests run rather than skip; `make demo` and the rest stay lean.
+TRACKERS_STAMP := $(VENV)/.installed-trackers
 
 .PHONY: demo test lint bench clean-venv experiment offline-study
 
@@ -18,10 +21,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+$(TRACKERS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,trackers]"
+	touch $(TRACKERS_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/babydistill run configs/demo.yaml
 
-test: $(STAMP)
+test: $(TRACKERS_STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -389,7 +389,7 @@ def _run_tasks(spec: dict, todo: list[tuple[int, int, int, list]], workers: int,
     import dask
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), unit="chunk", desc="cache", mininterval=1.0)
+    bar = tqdm(total=len(todo), unit="chunk", desc="cache", mininterval=1.0, leave=False)  # transient: a summary follows
     started, num_tokens, timings = time.time(), 0, []
 
     def advance(start: int, stop: int) -> None:

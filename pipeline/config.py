@@ -140,9 +140,14 @@ class TrainConfig:
     num_threads: int | None = None
     """torch.set_num_threads on CPU; None = torch's default."""
     keep_checkpoints: int = 2
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    """Experiment trackers that get the metrics.jsonl records too (pipeline/trackers.py; each needs its
+    extra, e.g. pip install -e ".[tensorboard]"); metrics.jsonl is always written."""
 
     def __post_init__(self):
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(len(set(self.trackers)) == len(self.trackers), "train.trackers",
+               f"lists a tracker twice: {self.trackers}")
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
@@ -266,8 +271,28 @@ class EvalConfig:
     max_windows: int | None = None
     """Cap on validation/test windows for the loss evaluation (None = all)."""
     seed: int = 0
+    zero_shot: list[dict[str, str]] = field(default_factory=list)
+    """BabyLM zero-shot suites from local files, scored as the BabyLM evaluation pipeline 2025 does
+    (pipeline/zero_shot.py): a list of ``{task, path}`` (task: blimp, ewok or entity_tracking; path: a
+    *.jsonl file or a folder of them), with an optional ``name`` (default: the task) that keys the
+    results and the report column; give it when a task appears twice (BLiMP and its supplement)."""
 
     def __post_init__(self):
+        from pipeline.zero_shot import TASKS  # not at the top: zero_shot imports nothing from here
+
+        names = []
+        for i, entry in enumerate(self.zero_shot):
+            key = f"eval.zero_shot[{i}]"
+            unknown = sorted(set(entry) - {"task", "path", "name"})
+            _check(not unknown, f"{key}.{unknown[0] if unknown else ''}", "unknown key (known keys: name, path, task)")
+            _check("task" in entry and "path" in entry, key,
+                   f"needs `task` and `path`, e.g. {{task: blimp, path: evaluation_data/blimp_filtered}}; got {entry}")
+            _check(entry["task"] in TASKS, f"{key}.task", f"must be one of {', '.join(TASKS)}; got {entry['task']!r}")
+            _check(entry["path"] != "", f"{key}.path", "must not be empty")
+            name = entry.get("name", entry["task"])
+            _check(name not in names, key, f"a second suite named {name!r}; give each a distinct `name` "
+                                           f"(e.g. name: supplement)")
+            names.append(name)
         _check(self.max_pairs_per_paradigm is None or self.max_pairs_per_paradigm >= 1,
                "eval.max_pairs_per_paradigm", f"must be >= 1, got {self.max_pairs_per_paradigm}")
         _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -350,14 +375,18 @@ class Config:
             value = getattr(self, name)
             value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
             if isinstance(value, dict):
-                value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY_KEYS}
+                value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY_KEYS
+                         and not (f"{name}.{k}" in ADDED_KEY_DEFAULTS and v == ADDED_KEY_DEFAULTS[f"{name}.{k}"])}
             payload[name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 EXECUTION_ONLY_KEYS = {"train.num_threads", "train.log_every", "train.save_every", "train.keep_checkpoints",
-                       "cache.workers", "cache.batch_size", "eval.batch_size"}
+                       "train.trackers", "cache.workers", "cache.batch_size", "eval.batch_size"}
+# Keys added after runs were made: left out of fingerprints while at their default, so that adding
+# one does not make every finished stage stale.
+ADDED_KEY_DEFAULTS = {"eval.zero_shot": []}
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -375,6 +404,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is Literal:
         _check(value in args, key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
+    if origin is dict:
+        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), key, f"must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]

@@ -19,9 +19,12 @@ eval.json (format ``babydistill.eval``, version 1)::
      "loss": {"validation": {"ce", "perplexity", "num_windows", "num_tokens"}, "test": {...}},
      "blimp": {"source", "overall", "fields": {field: acc}, "paradigms": {uid: acc},
                "num_pairs", "num_paradigms", "max_pairs_per_paradigm", "seed"},
-     "seconds": {"load", "loss", "blimp", "total"}}
+     "zero_shot": {name: {"task", "path", "overall", "subsets": {subset: acc}, "fields" (blimp) | "splits"
+                          (entity_tracking), "num_items", "num_subsets"}},   # only with eval.zero_shot
+     "seconds": {"load", "loss", "blimp", "zero_shot", "total"}}
 
-Accuracies are fractions in [0, 1].
+Accuracies are fractions in [0, 1]. ``zero_shot``: the BabyLM evaluation pipeline 2025's suites from
+local files, scored by its rule (see pipeline/zero_shot.py); the bundled BLiMP above is scored as before.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from pipeline import zero_shot
 from pipeline.config import BUNDLED_BLIMP, EvalConfig
 from pipeline.model import load_model
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash
@@ -117,29 +121,45 @@ def _device(model: torch.nn.Module) -> torch.device:
 def sentence_logprobs(model, tokenizer, sentences: list[str], batch_size: int, *,
                       progress: bool = False) -> torch.Tensor:
     """Total log-probability of each sentence given ``<s>``, float64 [num_sentences]."""
+    return completion_logprobs(model, tokenizer, sentences, [0] * len(sentences), batch_size, progress=progress)
+
+
+@torch.inference_mode()
+def completion_logprobs(model, tokenizer, texts: list[str], starts: list[int], batch_size: int, *,
+                        progress: bool = False, desc: str = "blimp") -> torch.Tensor:
+    """Summed log-probability of the tokens of each text that overlap its completion, float64 [num_texts].
+
+    The completion of ``texts[i]`` starts at character ``starts[i]``; a token counts when its
+    character span ends after that (the BabyLM pipeline's phrase mask), so ``starts[i] = 0`` scores
+    the whole text. Every text is conditioned on ``<s>``.
+    """
     bos_id = tokenizer.bos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encodings = tokenizer.backend_tokenizer.encode_batch(sentences, add_special_tokens=False)
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     ids = [[bos_id, *e.ids] for e in encodings]
+    # scored_i[j]: whether token j of ids[i] (j >= 1) is part of the completion
+    scored = [[False] + [end > start for _, end in e.offsets] for e, start in zip(encodings, starts, strict=True)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths share a batch: little padding
     device = _device(model)
     out = torch.zeros(len(ids), dtype=torch.float64)
     batches = range(0, len(order), batch_size)
-    for begin in tqdm(batches, desc="blimp", unit="batch", leave=False, disable=not progress):
+    for begin in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
         rows = order[begin:begin + batch_size]
         lengths = torch.tensor([len(ids[i]) for i in rows])
         T = int(lengths.max())
         input_ids_BT = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        scored_BT = torch.zeros((len(rows), T), dtype=torch.bool)
         for r, i in enumerate(rows):
             input_ids_BT[r, :len(ids[i])] = torch.tensor(ids[i])
+            scored_BT[r, :len(ids[i])] = torch.tensor(scored[i])
         mask_BT = torch.arange(T)[None, :] < lengths[:, None]
         position_ids_BT = torch.arange(T)[None, :].expand(len(rows), T)
         logits_BTV = model(input_ids=input_ids_BT.to(device), attention_mask=mask_BT.long().to(device),
                            position_ids=position_ids_BT.to(device)).logits.float()
-        # position t predicts token t+1; padded targets are masked out of the sum
+        # position t predicts token t+1; padded targets and tokens before the completion are left out
         logp_BT = logits_BTV[:, :-1].gather(-1, input_ids_BT[:, 1:, None].to(device)).squeeze(-1) \
             - torch.logsumexp(logits_BTV[:, :-1], dim=-1)
-        logp_BT = logp_BT.double().cpu() * mask_BT[:, 1:]
+        logp_BT = logp_BT.double().cpu() * scored_BT[:, 1:]
         out[rows] = logp_BT.sum(dim=1)
     return out
 
@@ -192,6 +212,40 @@ def split_loss(model, store: TokenStore, split: str, max_windows: int | None, ba
     return {"ce": ce, "perplexity": math.exp(ce), "num_windows": num_windows, "num_tokens": num_tokens}
 
 
+# --- BabyLM zero-shot suites (eval.zero_shot; data and rules in pipeline/zero_shot.py) ----
+
+
+def load_zero_shot_suites(cfg: EvalConfig) -> dict[str, tuple[dict, list[zero_shot.Item]]]:
+    """name -> (its eval.zero_shot entry, its items), every file read and checked before any scoring."""
+    return {entry.get("name", entry["task"]): (entry, zero_shot.load_suite(entry["task"], entry["path"]))
+            for entry in cfg.zero_shot}
+
+
+def score_zero_shot(model, tokenizer, items: list[zero_shot.Item], batch_size: int, *, progress: bool = False,
+                    desc: str = "zero-shot") -> list[bool]:
+    """Whether each item is right: its first candidate scores >= every other (ties go to the first)."""
+    texts = [text for item in items for text in item.candidates]
+    starts = [start for item in items for start in item.starts]
+    scores = completion_logprobs(model, tokenizer, texts, starts, batch_size, progress=progress, desc=desc).tolist()
+    correct, offset = [], 0
+    for item in items:
+        mine = scores[offset:offset + len(item.candidates)]
+        correct.append(mine[0] >= max(mine[1:]))
+        offset += len(item.candidates)
+    return correct
+
+
+def zero_shot_results(model, tokenizer, suites: dict, batch_size: int, *, progress: bool = False) -> dict:
+    """name -> {"task", "path", "overall", "subsets", ("fields" | "splits"), "num_items", "num_subsets"}."""
+    results = {}
+    for name, (entry, items) in suites.items():
+        correct = score_zero_shot(model, tokenizer, items, batch_size, progress=progress, desc=name)
+        acc = zero_shot.accuracy(entry["task"], items, correct)
+        results[name] = {"task": entry["task"], "path": str(entry["path"]), **acc, "num_items": len(items),
+                         "num_subsets": len(acc["subsets"])}
+    return results
+
+
 # --- entry point ------------------------------------------------------------------------
 
 
@@ -230,6 +284,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenize
     run_hash = check_model(model_dir, store, tokenizer_dir)
     blimp_path = Path(cfg.blimp) if cfg.blimp else BUNDLED_BLIMP
     pairs = load_blimp(blimp_path, cfg.max_pairs_per_paradigm, cfg.seed)
+    suites = load_zero_shot_suites(cfg)  # bad data files stop here, before the model loads or anything is written
 
     # --- setup
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,6 +303,12 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenize
     scores = score_blimp(model, tokenizer, pairs, cfg.batch_size, progress=True)
     blimp = blimp_accuracy(pairs, (scores[:, 0] > scores[:, 1]).tolist())
     seconds["blimp"] = time.perf_counter() - t0
+
+    # --- BabyLM zero-shot suites
+    t0 = time.perf_counter()
+    zero_shot_acc = zero_shot_results(model, tokenizer, suites, cfg.batch_size, progress=True)
+    if suites:
+        seconds["zero_shot"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
 
     # --- summary
@@ -265,8 +326,11 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenize
                   "max_pairs_per_paradigm": cfg.max_pairs_per_paradigm, "seed": cfg.seed},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
+    if suites:
+        result["zero_shot"] = zero_shot_acc
     _write_json_atomic(result, out)
+    suites_text = "".join(f", {name} {100 * r['overall']:.1f}%" for name, r in zero_shot_acc.items())
     print(f"{model_dir}: val CE {loss['validation']['ce']:.4f}, test CE {loss['test']['ce']:.4f}, "
-          f"BLiMP {100 * blimp['overall']:.1f}% on {len(pairs)} pairs "
+          f"BLiMP {100 * blimp['overall']:.1f}% on {len(pairs)} pairs{suites_text} "
           f"(loss {seconds['loss']:.1f}s, BLiMP {seconds['blimp']:.1f}s) -> {out}")
     return result

@@ -1,7 +1,8 @@
 """Stage `report`: every model's ``eval.json`` and ``metrics.jsonl`` -> ``report.md`` and PNG plots.
 
 The table follows the paper's Table 3 (one row per teacher and student) with this project's
-measures: validation CE, test CE (nats, lower is better), BLiMP overall and per field (percent).
+measures: validation CE, test CE (nats, lower is better), BLiMP overall and per field (percent),
+then one column per BabyLM zero-shot suite of ``eval.zero_shot`` found in any eval.json (percent).
 Each group with several evaluated seeds (teachers, offline students, online students) gets a
 mean ± std row (sample standard deviation). Models without ``eval.json`` are listed as
 "not evaluated". Plots: training and validation curves (``curves.png``), BLiMP by field per
@@ -69,11 +70,18 @@ def find_models(config: Config) -> list[ModelRun]:
 # --- table ------------------------------------------------------------------------------
 
 
-def _measures(run: ModelRun, fields: list[str]) -> list[float]:
-    """val CE, test CE, BLiMP overall, BLiMP per field (fractions; NaN where missing)."""
+def _measures(run: ModelRun, fields: list[str], suites: list[str]) -> list[float]:
+    """val CE, test CE, BLiMP overall, BLiMP per field, each zero-shot suite's overall (fractions; NaN where missing)."""
     e = run.eval
+    zero_shot = e.get("zero_shot", {})
     return [e["loss"]["validation"]["ce"], e["loss"]["test"]["ce"], e["blimp"]["overall"],
-            *(e["blimp"]["fields"].get(f, float("nan")) for f in fields)]
+            *(e["blimp"]["fields"].get(f, float("nan")) for f in fields),
+            *(zero_shot[s]["overall"] if s in zero_shot else float("nan") for s in suites)]
+
+
+def _zero_shot_suites(evaluated: list[ModelRun]) -> list[str]:
+    """Names of the BabyLM zero-shot suites (eval.zero_shot) in any eval.json, in first-seen order."""
+    return list(dict.fromkeys(name for m in evaluated for name in m.eval.get("zero_shot", {})))
 
 
 def _cells(values: list[float], stds: list[float] | None = None) -> list[str]:
@@ -87,20 +95,25 @@ def _cells(values: list[float], stds: list[float] | None = None) -> list[str]:
     return cells
 
 
-def _table(models: list[ModelRun], fields: list[str]) -> list[str]:
-    header = ["model", "group", "val CE", "test CE", "BLiMP", *fields]
+def _table(models: list[ModelRun], fields: list[str], suites: list[str]) -> list[str]:
+    header = ["model", "group", "val CE", "test CE", "BLiMP", *fields, *suites]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for group in GROUPS:
         members = [m for m in models if m.group == group]
         for m in members:
-            cells = _cells(_measures(m, fields)) if m.eval else ["not evaluated"] + ["—"] * (len(header) - 3)
+            cells = _cells(_measures(m, fields, suites)) if m.eval else ["not evaluated"] + ["—"] * (len(header) - 3)
             lines.append(f"| {m.name} | {group} | " + " | ".join(cells) + " |")
         evaluated = [m for m in members if m.eval]
         if len(evaluated) >= 2:
-            values = np.array([_measures(m, fields) for m in evaluated])
+            values = np.array([_measures(m, fields, suites) for m in evaluated])
             cells = _cells(list(values.mean(axis=0)), list(values.std(axis=0, ddof=1)))
             lines.append(f"| **{group} mean ± std (n={len(evaluated)})** | {group} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _suite_source(evaluated: list[ModelRun], name: str) -> str:
+    first = next(m.eval["zero_shot"][name] for m in evaluated if name in m.eval.get("zero_shot", {}))
+    return f"task {first['task']}, {first['num_items']} items in {first['num_subsets']} subsets from {first['path']}"
 
 
 def _test_ce(run: ModelRun) -> float:
@@ -147,7 +160,8 @@ def _best_lines(evaluated: list[ModelRun]) -> list[str]:
 def _eval_settings(run: ModelRun) -> tuple:
     e = run.eval
     return (e["loss"]["validation"]["num_windows"], e["loss"]["test"]["num_windows"], e["blimp"]["num_pairs"],
-            e["blimp"].get("seed"), e.get("tokens_hash"))
+            e["blimp"].get("seed"), e.get("tokens_hash"),
+            tuple(sorted((name, r["num_items"]) for name, r in e.get("zero_shot", {}).items())))
 
 
 # --- plots ------------------------------------------------------------------------------
@@ -239,6 +253,7 @@ def write_report(config: Config, out_dir: Path) -> Path:
     evaluated = [m for m in models if m.eval]
     present = {f for m in evaluated for f in m.eval["blimp"]["fields"]}
     fields = [f for f in FIELDS if f in present] + sorted(present - set(FIELDS))
+    suites = _zero_shot_suites(evaluated)
 
     # --- text
     numbers = {g: sum(m.group == g for m in models) for g in GROUPS}
@@ -246,7 +261,7 @@ def write_report(config: Config, out_dir: Path) -> Path:
     lines = [f"# babydistill report: {config.run_dir}", "",
              f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}. Models: {counts} "
              f"({len(evaluated)} evaluated).", "",
-             "## Results (in the form of the paper's Table 3)", "", *_table(models, fields), ""]
+             "## Results (in the form of the paper's Table 3)", "", *_table(models, fields, suites), ""]
     if evaluated:
         first = evaluated[0].eval
         lines += [f"CE in nats on the first {first['loss']['validation']['num_windows']} validation and "
@@ -255,6 +270,10 @@ def write_report(config: Config, out_dir: Path) -> Path:
                   f"{first['blimp']['num_pairs']} minimal pairs from {first['blimp']['num_paradigms']} paradigms "
                   f"(max {first['blimp']['max_pairs_per_paradigm'] or 'all'} per paradigm), overall and per field "
                   "as the mean over paradigms. mean ± std: sample standard deviation over seeds.", ""]
+        if suites:
+            described = "; ".join(f"{name}: {_suite_source(evaluated, name)}" for name in suites)
+            lines += [f"BabyLM zero-shot suites (eval.zero_shot; accuracy %, scored as the BabyLM evaluation "
+                      f"pipeline 2025 does): {described}.", ""]
         if len({_eval_settings(m) for m in evaluated}) > 1:
             lines += ["**Warning:** the models were not all evaluated on the same windows, pairs or token store; "
                       "re-run `babydistill evaluate` on each with the same config before comparing them.", ""]

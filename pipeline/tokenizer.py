@@ -34,7 +34,7 @@ def build_bpe(documents: list[str], vocab_size: int, min_frequency: int) -> Toke
         min_frequency=min_frequency,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=False,  # its Rust bar writes to the terminal past our stage logs and leaves blank lines
     )
     tokenizer.train_from_iterator(documents, trainer=trainer, length=len(documents))
     bos_id = tokenizer.token_to_id(BOS)

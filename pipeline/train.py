@@ -55,6 +55,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.config import Config, TrainConfig, save_config
+from pipeline.trackers import Trackers, stage_run_name
 from stores.tokens import TokenStore
 
 STATE_DIR = "trainer_state"
@@ -590,11 +591,14 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     metrics_file = metrics_path.open("ab") if ddp.main else None
+    trackers = Trackers(cfg.trackers if ddp.main else [], run_name=stage_run_name(out_dir, (extra_meta or {}).get("stage")),
+                        run_dir=config.run_path, out_dir=out_dir, params=run_config.to_dict(), start_step=start_step)
 
     def write_metrics(record: dict) -> None:
         if metrics_file is not None:
             metrics_file.write((json.dumps(record) + "\n").encode("utf-8"))
             metrics_file.flush()
+            trackers.log(record)  # the same record to TensorBoard / MLflow / W&B (train.trackers)
 
     # --- loop ---
     step = start_step
@@ -677,6 +681,7 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         bar.close()
     if metrics_file is not None:
         metrics_file.close()
+    trackers.close()
     if ddp.main:
         if cfg.keep_best and loop["best_step"] is not None:
             best = torch.load(state_dir / f"best-step-{loop['best_step']:06d}.pt", map_location="cpu",

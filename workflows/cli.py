@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from pipeline.config import load_config
+from workflows.console import one_line_warning
 
 VERBS = ["prepare", "tokenizer", "tokenize", "teacher", "cache", "distill", "evaluate", "report", "run", "status",
          "store", "bench", "study"]
@@ -26,22 +28,30 @@ def _config(args):
     return load_config(args.config, overrides)
 
 
+def _logs(config):
+    """Each stage's messages also go to RUN_DIR/logs/<stage>.log (workflows/console.py)."""
+    return config.run_path / "logs"
+
+
 def cmd_prepare(args):
     from workflows.runner import prepare_stage, run_stage
 
-    run_stage(prepare_stage(_config(args)), force=args.force)
+    config = _config(args)
+    run_stage(prepare_stage(config), force=args.force, log_dir=_logs(config))
 
 
 def cmd_tokenizer(args):
     from workflows.runner import run_stage, tokenizer_stage
 
-    run_stage(tokenizer_stage(_config(args)), force=args.force)
+    config = _config(args)
+    run_stage(tokenizer_stage(config), force=args.force, log_dir=_logs(config))
 
 
 def cmd_tokenize(args):
     from workflows.runner import run_stage, tokenize_stage
 
-    run_stage(tokenize_stage(_config(args)), force=args.force)
+    config = _config(args)
+    run_stage(tokenize_stage(config), force=args.force, log_dir=_logs(config))
 
 
 def _resume_value(text):
@@ -57,7 +67,8 @@ def cmd_teacher(args):
 
     config = _config(args)
     seed = args.seed if args.seed is not None else config.teachers.resolved_seeds()[0]
-    run_stage(teacher_stage(config, seed, args.name, resume=_resume_value(args.resume)), force=args.force)
+    run_stage(teacher_stage(config, seed, args.name, resume=_resume_value(args.resume)), force=args.force,
+              log_dir=_logs(config))
 
 
 def _names(text):
@@ -73,7 +84,8 @@ def cmd_cache(args):
     if args.workers is not None:
         overrides.append(f"cache.workers={args.workers}")
     config = load_config(args.config, overrides)
-    run_stage(cache_stage(config, _names(args.teachers), scheduler=args.scheduler), force=args.force)
+    run_stage(cache_stage(config, _names(args.teachers), scheduler=args.scheduler), force=args.force,
+              log_dir=_logs(config))
 
 
 def cmd_distill(args):
@@ -83,7 +95,7 @@ def cmd_distill(args):
     seed = args.seed if args.seed is not None else 1
     stage = student_stage(config, seed, args.name, resume=_resume_value(args.resume), online=args.online,
                           teacher_names=_names(args.teachers))
-    run_stage(stage, force=args.force)
+    run_stage(stage, force=args.force, log_dir=_logs(config))
 
 
 def cmd_evaluate(args):
@@ -93,7 +105,7 @@ def cmd_evaluate(args):
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise ValueError(f"{model}: not a model checkpoint (no config.json); pass a teacher or student folder")
-    run_stage(evaluate_stage(config, model), force=args.force)
+    run_stage(evaluate_stage(config, model), force=args.force, log_dir=_logs(config))
     print(f"wrote {model / 'eval.json'}")
 
 
@@ -101,7 +113,7 @@ def cmd_report(args):
     from workflows.runner import report_stage, run_stage
 
     config = _config(args)
-    run_stage(report_stage(config), force=True)  # cheap, and always reflects the latest evaluations
+    run_stage(report_stage(config), force=True, log_dir=_logs(config))  # cheap, and always reflects the latest evaluations
     print(f"report: {config.report_path / 'report.md'}")
 
 
@@ -287,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = one_line_warning  # a warning is one line on the console, not two
     try:
         code = COMMANDS[args.verb](args)
         return int(code or 0)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from workflows.console import stage_output, status_line
 
 MARKER = "stage.json"
 STORE_MARKER = "_stage/zarr.json"
@@ -144,8 +145,17 @@ def _remove_marker(stage: Stage) -> None:
     _remove(marker.parent if marker.name == "zarr.json" else marker)  # a store's marker node: its folder
 
 
-def run_stage(stage: Stage, *, force: bool = False) -> bool:
-    """Run ``stage`` unless it is up to date. Returns True when it ran."""
+def stage_log(log_dir: Path, stage: Stage) -> Path:
+    """``RUN_DIR/logs/teacher-t1.log``: where a stage's messages go (workflows/console.py)."""
+    return log_dir / f"{stage.name.replace(' ', '-')}.log"
+
+
+def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None, quiet: bool = False) -> bool:
+    """Run ``stage`` unless it is up to date. Returns True when it ran.
+
+    With ``log_dir``, the stage's output goes to its log file there (and to the console too unless
+    ``quiet``: under ``run`` the console gets one line per stage); see workflows/console.py.
+    """
     state, why = stage_status(stage)
     if state == "waiting":
         raise StageError(f"{stage.name}: {why}")
@@ -173,9 +183,19 @@ def run_stage(stage: Stage, *, force: bool = False) -> bool:
         else:
             stage.out.parent.mkdir(parents=True, exist_ok=True)
 
-    say(f"[run ] {stage.name} -> {stage.out}")
     started = time.time()
-    result = stage.build(stage.work)
+    log = stage_log(log_dir, stage) if log_dir is not None and is_rank_zero() else None
+    if log is None:
+        say(f"[run ] {stage.name} -> {stage.out}")
+        result = stage.build(stage.work)
+    else:
+        with stage_output(log, quiet=quiet):
+            print(f"[run ] {stage.name} -> {stage.out}  ({time.strftime('%Y-%m-%d %H:%M:%S')})", flush=True)
+            if quiet:
+                with status_line(f"[run ] {stage.name} -> {stage.out}"):
+                    result = stage.build(stage.work)
+            else:
+                result = stage.build(stage.work)
     seconds = round(time.time() - started, 1)
 
     if is_rank_zero():
@@ -195,7 +215,7 @@ def run_stage(stage: Stage, *, force: bool = False) -> bool:
             if stage.store:
                 (stage.out / MARKER).unlink(missing_ok=True)  # of a store written before markers were nodes
             write_marker(stage.out / STORE_MARKER if stage.store else stage.marker, record)
-        say(f"[done] {stage.name} in {seconds} s")
+        say(f"[done] {stage.name} in {seconds} s" + (f" (log: {log})" if log is not None else ""))
     return True
 
 
@@ -401,9 +421,13 @@ def pipeline_stages(config: Config) -> list[Callable[[], Stage]]:
 def run_all(config: Config, *, force: bool = False) -> int:
     """Run every stage in order, skipping finished ones. Returns how many ran."""
     started = time.time()
+    if config.eval.zero_shot:
+        from pipeline.evaluate import load_zero_shot_suites
+
+        load_zero_shot_suites(config.eval)  # a bad data file stops the run now, not after hours of training
     ran = 0
     for thunk in pipeline_stages(config):
-        ran += run_stage(thunk(), force=force)
+        ran += run_stage(thunk(), force=force, log_dir=config.run_path / "logs", quiet=True)
     report = config.report_path / "report.md"
     if ran == 0:
         say(f"Everything is up to date: nothing to do. Report: {report}")
