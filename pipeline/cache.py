@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import CacheConfig
+from pipeline.config import CacheConfig, identity
 from pipeline.tokenizer import tokenizer_hash
 from stores.logits import (
     FORMAT,
     FORMAT_VERSION,
-    IDENTITY_KEYS,
     PAD_LOGP,
     acquire_lock,
     chunk_problem,
@@ -81,22 +80,19 @@ def check_teachers(teacher_dirs: list[Path], tokens: TokenStore) -> list[str]:
 
 
 def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -> dict:
-    """The attributes that fix the store's content: a resume must match all of them."""
+    """The attributes that fix the store's content, so a resume must match all of them: every identity
+    field of the cache section (``pipeline.config.identity``; the cache stage's fingerprint hashes the
+    same fields) and the inputs."""
     vocab = tokens.vocab_size
     return {
+        **identity(cfg),
         "format_version": FORMAT_VERSION,
-        "mode": cfg.mode,
+        # k and samples are recorded where the mode uses them only, so that an unused one does not differ
         "k": cfg.k if cfg.mode in ("topk", "hybrid") else None,
         "samples": cfg.samples if cfg.mode in ("sample", "hybrid") else None,
         "slots": {"topk": cfg.k, "sample": min(cfg.samples, vocab),
                   "hybrid": cfg.k + min(cfg.samples, vocab - cfg.k)}[cfg.mode],
-        "order": cfg.order,
-        "ensemble": cfg.ensemble,
         "temperatures": [float(t) for t in cfg.temperatures],
-        "logp_dtype": cfg.logp_dtype,
-        "chunk_windows": cfg.chunk_windows,
-        "seed": cfg.seed,
-        "fidelity_positions": cfg.fidelity_positions,
         "vocab_size": vocab,
         "seq_len": tokens.seq_len,
         "num_windows": tokens.num_windows("train"),
@@ -108,7 +104,7 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    keys = [k for k in IDENTITY_KEYS if k != "teachers" and old.get(k) != new.get(k)]
+    keys = [k for k in new if k != "teachers" and old.get(k) != new.get(k)]
     if [t["sha256"] for t in old.get("teachers", [])] != [t["sha256"] for t in new["teachers"]]:
         keys.append("teachers")
     return keys

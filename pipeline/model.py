@@ -30,19 +30,19 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> to
 
 def llama_config(config: Config, tokens: TokenStore) -> LlamaConfig:
     """A LlamaConfig for this run: sizes from ``model.*``, vocab and special ids from the token store."""
-    m = config.model
+    model = config.model
     device = None if config.train.device == "auto" else config.train.device
     return LlamaConfig(
-        attn_implementation=attention_implementation(m.num_heads, m.num_kv_heads, device),
+        attn_implementation=attention_implementation(model.num_heads, model.num_kv_heads, device),
         vocab_size=tokens.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads,
-        max_position_embeddings=m.max_position_embeddings or tokens.seq_len,
-        rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_heads,
+        num_key_value_heads=model.num_kv_heads,
+        max_position_embeddings=model.max_position_embeddings or tokens.seq_len,
+        rope_theta=model.rope_theta,
+        tie_word_embeddings=model.tie_embeddings,
         bos_token_id=tokens.attrs["bos_id"],
         eos_token_id=tokens.attrs["eod_id"],
         pad_token_id=tokens.attrs["pad_id"],
