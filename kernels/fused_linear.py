@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu
+from kernels.autograd import row_kernel
 
 CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}  # fp32 bytes of one logits chunk (64 MB: GEMMs stay efficient)
 
@@ -25,7 +25,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                 ignore_index, impl, chunk_rows):
         N, H = hidden.shape
         V = weight.shape[0]
-        row_fn = cpu.row_kernel(impl)
+        row_fn = row_kernel(impl)
         if chunk_rows is None:
             chunk_rows = max(1, CHUNK_BYTES.get(hidden.device.type, 1 << 25) // (4 * V))
         C = max(1, min(N, chunk_rows))
