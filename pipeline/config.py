@@ -381,6 +381,25 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
+# --- model names ------------------------------------------------------------------------
+
+MODEL_PREFIXES = {"teacher": "t", "student": "s", "online": "o"}
+
+
+def model_name(kind: str, seed: int) -> str:
+    """The default folder name of a model: ``t<seed>`` (teacher), ``s<seed>`` (offline student) or
+    ``o<seed>`` (online student)."""
+    return f"{MODEL_PREFIXES[kind]}{seed}"
+
+
+def parse_model_name(name: str) -> tuple[str, int] | None:
+    """(kind, seed) of a default model name (``"o3"`` -> ``("online", 3)``); None for a name of the user's own."""
+    for kind, prefix in MODEL_PREFIXES.items():
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return kind, int(name[len(prefix):])
+    return None
+
+
 # --- loading ----------------------------------------------------------------------------
 
 

@@ -55,6 +55,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.config import Config, TrainConfig, save_config
+from pipeline.evaluate import heldout_ce_totals
+from pipeline.model import autocast_context
 from stores.tokens import TokenStore
 
 STATE_DIR = "trainer_state"
@@ -178,12 +180,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; like HF's Trainer, 1-D parameters (norm weights, biases) get no weight decay,
     matrices and embeddings do."""
@@ -238,23 +234,17 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
     return loss_sum / num_micro, {k: v / num_micro for k, v in metric_sums.items()}, grad_norm.detach()
 
 
-@torch.no_grad()
 def validation_loss(model: torch.nn.Module, tokens: TokenStore, *, max_windows: int | None, batch_size: int,
-                    device: torch.device, amp_dtype: torch.dtype | None, ddp: Dist) -> float:
-    """Mean token CE over the first ``max_windows`` validation windows, sharded over ranks."""
+                    amp_dtype: torch.dtype | None, ddp: Dist) -> float:
+    """Mean token CE over the first ``max_windows`` validation windows, sharded over ranks (the held-out CE
+    of ``pipeline.evaluate``, summed over ranks before dividing)."""
     num_windows = tokens.num_windows("validation")
     if max_windows is not None:
         num_windows = min(num_windows, max_windows)
-    mine = np.arange(ddp.rank, num_windows, ddp.world_size)
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, token count
-    for begin in range(0, len(mine), batch_size):
-        windows_BT1 = torch.from_numpy(tokens.windows("validation", mine[begin:begin + batch_size])).to(device)
-        with autocast_context(device, amp_dtype):
-            logits_BTV = model(input_ids=windows_BT1[:, :-1]).logits
-        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), windows_BT1[:, 1:].flatten(), reduction="sum")
-        totals += torch.stack([ce.double(), torch.tensor(windows_BT1[:, 1:].numel(), device=device).double()])
+    totals = heldout_ce_totals(model, tokens, "validation", np.arange(ddp.rank, num_windows, ddp.world_size),
+                               batch_size, amp_dtype=amp_dtype)
     if ddp.world_size > 1:
         dist.all_reduce(totals)
     model.train(was_training)
@@ -777,7 +767,7 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         if step > start_step:  # the resumed step was evaluated and saved before it was written
             if last_step or epoch_end or (cfg.eval_every is not None and step % cfg.eval_every == 0):
                 val = validation_loss(model, tokens, max_windows=cfg.eval_windows, batch_size=cfg.batch_size,
-                                      device=plan.device, amp_dtype=plan.amp_dtype, ddp=ddp)
+                                      amp_dtype=plan.amp_dtype, ddp=ddp)
                 log.val(step, val)
                 _update_best(loop, step, val, cfg.keep_best, state_dir, model, ddp)
             if last_step or epoch_end or step % cfg.save_every == 0:

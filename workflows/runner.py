@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, identity
+from pipeline.config import Config, identity, model_name, parse_model_name
 
 MARKER = "stage.json"
 STORE_MARKER = "_stage/zarr.json"
@@ -217,6 +217,19 @@ def _corpus_listing(corpus: Path) -> list:
                   for p in corpus.rglob("*") if p.is_file())
 
 
+def build_token_run(config: Config) -> Config:
+    """prepare, tokenizer and tokenize straight into ``config.run_dir``, without stage markers: the tokens that a
+    benchmark or a test needs in a throwaway run of its own (a real run goes through the stages). Returns ``config``."""
+    from pipeline.prepare import prepare_corpus
+    from pipeline.tokenize import tokenize_corpus
+    from pipeline.tokenizer import train_tokenizer
+
+    prepare_corpus(config.data, config.corpus_path, config.data_path)
+    train_tokenizer(config.tokenizer, config.data_path / "train", config.tokenizer_path)
+    tokenize_corpus(config.data, config.data_path, config.tokenizer_path, config.tokens_path)
+    return config
+
+
 def model_fingerprint(model_dir: Path) -> str | None:
     """A finished model's fingerprint; for a checkpoint made elsewhere, one from its weights file."""
     fp = output_fingerprint(model_dir)
@@ -274,7 +287,7 @@ def tokenize_stage(config: Config) -> Stage:
 def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = False) -> Stage:
     from pipeline.teacher import train_teacher
 
-    name = name or f"t{seed}"
+    name = name or model_name("teacher", seed)
     up, waiting = _upstream(config.tokens_path, "`babydistill tokenize CONFIG`")
     fp = fingerprint("teacher", config.section_hash("model", "train", "teachers"), seed, up) if up else None
 
@@ -286,12 +299,13 @@ def teacher_stage(config: Config, seed: int, name: str | None = None, resume: An
 
 
 def teacher_command(name: str) -> str:
-    seed = name[1:] if name.startswith("t") and name[1:].isdigit() else "S"
+    parsed = parse_model_name(name)
+    seed = parsed[1] if parsed and parsed[0] == "teacher" else "S"
     return f"`babydistill teacher CONFIG --seed {seed}" + ("`" if seed != "S" else f" --name {name}`")
 
 
 def default_teacher_names(config: Config) -> list[str]:
-    return [f"t{seed}" for seed in config.teachers.resolved_seeds()]
+    return [model_name("teacher", seed) for seed in config.teachers.resolved_seeds()]
 
 
 def cache_stage(config: Config, teacher_names: list[str] | None = None, scheduler: str | None = None) -> Stage:
@@ -320,7 +334,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
                   online: bool = False, teacher_names: list[str] | None = None) -> Stage:
     from pipeline.distill import train_student
 
-    name = name or (f"o{seed}" if online else f"s{seed}")
+    name = name or model_name("online" if online else "student", seed)
     names = teacher_names or default_teacher_names(config)
     teacher_dirs = [config.teacher_path(n) for n in names]
     if online:
@@ -371,8 +385,8 @@ def model_dirs(config: Config) -> list[Path]:
     """Every teacher and student of the config, in report order."""
     names = default_teacher_names(config)
     dirs = [config.teacher_path(n) for n in names]
-    dirs += [config.student_path(f"s{seed}") for seed in config.distill.resolved_seeds()]
-    dirs += [config.student_path(f"o{seed}") for seed in range(1, config.distill.online_students + 1)]
+    dirs += [config.student_path(model_name("student", seed)) for seed in config.distill.resolved_seeds()]
+    dirs += [config.student_path(model_name("online", seed)) for seed in range(1, config.distill.online_students + 1)]
     return dirs
 
 

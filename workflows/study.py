@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, model_name
 from workflows.runner import (
     Stage,
     cache_stage,
@@ -87,7 +87,7 @@ class Arm:
         return self.config.run_path
 
     def student_name(self, seed: int) -> str:
-        return f"{'o' if self.online else 's'}{seed}"
+        return model_name("online" if self.online else "student", seed)
 
     def student_path(self, seed: int) -> Path:
         return self.config.student_path(self.student_name(seed))
