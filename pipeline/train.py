@@ -626,6 +626,17 @@ def restore(resume, out_dir: Path, plan: RunPlan, model, optimizer, scaler) -> t
     return meta, resumed_from
 
 
+def _loop_start(meta: dict | None, resumed_from: Path | None, plan: RunPlan) -> tuple[int, dict]:
+    """The step to start from and the loop state (best and last validation loss): fresh, or the checkpoint's."""
+    start_step = meta["step"] if meta else 0
+    if start_step > plan.num_steps:
+        raise TrainingError(f"{resumed_from} is at step {start_step}, past this run's {plan.num_steps} steps "
+                            f"(train.epochs / train.max_steps were lowered); raise them or use --force to start over")
+    if plan.ddp.main and meta is not None:
+        print(f"resuming from {resumed_from} (step {start_step}/{plan.num_steps})", flush=True)
+    return start_step, meta["loop"] if meta else {"best_val_loss": None, "best_step": None, "last_val_loss": None}
+
+
 def _prepare_out_dir(out_dir: Path, meta: dict | None, run_config: Config, ddp: Dist) -> None:
     """Rank 0: a fresh start empties metrics.jsonl and removes half-written checkpoints; a resume cuts
     metrics.jsonl back to what its checkpoint saw. Either way the resolved config is written."""
@@ -744,13 +755,7 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     # --- resume or start fresh ---
     meta, resumed_from = restore(resume, out_dir, plan, model, optimizer, scaler)
     _prepare_out_dir(out_dir, meta, run_config, ddp)
-    start_step = meta["step"] if meta else 0
-    if start_step > num_steps:
-        raise TrainingError(f"{resumed_from} is at step {start_step}, past this run's {num_steps} steps "
-                            f"(train.epochs / train.max_steps were lowered); raise them or use --force to start over")
-    loop = meta["loop"] if meta else {"best_val_loss": None, "best_step": None, "last_val_loss": None}
-    if ddp.main and meta is not None:
-        print(f"resuming from {resumed_from} (step {start_step}/{num_steps})", flush=True)
+    start_step, loop = _loop_start(meta, resumed_from, plan)
     train_model = model
     if ddp.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
