@@ -21,6 +21,23 @@ def row_kernel(impl: str):
     return cpu.loss_and_grad
 
 
+def rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, *gradients):
+    """The end of a forward that formed its input gradients itself: (loss, ce_row, kl_row), the weighted loss
+    over rows, with ``gradients`` saved for a backward that may run once (it scales them in place)."""
+    ctx.save_for_backward(*gradients)
+    ctx.mark_non_differentiable(ce_row, kl_row)
+    ctx.used = False
+    return (w_ce * ce_row).sum() + (w_kl * kl_row).sum(), ce_row, kl_row
+
+
+def saved_gradients(ctx, refusal: str) -> tuple:
+    """The gradients ``rows_loss`` saved, handed out once (``refusal`` is the error of a second backward)."""
+    if ctx.used:
+        raise RuntimeError(refusal)
+    ctx.used = True
+    return ctx.saved_tensors
+
+
 class SparseDistillRows(torch.autograd.Function):
     """loss = sum_rows w_ce * CE + w_kl * KL, gradient computed in forward by ``row_fn`` (`kernels.cpu.loss_and_grad`
     or the Triton kernel's, which share one contract).
@@ -38,18 +55,12 @@ class SparseDistillRows(torch.autograd.Function):
         with torch.no_grad():
             ce_row, kl_row = row_fn(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
                                     temperature, uniform, grad, ignore_index)
-        loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce_row, kl_row)
-        ctx.used = False
-        return loss, ce_row, kl_row
+        return rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, grad)
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _kl):
-        if ctx.used:
-            raise RuntimeError("sparse_distill_loss: backward may run only once (the gradient is scaled in place)")
-        ctx.used = True
-        (grad,) = ctx.saved_tensors
+        (grad,) = saved_gradients(ctx, "sparse_distill_loss: backward may run only once "
+                                       "(the gradient is scaled in place)")
         # On the CPU, skip a full pass over the gradient when grad_output is 1; on a GPU, the
         # multiply is cheaper than the host sync that the test would cost.
         if grad.device.type != "cpu" or float(grad_loss) != 1.0:
