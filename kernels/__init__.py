@@ -5,13 +5,19 @@ without triton: it is device-agnostic PyTorch); ``impl=`` forces one
 ("triton" on CPU tensors runs the kernel through the interpreter when TRITON_INTERPRET=1 was set before
 triton was imported), and the module-level ``_override_impl`` lets tests force a path everywhere.
 ``kernels.reference.sparse_distill_loss`` is the dense spec (same signature), never the production path.
+
+Files: ``targets.py`` (the teacher target at T, shared by both row kernels), ``cpu.py`` (the chunked CPU
+row kernel), ``triton_kernel.py`` (the Triton row kernel), ``autograd.py`` (the autograd Function both
+plug into, and the pick between them), ``fused_linear.py`` (LM head + loss in row chunks), ``dense.py``
+(the full-vocabulary loss of online distillation), ``reference.py`` (the spec).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import cpu, reference
+from kernels import autograd, dense, reference
+from kernels.targets import prepare_targets
 
 __all__ = ["sparse_distill_loss", "fused_linear_sparse_distill_loss", "dense_distill_loss"]
 
@@ -87,12 +93,12 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
             logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
             normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index)
     V = logits.shape[1]
-    ids, logp_K, r_T, num_tail = cpu.prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
+    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
-    loss, ce_row, kl_row = cpu.SparseDistillRows.apply(
+    loss, ce_row, kl_row = autograd.SparseDistillRows.apply(
         logits.contiguous(), labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", inplace, ignore_index, cpu.row_kernel(impl))
+        float(temperature), tail == "uniform", inplace, ignore_index, autograd.row_kernel(impl))
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 
@@ -121,7 +127,7 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
             tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
             ignore_index=ignore_index)
     V = lm_head_weight.shape[0]
-    ids, logp_K, r_T, num_tail = cpu.prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
+    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
     loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(
@@ -148,7 +154,7 @@ def dense_distill_loss(logits, labels, teacher_logits, *, alpha=0.5, temperature
                          ignore_index=ignore_index)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
-    loss, ce_row, kl_row = cpu.DenseDistill.apply(logits.contiguous(), labels.to(torch.int64),
-                                                  teacher_logits.detach(), w_ce, w_kl, float(temperature),
-                                                  ignore_index)
+    loss, ce_row, kl_row = dense.DenseDistill.apply(logits.contiguous(), labels.to(torch.int64),
+                                                    teacher_logits.detach(), w_ce, w_kl, float(temperature),
+                                                    ignore_index)
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale

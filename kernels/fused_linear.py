@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu
+from kernels.autograd import row_kernel, rows_loss, saved_gradients
 
 CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}  # fp32 bytes of one logits chunk (64 MB: GEMMs stay efficient)
 
@@ -25,7 +25,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                 ignore_index, impl, chunk_rows):
         N, H = hidden.shape
         V = weight.shape[0]
-        row_fn = cpu.row_kernel(impl)
+        row_fn = row_kernel(impl)
         if chunk_rows is None:
             chunk_rows = max(1, CHUNK_BYTES.get(hidden.device.type, 1 << 25) // (4 * V))
         C = max(1, min(N, chunk_rows))
@@ -49,19 +49,12 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                     grad_W.addmm_(logits.T, h)
                 else:
                     grad_W += (logits.T @ h).float()
-        loss = (w_ce * ce_row).sum() + (w_kl * kl_row).sum()
-        ctx.save_for_backward(grad_h, grad_W)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(ce_row, kl_row)
-        ctx.used = False
-        return loss, ce_row, kl_row
+        return rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, grad_h, grad_W)
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _kl):
-        if ctx.used:
-            raise RuntimeError("fused_linear_sparse_distill_loss: backward may run only once")
-        ctx.used = True
-        grad_h, grad_W = ctx.saved_tensors
+        grad_h, grad_W = saved_gradients(ctx, "fused_linear_sparse_distill_loss: backward may run only once")
         grad_h.mul_(grad_loss.to(grad_h.dtype))
         grad_W = (grad_W * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return (grad_h, grad_W) + (None,) * 12

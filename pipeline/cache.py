@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.config import CacheConfig
+from pipeline.config import CacheConfig, identity
+from pipeline.model import ensemble_logits, load_teachers
 from pipeline.tokenizer import tokenizer_hash
 from stores.logits import (
     FORMAT,
     FORMAT_VERSION,
-    IDENTITY_KEYS,
     PAD_LOGP,
     acquire_lock,
     chunk_problem,
@@ -40,20 +40,12 @@ from stores.logits import (
     window_order,
     write_chunk,
 )
-from stores.tokens import TokenStore
+from stores.tokens import TokenStore, file_sha256, tokenizer_file_hash
 
 TAIL_MODES = ("bucket", "renorm", "uniform")
 
 
 # --- inputs -------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_teachers(teacher_dirs: list[Path], tokens: TokenStore) -> list[str]:
@@ -65,8 +57,7 @@ def check_teachers(teacher_dirs: list[Path], tokens: TokenStore) -> list[str]:
                             f"train it with `babydistill teacher CONFIG`")
             continue
         vocab = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size")
-        tok = folder / "tokenizer.json"
-        tok_hash = file_sha256(tok) if tok.is_file() else None
+        tok_hash = tokenizer_file_hash(folder)
         for other, other_vocab, other_hash in seen[:1]:
             if vocab != other_vocab:
                 problems.append(f"teachers {other} and {folder} have different vocab sizes ({other_vocab} vs {vocab})")
@@ -81,22 +72,19 @@ def check_teachers(teacher_dirs: list[Path], tokens: TokenStore) -> list[str]:
 
 
 def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -> dict:
-    """The attributes that fix the store's content: a resume must match all of them."""
+    """The attributes that fix the store's content, so a resume must match all of them: every identity
+    field of the cache section (``pipeline.config.identity``; the cache stage's fingerprint hashes the
+    same fields) and the inputs."""
     vocab = tokens.vocab_size
     return {
+        **identity(cfg),
         "format_version": FORMAT_VERSION,
-        "mode": cfg.mode,
+        # k and samples are recorded where the mode uses them only, so that an unused one does not differ
         "k": cfg.k if cfg.mode in ("topk", "hybrid") else None,
         "samples": cfg.samples if cfg.mode in ("sample", "hybrid") else None,
         "slots": {"topk": cfg.k, "sample": min(cfg.samples, vocab),
                   "hybrid": cfg.k + min(cfg.samples, vocab - cfg.k)}[cfg.mode],
-        "order": cfg.order,
-        "ensemble": cfg.ensemble,
         "temperatures": [float(t) for t in cfg.temperatures],
-        "logp_dtype": cfg.logp_dtype,
-        "chunk_windows": cfg.chunk_windows,
-        "seed": cfg.seed,
-        "fidelity_positions": cfg.fidelity_positions,
         "vocab_size": vocab,
         "seq_len": tokens.seq_len,
         "num_windows": tokens.num_windows("train"),
@@ -108,7 +96,7 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    keys = [k for k in IDENTITY_KEYS if k != "teachers" and old.get(k) != new.get(k)]
+    keys = [k for k in new if k != "teachers" and old.get(k) != new.get(k)]
     if [t["sha256"] for t in old.get("teachers", [])] != [t["sha256"] for t in new["teachers"]]:
         keys.append("teachers")
     return keys
@@ -120,26 +108,12 @@ def _differences(old: dict, new: dict) -> list[str]:
 @functools.lru_cache(maxsize=2)
 def _load_teachers(teachers: tuple[tuple[str, str], ...]) -> list[torch.nn.Module]:
     """Teachers of this process, loaded once (keyed by path and weight hash)."""
-    from pipeline.model import load_model
-
-    return [load_model(path).eval() for path, _ in teachers]
+    return load_teachers([Path(path) for path, _ in teachers])
 
 
 @functools.lru_cache(maxsize=2)
 def _token_store(path: str) -> TokenStore:
     return TokenStore(path)
-
-
-def ensemble_logits(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
-    """Unnormalised ensemble logits zbar: the mean of the logits (``logits``) or the log of the mean of
-    the probabilities (``probs``). The ensemble's log-probabilities are zbar - LSE(zbar)."""
-    if rule == "logits":
-        zbar = logits[0] + logits[1] if len(logits) > 1 else logits[0].clone()
-        for z in logits[2:]:
-            zbar += z
-        return zbar.div_(len(logits))
-    logp = torch.stack([torch.log_softmax(z, dim=-1) for z in logits])
-    return torch.logsumexp(logp, dim=0) - math.log(len(logits))
 
 
 def ensemble_logp(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
@@ -258,36 +232,69 @@ def fidelity_row(logp_V: np.ndarray, ids: np.ndarray, stored: np.ndarray, mode: 
     return bucket, renorm, uniform, residual
 
 
-def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: list[tuple[int, int]]):
-    """Sparse targets of one chunk of windows [n, seq_len + 1]: (arrays, fidelity per sampled position)."""
-    torch.set_num_threads(spec["threads"])
-    teachers = _load_teachers(tuple(map(tuple, spec["teachers"])))
-    np_dtype = np.dtype(spec["logp_dtype"])
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([spec["seed"], chunk]).generate_state(1)[0]))
+@dataclass(frozen=True)
+class ChunkSpec:
+    """What computing a chunk's targets needs (sent to every dask task, so plain values only)."""
+    teachers: list[tuple[str, str]]
+    """(path, sha256 of the weights) per teacher: the weights hash keys the per-process teacher cache."""
+    mode: str
+    k: int
+    samples: int
+    slots: int
+    """Ids stored per position (see stores/logits.py)."""
+    temperatures: list[float]
+    ensemble: str
+    logp_dtype: str
+    batch_size: int
+    """Windows per teacher forward pass."""
+    seed: int
+    threads: int
+    """torch threads of the task (1 when several tasks share the machine)."""
+
+
+@dataclass(frozen=True)
+class CaptureTask(ChunkSpec):
+    """A capture task's spec: the chunk's computation and where its windows come from and go to."""
+    out: str
+    tokens: str
+    order: str
+    num_windows: int
+
+
+def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidelity_rows: list[tuple[int, int]]):
+    """Sparse targets of one chunk of windows [n, seq_len + 1]: (arrays, fidelity per sampled position).
+
+    ``spec`` may also be a dict of ChunkSpec's fields (as the tests build it)."""
+    if isinstance(spec, dict):
+        spec = ChunkSpec(**spec)
+    torch.set_num_threads(spec.threads)
+    teachers = _load_teachers(tuple(map(tuple, spec.teachers)))
+    np_dtype = np.dtype(spec.logp_dtype)
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([spec.seed, chunk]).generate_state(1)[0]))
     # The fidelity redraws have their own stream, so the stored targets do not depend on where they fall.
     fidelity_generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([spec["seed"], chunk, 1]).generate_state(1)[0]))
+        int(np.random.SeedSequence([spec.seed, chunk, 1]).generate_state(1)[0]))
     inputs = torch.from_numpy(windows[:, :-1])
     parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": []}
     fidelity = []
-    for b in range(0, len(inputs), spec["batch_size"]):
-        x_BS = inputs[b:b + spec["batch_size"]]
+    for b in range(0, len(inputs), spec.batch_size):
+        x_BS = inputs[b:b + spec.batch_size]
         with torch.inference_mode():
             logits = [teacher(input_ids=x_BS).logits.float() for teacher in teachers]
             # The dense log-softmax is never materialised in topk mode: logp = zbar - LSE(zbar) on the k ids.
-            zbar_BSV = ensemble_logits(logits, spec["ensemble"])
+            zbar_BSV = ensemble_logits(logits, spec.ensemble)
             lse_BS = torch.logsumexp(zbar_BSV, dim=-1)
             c_T = torch.stack([torch.logsumexp(zbar_BSV / t, dim=-1) - lse_BS / t if t != 1.0
-                               else lse_BS.new_zeros(lse_BS.shape) for t in spec["temperatures"]], dim=-1)
+                               else lse_BS.new_zeros(lse_BS.shape) for t in spec.temperatures], dim=-1)
             zbar_NV = zbar_BSV.reshape(-1, zbar_BSV.shape[-1])
-            if spec["mode"] == "topk":
-                top_NK, ids_NK = zbar_NV.topk(spec["slots"], dim=-1, sorted=True)
+            if spec.mode == "topk":
+                top_NK, ids_NK = zbar_NV.topk(spec.slots, dim=-1, sorted=True)
                 logp_NK = top_NK - lse_BS.reshape(-1, 1)
             else:
                 logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
-                head = zbar_NV.topk(spec["k"], dim=-1, sorted=True).indices if spec["mode"] == "hybrid" else None
-                ids_NK, logp_NK = sample_targets(logp_NV, spec["samples"], spec["slots"], generator, head)
-        shape = (*x_BS.shape, spec["slots"])
+                head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
+                ids_NK, logp_NK = sample_targets(logp_NV, spec.samples, spec.slots, generator, head)
+        shape = (*x_BS.shape, spec.slots)
         ids = ids_NK.numpy().astype(np.uint16).reshape(shape)
         logp = logp_NK.numpy().astype(np_dtype).reshape(shape)
         parts["ids"].append(ids)
@@ -297,16 +304,16 @@ def compute_chunk(spec: dict, chunk: int, windows: np.ndarray, fidelity_rows: li
             if b <= w < b + len(x_BS):
                 dense = (zbar_BSV[w - b, s] - lse_BS[w - b, s]).numpy()
                 row_ids = ids[w - b, s].astype(np.int64)
-                row = fidelity_row(dense, row_ids, logp[w - b, s], spec["mode"])
-                grad = gradient_fidelity(torch.from_numpy(dense), row_ids, logp[w - b, s], spec["mode"],
-                                         spec["k"], spec["samples"], fidelity_generator)
+                row = fidelity_row(dense, row_ids, logp[w - b, s], spec.mode)
+                grad = gradient_fidelity(torch.from_numpy(dense), row_ids, logp[w - b, s], spec.mode,
+                                         spec.k, spec.samples, fidelity_generator)
                 fidelity.append([w, s, *row, *grad])
     arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     arrays["tokens"] = windows.astype(np.uint16)
     return arrays, fidelity
 
 
-def capture_chunk(spec: dict, chunk: int, start: int, stop: int, fidelity_rows: list[tuple[int, int]]) -> dict:
+def capture_chunk(spec: CaptureTask, chunk: int, start: int, stop: int, fidelity_rows: list[tuple[int, int]]) -> dict:
     """One task: compute chunk ``chunk`` (store rows start..stop-1), write it, then its done marker.
 
     Returns the seconds spent computing (teachers, ensemble, sparse targets) and writing.
@@ -315,13 +322,13 @@ def capture_chunk(spec: dict, chunk: int, start: int, stop: int, fidelity_rows: 
 
     zarr.config.set({"async.concurrency": 4})  # many dask workers share one file system
     started, started_cpu = time.perf_counter(), time.process_time()
-    window_ids = window_order(spec["num_windows"], spec["order"], spec["seed"])[start:stop]
-    windows = _token_store(spec["tokens"]).windows("train", window_ids)
+    window_ids = window_order(spec.num_windows, spec.order, spec.seed)[start:stop]
+    windows = _token_store(spec.tokens).windows("train", window_ids)
     arrays, fidelity = compute_chunk(spec, chunk, windows, [(w - start, s) for w, s in fidelity_rows])
     arrays["window_ids"] = window_ids.astype(np.uint32)
     computed, computed_cpu = time.perf_counter(), time.process_time()
-    group = zarr.open_group(store=spec["out"], mode="r+")
-    write_chunk(Path(spec["out"]), group, chunk, start, arrays, {"fidelity": fidelity})
+    group = zarr.open_group(store=spec.out, mode="r+")
+    write_chunk(Path(spec.out), group, chunk, start, arrays, {"fidelity": fidelity})
     return {"chunk": chunk, "compute_s": computed - started, "write_s": time.perf_counter() - computed,
             "compute_cpu_s": computed_cpu - started_cpu, "write_cpu_s": time.process_time() - computed_cpu}
 
@@ -383,7 +390,7 @@ def format_fidelity(report: dict) -> str:
 # --- the stage ------------------------------------------------------------------------------
 
 
-def _run_tasks(spec: dict, todo: list[tuple[int, int, int, list]], workers: int, scheduler: str | None,
+def _run_tasks(spec: CaptureTask, todo: list[tuple[int, int, int, list]], workers: int, scheduler: str | None,
                seq_len: int) -> list[dict]:
     """Run the chunk tasks with a progress bar over chunks (tokens/s, ETA); returns their timings."""
     import dask
@@ -426,6 +433,43 @@ def _run_tasks(spec: dict, todo: list[tuple[int, int, int, list]], workers: int,
         bar.close()
 
 
+def _input_problems(cfg: CacheConfig, tokens: TokenStore, tokenizer_dir: Path, teacher_dirs: list[Path],
+                    workers: int) -> list[str]:
+    """Everything wrong with a capture's inputs, so that one error lists it all."""
+    problems = [] if teacher_dirs else ["no teachers given"]
+    problems += check_teachers(teacher_dirs, tokens)
+    if tokenizer_hash(tokenizer_dir) != tokens.tokenizer_hash:
+        problems.append(f"{tokenizer_dir} is another tokenizer than the one of {tokens.path}")
+    vocab = tokens.vocab_size
+    if cfg.mode == "topk" and cfg.k > vocab:
+        problems.append(f"cache.k = {cfg.k} is larger than the vocab size {vocab}")
+    if cfg.mode == "hybrid" and cfg.k >= vocab:
+        problems.append(f"cache.k = {cfg.k} leaves no tail to sample at vocab size {vocab} (mode hybrid)")
+    if cfg.mode in ("sample", "hybrid") and not cfg.samples <= vocab:
+        problems.append(f"cache.samples = {cfg.samples} must be in 1..{vocab} (the vocab size)")
+    if workers < 1:
+        problems.append(f"workers must be >= 1, got {workers}")
+    if tokens.num_windows("train") == 0:
+        problems.append(f"{tokens.path} has no training windows")
+    return problems
+
+
+def _chunks_to_do(out: Path, ranges: list[tuple[int, int]], positions: np.ndarray) -> list[tuple[int, int, int, list]]:
+    """(chunk, start, stop, fidelity rows) of every chunk not done and intact; their stale markers are removed."""
+    todo = []
+    for i, (start, stop) in enumerate(ranges):
+        # Every done chunk's files are checked against their sizes and crc32, so a changed byte is redone.
+        why = chunk_problem(out, i, checksum=True)
+        if why is None:
+            continue
+        if why != "not marked done":
+            print(f"cache: rewriting chunk {i} (rows {start}-{stop - 1}): {why}", flush=True)
+        remove_marker(out, i)
+        rows = positions[(positions[:, 0] >= start) & (positions[:, 0] < stop)]
+        todo.append((i, start, stop, [(int(w), int(s)) for w, s in rows]))
+    return todo
+
+
 def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, teacher_dirs: list[Path], out: Path,
                    *, workers: int | None = None, scheduler: str | None = None, k: int | None = None) -> dict:
     """Capture the ensemble's sparse targets for every training window into ``out`` (resumable in place).
@@ -445,63 +489,37 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
     tokens_path, tokenizer_dir, out = Path(tokens_path), Path(tokenizer_dir), Path(out)
     teacher_dirs = [Path(d) for d in teacher_dirs]
     tokens = TokenStore(tokens_path)
-    problems = [] if teacher_dirs else ["no teachers given"]
-    problems += check_teachers(teacher_dirs, tokens)
-    if tokenizer_hash(tokenizer_dir) != tokens.tokenizer_hash:
-        problems.append(f"{tokenizer_dir} is another tokenizer than the one of {tokens_path}")
-    vocab = tokens.vocab_size
-    if cfg.mode == "topk" and cfg.k > vocab:
-        problems.append(f"cache.k = {cfg.k} is larger than the vocab size {vocab}")
-    if cfg.mode == "hybrid" and cfg.k >= vocab:
-        problems.append(f"cache.k = {cfg.k} leaves no tail to sample at vocab size {vocab} (mode hybrid)")
-    if cfg.mode in ("sample", "hybrid") and not cfg.samples <= vocab:
-        problems.append(f"cache.samples = {cfg.samples} must be in 1..{vocab} (the vocab size)")
-    if workers < 1:
-        problems.append(f"workers must be >= 1, got {workers}")
-    if tokens.num_windows("train") == 0:
-        problems.append(f"{tokens_path} has no training windows")
+    problems = _input_problems(cfg, tokens, tokenizer_dir, teacher_dirs, workers)
     if problems:
         raise ValueError("; ".join(problems))
 
     # --- set up the store (or check the one being resumed)
     teachers = [{"path": str(d.resolve()), "sha256": file_sha256(d / "model.safetensors")} for d in teacher_dirs]
-    identity = store_identity(cfg, tokens, teachers)
+    store_id = store_identity(cfg, tokens, teachers)
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
         existing = read_attrs(out)
         if existing is None:
-            create_store(out, identity)
-        elif existing.get("format") != FORMAT or (diff := _differences(existing, identity)):
+            create_store(out, store_id)
+        elif existing.get("format") != FORMAT or (diff := _differences(existing, store_id)):
             what = ", ".join(diff) if existing.get("format") == FORMAT else "not a logit store"
             raise ValueError(f"{out} was made from other inputs ({what}); rerun `babydistill cache CONFIG --force` "
                              f"to rebuild it")
         for leftover in out.rglob("*.partial"):  # half-written files of a killed capture
             leftover.unlink()
-        ranges = chunk_ranges(identity["num_windows"], cfg.chunk_windows)
+        ranges = chunk_ranges(store_id["num_windows"], cfg.chunk_windows)
         migrate_markers(out, len(ranges))
-        positions = fidelity_positions(identity["num_windows"], tokens.seq_len, cfg.fidelity_positions, cfg.seed)
-        todo = []
-        for i, (start, stop) in enumerate(ranges):
-            # Every done chunk's files are checked against their sizes and crc32, so a changed byte is redone.
-            why = chunk_problem(out, i, checksum=True)
-            if why is None:
-                continue
-            if why != "not marked done":
-                print(f"cache: rewriting chunk {i} (rows {start}-{stop - 1}): {why}", flush=True)
-            remove_marker(out, i)
-            rows = positions[(positions[:, 0] >= start) & (positions[:, 0] < stop)]
-            todo.append((i, start, stop, [(int(w), int(s)) for w, s in rows]))
+        positions = fidelity_positions(store_id["num_windows"], tokens.seq_len, cfg.fidelity_positions, cfg.seed)
+        todo = _chunks_to_do(out, ranges, positions)
         remote = scheduler is not None or workers > 1
-        spec = {
-            "out": str(out.resolve()), "tokens": str(tokens_path.resolve()),
-            "teachers": [(t["path"], t["sha256"]) for t in teachers],
-            "mode": cfg.mode, "slots": identity["slots"], "samples": cfg.samples, "k": cfg.k,
-            "order": cfg.order, "num_windows": identity["num_windows"],
-            "temperatures": identity["temperatures"], "ensemble": cfg.ensemble, "logp_dtype": cfg.logp_dtype,
-            "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "threads": 1 if remote else max(1, torch.get_num_threads()),
-        }
+        spec = CaptureTask(
+            teachers=[(t["path"], t["sha256"]) for t in teachers], mode=cfg.mode, k=cfg.k, samples=cfg.samples,
+            slots=store_id["slots"], temperatures=store_id["temperatures"], ensemble=cfg.ensemble,
+            logp_dtype=cfg.logp_dtype, batch_size=cfg.batch_size, seed=cfg.seed,
+            threads=1 if remote else max(1, torch.get_num_threads()),
+            out=str(out.resolve()), tokens=str(tokens_path.resolve()), order=cfg.order,
+            num_windows=store_id["num_windows"])
 
         # --- run the chunk tasks
         started = time.time()
@@ -519,7 +537,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
         print(format_fidelity(report), flush=True)
         computed = sum(stop - start for _, start, stop, _ in todo) * tokens.seq_len
         return {
-            "out": str(out), "mode": cfg.mode, "slots": identity["slots"], "num_windows": identity["num_windows"],
+            "out": str(out), "mode": cfg.mode, "slots": store_id["slots"], "num_windows": store_id["num_windows"],
             "num_chunks": len(ranges), "chunks_computed": len(todo), "chunks_skipped": len(ranges) - len(todo),
             "seconds": round(seconds, 3), "tokens_per_s": computed / seconds if computed else None,
             **{f"task_{key}": sum(t[key] for t in timings)

@@ -11,6 +11,7 @@ so ``--set cache.temperatures=[1,2,4]`` works).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -35,6 +36,34 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+# --- stage identity ---------------------------------------------------------------------
+# A stage's fingerprint (workflows/runner.py), a logit store's identity (pipeline/cache.py) and a
+# training checkpoint's fingerprint (pipeline/train.py) are built from the sections a stage reads,
+# field by field. Every field counts, except the few marked with this metadata, so a new field
+# cannot be left out of a fingerprint by accident: leaving one out is a decision, written here.
+
+EXECUTION_ONLY = {"execution_only": True}
+"""Field metadata: the field changes how a stage runs (threads, batch of a forward pass, logging and
+checkpoint cadence) or which stages a run has (how many students), not what one stage computes."""
+
+
+ADDED_LATER = {"left_out_at_default": True}
+"""Field metadata: a key added after runs were made; left out of fingerprints while at its default, so
+that adding it does not make every finished stage stale."""
+
+
+def _at_default(f: dataclasses.Field, value: Any) -> bool:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return value == default
+
+
+def identity(section: Any) -> dict[str, Any]:
+    """The fields of a config section that fix what its stages compute, in declaration order."""
+    return {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(section)
+            if not f.metadata.get("execution_only")
+            and not (f.metadata.get("left_out_at_default") and _at_default(f, getattr(section, f.name)))}
 
 
 # --- stage sections ---------------------------------------------------------------------
@@ -122,9 +151,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = None
     """Stop after this many optimizer steps (smoke runs); None = epochs x steps per epoch."""
-    save_every: int = 500
+    save_every: int = field(default=500, metadata=EXECUTION_ONLY)
     """Checkpoint every this many optimizer steps (and at every epoch end)."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=EXECUTION_ONLY)
     eval_every: int | None = None
     """Validation loss every this many steps, besides every epoch end."""
     eval_windows: int | None = None
@@ -137,10 +166,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 autocast on CUDA when supported (else fp16), fp32 on CPU."""
     device: str = "auto"
-    num_threads: int | None = None
+    num_threads: int | None = field(default=None, metadata=EXECUTION_ONLY)
     """torch.set_num_threads on CPU; None = torch's default."""
-    keep_checkpoints: int = 2
-    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
+    keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list, metadata=EXECUTION_ONLY)
     """Experiment trackers that get the metrics.jsonl records too (pipeline/trackers.py; each needs its
     extra, e.g. pip install -e ".[tensorboard]"); metrics.jsonl is always written."""
 
@@ -171,9 +200,9 @@ class TrainConfig:
 
 @dataclass
 class TeachersConfig:
-    count: int = 2
-    """Teachers in the ensemble (the paper: 2)."""
-    seeds: list[int] | None = None
+    count: int = field(default=2, metadata=EXECUTION_ONLY)
+    """Teachers in the ensemble (the paper: 2). Which teachers form the ensemble is the cache's identity."""
+    seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
     """Teacher seeds; None = 1..count. Teacher i is named t<seed>."""
 
     def __post_init__(self):
@@ -207,13 +236,14 @@ class CacheConfig:
     """logits = mean of raw logits (the paper); probs = mean of probabilities."""
     chunk_windows: int = 64
     """Windows per Zarr chunk (one capture task each)."""
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata=EXECUTION_ONLY)
     """Windows per teacher forward pass."""
-    workers: int = 1
+    workers: int = field(default=1, metadata=EXECUTION_ONLY)
     """Dask workers (1 = synchronous scheduler)."""
     logp_dtype: Literal["float16", "float32"] = "float16"
-    fidelity_positions: int = 2048
-    """Positions sampled for the capture-time fidelity report."""
+    fidelity_positions: int = field(default=2048, metadata=EXECUTION_ONLY)
+    """Positions sampled for the capture-time fidelity report. Execution-only: it picks what the capture
+    reports on, not the targets students read."""
     seed: int = 0
     """Seed for sampled targets and the fidelity sample."""
 
@@ -242,11 +272,11 @@ class DistillConfig:
     """token = CE and KL averaged over tokens; sequence = the paper's released trainer (KL batchmean)."""
     use_exact_c_T: bool = True
     """Use the store's exact temperature correction when the temperature was captured."""
-    students: int = 1
+    students: int = field(default=1, metadata=EXECUTION_ONLY)
     """Offline students distilled from the one cache."""
-    seeds: list[int] | None = None
+    seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
     """Student seeds; None = 1..students. Student i is named s<seed>."""
-    online_students: int = 0
+    online_students: int = field(default=0, metadata=EXECUTION_ONLY)
     """Students distilled online (teachers run every step: the paper's released method), named o<seed>."""
 
     def __post_init__(self):
@@ -267,11 +297,11 @@ class EvalConfig:
     """BLiMP folder of *.jsonl or a zip of them; None = the bundled copy."""
     max_pairs_per_paradigm: int | None = None
     """Seeded subset of pairs per paradigm (None = all 1000)."""
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=EXECUTION_ONLY)
     max_windows: int | None = None
     """Cap on validation/test windows for the loss evaluation (None = all)."""
     seed: int = 0
-    zero_shot: list[dict[str, str]] = field(default_factory=list)
+    zero_shot: list[dict[str, str]] = field(default_factory=list, metadata=ADDED_LATER)
     """BabyLM zero-shot suites from local files, scored as the BabyLM evaluation pipeline 2025 does
     (pipeline/zero_shot.py): a list of ``{task, path}`` (task: blimp, ewok or entity_tracking; path: a
     *.jsonl file or a folder of them), with an optional ``name`` (default: the task) that keys the
@@ -316,14 +346,16 @@ class Config:
         mpe = self.model.max_position_embeddings
         _check(mpe is None or mpe >= self.data.seq_len, "model.max_position_embeddings",
                f"must be >= data.seq_len ({self.data.seq_len}), got {mpe}")
-        vocab, c = self.tokenizer.vocab_size, self.cache
-        if c.mode in ("topk", "hybrid"):
-            limit = vocab - 1 if c.mode == "hybrid" else vocab  # hybrid needs a tail to sample from
-            _check(c.k <= limit, "cache.k", f"must be in 1..{limit} for mode {c.mode} at vocab {vocab}, got {c.k}")
-        if c.mode in ("sample", "hybrid"):
-            _check(c.samples <= vocab, "cache.samples", f"must be in 1..{vocab} (the vocab size), got {c.samples}")
+        vocab, cache = self.tokenizer.vocab_size, self.cache
+        if cache.mode in ("topk", "hybrid"):
+            limit = vocab - 1 if cache.mode == "hybrid" else vocab  # hybrid needs a tail to sample from
+            _check(cache.k <= limit, "cache.k",
+                   f"must be in 1..{limit} for mode {cache.mode} at vocab {vocab}, got {cache.k}")
+        if cache.mode in ("sample", "hybrid"):
+            _check(cache.samples <= vocab, "cache.samples",
+                   f"must be in 1..{vocab} (the vocab size), got {cache.samples}")
             _check(self.distill.temperature == 1.0, "distill.temperature",
-                   f"must be 1 with cache.mode {c.mode}: sampled weights are teacher probabilities at T = 1 only "
+                   f"must be 1 with cache.mode {cache.mode}: sampled weights are teacher probabilities at T = 1 only "
                    f"(got {self.distill.temperature}); use cache.mode topk for other temperatures")
 
     # --- derived paths (one place, so every stage agrees) ---
@@ -365,28 +397,43 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Stable hash of some sections, for stage fingerprints.
+        """Stable hash of the identity fields of some sections (see ``identity``), for fingerprints.
 
-        Keys that change how a stage runs but not what it computes (threads, logging and
-        checkpoint cadence) are left out, so changing them does not make a finished stage stale.
+        Execution-only fields are left out, so changing them does not make a finished stage stale. A
+        section with no identity field adds nothing (``teachers`` today), so naming it costs nothing
+        until it has one.
         """
         payload = {}
         for name in sections:
             value = getattr(self, name)
-            value = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-            if isinstance(value, dict):
-                value = {k: v for k, v in value.items() if f"{name}.{k}" not in EXECUTION_ONLY_KEYS
-                         and not (f"{name}.{k}" in ADDED_KEY_DEFAULTS and v == ADDED_KEY_DEFAULTS[f"{name}.{k}"])}
+            if dataclasses.is_dataclass(value):
+                value = identity(value)
+                if not value:
+                    continue
             payload[name] = value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-EXECUTION_ONLY_KEYS = {"train.num_threads", "train.log_every", "train.save_every", "train.keep_checkpoints",
-                       "train.trackers", "cache.workers", "cache.batch_size", "eval.batch_size"}
-# Keys added after runs were made: left out of fingerprints while at their default, so that adding
-# one does not make every finished stage stale.
-ADDED_KEY_DEFAULTS = {"eval.zero_shot": []}
+
+
+# --- model names ------------------------------------------------------------------------
+
+MODEL_PREFIXES = {"teacher": "t", "student": "s", "online": "o"}
+
+
+def model_name(kind: str, seed: int) -> str:
+    """The default folder name of a model: ``t<seed>`` (teacher), ``s<seed>`` (offline student) or
+    ``o<seed>`` (online student)."""
+    return f"{MODEL_PREFIXES[kind]}{seed}"
+
+
+def parse_model_name(name: str) -> tuple[str, int] | None:
+    """(kind, seed) of a default model name (``"o3"`` -> ``("online", 3)``); None for a name of the user's own."""
+    for kind, prefix in MODEL_PREFIXES.items():
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return kind, int(name[len(prefix):])
+    return None
 
 
 # --- loading ----------------------------------------------------------------------------

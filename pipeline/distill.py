@@ -17,11 +17,10 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kernels import dense_distill_loss, fused_linear_sparse_distill_loss
 from pipeline.config import Config, DistillConfig
-from pipeline.model import build_model, load_model
+from pipeline.model import build_model, ensemble_logits, load_teachers
 from pipeline.tokenizer import tokenizer_hash
 from pipeline.train import Batch, TokenWindows, TrainingError, train_loop
 from stores.logits import targets_are_complete
@@ -50,18 +49,6 @@ def offline_loss(dcfg: DistillConfig, use_c_T: bool, tail: str):
     return loss_fn
 
 
-def load_teachers(teacher_dirs: list[Path], vocab_size: int) -> list[torch.nn.Module]:
-    teachers = []
-    for path in teacher_dirs:
-        if not (path / "config.json").is_file():
-            raise TrainingError(f"{path}: not a teacher checkpoint; run `babydistill teacher CONFIG --name {path.name}`")
-        teacher = load_model(path)
-        if teacher.config.vocab_size != vocab_size:
-            raise TrainingError(f"{path} has vocab {teacher.config.vocab_size}, the run's tokens {vocab_size}")
-        teachers.append(teacher.eval().requires_grad_(False))
-    return teachers
-
-
 def online_loss(dcfg: DistillConfig, teachers: list[torch.nn.Module], ensemble: str):
     """The paper's released method: teachers forward every step, dense full-vocabulary KL + CE."""
 
@@ -69,10 +56,7 @@ def online_loss(dcfg: DistillConfig, teachers: list[torch.nn.Module], ensemble: 
         input_ids = batch["input_ids"]
         with torch.no_grad():
             logits = [t.to(input_ids.device)(input_ids=input_ids).logits.float() for t in teachers]
-            if ensemble == "logits":
-                teacher_BTV = torch.stack(logits).mean(0)
-            else:  # log of the mean probability, a valid set of logits for the same distribution
-                teacher_BTV = torch.logsumexp(torch.stack([F.log_softmax(z, -1) for z in logits]), 0)
+            teacher_BTV = ensemble_logits(logits, ensemble)  # the rule the cache stage uses
         student_BTV = model(input_ids=input_ids).logits
         loss, ce, kl = dense_distill_loss(
             student_BTV.flatten(0, 1), batch["labels"].flatten(), teacher_BTV.flatten(0, 1),

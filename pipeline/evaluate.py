@@ -46,7 +46,7 @@ from transformers import AutoConfig
 
 from pipeline import zero_shot
 from pipeline.config import BUNDLED_BLIMP, EvalConfig
-from pipeline.model import load_model
+from pipeline.model import autocast_context, load_model
 from pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from stores.tokens import TokenStore
 
@@ -189,7 +189,25 @@ def blimp_accuracy(pairs: list[BlimpPair], correct) -> dict:
     return {"overall": float(np.mean(list(paradigms.values()))), "fields": fields, "paradigms": paradigms}
 
 
-@torch.inference_mode()
+@torch.no_grad()
+def heldout_ce_totals(model, store: TokenStore, split: str, window_ids: np.ndarray, batch_size: int, *,
+                      amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+    """Token CE summed over windows ``window_ids`` of ``split``, and the token count: float64 [2] on the
+    model's device. Sums, so that the training loop can add up its ranks' shares before dividing; both
+    the training loop's validation loss and ``split_loss`` are this."""
+    device = _device(model)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, token count
+    for begin in tqdm(range(0, len(window_ids), batch_size), desc=f"loss {split}", unit="batch", leave=False,
+                      disable=not progress):
+        windows_BT1 = torch.from_numpy(store.windows(split, window_ids[begin:begin + batch_size])).to(device)
+        with autocast_context(device, amp_dtype):
+            logits_BTV = model(input_ids=windows_BT1[:, :-1]).logits
+        labels_BT = windows_BT1[:, 1:]
+        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), reduction="sum")
+        totals += torch.stack([ce.double(), torch.tensor(labels_BT.numel(), device=device).double()])
+    return totals
+
+
 def split_loss(model, store: TokenStore, split: str, max_windows: int | None, batch_size: int, *,
                progress: bool = False) -> dict:
     """Mean token CE (nats) and perplexity over the first ``max_windows`` windows of ``split``."""
@@ -198,18 +216,9 @@ def split_loss(model, store: TokenStore, split: str, max_windows: int | None, ba
         num_windows = min(num_windows, max_windows)
     if num_windows == 0:
         raise ValueError(f"{store.path}: split {split!r} has no windows to evaluate")
-    device = _device(model)
-    total_nll, num_tokens = 0.0, 0
-    for begin in tqdm(range(0, num_windows, batch_size), desc=f"loss {split}", unit="batch", leave=False,
-                      disable=not progress):
-        windows_BT = torch.from_numpy(store.windows(split, np.arange(begin, min(begin + batch_size, num_windows))))
-        windows_BT = windows_BT.to(device)
-        logits_BTV = model(input_ids=windows_BT[:, :-1]).logits.float()
-        labels_BT = windows_BT[:, 1:]
-        total_nll += F.cross_entropy(logits_BTV.flatten(0, 1), labels_BT.flatten(), reduction="sum").item()
-        num_tokens += labels_BT.numel()
-    ce = total_nll / num_tokens
-    return {"ce": ce, "perplexity": math.exp(ce), "num_windows": num_windows, "num_tokens": num_tokens}
+    totals = heldout_ce_totals(model, store, split, np.arange(num_windows), batch_size, progress=progress)
+    ce = (totals[0] / totals[1]).item()
+    return {"ce": ce, "perplexity": math.exp(ce), "num_windows": num_windows, "num_tokens": int(totals[1].item())}
 
 
 # --- BabyLM zero-shot suites (eval.zero_shot; data and rules in pipeline/zero_shot.py) ----

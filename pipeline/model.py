@@ -1,7 +1,9 @@
-"""The Llama model of every stage, built from the config with transformers."""
+"""The Llama model of every stage, built from the config with transformers; teachers and their ensemble."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -30,19 +32,19 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> to
 
 def llama_config(config: Config, tokens: TokenStore) -> LlamaConfig:
     """A LlamaConfig for this run: sizes from ``model.*``, vocab and special ids from the token store."""
-    m = config.model
+    model = config.model
     device = None if config.train.device == "auto" else config.train.device
     return LlamaConfig(
-        attn_implementation=attention_implementation(m.num_heads, m.num_kv_heads, device),
+        attn_implementation=attention_implementation(model.num_heads, model.num_kv_heads, device),
         vocab_size=tokens.vocab_size,
-        hidden_size=m.hidden_size,
-        intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads,
-        max_position_embeddings=m.max_position_embeddings or tokens.seq_len,
-        rope_theta=m.rope_theta,
-        tie_word_embeddings=m.tie_embeddings,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_heads,
+        num_key_value_heads=model.num_kv_heads,
+        max_position_embeddings=model.max_position_embeddings or tokens.seq_len,
+        rope_theta=model.rope_theta,
+        tie_word_embeddings=model.tie_embeddings,
         bos_token_id=tokens.attrs["bos_id"],
         eos_token_id=tokens.attrs["eod_id"],
         pad_token_id=tokens.attrs["pad_id"],
@@ -58,3 +60,41 @@ def build_model(config: Config, tokens: TokenStore, seed: int) -> LlamaForCausal
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``, or nothing for plain fp32 (``dtype`` None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --- teachers -------------------------------------------------------------------------------------
+
+
+def load_teachers(teacher_dirs: list[Path], vocab_size: int | None = None) -> list[torch.nn.Module]:
+    """The teachers of an ensemble, frozen in eval mode; ``vocab_size``, when given, is the run's and must match.
+
+    The cache stage (once per worker process) and the online student (once per run) load them here.
+    """
+    teachers = []
+    for path in map(Path, teacher_dirs):
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path}: not a teacher checkpoint; run `babydistill teacher CONFIG --name {path.name}`")
+        teacher = load_model(path)
+        if vocab_size is not None and teacher.config.vocab_size != vocab_size:
+            raise ValueError(f"{path} has vocab {teacher.config.vocab_size}, the run's tokens {vocab_size}")
+        teachers.append(teacher.eval().requires_grad_(False))
+    return teachers
+
+
+def ensemble_logits(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """Unnormalised ensemble logits zbar: the mean of the logits (``logits``, the paper) or the log of the mean
+    of the probabilities (``probs``). The ensemble's log-probabilities are zbar - LSE(zbar)."""
+    if rule == "logits":
+        zbar = logits[0] + logits[1] if len(logits) > 1 else logits[0].clone()
+        for z in logits[2:]:
+            zbar += z
+        return zbar.div_(len(logits))
+    logp = torch.stack([torch.log_softmax(z, dim=-1) for z in logits])
+    return torch.logsumexp(logp, dim=0) - math.log(len(logits))

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-from pipeline.config import Config  # noqa: E402
+from pipeline.config import Config, parse_model_name  # noqa: E402
 from pipeline.evaluate import FIELDS  # noqa: E402
 
 GROUPS = ("teachers", "offline students", "online students")
@@ -59,7 +59,8 @@ def find_models(config: Config) -> list[ModelRun]:
         # "s1.partial" and the like are stages still running (or interrupted), not models
         dirs = [p for p in folder.iterdir() if p.is_dir() and "." not in p.name]
         for path in sorted(dirs, key=lambda p: _natural_key(p.name)):
-            group = "teachers" if is_teacher else "online students" if path.name.startswith("o") else "offline students"
+            online = (parse_model_name(path.name) or ("",))[0] == "online"
+            group = "teachers" if is_teacher else "online students" if online else "offline students"
             eval_path = path / "eval.json"
             found.append(ModelRun(path.name, group, path,
                                   json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None,

@@ -8,7 +8,6 @@ in the token store starts with it (BLiMP scoring conditions the first word on it
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -16,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from pipeline.config import TokenizerConfig
 from pipeline.prepare import split_documents
+from stores.tokens import tokenizer_file_hash
 
 PAD, BOS, EOD = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, BOS, EOD]
@@ -63,10 +63,10 @@ def train_tokenizer(cfg: TokenizerConfig, train_dir: Path, out_dir: Path) -> Pat
 
 def tokenizer_hash(tokenizer_dir: Path) -> str:
     """Content hash of tokenizer.json: what stores record to refuse a different tokenizer."""
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
+    digest = tokenizer_file_hash(tokenizer_dir)
+    if digest is None:
         raise TokenizerError(f"{tokenizer_dir}: no tokenizer.json; run `babydistill tokenizer CONFIG` first")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return digest
 
 
 def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:

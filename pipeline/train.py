@@ -55,6 +55,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.config import Config, TrainConfig, save_config
+from pipeline.evaluate import heldout_ce_totals
+from pipeline.model import autocast_context
 from pipeline.trackers import Trackers, stage_run_name
 from stores.tokens import TokenStore
 
@@ -179,12 +181,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; like HF's Trainer, 1-D parameters (norm weights, biases) get no weight decay,
     matrices and embeddings do."""
@@ -239,23 +235,17 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
     return loss_sum / num_micro, {k: v / num_micro for k, v in metric_sums.items()}, grad_norm.detach()
 
 
-@torch.no_grad()
 def validation_loss(model: torch.nn.Module, tokens: TokenStore, *, max_windows: int | None, batch_size: int,
-                    device: torch.device, amp_dtype: torch.dtype | None, ddp: Dist) -> float:
-    """Mean token CE over the first ``max_windows`` validation windows, sharded over ranks."""
+                    amp_dtype: torch.dtype | None, ddp: Dist) -> float:
+    """Mean token CE over the first ``max_windows`` validation windows, sharded over ranks (the held-out CE
+    of ``pipeline.evaluate``, summed over ranks before dividing)."""
     num_windows = tokens.num_windows("validation")
     if max_windows is not None:
         num_windows = min(num_windows, max_windows)
-    mine = np.arange(ddp.rank, num_windows, ddp.world_size)
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # CE sum, token count
-    for begin in range(0, len(mine), batch_size):
-        windows_BT1 = torch.from_numpy(tokens.windows("validation", mine[begin:begin + batch_size])).to(device)
-        with autocast_context(device, amp_dtype):
-            logits_BTV = model(input_ids=windows_BT1[:, :-1]).logits
-        ce = F.cross_entropy(logits_BTV.float().flatten(0, 1), windows_BT1[:, 1:].flatten(), reduction="sum")
-        totals += torch.stack([ce.double(), torch.tensor(windows_BT1[:, 1:].numel(), device=device).double()])
+    totals = heldout_ce_totals(model, tokens, "validation", np.arange(ddp.rank, num_windows, ddp.world_size),
+                               batch_size, amp_dtype=amp_dtype)
     if ddp.world_size > 1:
         dist.all_reduce(totals)
     model.train(was_training)
@@ -477,29 +467,99 @@ def _tqdm_write(line: str, bar) -> None:
         print(line, flush=True)
 
 
-# --- the loop ---------------------------------------------------------------------------
+class MetricsLog:
+    """Where the loop's numbers go: ``metrics.jsonl``, the console line and the progress bar (rank 0 only).
 
-
-def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, loss_fn: LossFn, out_dir: Path, *,
-               seed: int, resume: bool | str | Path = False, tokens: TokenStore, tokenizer_dir: Path,
-               extra_meta: dict | None = None) -> Path:
-    """Train ``model`` on ``batches`` with ``loss_fn`` and export it to ``out_dir``; returns ``out_dir``.
-
-    ``resume``: False = start fresh (refuse if complete checkpoints exist), True = continue from
-    the newest complete checkpoint (refuse if there is none), "auto" = continue if one exists,
-    or a path to one ``step-N`` folder. Only rank 0 writes files and prints.
-
-    The run lasts ``train.epochs x steps_per_epoch`` optimizer steps, capped by ``train.max_steps``
-    (the cosine schedule spans exactly that). metrics.jsonl lines: ``{"kind": "train", "step",
-    "epoch" (fractional epochs done), "lr", "loss", "tokens_per_second", <loss_fn metrics>,
-    "grad_norm"}`` every ``log_every`` steps and ``{"kind": "val", "step", "epoch", "val_loss"}``.
+    ``train`` and ``val`` build the one record of a logged step or an evaluation; whatever else
+    should see those numbers (an experiment tracker, a pruning callback) hooks in there, so it sees
+    exactly what the log line and metrics.jsonl show.
     """
-    cfg = config.train
-    out_dir = Path(out_dir)
-    state_dir = out_dir / STATE_DIR
-    run_config = dataclasses.replace(config, train=dataclasses.replace(cfg, seed=seed))
 
-    # --- setup ---
+    def __init__(self, path: Path, *, num_steps: int, steps_per_epoch: int, num_epochs: int, device: torch.device,
+                 main: bool, trackers: Trackers | None = None):
+        self.num_steps, self.steps_per_epoch, self.num_epochs = num_steps, steps_per_epoch, num_epochs
+        self.device, self.main = device, main
+        self.file = path.open("ab") if main else None
+        self.trackers = trackers  # train.trackers: TensorBoard / MLflow / W&B get every record metrics.jsonl gets
+        self.bar = None
+        self.window_tokens, self.window_time, self.window_steps = 0, 0.0, 0  # since the last train record
+
+    def tell(self) -> int:
+        """Bytes written so far: a checkpoint records it, so a resume cuts the file back to it."""
+        return self.file.tell() if self.file is not None else 0
+
+    def _write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write((json.dumps(record) + "\n").encode("utf-8"))
+            self.file.flush()
+            if self.trackers is not None:
+                self.trackers.log(record)
+
+    def start_epoch(self, epoch: int, step_in_epoch: int) -> None:
+        """A progress bar per epoch (on a terminal only)."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=self.steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}",
+                        unit="step", disable=not self.main or not sys.stderr.isatty(), leave=False)
+
+    def step_done(self, num_tokens: int, seconds: float) -> None:
+        self.window_tokens += num_tokens
+        self.window_time += seconds
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def train(self, step: int, lr: float, losses: list[float], metric_names: list[str], grad_norm: float) -> dict:
+        """The record of a logged step: ``losses`` are the step's loss and its metrics, mean over ranks."""
+        tokens_per_second = self.window_tokens / max(self.window_time, 1e-9)
+        metrics = dict(zip(metric_names, losses[1:]))
+        record = {"kind": "train", "step": step, "epoch": step / self.steps_per_epoch, "lr": lr, "loss": losses[0],
+                  "tokens_per_second": tokens_per_second, **metrics, "grad_norm": grad_norm}
+        self._write(record)
+        if self.main:
+            _tqdm_write(format_log_line(step, self.num_steps, losses[0], metrics, lr,
+                                        self.window_time / self.window_steps, tokens_per_second,
+                                        _peak_memory_gb(self.device)), self.bar)
+            self.bar.set_postfix(loss=f"{losses[0]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_second:,.0f}")
+        self.window_tokens, self.window_time, self.window_steps = 0, 0.0, 0
+        return record
+
+    def val(self, step: int, val_loss: float) -> dict:
+        """The record of an evaluation."""
+        record = {"kind": "val", "step": step, "epoch": step / self.steps_per_epoch, "val_loss": val_loss}
+        self._write(record)
+        if self.main:
+            _tqdm_write(f"step {step}/{self.num_steps} | val_loss {val_loss:.4f}", self.bar)
+        return record
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.trackers is not None:
+            self.trackers.close()
+
+
+# --- the loop's pieces ------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """What the loop runs on and for how long, fixed before the first step."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    ddp: Dist
+    global_batch: int
+    """Windows per optimizer step over all processes: batch_size x grad_accum x world_size."""
+    steps_per_epoch: int
+    num_steps: int
+    fingerprint: dict
+    """What a checkpoint must have been written for, to be resumed."""
+
+
+def plan_run(config: Config, batches: BatchSource, tokens: TokenStore) -> RunPlan:
+    """Threads, device, precision, processes and the batch arithmetic; refuses data that cannot fill a step."""
+    cfg = config.train
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -521,21 +581,26 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         num_steps = min(num_steps, cfg.max_steps)
     fingerprint = {"model": config.section_hash("model", "tokenizer", "data"), "tokens_hash": tokens.tokens_hash,
                    "global_batch": global_batch}
+    return RunPlan(device, amp_dtype, ddp, global_batch, steps_per_epoch, num_steps, fingerprint)
 
+
+def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model.to(device)
-    model.train()
-    optimizer = build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    # --- resume or start fresh ---
-    candidates = _resume_candidates(resume, state_dir, out_dir)
+
+def restore(resume, out_dir: Path, plan: RunPlan, model, optimizer, scaler) -> tuple[dict | None, Path | None]:
+    """Load the checkpoint that ``resume`` asks for: (its meta, its folder), or (None, None) to start fresh.
+
+    Tries the candidates newest first; one that cannot be read is moved to ``trainer_state/unreadable/``
+    and the previous one is tried. Never starts over on top of checkpoints that could not be read.
+    """
+    state_dir, ddp = out_dir / STATE_DIR, plan.ddp
     meta, resumed_from, unreadable = None, None, []
-    for folder in candidates:
+    for folder in _resume_candidates(resume, state_dir, out_dir):
         try:
-            meta = _load_checkpoint(folder, fingerprint, model, optimizer, scaler, ddp)
+            meta = _load_checkpoint(folder, plan.fingerprint, model, optimizer, scaler, ddp)
         except TrainingError:
             raise
         except Exception as exc:  # a truncated or garbled file: move it aside, fall back to the previous one
@@ -557,7 +622,7 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
                 target = aside / f"{folder.name}-{n}"
             aside.mkdir(parents=True, exist_ok=True)
             os.replace(folder, target)
-            warnings.warn(f"{folder}: unreadable checkpoint ({why}); moved to {target}", stacklevel=2)
+            warnings.warn(f"{folder}: unreadable checkpoint ({why}); moved to {target}", stacklevel=3)
     if meta is None and unreadable and unreadable[-1][0].parent != state_dir:
         raise TrainingError(f"{unreadable[-1][0]}: unreadable checkpoint ({unreadable[-1][1]})")
     if meta is None and (unreadable or (aside.is_dir() and any(aside.iterdir()))):
@@ -565,7 +630,24 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         raise TrainingError(f"no readable checkpoint in {state_dir} (unreadable ones are in {aside}); "
                             f"pass --force to start over, which discards them")
     _barrier(ddp)
-    metrics_path = out_dir / METRICS
+    return meta, resumed_from
+
+
+def _loop_start(meta: dict | None, resumed_from: Path | None, plan: RunPlan) -> tuple[int, dict]:
+    """The step to start from and the loop state (best and last validation loss): fresh, or the checkpoint's."""
+    start_step = meta["step"] if meta else 0
+    if start_step > plan.num_steps:
+        raise TrainingError(f"{resumed_from} is at step {start_step}, past this run's {plan.num_steps} steps "
+                            f"(train.epochs / train.max_steps were lowered); raise them or use --force to start over")
+    if plan.ddp.main and meta is not None:
+        print(f"resuming from {resumed_from} (step {start_step}/{plan.num_steps})", flush=True)
+    return start_step, meta["loop"] if meta else {"best_val_loss": None, "best_step": None, "last_val_loss": None}
+
+
+def _prepare_out_dir(out_dir: Path, meta: dict | None, run_config: Config, ddp: Dist) -> None:
+    """Rank 0: a fresh start empties metrics.jsonl and removes half-written checkpoints; a resume cuts
+    metrics.jsonl back to what its checkpoint saw. Either way the resolved config is written."""
+    state_dir, metrics_path = out_dir / STATE_DIR, out_dir / METRICS
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if meta is None:  # no checkpoint at all: only half-written ones (*.tmp, no marker) are removed
@@ -578,32 +660,120 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         state_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_config, out_dir / "run_config.json")
     _barrier(ddp)
-    start_step = meta["step"] if meta else 0
-    if start_step > num_steps:
-        raise TrainingError(f"{resumed_from} is at step {start_step}, past this run's {num_steps} steps "
-                            f"(train.epochs / train.max_steps were lowered); raise them or use --force to start over")
-    loop = meta["loop"] if meta else {"best_val_loss": None, "best_step": None, "last_val_loss": None}
-    if ddp.main and meta is not None:
-        print(f"resuming from {resumed_from} (step {start_step}/{num_steps})", flush=True)
 
+
+def _micro_batches(batches: BatchSource, epoch: int, step_in_epoch: int, cfg: TrainConfig, plan: RunPlan
+                   ) -> list[Batch]:
+    """This rank's micro-batches of one optimizer step (the layout in the module docstring)."""
+    base = step_in_epoch * plan.global_batch
+    starts = (base + (m * plan.ddp.world_size + plan.ddp.rank) * cfg.batch_size for m in range(cfg.grad_accum))
+    return [batches.batch(epoch, np.arange(start, start + cfg.batch_size)) for start in starts]
+
+
+def _synced_losses(loss: torch.Tensor, metrics: dict[str, torch.Tensor], step: int, state_dir: Path,
+                   ddp: Dist) -> torch.Tensor:
+    """The step's loss and metrics, mean over ranks: the one host sync per step. All ranks must agree to
+    stop, and a NaN must never reach a checkpoint, so a non-finite loss stops every rank here."""
+    reduced = torch.stack([loss, *metrics.values()])
+    if ddp.world_size > 1:
+        dist.all_reduce(reduced)
+        reduced /= ddp.world_size
+    if not torch.isfinite(reduced[0]):
+        latest = complete_checkpoints(state_dir)
+        raise TrainingError(f"step {step + 1}: loss is {reduced[0].item()}; stopped, the last good checkpoint "
+                            f"is {latest[-1] if latest else 'none'}; lower train.lr or check the data")
+    return reduced
+
+
+def _update_best(loop: dict, step: int, val: float, keep_best: bool, state_dir: Path, model, ddp: Dist) -> None:
+    loop["last_val_loss"] = val
+    if loop["best_val_loss"] is None or val < loop["best_val_loss"]:
+        loop["best_val_loss"], loop["best_step"] = val, step
+        if keep_best and ddp.main:
+            _save_best(state_dir, step, model)
+
+
+def _save(state_dir: Path, step: int, plan: RunPlan, cfg: TrainConfig, loop: dict, log: MetricsLog,
+          run_config: Config, model, optimizer, scaler) -> None:
+    """A checkpoint of this step (everything a resume needs), then prune the old ones."""
+    epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+    meta = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "num_steps": plan.num_steps,
+            "world_size": plan.ddp.world_size, "fingerprint": plan.fingerprint, "loop": loop,
+            "best_step": loop["best_step"] if cfg.keep_best else None, "metrics_bytes": log.tell(),
+            "config": run_config.to_dict()}
+    save_checkpoint(state_dir, step, model, optimizer, scaler, meta, plan.ddp)
+    if plan.ddp.main:
+        prune_checkpoints(state_dir, cfg.keep_checkpoints, meta["best_step"])
+
+
+def _export(out_dir: Path, tokenizer_dir: Path, model, plan: RunPlan, cfg: TrainConfig, loop: dict, *, seed: int,
+            tokens: TokenStore, extra_meta: dict | None) -> None:
+    """Rank 0: the HF checkpoint (the best weights with keep_best) and train_summary.json."""
+    if not plan.ddp.main:
+        return
+    if cfg.keep_best and loop["best_step"] is not None:
+        best = torch.load(out_dir / STATE_DIR / f"best-step-{loop['best_step']:06d}.pt", map_location="cpu",
+                          weights_only=True)
+        model.load_state_dict(best)
+    export_hf(model, out_dir, tokenizer_dir)
+    summary = {"seed": seed, "num_steps": plan.num_steps, "steps_per_epoch": plan.steps_per_epoch,
+               "global_batch": plan.global_batch, "world_size": plan.ddp.world_size,
+               "final_val_loss": loop["last_val_loss"], "best_val_loss": loop["best_val_loss"],
+               "best_step": loop["best_step"], "exported": "best" if cfg.keep_best else "final",
+               "tokens_hash": tokens.tokens_hash, "tokenizer_hash": tokens.tokenizer_hash, **(extra_meta or {})}
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"done: {plan.num_steps} steps, val_loss {loop['last_val_loss']:.4f}"
+          + (f" (best {loop['best_val_loss']:.4f} at step {loop['best_step']})" if cfg.keep_best else ""),
+          flush=True)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, loss_fn: LossFn, out_dir: Path, *,
+               seed: int, resume: bool | str | Path = False, tokens: TokenStore, tokenizer_dir: Path,
+               extra_meta: dict | None = None) -> Path:
+    """Train ``model`` on ``batches`` with ``loss_fn`` and export it to ``out_dir``; returns ``out_dir``.
+
+    ``resume``: False = start fresh (refuse if complete checkpoints exist), True = continue from
+    the newest complete checkpoint (refuse if there is none), "auto" = continue if one exists,
+    or a path to one ``step-N`` folder. Only rank 0 writes files and prints.
+
+    The run lasts ``train.epochs x steps_per_epoch`` optimizer steps, capped by ``train.max_steps``
+    (the cosine schedule spans exactly that). metrics.jsonl lines: ``{"kind": "train", "step",
+    "epoch" (fractional epochs done), "lr", "loss", "tokens_per_second", <loss_fn metrics>,
+    "grad_norm"}`` every ``log_every`` steps and ``{"kind": "val", "step", "epoch", "val_loss"}``
+    (see ``MetricsLog``).
+    """
+    cfg = config.train
+    out_dir = Path(out_dir)
+    state_dir = out_dir / STATE_DIR
+    run_config = dataclasses.replace(config, train=dataclasses.replace(cfg, seed=seed))
+
+    # --- setup ---
+    plan = plan_run(config, batches, tokens)
+    ddp, num_steps, steps_per_epoch = plan.ddp, plan.num_steps, plan.steps_per_epoch
+    _seed_everything(seed)
+    model.to(plan.device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if plan.amp_dtype == torch.float16 else None
+
+    # --- resume or start fresh ---
+    meta, resumed_from = restore(resume, out_dir, plan, model, optimizer, scaler)
+    _prepare_out_dir(out_dir, meta, run_config, ddp)
+    start_step, loop = _loop_start(meta, resumed_from, plan)
     train_model = model
     if ddp.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics_file = metrics_path.open("ab") if ddp.main else None
+            model, device_ids=[plan.device.index] if plan.device.type == "cuda" else None)
     trackers = Trackers(cfg.trackers if ddp.main else [], run_name=stage_run_name(out_dir, (extra_meta or {}).get("stage")),
                         run_dir=config.run_path, out_dir=out_dir, params=run_config.to_dict(), start_step=start_step)
-
-    def write_metrics(record: dict) -> None:
-        if metrics_file is not None:
-            metrics_file.write((json.dumps(record) + "\n").encode("utf-8"))
-            metrics_file.flush()
-            trackers.log(record)  # the same record to TensorBoard / MLflow / W&B (train.trackers)
+    log = MetricsLog(out_dir / METRICS, num_steps=num_steps, steps_per_epoch=steps_per_epoch, num_epochs=cfg.epochs,
+                     device=plan.device, main=ddp.main, trackers=trackers)
 
     # --- loop ---
     step = start_step
-    bar = None
-    window_tokens, window_time, window_steps = 0, 0.0, 0
     while True:
         last_step = step == num_steps
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -611,92 +781,34 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         if step > start_step:  # the resumed step was evaluated and saved before it was written
             if last_step or epoch_end or (cfg.eval_every is not None and step % cfg.eval_every == 0):
                 val = validation_loss(model, tokens, max_windows=cfg.eval_windows, batch_size=cfg.batch_size,
-                                      device=device, amp_dtype=amp_dtype, ddp=ddp)
-                write_metrics({"kind": "val", "step": step, "epoch": step / steps_per_epoch, "val_loss": val})
-                if ddp.main:
-                    _tqdm_write(f"step {step}/{num_steps} | val_loss {val:.4f}", bar)
-                loop["last_val_loss"] = val
-                if loop["best_val_loss"] is None or val < loop["best_val_loss"]:
-                    loop["best_val_loss"], loop["best_step"] = val, step
-                    if cfg.keep_best and ddp.main:
-                        _save_best(state_dir, step, model)
+                                      amp_dtype=plan.amp_dtype, ddp=ddp)
+                log.val(step, val)
+                _update_best(loop, step, val, cfg.keep_best, state_dir, model, ddp)
             if last_step or epoch_end or step % cfg.save_every == 0:
-                meta_out = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "num_steps": num_steps,
-                            "world_size": ddp.world_size, "fingerprint": fingerprint, "loop": loop,
-                            "best_step": loop["best_step"] if cfg.keep_best else None,
-                            "metrics_bytes": metrics_file.tell() if metrics_file is not None else 0,
-                            "config": run_config.to_dict()}
-                save_checkpoint(state_dir, step, model, optimizer, scaler, meta_out, ddp)
-                if ddp.main:
-                    prune_checkpoints(state_dir, cfg.keep_checkpoints, meta_out["best_step"])
+                _save(state_dir, step, plan, cfg, loop, log, run_config, model, optimizer, scaler)
         if last_step:
             break
-        if bar is None or step_in_epoch == 0:
-            if bar is not None:
-                bar.close()
-            bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", disable=not ddp.main or not sys.stderr.isatty(), leave=False)
+        if log.bar is None or step_in_epoch == 0:
+            log.start_epoch(epoch, step_in_epoch)
 
         # one optimizer step
         t0 = time.perf_counter()
         lr = lr_at(step, cfg, num_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        base = step_in_epoch * global_batch
-        micro_batches = [batches.batch(epoch, np.arange(start, start + cfg.batch_size))
-                         for start in (base + (m * ddp.world_size + ddp.rank) * cfg.batch_size
-                                       for m in range(cfg.grad_accum))]
-        loss, metrics, grad_norm = optimizer_step(train_model, optimizer, micro_batches, loss_fn, device=device,
-                                                  amp_dtype=amp_dtype, scaler=scaler, max_grad_norm=cfg.max_grad_norm)
-        # one sync per step: all ranks must agree to stop, and a NaN must never reach a checkpoint
-        reduced = torch.stack([loss, *metrics.values()])
-        if ddp.world_size > 1:
-            dist.all_reduce(reduced)
-            reduced /= ddp.world_size
-        if not torch.isfinite(reduced[0]):
-            latest = complete_checkpoints(state_dir)
-            raise TrainingError(f"step {step + 1}: loss is {reduced[0].item()}; stopped, the last good checkpoint "
-                                f"is {latest[-1] if latest else 'none'}; lower train.lr or check the data")
+        micro_batches = _micro_batches(batches, epoch, step_in_epoch, cfg, plan)
+        loss, metrics, grad_norm = optimizer_step(train_model, optimizer, micro_batches, loss_fn, device=plan.device,
+                                                  amp_dtype=plan.amp_dtype, scaler=scaler,
+                                                  max_grad_norm=cfg.max_grad_norm)
+        reduced = _synced_losses(loss, metrics, step, state_dir, ddp)
         step += 1
-        window_tokens += sum(b["input_ids"].numel() for b in micro_batches) * ddp.world_size
-        window_steps += 1
-        window_time += time.perf_counter() - t0
-        bar.update(1)
+        log.step_done(sum(b["input_ids"].numel() for b in micro_batches) * ddp.world_size, time.perf_counter() - t0)
         if step % cfg.log_every == 0 or step == num_steps:
-            values = reduced.tolist()
-            tokens_per_second = window_tokens / max(window_time, 1e-9)
-            record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch, "lr": lr, "loss": values[0],
-                      "tokens_per_second": tokens_per_second, **dict(zip(metrics, values[1:])),
-                      "grad_norm": grad_norm.item()}
-            write_metrics(record)
-            if ddp.main:
-                _tqdm_write(format_log_line(step, num_steps, values[0], dict(zip(metrics, values[1:])), lr,
-                                            window_time / window_steps, tokens_per_second, _peak_memory_gb(device)),
-                            bar)
-                bar.set_postfix(loss=f"{values[0]:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_second:,.0f}")
-            window_tokens, window_time, window_steps = 0, 0.0, 0
+            log.train(step, lr, reduced.tolist(), list(metrics), grad_norm.item())
 
     # --- summary and export ---
-    if bar is not None:
-        bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
-    trackers.close()
-    if ddp.main:
-        if cfg.keep_best and loop["best_step"] is not None:
-            best = torch.load(state_dir / f"best-step-{loop['best_step']:06d}.pt", map_location="cpu",
-                              weights_only=True)
-            model.load_state_dict(best)
-        export_hf(model, out_dir, tokenizer_dir)
-        summary = {"seed": seed, "num_steps": num_steps, "steps_per_epoch": steps_per_epoch,
-                   "global_batch": global_batch, "world_size": ddp.world_size,
-                   "final_val_loss": loop["last_val_loss"], "best_val_loss": loop["best_val_loss"],
-                   "best_step": loop["best_step"], "exported": "best" if cfg.keep_best else "final",
-                   "tokens_hash": tokens.tokens_hash, "tokenizer_hash": tokens.tokenizer_hash, **(extra_meta or {})}
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        print(f"done: {num_steps} steps, val_loss {loop['last_val_loss']:.4f}"
-              + (f" (best {loop['best_val_loss']:.4f} at step {loop['best_step']})" if cfg.keep_best else ""),
-              flush=True)
+    log.close()
+    _export(out_dir, tokenizer_dir, model, plan, cfg, loop, seed=seed, tokens=tokens, extra_meta=extra_meta)
     _barrier(ddp)
     if ddp.initialized_here:
         dist.destroy_process_group()

@@ -74,10 +74,6 @@ ORDERS = ("shuffled", "corpus")
 # Chosen by measurement (workflows/bench_loader.py, demo teachers, k = 32): Blosc-zstd with byte
 # shuffle gives the smallest chunks of the candidates at ~the same decode speed; see the README.
 CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
-# Keys that must match for a capture to resume into an existing store.
-IDENTITY_KEYS = ("format_version", "mode", "k", "samples", "slots", "order", "ensemble", "temperatures", "logp_dtype",
-                 "chunk_windows", "seed", "fidelity_positions", "vocab_size", "seq_len", "num_windows", "teachers",
-                 "tokenizer_hash", "tokens_hash", "windows_hash")
 
 
 class LogitStoreError(ValueError):
@@ -103,7 +99,8 @@ def targets_are_complete(attrs: dict) -> bool:
 
 
 def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.Group:
-    """Create the group and its empty arrays; ``attrs`` must hold the identity keys."""
+    """Create the group and its empty arrays; ``attrs`` is the store's identity (``pipeline.cache.store_identity``:
+    at least num_windows, seq_len, slots, chunk_windows, logp_dtype and temperatures)."""
     num_windows, seq_len, slots = attrs["num_windows"], attrs["seq_len"], attrs["slots"]
     chunk = min(attrs["chunk_windows"], max(1, num_windows))
     group = zarr.open_group(store=str(path), mode="a")

@@ -14,7 +14,6 @@ of the current buffer are kept in a small cache).
 
 from __future__ import annotations
 
-import hashlib
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -48,7 +47,7 @@ class LogitStoreReader:
 
     def __init__(self, path: str | Path, tokens_path: str | Path, tokenizer_dir: str | Path | None = None, *,
                  seed: int, temperature: float | None = None, shuffle_buffer_chunks: int = 4):
-        from stores.tokens import TokenStore
+        from stores.tokens import TokenStore, tokenizer_file_hash
 
         self.path, self.tokens_path = Path(path), Path(tokens_path)
         if shuffle_buffer_chunks < 1:
@@ -62,10 +61,9 @@ class LogitStoreReader:
             if attrs[key] != tokens.attrs[key]:
                 raise ValueError(f"{self.path} was made from other tokens than {self.tokens_path} ({key} "
                                  f"{attrs[key][:12]} vs {tokens.attrs[key][:12]}); {REBUILD}")
-        if tokenizer_dir is not None:
+        if tokenizer_dir is not None and tokenizer_file_hash(tokenizer_dir) != attrs["tokenizer_hash"]:
             tok = Path(tokenizer_dir) / "tokenizer.json"
-            if not tok.is_file() or hashlib.sha256(tok.read_bytes()).hexdigest() != attrs["tokenizer_hash"]:
-                raise ValueError(f"{self.path} was made with another tokenizer than {tok}; {REBUILD}")
+            raise ValueError(f"{self.path} was made with another tokenizer than {tok}; {REBUILD}")
         self.attrs = attrs
         self.seed, self.shuffle_buffer_chunks = seed, shuffle_buffer_chunks
         self.num_windows = int(attrs["num_windows"])

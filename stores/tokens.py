@@ -49,6 +49,21 @@ def window_starts(num_tokens: int, seq_len: int) -> np.ndarray:
     return np.arange(num_windows, dtype=np.int64) * seq_len
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MB blocks (model weights can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_file_hash(tokenizer_dir: Path) -> str | None:
+    """The tokenizer hash every store records: sha256 of ``tokenizer.json``; None when there is none."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    return file_sha256(path) if path.is_file() else None
+
+
 def _hash_arrays(*arrays: np.ndarray, prefix: str = "") -> str:
     digest = hashlib.sha256(prefix.encode())
     for array in arrays:

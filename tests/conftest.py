@@ -74,14 +74,8 @@ def tiny_config(tiny_config_path: Path) -> Config:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Config:
     """A run with prepare, tokenizer and tokenize done: read-only for tests (copy it to modify)."""
-    from pipeline.prepare import prepare_corpus
-    from pipeline.tokenize import tokenize_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from workflows.runner import build_token_run
 
     root = tmp_path_factory.mktemp("tiny_run")
     write_corpus(root / "corpus", num_files=3, paragraphs=120)
-    config = load_config(write_config(root))
-    prepare_corpus(config.data, config.corpus_path, config.data_path)
-    train_tokenizer(config.tokenizer, config.data_path / "train", config.tokenizer_path)
-    tokenize_corpus(config.data, config.data_path, config.tokenizer_path, config.tokens_path)
-    return config
+    return build_token_run(load_config(write_config(root)))

@@ -7,7 +7,9 @@ subprocess: peak RSS above the inputs, from /proc/self/status after resetting th
     reference   kernels.reference.sparse_distill_loss (dense teacher, autograd)
     cross_entropy   F.cross_entropy forward+backward on the same logits (CE alone: the floor)
     clone       one logits.clone() (one read and one write of the logits: the memory floor)
-Fused-linear vs materialised logits at N = 8192, H = 256, V = 16000. On CUDA, when present: Triton vs
+Fused-linear vs materialised logits at N = 8192, H = 256, V = 16000. Variants of the fused path at
+N = 4096, V = 16000: temperature 1 and 2 with every tail mode (bucket, renorm, uniform), against
+F.cross_entropy in the same runs. On CUDA, when present: Triton vs
 reference vs F.cross_entropy, ms, GB/s against a measured device-to-device copy, max_memory_allocated.
 
     python -m workflows.bench_kernels --out FILE.json [--quick]
@@ -34,6 +36,8 @@ QUICK_SIZES = [(1024, 8000), (2048, 16000)]
 LINEAR_SIZE = (8192, 256, 16000)  # N, H, V
 QUICK_LINEAR_SIZE = (2048, 256, 16000)
 CPU_PROVIDERS = ("fused", "fused_inplace", "reference", "cross_entropy", "clone")
+VARIANT_SIZE, QUICK_VARIANT_SIZE = (4096, 16000), (1024, 8000)
+VARIANTS = [(T, tail) for T in (1.0, 2.0) for tail in ("bucket", "renorm", "uniform")]
 REFERENCE_MAX_ELEMENTS = 8192 * 16000
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,8 +64,9 @@ def linear_inputs(N: int, H: int, V: int, k: int = K):
     return hidden, weight, labels, ids, target_logp
 
 
-def provider_step(provider: str, logits, labels, ids, target_logp):
-    """One forward+backward of a provider; returns nothing (gradients are dropped)."""
+def provider_step(provider: str, logits, labels, ids, target_logp, temperature: float = 1.0, tail: str = "bucket"):
+    """One forward+backward of a provider; returns nothing (gradients are dropped). ``temperature`` and ``tail``
+    reach the fused paths (at T != 1 without c_T: the approximate temperature correction of the store-less case)."""
     import kernels
     from kernels import reference
 
@@ -74,9 +79,10 @@ def provider_step(provider: str, logits, labels, ids, target_logp):
     elif provider == "reference":
         loss = reference.sparse_distill_loss(z, labels, ids, target_logp)[0]
     elif provider in ("fused", "triton"):
-        loss = kernels.sparse_distill_loss(z, labels, ids, target_logp)[0]
+        loss = kernels.sparse_distill_loss(z, labels, ids, target_logp, temperature=temperature, tail=tail)[0]
     elif provider == "fused_inplace":  # overwrites the caller's logits with the gradient
-        loss = kernels.sparse_distill_loss(z, labels, ids, target_logp, inplace=True)[0]
+        loss = kernels.sparse_distill_loss(z, labels, ids, target_logp, temperature=temperature, tail=tail,
+                                           inplace=True)[0]
     else:
         raise ValueError(provider)
     loss.backward()
@@ -125,12 +131,12 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_probe(kind: str, provider: str, sizes: list[int]) -> dict:
+def memory_probe(kind: str, provider: str, sizes: list[int], temperature: float = 1.0, tail: str = "bucket") -> dict:
     """Run in a fresh process: peak RSS (MB) of one forward+backward above the resident inputs."""
     if kind == "cpu":
         N, V = sizes
         inputs = make_inputs(N, V)
-        step = lambda: provider_step(provider, *inputs)  # noqa: E731
+        step = lambda: provider_step(provider, *inputs, temperature, tail)  # noqa: E731
     else:
         N, H, V = sizes
         inputs = linear_inputs(N, H, V)
@@ -143,9 +149,10 @@ def memory_probe(kind: str, provider: str, sizes: list[int]) -> dict:
     return {"peak_extra_mb": (peak - base) / 1024}
 
 
-def measure_memory(kind: str, provider: str, sizes: list[int]) -> float | None:
+def measure_memory(kind: str, provider: str, sizes: list[int], temperature: float = 1.0,
+                   tail: str = "bucket") -> float | None:
     code = ("import json, sys; from workflows.bench_kernels import memory_probe; "
-            f"print('MEM ' + json.dumps(memory_probe({kind!r}, {provider!r}, {sizes!r})))")
+            f"print('MEM ' + json.dumps(memory_probe({kind!r}, {provider!r}, {sizes!r}, {temperature!r}, {tail!r})))")
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
     for line in proc.stdout.splitlines():
@@ -189,6 +196,27 @@ def bench_cpu(sizes, runs: int) -> list[dict]:
             row["fused_inplace_extra_pct"] = 100 * row["fused_inplace_extra_mb"] / logits_mb
         rows.append(row)
         del inputs
+    return rows
+
+
+def bench_variants(size, runs: int) -> list[dict]:
+    """The fused CPU path at each (temperature, tail), timed in turns with F.cross_entropy on the same logits."""
+    N, V = size
+    inputs = make_inputs(N, V)
+    logits_mb = N * V * 4 / 2**20
+    fns = {f"T{T:g}-{tail}": (lambda T=T, tail=tail: provider_step("fused", *inputs, T, tail)) for T, tail in VARIANTS}
+    fns["cross_entropy"] = lambda: provider_step("cross_entropy", *inputs)
+    times = median_times(fns, runs)
+    rows = []
+    for T, tail in VARIANTS:
+        extra = measure_memory("cpu", "fused", [N, V], T, tail)
+        row = {"N": N, "V": V, "k": K, "temperature": T, "tail": tail, "fused_s": times[f"T{T:g}-{tail}"],
+               "cross_entropy_s": times["cross_entropy"], "fused_vs_ce": times[f"T{T:g}-{tail}"] / times["cross_entropy"],
+               "fused_extra_mb": extra,
+               "fused_extra_beyond_grad_pct": 100 * (extra - logits_mb) / logits_mb if extra is not None else None}
+        print(f"  variant N={N} V={V} T={T:g} {tail}: {row['fused_s']:.3f} s ({row['fused_vs_ce']:.2f}x CE), "
+              f"extra {extra or 0:.0f} MB", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -261,6 +289,16 @@ def markdown(result: dict) -> str:
               f"| fused linear | {r['fused_linear_s']:.3f} | {r['fused_linear_peak_mb'] or 0:.0f} |",
               f"| materialised | {r['materialised_s']:.3f} | {r['materialised_peak_mb'] or 0:.0f} |",
               "", f"time ratio {r['time_ratio']:.2f}x, memory ratio {r.get('memory_ratio', float('nan')):.3f}x"]
+    if result.get("variants"):
+        v = result["variants"][0]
+        lines += ["", f"## Temperatures and tails of the fused path (N={v['N']}, V={v['V']}, k = {v['k']})", "",
+                  "| T | tail | fused s | fused / CE | fused extra MB | beyond grad |", "|---|---|---|---|---|---|"]
+        if result.get("variants_note"):
+            lines[-2:-2] = [result["variants_note"], ""]
+        for v in result["variants"]:
+            beyond = v["fused_extra_beyond_grad_pct"]
+            lines.append(f"| {v['temperature']:g} | {v['tail']} | {v['fused_s']:.3f} | {v['fused_vs_ce']:.2f}x | "
+                         f"{v['fused_extra_mb'] or 0:.0f} | {f'{beyond:.1f}%' if beyond is not None else 'n/a'} |")
     if result.get("cuda"):
         lines += ["", f"## CUDA ({result['cuda_device']})", "",
                   "| N | V | copy GB/s | triton ms | triton GB/s | reference ms | CE ms | triton MB | reference MB | CE MB |",
@@ -280,6 +318,7 @@ def bench_kernels(out: Path | None = None, quick: bool = False) -> dict:
     print(f"bench kernels: {result['threads']} threads, load average {result['load_average']}", flush=True)
     result["cpu"] = bench_cpu(QUICK_SIZES if quick else CPU_SIZES, runs)
     result["linear"] = bench_linear(QUICK_LINEAR_SIZE if quick else LINEAR_SIZE, runs)
+    result["variants"] = bench_variants(QUICK_VARIANT_SIZE if quick else VARIANT_SIZE, runs)
     if torch.cuda.is_available():
         result["cuda_device"] = torch.cuda.get_device_name()
         result["cuda"] = bench_cuda([(4096, 16000), (8192, 32000)] if not quick else [(1024, 16000)], runs)

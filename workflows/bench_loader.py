@@ -17,7 +17,9 @@ Run: ``python -m workflows.bench_loader --out bench_loader.json`` (a few minutes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.config import PROJECT_ROOT, load_config, model_name
 
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 
@@ -43,39 +45,21 @@ def _display_path(path: Path) -> str:
 
 
 def _make_run(config_path: Path, work: Path, max_train_words: int):
-    from pipeline.prepare import prepare_corpus
-    from pipeline.tokenize import tokenize_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from workflows.runner import build_token_run
 
     config = load_config(config_path, [f"run_dir={work / 'run'}", f"data.max_train_words={max_train_words}"])
-    if not config.tokens_path.exists():
-        prepare_corpus(config.data, config.corpus_path, config.data_path)
-        train_tokenizer(config.tokenizer, config.data_path / "train", config.tokenizer_path)
-        tokenize_corpus(config.data, config.data_path, config.tokenizer_path, config.tokens_path)
-    return config
+    return config if config.tokens_path.exists() else build_token_run(config)
 
 
 def _train_teacher(config, seed: int, steps: int, out: Path) -> Path:
-    """A plain CE loop (not the project's trainer): enough steps to give peaked distributions."""
-    from pipeline.model import build_model
-    from stores.tokens import TokenStore
+    """A demo teacher trained ``steps`` steps by the project's own loop: enough to give peaked distributions
+    (random-init teachers have unrealistically flat ones)."""
+    from pipeline.teacher import train_teacher
 
     if (out / "model.safetensors").is_file():
         return out
-    tokens = TokenStore(config.tokens_path)
-    model = build_model(config, tokens, seed).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        windows = torch.from_numpy(tokens.windows("train", rng.integers(0, tokens.num_windows("train"), 16)))
-        loss = model(input_ids=windows[:, :-1], labels=windows[:, :-1].clone()).loss  # HF shifts labels itself
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval().save_pretrained(out)
-    for file in config.tokenizer_path.iterdir():
-        shutil.copy(file, out / file.name)
-    return out
+    short = dataclasses.replace(config, train=dataclasses.replace(config.train, max_steps=steps, log_every=steps))
+    return train_teacher(short, config.tokens_path, config.tokenizer_path, out, seed=seed)
 
 
 # --- measurements -----------------------------------------------------------------------------
@@ -83,12 +67,12 @@ def _train_teacher(config, seed: int, steps: int, out: Path) -> Path:
 
 def _bare_forward_seconds(teacher_dirs: list[Path], tokens_path: Path, batch_size: int) -> tuple[float, float]:
     """(wall, process CPU) seconds of every teacher's forward over every training window."""
-    from pipeline.model import load_model
+    from pipeline.model import load_teachers
     from stores.tokens import TokenStore
 
     tokens = TokenStore(tokens_path)
     windows = torch.from_numpy(tokens.windows("train", np.arange(tokens.num_windows("train"))))
-    models = [load_model(d).eval() for d in teacher_dirs]
+    models = load_teachers(teacher_dirs)
     started, started_cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for b in range(0, len(windows), batch_size):
@@ -143,7 +127,7 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
     import zarr
 
     from pipeline.cache import ensemble_logp, fidelity_row
-    from pipeline.model import load_model
+    from pipeline.model import load_teachers
     from stores.tokens import TokenStore
 
     codec = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
@@ -174,8 +158,9 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
     }
     # Fidelity of float16 vs 8-bit logp against the dense ensemble on a few windows.
     tokens = TokenStore(tokens_path)
-    windows = torch.from_numpy(tokens.windows("train", np.arange(num_windows)))
-    models = [load_model(d).eval() for d in teacher_dirs]
+    # Store row w holds training window window_ids[w] (rows are shuffled): compare each row with its own window.
+    windows = torch.from_numpy(tokens.windows("train", group["window_ids"][:num_windows].astype(np.int64)))
+    models = load_teachers(teacher_dirs)
     with torch.inference_mode():
         dense = ensemble_logp([m(input_ids=windows[:, :-1]).logits.float() for m in models], "logits").numpy()
     kls = {"fp16": [], "u8": [], "fp32": []}
@@ -202,24 +187,37 @@ def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_le
     return num_tokens / (time.perf_counter() - started)
 
 
-def _student_tokens_per_s(vocab_size: int, batch_size: int = 16, seq_len: int = 128, steps: int = 5) -> float:
-    """A CE training step of the demo student (hidden 128, 4 layers, 4 heads, 2 kv heads, ffn 384)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
+    """Training tokens/s of the config's student: the CE step of `babydistill bench step` (the product's model,
+    attention choice and ``optimizer_step``, data fetching included), median of ``steps``."""
+    import tempfile
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=seq_len, tie_word_embeddings=False)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, vocab_size, (batch_size, seq_len))
-    timings = []
-    for _ in range(steps + 1):
-        started = time.perf_counter()
-        model(input_ids=x, labels=x).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        timings.append(time.perf_counter() - started)
-    return batch_size * seq_len / float(np.median(timings[1:]))
+    from pipeline.train import resolve_device, resolve_precision
+    from stores.tokens import TokenStore
+    from workflows.bench_step import _time_modes
+
+    device = resolve_device(config.train.device)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_step_") as scratch:
+        timing = _time_modes(config, TokenStore(config.tokens_path), ["ce"], steps, warmup, device,
+                             resolve_precision(config.train.precision, device), Path(scratch))
+    return timing["ce"]["tokens_per_second"]
+
+
+def _capture_summary(topk: dict, sample: dict, forward_s: float, forward_cpu_s: float) -> dict:
+    """Capture time against the teachers' bare forward, in wall and in CPU seconds."""
+    return {
+        "bare_forward_s": forward_s, "topk_capture_s": topk["seconds"], "sample_capture_s": sample["seconds"],
+        "topk_overhead_vs_forward_wall": topk["seconds"] / forward_s - 1,
+        # CPU seconds: the machine is shared, so wall times are noisy.
+        "bare_forward_cpu_s": forward_cpu_s,
+        "topk_compute_cpu_s": topk["task_compute_cpu_s"], "topk_write_cpu_s": topk["task_write_cpu_s"],
+        "topk_overhead_vs_forward_cpu": (topk["task_compute_cpu_s"] + topk["task_write_cpu_s"]) / forward_cpu_s - 1,
+        "topk_write_vs_forward_cpu": topk["task_write_cpu_s"] / forward_cpu_s,
+        "sample_overhead_vs_forward_cpu":
+            (sample["task_compute_cpu_s"] + sample["task_write_cpu_s"]) / forward_cpu_s - 1,
+        "sample_write_vs_forward_cpu": sample["task_write_cpu_s"] / forward_cpu_s,
+        "goal": "store writing adds <= 10% over the bare teacher forward",
+    }
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -240,16 +238,15 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
         # --- setup
-        started = time.perf_counter()
+        started, load_average = time.perf_counter(), os.getloadavg()
         config = _make_run(Path(config_path), work, max_train_words)
-        teachers = [_train_teacher(config, seed, teacher_steps, work / f"t{seed}") for seed in (1, 2)]
+        teachers = [_train_teacher(config, seed, teacher_steps, work / model_name("teacher", seed)) for seed in (1, 2)]
         setup_s = time.perf_counter() - started
-        c = config.cache
-        topk_cfg = type(c)(**{**c.__dict__, "mode": "topk", "k": 32, "workers": 1})
-        sample_cfg = type(c)(**{**c.__dict__, "mode": "sample", "samples": 64, "workers": 1})
+        topk_cfg = dataclasses.replace(config.cache, mode="topk", k=32, workers=1)
+        sample_cfg = dataclasses.replace(config.cache, mode="sample", samples=64, workers=1)
 
         # --- capture overhead (bare forward first, so both runs see warm caches)
-        forward_s, forward_cpu_s = _bare_forward_seconds(teachers, config.tokens_path, c.batch_size)
+        forward_s, forward_cpu_s = _bare_forward_seconds(teachers, config.tokens_path, config.cache.batch_size)
         topk_store = work / "topk.zarr"
         shutil.rmtree(topk_store, ignore_errors=True)
         topk = capture_logits(topk_cfg, config.tokens_path, config.tokenizer_path, teachers, topk_store)
@@ -263,26 +260,16 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
         encodings = _encodings(topk_store, teachers, config.tokens_path)
         reader_tps = _reader_tokens_per_s(topk_store, config.tokens_path, config.train.batch_size,
                                           config.data.seq_len)
-        student_tps = _student_tokens_per_s(topk_info["vocab_size"], config.train.batch_size, config.data.seq_len)
+        student_tps = _student_tokens_per_s(config)
         result = {
             "command": "python -m workflows.bench_loader --out FILE.json" + (" --quick" if quick else ""),
             "config": _display_path(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
             "torch_threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
+            "load_average_start": [round(x, 1) for x in load_average],
+            "load_average_end": [round(x, 1) for x in os.getloadavg()],
             "num_windows": topk_info["num_windows"], "num_tokens": topk_info["num_tokens"],
             "vocab_size": topk_info["vocab_size"],
-            "capture": {
-                "bare_forward_s": forward_s, "topk_capture_s": topk["seconds"], "sample_capture_s": sample["seconds"],
-                "topk_overhead_vs_forward_wall": topk["seconds"] / forward_s - 1,
-                # CPU seconds: the machine is shared, so wall times are noisy.
-                "bare_forward_cpu_s": forward_cpu_s,
-                "topk_compute_cpu_s": topk["task_compute_cpu_s"], "topk_write_cpu_s": topk["task_write_cpu_s"],
-                "topk_overhead_vs_forward_cpu": (topk["task_compute_cpu_s"] + topk["task_write_cpu_s"]) / forward_cpu_s - 1,
-                "topk_write_vs_forward_cpu": topk["task_write_cpu_s"] / forward_cpu_s,
-                "sample_overhead_vs_forward_cpu":
-                    (sample["task_compute_cpu_s"] + sample["task_write_cpu_s"]) / forward_cpu_s - 1,
-                "sample_write_vs_forward_cpu": sample["task_write_cpu_s"] / forward_cpu_s,
-                "goal": "store writing adds <= 10% over the bare teacher forward",
-            },
+            "capture": _capture_summary(topk, sample, forward_s, forward_cpu_s),
             "size": {
                 "topk_k32_bytes_per_token": topk_info["bytes_per_token"],
                 "topk_k32_vs_dense_fp16": topk_info["compression_vs_dense_fp16"],
@@ -296,6 +283,8 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
             "throughput": {
                 "reader_tokens_per_s_1_worker": reader_tps, "student_train_tokens_per_s": student_tps,
                 "ratio": reader_tps / student_tps, "goal": ">= 20x",
+                "student_step": "CE step of the config's model via bench step's ce mode (pipeline.train.optimizer_step, "
+                                f"{config.train.num_threads or torch.get_num_threads()} threads)",
             },
         }
     finally:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import transformers
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, model_name
 from pipeline.model import build_model, count_parameters
 from pipeline.train import (
     BatchSource,
@@ -65,7 +65,7 @@ def _teacher_dirs(config: Config, tokens: TokenStore, scratch: Path) -> list[Pat
     dirs = [config.teacher_path(n) for n in default_teacher_names(config)]
     if all((d / "model.safetensors").is_file() for d in dirs):
         return dirs
-    dirs = [scratch / "teachers" / f"t{seed}" for seed in (1, 2)]
+    dirs = [scratch / "teachers" / model_name("teacher", seed) for seed in (1, 2)]
     for seed, folder in zip((1, 2), dirs):
         if not (folder / "model.safetensors").is_file():
             build_model(config, tokens, seed).save_pretrained(folder)
@@ -138,18 +138,12 @@ def _run_with_tokens(config: Config) -> Iterator[tuple[Config, bool]]:
     if (config.tokens_path / "zarr.json").is_file():
         yield config, False
         return
-    from pipeline.prepare import prepare_corpus
-    from pipeline.tokenize import tokenize_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from workflows.runner import build_token_run
 
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         print(f"bench step: {config.tokens_path} does not exist; building a temporary run in {tmp}",
               file=sys.stderr, flush=True)
-        config = dataclasses.replace(config, run_dir=tmp)
-        prepare_corpus(config.data, config.corpus_path, config.data_path)
-        train_tokenizer(config.tokenizer, config.data_path / "train", config.tokenizer_path)
-        tokenize_corpus(config.data, config.data_path, config.tokenizer_path, config.tokens_path)
-        yield config, True
+        yield build_token_run(dataclasses.replace(config, run_dir=tmp)), True
 
 
 class _ModeRun:

@@ -14,6 +14,14 @@ sections and of its inputs' fingerprints. So:
   Stages marked ``in_place`` (the logit cache) resume inside the output itself and report
   their own completeness.
 
+What a fingerprint hashes comes from one declaration: every field of the config sections a stage
+reads, except those ``pipeline.config`` marks ``EXECUTION_ONLY`` (see ``pipeline.config.identity``).
+
+Resume: the training stages take ``resume`` as ``pipeline.train.train_loop`` does, default False
+everywhere (a stage verb without ``--resume`` refuses to continue checkpoints it did not ask for).
+``run`` and ``study`` pass "auto": they exist to pick up where an interrupted run stopped, and a
+partial folder is kept only when it was made from the same inputs (its fingerprint).
+
 Only rank 0 of a torchrun job touches the file system here.
 """
 
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, identity, model_name, parse_model_name
 from workflows.console import stage_output, status_line
 
 MARKER = "stage.json"
@@ -229,6 +237,19 @@ def _corpus_listing(corpus: Path) -> list:
                   for p in corpus.rglob("*") if p.is_file())
 
 
+def build_token_run(config: Config) -> Config:
+    """prepare, tokenizer and tokenize straight into ``config.run_dir``, without stage markers: the tokens that a
+    benchmark or a test needs in a throwaway run of its own (a real run goes through the stages). Returns ``config``."""
+    from pipeline.prepare import prepare_corpus
+    from pipeline.tokenize import tokenize_corpus
+    from pipeline.tokenizer import train_tokenizer
+
+    prepare_corpus(config.data, config.corpus_path, config.data_path)
+    train_tokenizer(config.tokenizer, config.data_path / "train", config.tokenizer_path)
+    tokenize_corpus(config.data, config.data_path, config.tokenizer_path, config.tokens_path)
+    return config
+
+
 def model_fingerprint(model_dir: Path) -> str | None:
     """A finished model's fingerprint; for a checkpoint made elsewhere, one from its weights file."""
     fp = output_fingerprint(model_dir)
@@ -247,10 +268,13 @@ def _upstream(path: Path, what: str, is_file: bool = False) -> tuple[str | None,
 def prepare_stage(config: Config) -> Stage:
     from pipeline.prepare import prepare_corpus
 
-    d = config.data
-    fp = fingerprint("prepare", str(config.corpus_path.resolve()), d.validation_fraction, d.test_fraction,
-                     d.max_train_words, _corpus_listing(config.corpus_path))
-    return Stage("prepare", config.data_path, fp, lambda work: _summary_prepare(prepare_corpus(d, config.corpus_path, work)),
+    data = config.data
+    # Every identity field of `data` but two: seq_len is the tokenize stage's, and the corpus enters as its
+    # resolved path and file listing.
+    recipe = [value for key, value in identity(data).items() if key not in ("corpus", "seq_len")]
+    fp = fingerprint("prepare", str(config.corpus_path.resolve()), *recipe, _corpus_listing(config.corpus_path))
+    return Stage("prepare", config.data_path, fp,
+                 lambda work: _summary_prepare(prepare_corpus(data, config.corpus_path, work)),
                  "babydistill prepare CONFIG")
 
 
@@ -280,12 +304,12 @@ def tokenize_stage(config: Config) -> Stage:
                  "babydistill tokenize CONFIG", waiting_for=waiting, incomplete=incomplete_reason, store=True)
 
 
-def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = "auto") -> Stage:
+def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = False) -> Stage:
     from pipeline.teacher import train_teacher
 
-    name = name or f"t{seed}"
+    name = name or model_name("teacher", seed)
     up, waiting = _upstream(config.tokens_path, "`babydistill tokenize CONFIG`")
-    fp = fingerprint("teacher", config.section_hash("model", "train"), seed, up) if up else None
+    fp = fingerprint("teacher", config.section_hash("model", "train", "teachers"), seed, up) if up else None
 
     def build(work: Path):
         train_teacher(config, config.tokens_path, config.tokenizer_path, work, seed=seed, resume=resume)
@@ -295,12 +319,13 @@ def teacher_stage(config: Config, seed: int, name: str | None = None, resume: An
 
 
 def teacher_command(name: str) -> str:
-    seed = name[1:] if name.startswith("t") and name[1:].isdigit() else "S"
+    parsed = parse_model_name(name)
+    seed = parsed[1] if parsed and parsed[0] == "teacher" else "S"
     return f"`babydistill teacher CONFIG --seed {seed}" + ("`" if seed != "S" else f" --name {name}`")
 
 
 def default_teacher_names(config: Config) -> list[str]:
-    return [f"t{seed}" for seed in config.teachers.resolved_seeds()]
+    return [model_name("teacher", seed) for seed in config.teachers.resolved_seeds()]
 
 
 def cache_stage(config: Config, teacher_names: list[str] | None = None, scheduler: str | None = None) -> Stage:
@@ -314,37 +339,36 @@ def cache_stage(config: Config, teacher_names: list[str] | None = None, schedule
     missing = [teacher_command(n) for n, fp in zip(names, ups) if fp is None]
     if tokens_fp is None:
         missing.insert(0, "`babydistill tokenize CONFIG`")
-    c = config.cache
-    fp = None if missing else fingerprint("cache", c.mode, c.k, c.samples, c.order, c.temperatures, c.ensemble,
-                                          c.chunk_windows, c.logp_dtype, c.seed, names, ups, tokens_fp)
+    fp = None if missing else fingerprint("cache", *identity(config.cache).values(), names, ups, tokens_fp)
 
     def build(work: Path):
-        return capture_logits(c, config.tokens_path, config.tokenizer_path, teacher_dirs, work,
-                              workers=c.workers, scheduler=scheduler)
+        return capture_logits(config.cache, config.tokens_path, config.tokenizer_path, teacher_dirs, work,
+                              workers=config.cache.workers, scheduler=scheduler)
 
     return Stage("cache", config.logits_path, fp, build,
                  f"babydistill cache CONFIG --teachers {','.join(names)}",
                  waiting_for=", ".join(missing) or None, in_place=True, incomplete=incomplete_reason, store=True)
 
 
-def student_stage(config: Config, seed: int, name: str | None = None, resume: Any = "auto",
+def student_stage(config: Config, seed: int, name: str | None = None, resume: Any = False,
                   online: bool = False, teacher_names: list[str] | None = None) -> Stage:
     from pipeline.distill import train_student
 
-    name = name or (f"o{seed}" if online else f"s{seed}")
+    name = name or model_name("online" if online else "student", seed)
     names = teacher_names or default_teacher_names(config)
     teacher_dirs = [config.teacher_path(n) for n in names]
-    d = config.distill
     if online:
         ups = [model_fingerprint(p) for p in teacher_dirs]
         missing = [teacher_command(n) for n, fp in zip(names, ups) if fp is None]
         source = ["online", names, ups]
+        if config.cache.ensemble != "logits":  # the rule online students average with; under the default
+            source.append(config.cache.ensemble)  # the fingerprint is the one students were made with before
     else:
         up = output_fingerprint(config.logits_path)
         missing = [] if up else ["`babydistill cache CONFIG`"]
         source = ["offline", up]
-    fp = None if missing else fingerprint("student", config.section_hash("model", "train"), d.alpha,
-                                          d.temperature, d.tail, d.normalization, d.use_exact_c_T, seed, source)
+    fp = None if missing else fingerprint("student", config.section_hash("model", "train"),
+                                          *identity(config.distill).values(), seed, source)
 
     def build(work: Path):
         train_student(config, config.tokens_path, config.tokenizer_path, config.logits_path, work, seed=seed,
@@ -381,8 +405,8 @@ def model_dirs(config: Config) -> list[Path]:
     """Every teacher and student of the config, in report order."""
     names = default_teacher_names(config)
     dirs = [config.teacher_path(n) for n in names]
-    dirs += [config.student_path(f"s{seed}") for seed in config.distill.resolved_seeds()]
-    dirs += [config.student_path(f"o{seed}") for seed in range(1, config.distill.online_students + 1)]
+    dirs += [config.student_path(model_name("student", seed)) for seed in config.distill.resolved_seeds()]
+    dirs += [config.student_path(model_name("online", seed)) for seed in range(1, config.distill.online_students + 1)]
     return dirs
 
 
@@ -405,13 +429,13 @@ def pipeline_stages(config: Config) -> list[Callable[[], Stage]]:
     thunks: list[Callable[[], Stage]] = [lambda: prepare_stage(config), lambda: tokenizer_stage(config),
                                          lambda: tokenize_stage(config)]
     for seed in config.teachers.resolved_seeds():
-        thunks.append(lambda seed=seed: teacher_stage(config, seed))
+        thunks.append(lambda seed=seed: teacher_stage(config, seed, resume="auto"))
     if config.distill.students:
         thunks.append(lambda: cache_stage(config))
     for seed in config.distill.resolved_seeds():
-        thunks.append(lambda seed=seed: student_stage(config, seed))
+        thunks.append(lambda seed=seed: student_stage(config, seed, resume="auto"))
     for seed in range(1, config.distill.online_students + 1):
-        thunks.append(lambda seed=seed: student_stage(config, seed, online=True))
+        thunks.append(lambda seed=seed: student_stage(config, seed, resume="auto", online=True))
     for model_dir in model_dirs(config):
         thunks.append(lambda model_dir=model_dir: evaluate_stage(config, model_dir))
     thunks.append(lambda: report_stage(config))

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, model_name
 from workflows.runner import (
     Stage,
     cache_stage,
@@ -87,7 +87,7 @@ class Arm:
         return self.config.run_path
 
     def student_name(self, seed: int) -> str:
-        return f"{'o' if self.online else 's'}{seed}"
+        return model_name("online" if self.online else "student", seed)
 
     def student_path(self, seed: int) -> Path:
         return self.config.student_path(self.student_name(seed))
@@ -353,7 +353,8 @@ class Unit:
     log: Path
 
     def student(self) -> Stage:
-        return student_stage(self.config, self.seed, self.arm.student_name(self.seed), online=self.arm.online)
+        return student_stage(self.config, self.seed, self.arm.student_name(self.seed), resume="auto",
+                             online=self.arm.online)
 
     def evaluation(self) -> Stage:
         return evaluate_stage(self.config, self.model_dir)
@@ -459,7 +460,8 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
     shared_log = study.root / "logs" / "shared.log"
     thunks = [lambda: prepare_stage(study.base), lambda: tokenizer_stage(study.base),
               lambda: tokenize_stage(study.base)]
-    thunks += [lambda seed=seed: teacher_stage(study.base, seed) for seed in study.base.teachers.resolved_seeds()]
+    thunks += [lambda seed=seed: teacher_stage(study.base, seed, resume="auto")
+               for seed in study.base.teachers.resolved_seeds()]
     for thunk in thunks:
         stage = thunk()
         if stage_status(stage)[0] == "done":
@@ -596,13 +598,13 @@ def step_seconds(model_dir: Path) -> float | None:
 def cache_label(arm: Arm) -> str:
     if arm.online:
         return "online (teachers every step)"
-    c = arm.config.cache
-    parts = [c.mode]
-    if c.mode in ("topk", "hybrid"):
-        parts.append(f"k={c.k}")
-    if c.mode in ("sample", "hybrid"):
-        parts.append(f"S={c.samples}")
-    parts.append(f"{c.order} order")
+    cache = arm.config.cache
+    parts = [cache.mode]
+    if cache.mode in ("topk", "hybrid"):
+        parts.append(f"k={cache.k}")
+    if cache.mode in ("sample", "hybrid"):
+        parts.append(f"S={cache.samples}")
+    parts.append(f"{cache.order} order")
     return " ".join(parts)
 
 
@@ -639,11 +641,11 @@ def collect_results(study: Study) -> dict:
             cell["step_seconds"] = step_seconds(unit.model_dir) if cell["status"] == "done" else None
             per_seed[unit.seed] = cell
         finished = {s: c for s, c in per_seed.items() if c["status"] == "done"}
-        c = arm.config.cache
+        cache = arm.config.cache
         arms.append({
             "name": arm.name, "online": arm.online, "set": arm.set, "run_dir": str(arm.run_path),
-            "cache": None if arm.online else {"mode": c.mode, "k": c.k, "samples": c.samples,
-                                              "order": c.order},
+            "cache": None if arm.online else {"mode": cache.mode, "k": cache.k, "samples": cache.samples,
+                                              "order": cache.order},
             "cache_label": cache_label(arm),
             "config": arm.config.to_dict(),
             "per_seed": per_seed, "seeds_finished": sorted(finished),

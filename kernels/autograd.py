@@ -1,0 +1,68 @@
+"""The autograd Function both row kernels plug into, and the choice between them.
+
+A row kernel (``kernels.cpu.loss_and_grad`` or ``kernels.triton_kernel.loss_and_grad``, one contract)
+computes per-row CE and KL and writes the weighted gradient in the forward pass; `SparseDistillRows`
+turns that into a differentiable loss whose backward only scales the saved gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import cpu
+
+
+def row_kernel(impl: str):
+    """The per-row ``loss_and_grad`` of an implementation: the chunked CPU path's, or the Triton kernel's
+    (imported on first use: triton is optional)."""
+    if impl == "triton":
+        from kernels import triton_kernel
+        return triton_kernel.loss_and_grad
+    return cpu.loss_and_grad
+
+
+def rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, *gradients):
+    """The end of a forward that formed its input gradients itself: (loss, ce_row, kl_row), the weighted loss
+    over rows, with ``gradients`` saved for a backward that may run once (it scales them in place)."""
+    ctx.save_for_backward(*gradients)
+    ctx.mark_non_differentiable(ce_row, kl_row)
+    ctx.used = False
+    return (w_ce * ce_row).sum() + (w_kl * kl_row).sum(), ce_row, kl_row
+
+
+def saved_gradients(ctx, refusal: str) -> tuple:
+    """The gradients ``rows_loss`` saved, handed out once (``refusal`` is the error of a second backward)."""
+    if ctx.used:
+        raise RuntimeError(refusal)
+    ctx.used = True
+    return ctx.saved_tensors
+
+
+class SparseDistillRows(torch.autograd.Function):
+    """loss = sum_rows w_ce * CE + w_kl * KL, gradient computed in forward by ``row_fn`` (`kernels.cpu.loss_and_grad`
+    or the Triton kernel's, which share one contract).
+
+    Returns (loss, ce_row, kl_row); the per-row terms are not differentiable. With ``inplace`` the
+    gradient overwrites the logits buffer: safe only when nothing else saved the logits for backward
+    (e.g. they come straight out of a matmul whose backward does not need its output), and backward
+    may run only once.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
+                ignore_index, row_fn):
+        grad = logits.detach() if inplace else torch.empty_like(logits)
+        with torch.no_grad():
+            ce_row, kl_row = row_fn(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
+                                    temperature, uniform, grad, ignore_index)
+        return rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, grad)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _kl):
+        (grad,) = saved_gradients(ctx, "sparse_distill_loss: backward may run only once "
+                                       "(the gradient is scaled in place)")
+        # On the CPU, skip a full pass over the gradient when grad_output is 1; on a GPU, the
+        # multiply is cheaper than the host sync that the test would cost.
+        if grad.device.type != "cpu" or float(grad_loss) != 1.0:
+            grad.mul_(grad_loss.to(grad.dtype))
+        return grad, None, None, None, None, None, None, None, None, None, None, None, None

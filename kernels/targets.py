@@ -1,0 +1,44 @@
+"""The sparse teacher target at temperature T, from the stored T = 1 log-probabilities: the first step of
+both row kernels (the chunked CPU path in `kernels.cpu` and the Triton kernel), computed on [N, k] only."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import RESIDUAL_EPS, ids_as_int64
+
+
+def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float, tail: str, c_T=None):
+    """The teacher on K at temperature T, from the stored T = 1 log-probabilities ([N, k] work only).
+
+    Returns ids [N, k] int64, logp_K [N, k] fp32 (-inf for padding), r_T [N] fp32 (tail mass; 0 for
+    renorm) and num_tail [N] fp32 (V minus the number of real entries).
+    """
+    T = float(temperature)
+    l1 = target_logp.to(torch.float32)
+    real = l1 > float("-inf")
+    ids = ids_as_int64(target_ids)
+    # Padding entries point at the row's first real id, so that they never touch another column.
+    first_real = ids.gather(1, real.to(torch.uint8).argmax(1, keepdim=True))
+    ids = torch.where(real, ids, first_real)
+    num_tail = (vocab_size - real.sum(1)).to(torch.float32)
+    if tail == "renorm":
+        logp = torch.log_softmax(l1 / T, dim=1)
+        return ids, logp, torch.zeros_like(num_tail), num_tail
+    if c_T is not None:
+        c = c_T.to(torch.float32)
+    elif T == 1.0:
+        c = torch.zeros_like(num_tail)  # exact: the stored values are the T = 1 probabilities
+    else:
+        # Approximation: the T = 1 residual r spread evenly over the num_tail other tokens, tempered
+        # with them: c_T = log(sum_K exp(l1/T) + num_tail * (r / num_tail)^(1/T)). The first
+        # RESIDUAL_EPS of r is taken as rounding, continuously (r - eps, not a cut-off).
+        r1 = (1 - l1.exp().sum(1) - RESIDUAL_EPS).clamp(0, 1)
+        has_tail = (r1 > 0) & (num_tail > 0)
+        n = num_tail.clamp_min(1)
+        log_tail = torch.where(has_tail, n.log() + (r1.clamp_min(1e-38).log() - n.log()) / T, float("-inf"))
+        c = torch.logaddexp(torch.logsumexp(l1 / T, dim=1), log_tail)
+    logp = l1 / T - c[:, None]
+    r_T = (1 - logp.exp().sum(1)).clamp(0, 1)
+    r_T = torch.where(num_tail > 0, r_T, 0)
+    return ids, logp, r_T, num_tail

@@ -1,0 +1,83 @@
+"""Stage identity comes from one declaration: every config field is in a fingerprint unless marked execution-only."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.cache import store_identity
+from pipeline.config import EXECUTION_ONLY, SECTIONS, Config, identity, load_config
+from workflows.runner import MARKER, model_dirs, pipeline_stages, write_marker
+
+
+def finished_run(config: Config) -> Config:
+    """Mark every stage output of ``config`` finished, so that every stage has a fingerprint."""
+    outputs = [config.data_path, config.tokenizer_path, config.tokens_path, config.logits_path, *model_dirs(config)]
+    for out in outputs:
+        write_marker(out / MARKER, {"fingerprint": f"made-{out.name}"})
+    for model_dir in model_dirs(config):
+        write_marker(model_dir / "eval.json.stage.json", {"fingerprint": f"eval-{model_dir.name}"})
+    return config
+
+
+def fingerprints(config: Config) -> dict[str, str]:
+    stages = [thunk() for thunk in pipeline_stages(config)]
+    assert all(stage.fingerprint for stage in stages), [s.name for s in stages if not s.fingerprint]
+    return {stage.name: stage.fingerprint for stage in stages}
+
+
+def with_new_field(config: Config, section: str, *, execution_only: bool) -> Config:
+    """``config`` whose ``section`` has one more field (at its default), as a later change would add it."""
+    value = getattr(config, section)
+    spec = dataclasses.field(default=0, metadata=EXECUTION_ONLY if execution_only else {})
+    grown = dataclasses.make_dataclass(f"Grown{type(value).__name__}", [("new_field", int, spec)],
+                                       bases=(type(value),))
+    return dataclasses.replace(config, **{section: grown(**dataclasses.asdict(value))})
+
+
+@pytest.fixture
+def run_config(tiny_config_path: Path) -> Config:
+    return finished_run(load_config(tiny_config_path, ["distill.online_students=1"]))
+
+
+SECTION_NAMES = [name for name in SECTIONS if name != "run_dir"]
+
+
+@pytest.mark.parametrize("section", SECTION_NAMES)
+def test_a_new_field_changes_a_fingerprint_unless_it_is_execution_only(run_config, section):
+    before = fingerprints(run_config)
+    grown = fingerprints(with_new_field(run_config, section, execution_only=False))
+    assert [name for name in before if grown[name] != before[name]], f"a new {section} field changed no fingerprint"
+    assert fingerprints(with_new_field(run_config, section, execution_only=True)) == before
+
+
+@pytest.mark.parametrize("section", SECTION_NAMES)
+def test_changing_an_execution_only_field_changes_no_fingerprint(run_config, section):
+    before = fingerprints(run_config)
+    value = getattr(run_config, section)
+    for f in dataclasses.fields(value):
+        if f.metadata.get("execution_only") and f.name not in ("count", "students", "seeds", "online_students"):
+            other = 3 if getattr(value, f.name) != 3 else 4  # the others change which stages a run has: below
+            changed = dataclasses.replace(run_config, **{section: dataclasses.replace(value, **{f.name: other})})
+            assert fingerprints(changed) == before, f"{section}.{f.name}"
+
+
+def test_more_students_leave_the_existing_stages_as_they_are(run_config):
+    before = fingerprints(run_config)
+    more = finished_run(dataclasses.replace(run_config, distill=dataclasses.replace(run_config.distill, students=2)))
+    after = fingerprints(more)
+    assert {name: fp for name, fp in after.items() if name in before and name != "report"} == \
+        {name: fp for name, fp in before.items() if name != "report"}
+
+
+def test_the_store_identity_holds_every_identity_field_of_the_cache_section(tiny_config):
+    tokens = SimpleNamespace(vocab_size=400, seq_len=32, num_windows=lambda split: 10, tokenizer_hash="a",
+                             tokens_hash="b", windows_hash="c")
+    grown = with_new_field(tiny_config, "cache", execution_only=False).cache
+    assert "new_field" in store_identity(grown, tokens, [])
+    assert set(identity(tiny_config.cache)) <= set(store_identity(tiny_config.cache, tokens, []))
+    skipped = with_new_field(tiny_config, "cache", execution_only=True).cache
+    assert "new_field" not in store_identity(skipped, tokens, [])
