@@ -119,7 +119,7 @@ def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(disti
 
 def test_sampled_targets_under_sequence_normalisation_warn(distill_run, sampled_stores, tmp_path):
     config = _config(distill_run, tmp_path, "distill.normalization=sequence")
-    with pytest.warns(UserWarning, match="hybrid targets: under distill.normalization=sequence .*cache.mode=topk"):
+    with pytest.warns(UserWarning, match=r"hybrid targets from \d+ draws: under distill.normalization=sequence .*cache.samples=24"):
         open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path,
                             Path(sampled_stores["hybrid", "float16"]), seed=1)
 
