@@ -75,7 +75,9 @@ class LogitStoreReader:
         self._order = np.zeros(0, dtype=np.int64)
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._arrays: dict | None = None
-        self._marker: tuple[int, dict | None] = (-1, None)
+        # Each chunk's recorded file sizes and crc32s, parsed from its done marker on first read and kept:
+        # the marker also holds that chunk's fidelity rows, whose JSON costs more to parse than the check.
+        self._recorded: dict[int, dict | None] = {}
 
     def order(self, epoch: int) -> np.ndarray:
         """Store rows in epoch ``epoch``'s reading order (a permutation of all rows)."""
@@ -105,17 +107,19 @@ class LogitStoreReader:
 
     def _checked_bytes(self, chunk: int, name: str) -> bytes:
         """The bytes of array ``name``'s chunk file, refused unless they have the size and crc32 its done
-        marker recorded. Read once, checked, then decoded: about 4% of the reader's time on the demo store (README)."""
+        marker recorded. Read once, checked, then decoded; `python -m workflows.bench_loader --check-overhead` measures the cost."""
         array = self._arrays[name]
         rel = f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-        marker = read_marker(self.path, chunk) if chunk != self._marker[0] else self._marker[1]
-        self._marker = (chunk, marker)
+        if chunk not in self._recorded:
+            marker = read_marker(self.path, chunk)
+            self._recorded[chunk] = None if marker is None else marker.get("files", {})
+        recorded = self._recorded[chunk]
         try:
             data = (self.path / rel).read_bytes()
         except OSError:
             data = None
-        info = (marker or {}).get("files", {}).get(rel)
-        if marker is None:
+        info = (recorded or {}).get(rel)
+        if recorded is None:
             why = "is not marked done"
         elif data is None:
             why = f"{rel} is missing"

@@ -187,6 +187,42 @@ def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_le
     return num_tokens / (time.perf_counter() - started)
 
 
+def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, rounds: int = 15) -> dict:
+    """What the reader's per-chunk size + crc32 check costs: two epochs read with the check and two with a
+    reader that skips it, alternated ``rounds`` times (side by side, so machine load hits both alike);
+    the best of each. The first epoch also parses each chunk's done marker, once per reader. Run on a store: ``python -m workflows.bench_loader --check-overhead STORE TOKENS``."""
+    from stores.reader import LogitStoreReader
+
+    class UncheckedReader(LogitStoreReader):
+        def _checked_bytes(self, chunk: int, name: str) -> bytes:
+            array = self._arrays[name]
+            rel = f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+            return (self.path / rel).read_bytes()
+
+    def epoch_seconds(reader_class) -> tuple[float, float]:
+        """(first, second) epoch of one reader: the first also parses each chunk's done marker once."""
+        reader = reader_class(store, tokens_path, seed=0, temperature=1.0)
+        seconds = []
+        for epoch in (0, 1):
+            started = time.perf_counter()
+            for start in range(0, reader.num_windows - batch_size + 1, batch_size):
+                reader.batch(epoch, np.arange(start, start + batch_size))
+            seconds.append(time.perf_counter() - started)
+        return seconds[0], seconds[1]
+
+    checked, unchecked = [], []
+    for _ in range(rounds):
+        checked.append(epoch_seconds(LogitStoreReader))
+        unchecked.append(epoch_seconds(UncheckedReader))
+    first = min(c[0] for c in checked) / min(u[0] for u in unchecked) - 1
+    later = min(c[1] for c in checked) / min(u[1] for u in unchecked) - 1
+    return {"checked_epoch_s": [round(min(c[i] for c in checked), 4) for i in (0, 1)],
+            "unchecked_epoch_s": [round(min(u[i] for u in unchecked), 4) for i in (0, 1)],
+            "overhead_first_epoch": round(first, 4), "overhead_later_epochs": round(later, 4), "rounds": rounds,
+            "goal": "<= 0.03",
+            "load_average": [round(x, 1) for x in os.getloadavg()]}
+
+
 def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
     """Training tokens/s of the config's student: the CE step of `babydistill bench step` (the product's model,
     attention choice and ``optimizer_step``, data fetching included), median of ``steps``."""
@@ -261,6 +297,7 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
         reader_tps = _reader_tokens_per_s(topk_store, config.tokens_path, config.train.batch_size,
                                           config.data.seq_len)
         student_tps = _student_tokens_per_s(config)
+        check_overhead = reader_check_overhead(topk_store, config.tokens_path, config.train.batch_size)
         result = {
             "command": "python -m workflows.bench_loader --out FILE.json" + (" --quick" if quick else ""),
             "config": _display_path(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
@@ -282,7 +319,7 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
             "fidelity": {"topk": topk["fidelity"], "sample": sample["fidelity"]},
             "throughput": {
                 "reader_tokens_per_s_1_worker": reader_tps, "student_train_tokens_per_s": student_tps,
-                "ratio": reader_tps / student_tps, "goal": ">= 20x",
+                "ratio": reader_tps / student_tps, "goal": ">= 20x", "reader_crc_check": check_overhead,
                 "student_step": "CE step of the config's model via bench step's ce mode (pipeline.train.optimizer_step, "
                                 f"{config.train.num_threads or torch.get_num_threads()} threads)",
             },
@@ -304,7 +341,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-train-words", type=int, default=None,
                         help="training words (default: 60000, 40000 with --quick)")
     parser.add_argument("--teacher-steps", type=int, default=None, help="CE steps per teacher (default: 40, 8 with --quick)")
+    parser.add_argument("--check-overhead", nargs=2, type=Path, metavar=("STORE", "TOKENS"), default=None,
+                        help="only measure the reader's crc32 check on an existing logits.zarr and its tokens.zarr "
+                             "(e.g. runs/demo/logits.zarr runs/demo/tokens.zarr)")
     args = parser.parse_args(argv)
+    if args.check_overhead is not None:
+        store, tokens = args.check_overhead
+        for path in (store, tokens):
+            if not path.is_dir():
+                parser.exit(2, f"bench_loader: error: {path} is not a store folder; make it with `babydistill run CONFIG`\n")
+        result = {"command": "python -m workflows.bench_loader --check-overhead STORE TOKENS",
+                  "store": _display_path(store), **reader_check_overhead(store, tokens, batch_size=16)}
+        if args.out is not None:
+            args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(json.dumps(result, indent=2))
+        return
     result = bench_loader(args.out, quick=args.quick, config_path=args.config, work_dir=args.work_dir,
                           max_train_words=args.max_train_words, teacher_steps=args.teacher_steps)
     print(json.dumps({k: result[k] for k in ("capture", "throughput")}, indent=2))
