@@ -481,7 +481,7 @@ def _tqdm_write(line: str, bar) -> None:
 
 def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, loss_fn: LossFn, out_dir: Path, *,
                seed: int, resume: bool | str | Path = False, tokens: TokenStore, tokenizer_dir: Path,
-               extra_meta: dict | None = None) -> Path:
+               extra_meta: dict | None = None, on_validation: Callable[[int, float], None] | None = None) -> Path:
     """Train ``model`` on ``batches`` with ``loss_fn`` and export it to ``out_dir``; returns ``out_dir``.
 
     ``resume``: False = start fresh (refuse if complete checkpoints exist), True = continue from
@@ -492,6 +492,9 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     (the cosine schedule spans exactly that). metrics.jsonl lines: ``{"kind": "train", "step",
     "epoch" (fractional epochs done), "lr", "loss", "tokens_per_second", <loss_fn metrics>,
     "grad_norm"}`` every ``log_every`` steps and ``{"kind": "val", "step", "epoch", "val_loss"}``.
+
+    ``on_validation(step, val_loss)`` is called on every rank after each validation (a sweep reports it to
+    its pruner); an exception it raises ends training there, before that step's checkpoint and export.
     """
     cfg = config.train
     out_dir = Path(out_dir)
@@ -611,6 +614,8 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
                 if ddp.main:
                     _tqdm_write(f"step {step}/{num_steps} | val_loss {val:.4f}", bar)
                 loop["last_val_loss"] = val
+                if on_validation is not None:
+                    on_validation(step, val)
                 if loop["best_val_loss"] is None or val < loop["best_val_loss"]:
                     loop["best_val_loss"], loop["best_step"] = val, step
                     if cfg.keep_best and ddp.main:
