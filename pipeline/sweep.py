@@ -116,10 +116,13 @@ def open_storage(url: str, heartbeat_seconds: int):
 
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # writers queue, not fail
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=1, inherit_intermediate_values=True))
+        with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+                grace_period=3 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1, inherit_intermediate_values=True))
     except Exception as exc:  # the URL's scheme, driver, host or file: Optuna/SQLAlchemy raise many kinds
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
         raise SweepError(f"--storage {url}: Optuna cannot open it ({why}); give an RDB URL such as "
