@@ -228,15 +228,20 @@ def _objective(job: TrialJob, trial) -> float:
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} (validation CE {val_loss:.4f})")
 
-    data = config.run_path
     try:
         with (out / "train.log").open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            train_student(config, data / "tokens.zarr", data / "tokenizer", data / "logits.zarr", out,
+            train_student(config, config.tokens_path, config.tokenizer_path, config.logits_path, out,
                           seed=config.sweep.student_seed, resume="auto", on_validation=on_validation)
     except (optuna.TrialPruned, TrainingError):
         # A finished trial is never resumed: its checkpoints only take disk (pruned and failed alike).
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        raise
+    except KeyboardInterrupt:
+        # Optuna records the trial as failed; queue its retry now, as for a dead process, so that the next
+        # run resumes it from its checkpoint instead of losing it.
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)(study, frozen)
         raise
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
