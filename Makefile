@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # `.[trackers]`) so that their tests run rather than skip; `make demo` and the rest stay lean.
 TRACKERS_STAMP := $(VENV)/.installed-trackers
 
-.PHONY: demo test lint bench clean-venv experiment offline-study
+.PHONY: demo test lint bench clean-venv experiment offline-study sweep-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,16 @@ experiment: $(STAMP)
 
 offline-study: $(STAMP)
 	$(BIN)/babydistill study configs/offline-study.yaml
+
+# The demo run with a top-k store (teachers, store, the default student s1), a 16-trial sweep on 2 workers,
+# then the best trial's configuration trained under its own name (the command the sweep's report gives)
+# and evaluated; docs/results/sweep-demo/ holds the figures it made.
+SWEEP_RUN := runs/sweep-demo
+sweep-demo: $(STAMP)
+	$(BIN)/babydistill run configs/sweep-demo.yaml
+	$(BIN)/babydistill sweep configs/sweep-demo.yaml --name demo --workers 2
+	PATH="$(abspath $(BIN)):$$PATH" sh -c "$$(grep '^babydistill distill ' $(SWEEP_RUN)/sweeps/demo/report.md)"
+	$(BIN)/babydistill evaluate configs/sweep-demo.yaml --model $(SWEEP_RUN)/students/demo-best
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,7 +1,7 @@
 """Run configuration: one dataclass per stage, loaded from YAML and validated on load.
 
 A config file has a top-level ``run_dir`` and one section per stage (``data``,
-``tokenizer``, ``model``, ``train``, ``teachers``, ``cache``, ``distill``, ``eval``).
+``tokenizer``, ``model``, ``train``, ``teachers``, ``cache``, ``distill``, ``eval``, ``sweep``).
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with a
 one-line message that names the key, e.g. ``train.lr: must be > 0, got -1``.
 
@@ -330,6 +330,100 @@ class EvalConfig:
                f"must be >= 1, got {self.max_windows}")
 
 
+SWEEP_SECTIONS = ("distill", "train")
+"""The sections a sweep searches over: the student's training. Everything else is fixed by the run's store."""
+SWEEP_FIXED_KEYS = {"distill.students", "distill.seeds", "distill.online_students", "train.seed", "train.device",
+                    "train.num_threads", "train.eval_every", "train.eval_windows", "train.log_every",
+                    "train.save_every", "train.keep_checkpoints", "train.keep_best"}
+"""Keys of those sections that are not a student's hyperparameters: which students the run trains, how the
+trial is measured (the objective must be the same for every trial), and how it runs."""
+SWEEP_SPEC_KEYS = ("low", "high", "log", "step", "choices")
+
+
+@dataclass
+class SweepConfig:
+    """`babydistill sweep`: Optuna over student hyperparameters, trials trained from the run's store."""
+
+    space: dict[str, dict] = field(default_factory=dict)
+    """The search space, ``section.key: spec`` over ``distill.*`` and ``train.*`` keys. A spec is a range
+    ``{low: L, high: H}`` (``log: true`` for a log scale, ``step: S`` for a grid; an int key gives ints) or
+    ``{choices: [...]}``."""
+    trials: int = 16
+    """Trials to finish (completed or pruned); the command-line --trials overrides it."""
+    objective: str = "validation"
+    """What is minimised: validation = the trial's validation CE at its last step (train.eval_windows
+    windows). The test split is never used to choose."""
+    sampler: Literal["tpe", "random"] = "tpe"
+    """tpe = Optuna's TPESampler (with the Hyperband pruner, the BOHB of the paper); random = RandomSampler."""
+    startup_trials: int = 10
+    """TPE samples at random for this many trials before it models the results."""
+    pruner: Literal["hyperband", "median", "none"] = "hyperband"
+    """hyperband = HyperbandPruner; median = MedianPruner; none = every trial runs to the end."""
+    min_steps: int | None = None
+    """Hyperband's min_resource and the median pruner's warm-up, in optimizer steps; None = train.eval_every."""
+    reduction_factor: int = 3
+    """Hyperband's reduction factor: about 1 trial in this many goes on at each rung."""
+    student_seed: int = 1
+    """Every trial trains with this seed (1, like the default student s1), so trials differ only by their
+    parameters."""
+    seed: int = 0
+    """The sampler's seed (one worker: the same parameters in the same order)."""
+    heartbeat_seconds: int = 10
+    """A running trial writes a heartbeat this often; one silent for 3x as long is marked failed (its process
+    died) and retried once, resuming from its checkpoints."""
+
+    def __post_init__(self):
+        _check(self.trials >= 1, "sweep.trials", f"must be >= 1, got {self.trials}")
+        _check(self.objective != "test", "sweep.objective",
+               "the test split is never used to choose (it would no longer measure the chosen student); use validation")
+        _check(self.objective == "validation", "sweep.objective", f"must be validation, got {self.objective!r}")
+        _check(self.startup_trials >= 0, "sweep.startup_trials", f"must be >= 0, got {self.startup_trials}")
+        _check(self.min_steps is None or self.min_steps >= 1, "sweep.min_steps", f"must be >= 1, got {self.min_steps}")
+        _check(self.reduction_factor >= 2, "sweep.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
+        _check(self.heartbeat_seconds >= 1, "sweep.heartbeat_seconds", f"must be >= 1, got {self.heartbeat_seconds}")
+        self.space = {key: _check_space_entry(key, spec) for key, spec in self.space.items()}
+
+
+def _check_space_entry(key: str, spec: Any) -> dict:
+    """The spec with its values coerced to the key's type; one line naming ``sweep.space.<key>`` for a key the
+    sweep cannot search or a spec that is empty or malformed."""
+    name = f"sweep.space.{key}"
+    section, _, field_name = key.partition(".")
+    _check(section != "cache", name, "changes the store, and every trial trains from the run's one store; "
+                                     "compare stores with `babydistill study` (or capture another store in another run)")
+    _check(section in SWEEP_SECTIONS and "." not in field_name, name,
+           f"a sweep searches over student keys only ({', '.join(s + '.*' for s in SWEEP_SECTIONS)})")
+    hints = typing.get_type_hints({"distill": DistillConfig, "train": TrainConfig}[section])
+    _check(field_name in hints, name, f"unknown key (known keys: {', '.join(sorted(hints))})")
+    _check(key not in SWEEP_FIXED_KEYS, name, "is not a student hyperparameter (it fixes which students run, how a "
+                                               "trial is measured or how it runs); set it in the config instead")
+    _check(isinstance(spec, dict) and spec, name, f"must be {{low: L, high: H}} or {{choices: [...]}}, got {spec!r}")
+    for k in spec:
+        _check(k in SWEEP_SPEC_KEYS, f"{name}.{k}", f"unknown key (known keys: {', '.join(SWEEP_SPEC_KEYS)})")
+    if "choices" in spec:
+        _check(not set(spec) - {"choices"}, name, "choices cannot be combined with low/high/log/step")
+        choices = spec["choices"]
+        _check(isinstance(choices, list) and len(choices) >= 1, name, f"choices must be a non-empty list, got {choices!r}")
+        choices = [_coerce(c, hints[field_name], f"{name}.choices[{i}]") for i, c in enumerate(choices)]
+        _check(len({json.dumps(c) for c in choices}) == len(choices), name, f"choices repeat a value: {choices}")
+        return {"choices": choices}
+    annotation = hints[field_name]
+    non_none = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    numeric = non_none[0] in (int, float)
+    _check(numeric, name, "is not a number: give {choices: [...]} (e.g. {choices: [true, false]})")
+    _check("low" in spec and "high" in spec, name, f"a range needs low and high, got {spec}")
+    low, high = (_coerce(spec[b], non_none[0], f"{name}.{b}") for b in ("low", "high"))
+    _check(low < high, name, f"empty range: low ({low}) must be < high ({high})")
+    log = spec.get("log", False)
+    _check(isinstance(log, bool), f"{name}.log", f"must be true or false, got {log!r}")
+    _check(not log or low > 0, name, f"log scale needs low > 0, got {low}")
+    out = {"low": low, "high": high, "log": log}
+    if "step" in spec:
+        out["step"] = _coerce(spec["step"], non_none[0], f"{name}.step")
+        _check(out["step"] > 0 and not log, f"{name}.step", f"must be > 0 and without log: true, got {out['step']}")
+    return out
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/default"
@@ -341,6 +435,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
         mpe = self.model.max_position_embeddings
@@ -392,6 +487,9 @@ class Config:
     @property
     def report_path(self) -> Path:
         return self.run_path / "report"
+
+    def sweep_path(self, name: str) -> Path:
+        return self.run_path / "sweeps" / name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -453,6 +551,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin is dict:
         _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        if args[1] is dict:  # sweep.space: its entries are checked by the section itself
+            return dict(value)
         return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         _check(isinstance(value, list), key, f"must be a list, got {value!r}")

@@ -107,10 +107,12 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
 
 
 def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path, out_dir: Path, *,
-                  seed: int, resume=False, online: bool = False, teacher_dirs: list[Path] | None = None) -> Path:
+                  seed: int, resume=False, online: bool = False, teacher_dirs: list[Path] | None = None,
+                  on_validation=None) -> Path:
     """Train one student into ``out_dir`` (the runner renames it when done); returns ``out_dir``.
 
-    ``resume`` as for teachers: False, True (must), "auto", or a checkpoint folder.
+    ``resume`` as for teachers: False, True (must), "auto", or a checkpoint folder. ``on_validation(step,
+    val_loss)``: see :func:`pipeline.train.train_loop` (a sweep's pruner).
     """
     tokens_path, tokenizer_dir = Path(tokens_path), Path(tokenizer_dir)
     if not (tokens_path / "zarr.json").is_file():
@@ -139,4 +141,4 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
 
     model = build_model(config, tokens, seed)
     return train_loop(config, model, batches, loss_fn, Path(out_dir), seed=seed, resume=resume, tokens=tokens,
-                      tokenizer_dir=tokenizer_dir, extra_meta=meta)
+                      tokenizer_dir=tokenizer_dir, extra_meta=meta, on_validation=on_validation)

@@ -732,7 +732,7 @@ def _export(out_dir: Path, tokenizer_dir: Path, model, plan: RunPlan, cfg: Train
 
 def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, loss_fn: LossFn, out_dir: Path, *,
                seed: int, resume: bool | str | Path = False, tokens: TokenStore, tokenizer_dir: Path,
-               extra_meta: dict | None = None) -> Path:
+               extra_meta: dict | None = None, on_validation: Callable[[int, float], None] | None = None) -> Path:
     """Train ``model`` on ``batches`` with ``loss_fn`` and export it to ``out_dir``; returns ``out_dir``.
 
     ``resume``: False = start fresh (refuse if complete checkpoints exist), True = continue from
@@ -744,6 +744,9 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     "epoch" (fractional epochs done), "lr", "loss", "tokens_per_second", <loss_fn metrics>,
     "grad_norm"}`` every ``log_every`` steps and ``{"kind": "val", "step", "epoch", "val_loss"}``
     (see ``MetricsLog``).
+
+    ``on_validation(step, val_loss)`` is called on every rank after each validation (a sweep reports it to
+    its pruner); an exception it raises ends training there, before that step's checkpoint and export.
     """
     cfg = config.train
     out_dir = Path(out_dir)
@@ -783,6 +786,8 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
                 val = validation_loss(model, tokens, max_windows=cfg.eval_windows, batch_size=cfg.batch_size,
                                       amp_dtype=plan.amp_dtype, ddp=ddp)
                 log.val(step, val)
+                if on_validation is not None:
+                    on_validation(step, val)
                 _update_best(loop, step, val, cfg.keep_best, state_dir, model, ddp)
             if last_step or epoch_end or step % cfg.save_every == 0:
                 _save(state_dir, step, plan, cfg, loop, log, run_config, model, optimizer, scaler)

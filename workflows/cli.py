@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from pipeline.config import load_config
 from workflows.console import one_line_warning
 
 VERBS = ["prepare", "tokenizer", "tokenize", "teacher", "cache", "distill", "evaluate", "report", "run", "status",
-         "store", "bench", "study"]
+         "store", "bench", "study", "sweep"]
 
 
 # --- runners: parsed flags -> stage functions -----------------------------------------------------
@@ -196,10 +197,26 @@ def cmd_study(args):
     print(f"report: {write_study_report(collect_results(study), out, command=command)}")
 
 
+def cmd_sweep(args):
+    from pipeline.sweep import open_existing, run_sweep
+    from pipeline.sweep_report import write_sweep_report
+
+    config = _config(args)
+    if not args.report:
+        run_sweep(config, args.name, trials=args.trials, workers=args.workers, scheduler=args.scheduler,
+                  storage_url=args.storage, force=args.force)
+    study, _, sweep_dir = open_existing(config, args.name, args.storage)
+    command = shlex.join(["babydistill", "sweep", args.config, "--name", args.name]
+                         + ["--trials", str(args.trials)] * (args.trials is not None)
+                         + ["--workers", str(args.workers)] * (args.workers is not None)
+                         + [arg for item in args.set or [] for arg in ("--set", item)])
+    print(f"report: {write_sweep_report(study, config, sweep_dir, config_path=args.config, command=command)}")
+
+
 COMMANDS = {
     "prepare": cmd_prepare, "tokenizer": cmd_tokenizer, "tokenize": cmd_tokenize, "teacher": cmd_teacher,
     "cache": cmd_cache, "distill": cmd_distill, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
-    "status": cmd_status, "store": cmd_store, "bench": cmd_bench, "study": cmd_study,
+    "status": cmd_status, "store": cmd_store, "bench": cmd_bench, "study": cmd_study, "sweep": cmd_sweep,
 }
 assert list(COMMANDS) == VERBS, "the command table and the documented verbs must agree"
 
@@ -294,6 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="only aggregate what is finished; missing cells are shown as - (default: off)")
     p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/study/report)")
+
+    p = sub.add_parser("sweep", help="Optuna over student hyperparameters (the config's sweep section), every trial a "
+                                     "student trained from the store -> run_dir/sweeps/NAME/")
+    _add_config(p, force=False)
+    p.add_argument("--force", action="store_true", help="discard an existing sweep of that name (its study and "
+                                                        "trial folders) and start over (default: off)")
+    p.add_argument("--name", default="default", help="the sweep's name and folder under sweeps/ (default: default)")
+    p.add_argument("--trials", type=int, help="stop at this many completed or pruned trials (default: sweep.trials)")
+    p.add_argument("--workers", type=int,
+                   help="trial processes sharing the study, each with train.num_threads = cores // W (default: 1, "
+                        "in this process; with --scheduler: one per dask worker)")
+    p.add_argument("--scheduler", help="address of a dask.distributed scheduler: the trials run as tasks on its "
+                                       "workers (default: none, this machine)")
+    p.add_argument("--storage", help="an Optuna RDB URL for the study, e.g. postgresql://user:pass@host/db for "
+                                     "workers on several hosts (default: sqlite file run_dir/sweeps/NAME/study.db)")
+    p.add_argument("--report", action="store_true",
+                   help="only write sweeps/NAME/report.md from the study as it is (default: off; a sweep writes "
+                        "it when it ends)")
     return parser
 
 
