@@ -36,7 +36,7 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, SweepConfig, config_from_dict, save_config
+from pipeline.config import Config, ConfigError, SweepConfig, config_from_dict, identity, save_config
 from pipeline.train import STATE_DIR
 
 COUNTED = ("COMPLETE", "PRUNED")
@@ -88,15 +88,12 @@ def suggest(trial, space: dict[str, dict]) -> dict:
 
 def signature(config: Config, store_attrs: dict) -> dict:
     """What makes trials comparable: a study made with another signature cannot be continued."""
-    base = config.to_dict()
-    varied = {s: {k: v for k, v in base[s].items() if f"{s}.{k}" not in EXECUTION_KEYS} for s in SIGNED_SECTIONS}
+    varied = {section: identity(getattr(config, section)) for section in SIGNED_SECTIONS}
     return {"space": config.sweep.space, "objective": config.sweep.objective, "student_seed": config.sweep.student_seed,
             "config": _digest(varied), "store": _digest(store_attrs)}
 
 
-SIGNED_SECTIONS = ("data", "tokenizer", "model", "train", "distill")
-EXECUTION_KEYS = {"train.num_threads", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.device",
-                  "distill.students", "distill.seeds", "distill.online_students"}
+SIGNED_SECTIONS = ("data", "tokenizer", "model", "train", "distill")  # their identity fields (config.EXECUTION_ONLY)
 
 
 def _digest(value) -> str:
