@@ -730,6 +730,17 @@ def _export(out_dir: Path, tokenizer_dir: Path, model, plan: RunPlan, cfg: Train
 # --- the loop ---------------------------------------------------------------------------
 
 
+def _metrics_log(run_config: Config, out_dir: Path, plan: RunPlan, start_step: int,
+                 extra_meta: dict | None) -> MetricsLog:
+    """metrics.jsonl, the console and the trackers of ``train.trackers`` (rank 0 only), named after the stage."""
+    cfg = run_config.train
+    trackers = Trackers(cfg.trackers if plan.ddp.main else [],
+                        run_name=stage_run_name(out_dir, (extra_meta or {}).get("stage")), run_dir=run_config.run_path,
+                        out_dir=out_dir, params=run_config.to_dict(), start_step=start_step)
+    return MetricsLog(out_dir / METRICS, num_steps=plan.num_steps, steps_per_epoch=plan.steps_per_epoch,
+                      num_epochs=cfg.epochs, device=plan.device, main=plan.ddp.main, trackers=trackers)
+
+
 def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, loss_fn: LossFn, out_dir: Path, *,
                seed: int, resume: bool | str | Path = False, tokens: TokenStore, tokenizer_dir: Path,
                extra_meta: dict | None = None, on_validation: Callable[[int, float], None] | None = None) -> Path:
@@ -770,10 +781,7 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     if ddp.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[plan.device.index] if plan.device.type == "cuda" else None)
-    trackers = Trackers(cfg.trackers if ddp.main else [], run_name=stage_run_name(out_dir, (extra_meta or {}).get("stage")),
-                        run_dir=config.run_path, out_dir=out_dir, params=run_config.to_dict(), start_step=start_step)
-    log = MetricsLog(out_dir / METRICS, num_steps=num_steps, steps_per_epoch=steps_per_epoch, num_epochs=cfg.epochs,
-                     device=plan.device, main=ddp.main, trackers=trackers)
+    log = _metrics_log(run_config, out_dir, plan, start_step, extra_meta)
 
     # --- loop ---
     step = start_step

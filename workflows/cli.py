@@ -240,6 +240,40 @@ def _add_resume(p: argparse.ArgumentParser) -> None:
                         "checkpoints)")
 
 
+def _add_study_verb(sub) -> None:
+    p = sub.add_parser("study", help="a controlled comparison of student arms (online, offline stores) over seeds "
+                                     "-> run_dir/study/")
+    p.add_argument("study", help="the study file (e.g. configs/offline-study.yaml): base config, seeds, reference, arms")
+    p.add_argument("--arms", help="comma-separated arm names to run (default: all; the report covers every arm)")
+    p.add_argument("--seeds", help="comma-separated seeds to run, a subset of the study's (default: all)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="models trained/evaluated at once, as subprocesses with train.num_threads = cores // jobs "
+                        "(default: 1, in this process)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only aggregate what is finished; missing cells are shown as - (default: off)")
+    p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/study/report)")
+
+
+def _add_sweep_verb(sub) -> None:
+    p = sub.add_parser("sweep", help="Optuna over student hyperparameters (the config's sweep section), every trial a "
+                                     "student trained from the store -> run_dir/sweeps/NAME/")
+    _add_config(p, force=False)
+    p.add_argument("--force", action="store_true", help="discard an existing sweep of that name (its study and "
+                                                        "trial folders) and start over (default: off)")
+    p.add_argument("--name", default="default", help="the sweep's name and folder under sweeps/ (default: default)")
+    p.add_argument("--trials", type=int, help="stop at this many completed or pruned trials (default: sweep.trials)")
+    p.add_argument("--workers", type=int,
+                   help="trial processes sharing the study, each with train.num_threads = cores // W (default: 1, "
+                        "in this process; with --scheduler: one per dask worker)")
+    p.add_argument("--scheduler", help="address of a dask.distributed scheduler: the trials run as tasks on its "
+                                       "workers (default: none, this machine)")
+    p.add_argument("--storage", help="an Optuna RDB URL for the study, e.g. postgresql://user:pass@host/db for "
+                                     "workers on several hosts (default: sqlite file run_dir/sweeps/NAME/study.db)")
+    p.add_argument("--report", action="store_true",
+                   help="only write sweeps/NAME/report.md from the study as it is (default: off; a sweep writes "
+                        "it when it ends)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="babydistill",
@@ -300,35 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="all", help="bench step: ce | offline | online | all (default: all)")
     p.add_argument("--config", default="configs/demo.yaml", help="bench step: the model config (default: configs/demo.yaml)")
 
-    p = sub.add_parser("study", help="a controlled comparison of student arms (online, offline stores) over seeds "
-                                     "-> run_dir/study/")
-    p.add_argument("study", help="the study file (e.g. configs/offline-study.yaml): base config, seeds, reference, arms")
-    p.add_argument("--arms", help="comma-separated arm names to run (default: all; the report covers every arm)")
-    p.add_argument("--seeds", help="comma-separated seeds to run, a subset of the study's (default: all)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="models trained/evaluated at once, as subprocesses with train.num_threads = cores // jobs "
-                        "(default: 1, in this process)")
-    p.add_argument("--report-only", action="store_true",
-                   help="only aggregate what is finished; missing cells are shown as - (default: off)")
-    p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/study/report)")
-
-    p = sub.add_parser("sweep", help="Optuna over student hyperparameters (the config's sweep section), every trial a "
-                                     "student trained from the store -> run_dir/sweeps/NAME/")
-    _add_config(p, force=False)
-    p.add_argument("--force", action="store_true", help="discard an existing sweep of that name (its study and "
-                                                        "trial folders) and start over (default: off)")
-    p.add_argument("--name", default="default", help="the sweep's name and folder under sweeps/ (default: default)")
-    p.add_argument("--trials", type=int, help="stop at this many completed or pruned trials (default: sweep.trials)")
-    p.add_argument("--workers", type=int,
-                   help="trial processes sharing the study, each with train.num_threads = cores // W (default: 1, "
-                        "in this process; with --scheduler: one per dask worker)")
-    p.add_argument("--scheduler", help="address of a dask.distributed scheduler: the trials run as tasks on its "
-                                       "workers (default: none, this machine)")
-    p.add_argument("--storage", help="an Optuna RDB URL for the study, e.g. postgresql://user:pass@host/db for "
-                                     "workers on several hosts (default: sqlite file run_dir/sweeps/NAME/study.db)")
-    p.add_argument("--report", action="store_true",
-                   help="only write sweeps/NAME/report.md from the study as it is (default: off; a sweep writes "
-                        "it when it ends)")
+    _add_study_verb(sub)
+    _add_sweep_verb(sub)
     return parser
 
 

@@ -130,6 +130,57 @@ def _section(item: str) -> str:
     return item.split("=", 1)[0].strip().split(".")[0]
 
 
+def _arm_names(arms_raw, fail, set_list) -> list[str]:
+    """Check the study file's arms (keys, names, what their set may change); their names, in order."""
+    if not isinstance(arms_raw, list) or not arms_raw:
+        fail("arms", "must be a non-empty list of arms, each with a name and optionally online: true and a set list")
+    names: list[str] = []
+    for i, arm in enumerate(arms_raw):
+        key = f"arms[{i}]"
+        if not isinstance(arm, dict):
+            fail(key, f"must be a mapping with the keys {', '.join(ARM_KEYS)}, got {arm!r}")
+        for k in arm:
+            if k not in ARM_KEYS:
+                fail(f"{key}.{k}", f"unknown key (known keys: {', '.join(ARM_KEYS)})")
+        name = arm.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES:
+            fail(f"{key}.name", f"must be a folder name (letters, digits, . _ -) other than "
+                                f"{', '.join(RESERVED_NAMES)}, got {name!r}")
+        if name in names:
+            fail(f"{key}.name", f"duplicate arm name {name!r}: every arm needs its own name (and folder)")
+        names.append(name)
+        if not isinstance(arm.get("online", False), bool):
+            fail(f"{key}.online", f"must be true or false, got {arm['online']!r}")
+        for item in set_list(arm.get("set"), f"{key}.set"):
+            if _section(item) in ARM_FIXED:
+                fail(f"{key}.set", f"{item!r} changes `{_section(item)}`, which every arm must share (the comparison "
+                                   "holds the data, tokenizer, model, teachers and evaluation fixed); change it in "
+                                   "the base config, or for eval in the study-wide set")
+    return names
+
+
+def _load_arm_configs(path: Path, base_path: Path, study_set: list[str], arms_raw: list[dict]):
+    """(base config, base config with the study-wide set, the arms): load_config names any unknown key or bad value."""
+    try:
+        base = load_config(base_path)
+    except ValueError as exc:
+        raise StudyError(f"{path}: base: {exc}") from None
+    try:
+        shared = load_config(base_path, study_set)
+    except ValueError as exc:
+        raise StudyError(f"{path}: set: {exc}") from None
+    arms = []
+    for i, arm in enumerate(arms_raw):
+        arm_set = list(arm.get("set") or [])
+        run_dir = base.run_path / "study" / arm["name"]
+        try:
+            config = load_config(base_path, [*study_set, *arm_set, f"run_dir={json.dumps(str(run_dir))}"])
+        except ValueError as exc:
+            raise StudyError(f"{path}: arms[{i}] ({arm['name']}): {exc}") from None
+        arms.append(Arm(arm["name"], bool(arm.get("online", False)), arm_set, config))
+    return base, shared, arms
+
+
 def load_study(path: str | Path) -> Study:
     """Read and check a study file and every arm's config; writes nothing. Raises StudyError (one line)."""
     path = Path(path)
@@ -174,30 +225,7 @@ def load_study(path: str | Path) -> Study:
                         f"(data, tokenizer, model, teachers); change it in the base config {base_path}")
 
     arms_raw = raw.get("arms")
-    if not isinstance(arms_raw, list) or not arms_raw:
-        fail("arms", "must be a non-empty list of arms, each with a name and optionally online: true and a set list")
-    names: list[str] = []
-    for i, arm in enumerate(arms_raw):
-        key = f"arms[{i}]"
-        if not isinstance(arm, dict):
-            fail(key, f"must be a mapping with the keys {', '.join(ARM_KEYS)}, got {arm!r}")
-        for k in arm:
-            if k not in ARM_KEYS:
-                fail(f"{key}.{k}", f"unknown key (known keys: {', '.join(ARM_KEYS)})")
-        name = arm.get("name")
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED_NAMES:
-            fail(f"{key}.name", f"must be a folder name (letters, digits, . _ -) other than "
-                                f"{', '.join(RESERVED_NAMES)}, got {name!r}")
-        if name in names:
-            fail(f"{key}.name", f"duplicate arm name {name!r}: every arm needs its own name (and folder)")
-        names.append(name)
-        if not isinstance(arm.get("online", False), bool):
-            fail(f"{key}.online", f"must be true or false, got {arm['online']!r}")
-        for item in set_list(arm.get("set"), f"{key}.set"):
-            if _section(item) in ARM_FIXED:
-                fail(f"{key}.set", f"{item!r} changes `{_section(item)}`, which every arm must share (the comparison "
-                                   "holds the data, tokenizer, model, teachers and evaluation fixed); change it in "
-                                   "the base config, or for eval in the study-wide set")
+    names = _arm_names(arms_raw, fail, set_list)
 
     reference = raw.get("reference")
     if reference not in names:
@@ -212,24 +240,7 @@ def load_study(path: str | Path) -> Study:
             if name not in names:
                 fail("contrasts", f"{name!r} is not an arm ({', '.join(names)})")
 
-    # --- the configs (load_config names any unknown key or bad value)
-    try:
-        base = load_config(base_path)
-    except ValueError as exc:
-        raise StudyError(f"{path}: base: {exc}") from None
-    try:
-        shared = load_config(base_path, study_set)
-    except ValueError as exc:
-        raise StudyError(f"{path}: set: {exc}") from None
-    arms = []
-    for i, arm in enumerate(arms_raw):
-        arm_set = list(arm.get("set") or [])
-        run_dir = base.run_path / "study" / arm["name"]
-        try:
-            config = load_config(base_path, [*study_set, *arm_set, f"run_dir={json.dumps(str(run_dir))}"])
-        except ValueError as exc:
-            raise StudyError(f"{path}: arms[{i}] ({arm['name']}): {exc}") from None
-        arms.append(Arm(arm["name"], bool(arm.get("online", False)), arm_set, config))
+    base, shared, arms = _load_arm_configs(path, base_path, study_set, arms_raw)
 
     warnings = []
     if len(seeds) < 3:
