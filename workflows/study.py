@@ -755,6 +755,29 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _comparison_sections(results: dict) -> list[str]:
+    """The report's "students vs the best teacher" and "contrasts" sections."""
+    lines: list[str] = []
+    best = next((t for t in results["teachers"] if t["name"] == results["best_teacher"]), None)
+    if best is not None:
+        lines += ["## Students vs the best teacher", "",
+                  f"Best teacher by test CE: **{best['name']}**, {best['test_ce']:.3f}. Per arm, mean test CE minus "
+                  "the best teacher's, with a 95% t-interval over seeds (the teacher taken as fixed; negative: the "
+                  "students beat it):", ""]
+        lines += [f"- {a['name']}: {_interval(a['vs_best_teacher'])}" for a in results["arms"]]
+        lines.append("")
+    else:
+        lines += ["No teacher is evaluated yet, so there is no student vs teacher comparison.", ""]
+
+    if results.get("contrasts"):
+        lines += ["## Contrasts", "", "Paired by seed, each isolating one factor (negative: the first arm is better):",
+                  "", "| arm | minus | Δ val CE (95% CI) | Δ test CE (95% CI) | seeds |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {c['arm']} | {c['minus']} | {_interval(c['val_ce'])} | {_interval(c['test_ce'])} | "
+                  f"{c['test_ce']['n']} |" for c in results["contrasts"]]
+        lines.append("")
+    return lines
+
+
 def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
     """``out_dir``/report.md, results.json and test_ce_vs_bytes.png; returns the report's path."""
     out_dir = Path(out_dir)
@@ -803,23 +826,7 @@ def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
               f"Evaluation, the same for every row: validation/test windows: {e['max_windows'] or 'all'}; "
               f"BLiMP pairs per paradigm: {e['max_pairs_per_paradigm'] or 'all'}.", ""]
 
-    best = next((t for t in results["teachers"] if t["name"] == results["best_teacher"]), None)
-    if best is not None:
-        lines += ["## Students vs the best teacher", "",
-                  f"Best teacher by test CE: **{best['name']}**, {best['test_ce']:.3f}. Per arm, mean test CE minus "
-                  "the best teacher's, with a 95% t-interval over seeds (the teacher taken as fixed; negative: the "
-                  "students beat it):", ""]
-        lines += [f"- {a['name']}: {_interval(a['vs_best_teacher'])}" for a in results["arms"]]
-        lines.append("")
-    else:
-        lines += ["No teacher is evaluated yet, so there is no student vs teacher comparison.", ""]
-
-    if results.get("contrasts"):
-        lines += ["## Contrasts", "", "Paired by seed, each isolating one factor (negative: the first arm is better):",
-                  "", "| arm | minus | Δ val CE (95% CI) | Δ test CE (95% CI) | seeds |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {c['arm']} | {c['minus']} | {_interval(c['val_ce'])} | {_interval(c['test_ce'])} | "
-                  f"{c['test_ce']['n']} |" for c in results["contrasts"]]
-        lines.append("")
+    lines += _comparison_sections(results)
     lines += ["## Test CE per seed", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|" + " --- |" * (len(seeds) + 1)]
     for a in results["arms"]:
