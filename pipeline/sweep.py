@@ -86,6 +86,19 @@ def suggest(trial, space: dict[str, dict]) -> dict:
     return params
 
 
+def config_point(config: Config) -> dict | None:
+    """The config's own values of the space's keys, or None when one of them lies outside the space."""
+    point = {}
+    for key, spec in config.sweep.space.items():
+        section, name = key.split(".", 1)
+        value = getattr(getattr(config, section), name)
+        inside = value in spec["choices"] if "choices" in spec else spec["low"] <= value <= spec["high"]
+        if not inside:
+            return None
+        point[key] = value
+    return point
+
+
 def signature(config: Config, store_attrs: dict) -> dict:
     """What makes trials comparable: a study made with another signature cannot be continued."""
     varied = {section: identity(getattr(config, section)) for section in SIGNED_SECTIONS}
@@ -402,6 +415,9 @@ def prepare_study(config: Config, name: str, *, storage_url: str | None = None, 
     else:
         study = load_study(config, name, storage, create=True)
         study.set_user_attr("signature", sign)
+        baseline = config_point(config)
+        if baseline is not None:  # the config's own values first: the sweep's best is never worse than them
+            study.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, sweep_dir / "config.json")
     return study, storage_url, sweep_dir

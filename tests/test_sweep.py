@@ -17,7 +17,7 @@ import yaml
 
 from pipeline.cache import capture_logits
 from pipeline.config import load_config
-from pipeline.sweep import open_existing, prepare_study, run_sweep
+from pipeline.sweep import config_point, open_existing, prepare_study, run_sweep
 from pipeline.teacher import train_teacher
 from workflows.cli import main
 
@@ -129,6 +129,8 @@ def test_tiny_sweep_end_to_end_then_a_changed_space_is_refused_unless_forced(swe
     study, _, _ = open_existing(load_config(path), "e2e")
     counted = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(counted) == 3 and all(f"trial {t.number} " in out for t in counted) and "best " in out
+    own = config_point(load_config(path))  # the config's own values are trial 0: the best is never worse
+    assert own is not None and study.trials[0].params == own and study.trials[0].user_attrs["baseline"]
     assert (sweep_dir / "study.db").is_file() and (sweep_dir / "config.json").is_file()
     for t in counted:
         folder = sweep_dir / f"trial-{t.number:04d}"
@@ -176,7 +178,7 @@ def test_a_hopeless_trial_is_pruned_and_recorded_as_pruned(sweep_run):
                                     "startup_trials": 2})
     config = load_config(path)
     study, _, _ = prepare_study(config, "prune")
-    study.enqueue_trial({"train.lr": 3e-3})
+    study.enqueue_trial({"train.lr": 3e-3}, skip_if_exists=True)  # (the config's own lr is queued already)
     study.enqueue_trial({"train.lr": 1e-7})  # learns nothing: worse than the first at its first validation
     run_sweep(config, "prune", trials=2)
     good, hopeless = open_existing(config, "prune")[0].trials
