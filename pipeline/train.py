@@ -472,7 +472,9 @@ class MetricsLog:
 
     ``train`` and ``val`` build the one record of a logged step or an evaluation; whatever else
     should see those numbers (an experiment tracker, a pruning callback) hooks in there, so it sees
-    exactly what the log line and metrics.jsonl show.
+    exactly what the log line and metrics.jsonl show. Records: ``{"kind": "train", "step", "epoch"
+    (fractional epochs done), "lr", "loss", "tokens_per_second", <loss_fn metrics>, "grad_norm"}``
+    every ``train.log_every`` steps and ``{"kind": "val", "step", "epoch", "val_loss"}``.
     """
 
     def __init__(self, path: Path, *, num_steps: int, steps_per_epoch: int, num_epochs: int, device: torch.device,
@@ -746,15 +748,11 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
                extra_meta: dict | None = None, on_validation: Callable[[int, float], None] | None = None) -> Path:
     """Train ``model`` on ``batches`` with ``loss_fn`` and export it to ``out_dir``; returns ``out_dir``.
 
-    ``resume``: False = start fresh (refuse if complete checkpoints exist), True = continue from
-    the newest complete checkpoint (refuse if there is none), "auto" = continue if one exists,
-    or a path to one ``step-N`` folder. Only rank 0 writes files and prints.
-
-    The run lasts ``train.epochs x steps_per_epoch`` optimizer steps, capped by ``train.max_steps``
-    (the cosine schedule spans exactly that). metrics.jsonl lines: ``{"kind": "train", "step",
-    "epoch" (fractional epochs done), "lr", "loss", "tokens_per_second", <loss_fn metrics>,
-    "grad_norm"}`` every ``log_every`` steps and ``{"kind": "val", "step", "epoch", "val_loss"}``
-    (see ``MetricsLog``).
+    ``resume``: False = start fresh (refuse if complete checkpoints exist), True = the newest complete
+    checkpoint (refuse if none), "auto" = it if one exists, or a path to one ``step-N`` folder.
+    Only rank 0 writes files and prints. The run lasts ``train.epochs x steps_per_epoch`` optimizer
+    steps, capped by ``train.max_steps`` (the cosine schedule spans exactly that); the metrics.jsonl
+    records are ``MetricsLog``'s.
 
     ``on_validation(step, val_loss)`` is called on every rank after each validation (a sweep reports it to
     its pruner); an exception it raises ends training there, before that step's checkpoint and export.
@@ -763,8 +761,6 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     out_dir = Path(out_dir)
     state_dir = out_dir / STATE_DIR
     run_config = dataclasses.replace(config, train=dataclasses.replace(cfg, seed=seed))
-
-    # --- setup ---
     plan = plan_run(config, batches, tokens)
     ddp, num_steps, steps_per_epoch = plan.ddp, plan.num_steps, plan.steps_per_epoch
     _seed_everything(seed)
