@@ -14,15 +14,17 @@ TRACKERS_STAMP := $(VENV)/.installed-trackers
 
 .PHONY: demo test lint bench clean-venv experiment offline-study sweep-demo
 
+# The project installs with -qq: errors still print, setuptools' notice that comes with every
+# editable install does not.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install -qq -e ".[dev]"
 	touch $(STAMP)
 
 $(TRACKERS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,trackers]"
+	$(BIN)/python -m pip install -qq -e ".[dev,trackers]"
 	touch $(TRACKERS_STAMP)
 
 demo: $(STAMP)
