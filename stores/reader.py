@@ -76,7 +76,7 @@ class LogitStoreReader:
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._arrays: dict | None = None
         # Each chunk's recorded file sizes and crc32s, parsed from its done marker on first read and kept:
-        # the marker also holds that chunk's fidelity rows, whose JSON costs more to parse than the check.
+        # the marker also holds that chunk's fidelity rows, a few kB of JSON not worth parsing per array read.
         self._recorded: dict[int, dict | None] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -105,11 +105,15 @@ class LogitStoreReader:
                 self._chunks.popitem(last=False)
         return self._chunks[chunk]
 
+    def _chunk_file(self, chunk: int, name: str) -> str:
+        """Array ``name``'s chunk file of store chunk ``chunk``, relative to the store."""
+        array = self._arrays[name]
+        return f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+
     def _checked_bytes(self, chunk: int, name: str) -> bytes:
         """The bytes of array ``name``'s chunk file, refused unless they have the size and crc32 its done
         marker recorded. Read once, checked, then decoded; `python -m workflows.bench_loader --check-overhead` measures the cost."""
-        array = self._arrays[name]
-        rel = f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+        rel = self._chunk_file(chunk, name)
         if chunk not in self._recorded:
             marker = read_marker(self.path, chunk)
             self._recorded[chunk] = None if marker is None else marker.get("files", {})

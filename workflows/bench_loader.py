@@ -177,14 +177,19 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
     return result
 
 
+def _read_epoch(reader, epoch: int, batch_size: int) -> tuple[int, float]:
+    """(tokens, seconds) of one epoch read as the training loop reads it, batch by batch."""
+    started, num_tokens = time.perf_counter(), 0
+    for start in range(0, reader.num_windows - batch_size + 1, batch_size):
+        num_tokens += reader.batch(epoch, np.arange(start, start + batch_size))["input_ids"].numel()
+    return num_tokens, time.perf_counter() - started
+
+
 def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_len: int) -> float:
     from stores.reader import LogitStoreReader
 
-    reader = LogitStoreReader(store, tokens_path, seed=0, temperature=1.0)
-    started, num_tokens = time.perf_counter(), 0
-    for start in range(0, reader.num_windows - batch_size + 1, batch_size):  # one epoch, as the loop reads it
-        num_tokens += reader.batch(0, np.arange(start, start + batch_size))["input_ids"].numel()
-    return num_tokens / (time.perf_counter() - started)
+    num_tokens, seconds = _read_epoch(LogitStoreReader(store, tokens_path, seed=0, temperature=1.0), 0, batch_size)
+    return num_tokens / seconds
 
 
 def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, rounds: int = 15) -> dict:
@@ -195,20 +200,16 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
 
     class UncheckedReader(LogitStoreReader):
         def _checked_bytes(self, chunk: int, name: str) -> bytes:
-            array = self._arrays[name]
-            rel = f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-            return (self.path / rel).read_bytes()
+            return (self.path / self._chunk_file(chunk, name)).read_bytes()
 
     def epoch_seconds(reader_class) -> tuple[float, float]:
         """(first, second) epoch of one reader: the first also parses each chunk's done marker once."""
         reader = reader_class(store, tokens_path, seed=0, temperature=1.0)
-        seconds = []
-        for epoch in (0, 1):
-            started = time.perf_counter()
-            for start in range(0, reader.num_windows - batch_size + 1, batch_size):
-                reader.batch(epoch, np.arange(start, start + batch_size))
-            seconds.append(time.perf_counter() - started)
-        return seconds[0], seconds[1]
+        (num_tokens, first), (_, second) = _read_epoch(reader, 0, batch_size), _read_epoch(reader, 1, batch_size)
+        tokens_per_epoch.add(num_tokens)
+        return first, second
+
+    tokens_per_epoch: set[int] = set()
 
     checked, unchecked = [], []
     for _ in range(rounds):
@@ -216,7 +217,10 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
         unchecked.append(epoch_seconds(UncheckedReader))
     first = min(c[0] for c in checked) / min(u[0] for u in unchecked) - 1
     later = min(c[1] for c in checked) / min(u[1] for u in unchecked) - 1
-    return {"checked_epoch_s": [round(min(c[i] for c in checked), 4) for i in (0, 1)],
+    (num_tokens,) = tokens_per_epoch
+    return {"tokens_per_epoch": num_tokens,
+            "checked_tokens_per_s": [round(num_tokens / min(c[i] for c in checked)) for i in (0, 1)],
+            "checked_epoch_s": [round(min(c[i] for c in checked), 4) for i in (0, 1)],
             "unchecked_epoch_s": [round(min(u[i] for u in unchecked), 4) for i in (0, 1)],
             "overhead_first_epoch": round(first, 4), "overhead_later_epochs": round(later, 4), "rounds": rounds,
             "goal": "<= 0.03",
