@@ -55,13 +55,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import zlib
 from pathlib import Path
 
 import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+
+from stores.checksum import crc32
 
 FORMAT = "babydistill.logits"
 FORMAT_VERSION = 2
@@ -208,7 +209,7 @@ def decode_chunk(array: zarr.Array, data: bytes) -> np.ndarray:
 
 
 def _crc(path: Path) -> int:
-    return zlib.crc32(path.read_bytes())
+    return crc32(path.read_bytes())
 
 
 def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: dict[str, np.ndarray],
@@ -257,9 +258,17 @@ def read_marker(path: Path, chunk: int) -> dict | None:
         return None
 
 
-def chunk_problem(path: Path, chunk: int, *, checksum: bool = False) -> str | None:
-    """Why chunk ``chunk`` is not done and intact (no marker, file missing / resized / changed), or None."""
-    marker = read_marker(path, chunk)
+def read_markers(path: Path) -> list[dict | None]:
+    """Every chunk's done marker (None where a chunk is not marked done), in chunk order."""
+    attrs = read_attrs(path) or {}
+    num_chunks = len(chunk_ranges(attrs.get("num_windows", 0), attrs.get("chunk_windows", 1)))
+    return [read_marker(path, chunk) for chunk in range(num_chunks)]
+
+
+def chunk_problem(path: Path, chunk: int, *, checksum: bool = False, marker: dict | None = None) -> str | None:
+    """Why chunk ``chunk`` is not done and intact (no marker, file missing / resized / changed), or None.
+    ``marker``: the chunk's done marker if the caller has already read it."""
+    marker = marker or read_marker(path, chunk)
     if marker is None:
         return "not marked done"
     for rel, info in marker["files"].items():
@@ -273,18 +282,20 @@ def chunk_problem(path: Path, chunk: int, *, checksum: bool = False) -> str | No
     return None
 
 
-def incomplete_reason(path: Path, *, checksum: bool = True) -> str | None:
+def incomplete_reason(path: Path, *, checksum: bool = True, markers: list[dict | None] | None = None) -> str | None:
     """None when the store exists and every chunk is marked done with intact files, else a short reason.
 
     ``checksum`` also compares every chunk file's crc32 with its done marker, so a changed byte makes the
-    store incomplete (and `babydistill cache` rewrites that chunk). It reads the whole store once: 17 ms
-    for the demo's 22 MB store with warm page cache (crc32 runs at ~2 GB/s); see the README.
+    store incomplete (and `babydistill cache` rewrites that chunk). It reads the whole store once; see the
+    README for its cost. ``markers``: every chunk's done marker (`read_markers`) if the caller has them.
     """
     attrs = read_attrs(path)
     if attrs is None or attrs.get("format") != FORMAT:
         return "no logit store"
     ranges = chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])
-    bad = [(i, why) for i in range(len(ranges)) if (why := chunk_problem(path, i, checksum=checksum))]
+    markers = markers if markers is not None else [None] * len(ranges)
+    bad = [(i, why) for i in range(len(ranges))
+           if (why := chunk_problem(path, i, checksum=checksum, marker=markers[i]))]
     if bad:
         first, why = bad[0]
         return f"{len(bad)} of {len(ranges)} chunks to (re)do (first: chunk {first}: {why})"

@@ -14,14 +14,14 @@ of the current buffer are kept in a small cache).
 
 from __future__ import annotations
 
-import zlib
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stores.logits import chunk_ranges, decode_chunk, incomplete_reason, open_store, read_marker
+from stores.checksum import crc32
+from stores.logits import chunk_ranges, decode_chunk, incomplete_reason, open_store, read_markers
 
 REBUILD = "rebuild it with `babydistill cache CONFIG --force`"
 REPAIR = "re-run `babydistill cache CONFIG` to rewrite it"
@@ -53,7 +53,10 @@ class LogitStoreReader:
         if shuffle_buffer_chunks < 1:
             raise ValueError(f"shuffle_buffer_chunks must be >= 1, got {shuffle_buffer_chunks}")
         _, attrs = open_store(self.path)
-        reason = incomplete_reason(self.path, checksum=False)  # the bytes are checked chunk by chunk, as read
+        # Each chunk's done marker is parsed once, here, and kept: it records the sizes and crc32s that every
+        # read of the chunk's files is checked against (the bytes are checked chunk by chunk, as read).
+        markers = read_markers(self.path)
+        reason = incomplete_reason(self.path, checksum=False, markers=markers)
         if reason:
             raise ValueError(f"{self.path} is incomplete ({reason}); finish it with `babydistill cache CONFIG`")
         tokens = TokenStore(self.tokens_path)
@@ -75,9 +78,7 @@ class LogitStoreReader:
         self._order = np.zeros(0, dtype=np.int64)
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._arrays: dict | None = None
-        # Each chunk's recorded file sizes and crc32s, parsed from its done marker on first read and kept:
-        # the marker also holds that chunk's fidelity rows, a few kB of JSON not worth parsing per array read.
-        self._recorded: dict[int, dict | None] = {}
+        self._recorded = [marker["files"] for marker in markers]
 
     def order(self, epoch: int) -> np.ndarray:
         """Store rows in epoch ``epoch``'s reading order (a permutation of all rows)."""
@@ -114,20 +115,14 @@ class LogitStoreReader:
         """The bytes of array ``name``'s chunk file, refused unless they have the size and crc32 its done
         marker recorded. Read once, checked, then decoded; `python -m workflows.bench_loader --check-overhead` measures the cost."""
         rel = self._chunk_file(chunk, name)
-        if chunk not in self._recorded:
-            marker = read_marker(self.path, chunk)
-            self._recorded[chunk] = None if marker is None else marker.get("files", {})
-        recorded = self._recorded[chunk]
         try:
             data = (self.path / rel).read_bytes()
         except OSError:
             data = None
-        info = (recorded or {}).get(rel)
-        if recorded is None:
-            why = "is not marked done"
-        elif data is None:
+        info = self._recorded[chunk].get(rel)
+        if data is None:
             why = f"{rel} is missing"
-        elif info is None or len(data) != info["bytes"] or zlib.crc32(data) != info["crc32"]:
+        elif info is None or len(data) != info["bytes"] or crc32(data) != info["crc32"]:
             why = f"{rel} changed since it was written (crc32)"
         else:
             return data

@@ -26,12 +26,13 @@ Examples
 from __future__ import annotations
 
 import hashlib
-import zlib
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+from stores.checksum import crc32
 
 FORMAT = "babydistill.tokens"
 FORMAT_VERSION = 1
@@ -91,7 +92,7 @@ def write_token_store(path: Path, streams: dict[str, np.ndarray], *, seq_len: in
         digest_parts.append(_hash_arrays(stream, starts, prefix=split))
         splits[split] = {"num_tokens": int(len(stream)), "num_windows": int(len(starts))}
     train_starts = window_starts(splits.get("train", {}).get("num_tokens", 0), seq_len)
-    crcs = {rel: (zlib.crc32((Path(path) / rel).read_bytes()) if (Path(path) / rel).is_file() else None)
+    crcs = {rel: (crc32((Path(path) / rel).read_bytes()) if (Path(path) / rel).is_file() else None)
             for split in streams for name in ("tokens", "windows") for rel in _chunk_files(group, f"{split}/{name}")}
     group.attrs.update({
         "chunk_crc32": crcs,
@@ -121,7 +122,7 @@ def _file_problem(path: Path, rel: str, crc: int | None) -> str | None:
         return f"{rel} appeared since it was written" if file.is_file() else None
     if not file.is_file():
         return f"{rel} is missing"
-    if zlib.crc32(file.read_bytes()) != crc:
+    if crc32(file.read_bytes()) != crc:
         return f"{rel} changed since it was written (crc32)"
     return None
 

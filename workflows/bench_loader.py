@@ -195,7 +195,9 @@ def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_le
 def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, rounds: int = 15) -> dict:
     """What the reader's per-chunk size + crc32 check costs: two epochs read with the check and two with a
     reader that skips it, alternated ``rounds`` times (side by side, so machine load hits both alike);
-    the best of each. The first epoch also parses each chunk's done marker, once per reader. Run on a store: ``python -m workflows.bench_loader --check-overhead STORE TOKENS``."""
+    the best of each. The first epoch's time includes building the reader (which parses every chunk's done
+    marker once), so it is a reader's whole cost up to then. Run on a store:
+    ``python -m workflows.bench_loader --check-overhead STORE TOKENS``."""
     from stores.reader import LogitStoreReader
 
     class UncheckedReader(LogitStoreReader):
@@ -203,11 +205,13 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
             return (self.path / self._chunk_file(chunk, name)).read_bytes()
 
     def epoch_seconds(reader_class) -> tuple[float, float]:
-        """(first, second) epoch of one reader: the first also parses each chunk's done marker once."""
+        """(build + first epoch, second epoch) of one reader."""
+        start = time.perf_counter()
         reader = reader_class(store, tokens_path, seed=0, temperature=1.0)
+        build = time.perf_counter() - start
         (num_tokens, first), (_, second) = _read_epoch(reader, 0, batch_size), _read_epoch(reader, 1, batch_size)
         tokens_per_epoch.add(num_tokens)
-        return first, second
+        return build + first, second
 
     tokens_per_epoch: set[int] = set()
 
