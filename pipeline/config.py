@@ -219,12 +219,13 @@ class CacheConfig:
     mode: Literal["topk", "sample", "hybrid"] = "hybrid"
     """hybrid = the top k exactly plus draws from the rest (unbiased; T = 1 only); topk = the k most probable
     ids (biased: the tail's shape is lost; any T); sample = ids drawn from the ensemble (unbiased; T = 1 only).
-    See stores/logits.py. Default chosen by docs/results/offline-study/ (hybrid k = 8, S = 8: students as
-    good as online ones at 35 bytes per token under token normalisation; top-32 fell 0.02 nats behind at
-    83; under sequence normalisation hybrid fell 0.05 behind, so the paper configs keep top-32)."""
+    See stores/logits.py. Default chosen by docs/results/offline-study/ (hybrid k = 8, S = 24, 59 bytes per
+    token: students as good as online ones under token normalisation, like S = 8's; under sequence
+    normalisation 0.021 nats behind online against S = 8's 0.048, while S = 64 at 107 bytes gained only
+    0.006 more; top-32 fell behind under both, 0.02 and 0.10 nats, at 83 bytes)."""
     k: int = 8
     """Top-k ids kept per position (modes topk and hybrid)."""
-    samples: int = 8
+    samples: int = 24
     """Draws per position from the ensemble (mode sample) or from its tail beyond the top k (mode hybrid)."""
     order: Literal["shuffled", "corpus"] = "shuffled"
     """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming

@@ -48,7 +48,7 @@ def golden_run(tiny_run, tmp_path_factory) -> dict:
         records[f"t{seed}"] = _records(out)
         teachers.append(out)
     for mode in ("hybrid", "topk"):
-        cache_cfg = load_config(path, [f"cache.mode={mode}"]).cache
+        cache_cfg = load_config(path, [f"cache.mode={mode}", "cache.samples=8"]).cache  # as recorded
         store = root / f"{mode}.zarr"
         capture_logits(cache_cfg, config.tokens_path, config.tokenizer_path, teachers, store, workers=1)
         out = train_student(config, config.tokens_path, config.tokenizer_path, store, root / f"s-{mode}", seed=1)
