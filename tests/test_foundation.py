@@ -332,3 +332,24 @@ def test_a_damaged_token_chunk_is_named_refused_and_rebuilt_by_tokenize(tiny_con
         warnings.simplefilter("error")
         names = [name for name, _ in zarr.open_group(str(tokens), mode="r").members(max_depth=None)]
     assert {"train/tokens", "train/windows", "_stage"} <= set(names)
+
+
+def test_a_stale_stage_names_its_own_rebuild_command_and_a_stale_report_is_rebuilt(tmp_path):
+    """`run --force` would rebuild every stage, so a stale one names the command that rebuilds it alone;
+    the report (made from the other outputs in seconds) is rebuilt when stale, without asking."""
+    from workflows.runner import Stage, StageError, run_stage, stage_status
+
+    def stage(name: str, fingerprint: str, derived: bool = False) -> Stage:
+        return Stage(name, tmp_path / name, fingerprint, lambda work: (work / "out.txt").write_text(fingerprint),
+                     f"babydistill {name} CONFIG", derived=derived)
+
+    for name, derived in (("teacher", False), ("report", True)):
+        assert run_stage(stage(name, "a", derived))
+    state, why = stage_status(stage("teacher", "b"))
+    assert state == "stale" and "`babydistill teacher CONFIG --force` rebuilds it" in why
+    with pytest.raises(StageError, match="babydistill teacher CONFIG --force"):
+        run_stage(stage("teacher", "b"))
+    assert (tmp_path / "teacher" / "out.txt").read_text() == "a"  # refused: nothing rewritten
+    assert "`babydistill report CONFIG` rebuilds it" in stage_status(stage("report", "b", derived=True))[1]
+    assert run_stage(stage("report", "b", derived=True))
+    assert (tmp_path / "report" / "out.txt").read_text() == "b"

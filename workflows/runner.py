@@ -78,6 +78,8 @@ class Stage:
     is_file: bool = False
     store: bool = False
     """The output is a Zarr store: its marker is a zarr node (``_stage/zarr.json``)."""
+    derived: bool = False
+    """Made from other outputs alone in seconds (the report): rebuilt when stale, no ``--force`` needed."""
 
     @property
     def marker(self) -> Path:
@@ -129,7 +131,8 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     record = read_marker(stage.marker) if stage.out.exists() else None
     if record is not None:
         if record.get("fingerprint") != stage.fingerprint:
-            return "stale", "its inputs or config changed since it was made; rerun with --force to rebuild"
+            rebuild = f"`{stage.command}`" if stage.derived else f"`{stage.command} --force`"
+            return "stale", f"its inputs or config changed since it was made; {rebuild} rebuilds it"
         reason = stage.incomplete(stage.out) if stage.incomplete else None
         if reason:
             return "incomplete", reason
@@ -170,7 +173,7 @@ def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None,
     if state == "done" and not force:
         say(f"[skip] {stage.name}: up to date ({stage.out})")
         return False
-    if state == "stale" and not force:
+    if state == "stale" and not (force or stage.derived):
         raise StageError(f"{stage.name}: {stage.out} exists but {why}")
 
     if is_rank_zero():
@@ -420,7 +423,7 @@ def report_stage(config: Config) -> Stage:
     def build(work: Path):
         write_report(config, work)
 
-    return Stage("report", config.report_path, fp, build, "babydistill report CONFIG",
+    return Stage("report", config.report_path, fp, build, "babydistill report CONFIG", derived=True,
                  waiting_for=", ".join(missing[:2]) + (" ..." if len(missing) > 2 else "") or None)
 
 
