@@ -192,12 +192,13 @@ def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_le
     return num_tokens / seconds
 
 
-def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, rounds: int = 15) -> dict:
+def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, rounds: int = 41) -> dict:
     """What the reader's per-chunk size + crc32 check costs: two epochs read with the check and two with a
-    reader that skips it, alternated ``rounds`` times (side by side, so machine load hits both alike);
-    the best of each. The first epoch's time includes building the reader (which parses every chunk's done
+    reader that skips it, alternated ``rounds`` times (side by side, so machine load hits both alike; which
+    one goes first alternates too, so neither always runs on a cache the other warmed); the best of each. The first epoch's time includes building the reader (which parses every chunk's done
     marker once), so it is a reader's whole cost up to then. Run on a store:
     ``python -m workflows.bench_loader --check-overhead STORE TOKENS``."""
+    from stores.checksum import crc32
     from stores.logits import incomplete_reason
     from stores.reader import LogitStoreReader
 
@@ -217,9 +218,20 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
     tokens_per_epoch: set[int] = set()
 
     checked, unchecked = [], []
+    for round_ in range(rounds):
+        pair = [(checked, LogitStoreReader), (unchecked, UncheckedReader)]
+        for times, reader_class in pair if round_ % 2 == 0 else pair[::-1]:
+            times.append(epoch_seconds(reader_class))
+    # The check's own work, timed alone (the noise-free floor of the side-by-side ratio): crc32 of every
+    # chunk file an epoch reads, against an unchecked epoch.
+    chunk_files = [f for f in Path(store).rglob("*") if f.is_file() and "c" in f.relative_to(store).parts[1:2]]
+    contents = [f.read_bytes() for f in chunk_files]
+    crc_times = []
     for _ in range(rounds):
-        checked.append(epoch_seconds(LogitStoreReader))
-        unchecked.append(epoch_seconds(UncheckedReader))
+        start = time.perf_counter()
+        for data in contents:
+            crc32(data)
+        crc_times.append(time.perf_counter() - start)
     # The up-to-date check `cache`, `run` and `status` make before calling the store done (every chunk's
     # marker, file sizes, and with checksum=True every file's crc32): warm page cache, best of `rounds`.
     store_check_s = {}
@@ -232,14 +244,20 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
         store_check_s[label] = round(min(times), 4)
     first = min(c[0] for c in checked) / min(u[0] for u in unchecked) - 1
     later = min(c[1] for c in checked) / min(u[1] for u in unchecked) - 1
+    # Also the median over rounds of each round's own ratio: steadier than a ratio of two minimums when the
+    # machine's load drifts.
+    paired = [float(np.median([c[i] / u[i] - 1 for c, u in zip(checked, unchecked)])) for i in (0, 1)]
     (num_tokens,) = tokens_per_epoch
     return {"tokens_per_epoch": num_tokens,
             "checked_tokens_per_s": [round(num_tokens / min(c[i] for c in checked)) for i in (0, 1)],
             "checked_epoch_s": [round(min(c[i] for c in checked), 4) for i in (0, 1)],
             "unchecked_epoch_s": [round(min(u[i] for u in unchecked), 4) for i in (0, 1)],
             "overhead_first_epoch": round(first, 4), "overhead_later_epochs": round(later, 4), "rounds": rounds,
+            "overhead_median_paired": {"first_epoch": round(paired[0], 4), "later_epochs": round(paired[1], 4)},
             "goal": "<= 0.03", "store_bytes": sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file()),
             "full_store_check_s": store_check_s,
+            "crc32_s_per_epoch": round(min(crc_times), 5),
+            "crc32_share_of_unchecked_epoch": round(min(crc_times) / min(u[1] for u in unchecked), 4),
             "load_average": [round(x, 1) for x in os.getloadavg()]}
 
 
