@@ -265,10 +265,15 @@ def read_markers(path: Path) -> list[dict | None]:
     return [read_marker(path, chunk) for chunk in range(num_chunks)]
 
 
-def chunk_problem(path: Path, chunk: int, *, checksum: bool = False, marker: dict | None = None) -> str | None:
+_READ_IT = object()  # chunk_problem's default: read the marker from disk
+
+
+def chunk_problem(path: Path, chunk: int, *, checksum: bool = False, marker: dict | None | object = _READ_IT
+                  ) -> str | None:
     """Why chunk ``chunk`` is not done and intact (no marker, file missing / resized / changed), or None.
-    ``marker``: the chunk's done marker if the caller has already read it."""
-    marker = marker or read_marker(path, chunk)
+    ``marker``: the chunk's done marker (None: it has none) if the caller has already read it."""
+    if marker is _READ_IT:
+        marker = read_marker(path, chunk)
     if marker is None:
         return "not marked done"
     for rel, info in marker["files"].items():
@@ -293,7 +298,9 @@ def incomplete_reason(path: Path, *, checksum: bool = True, markers: list[dict |
     if attrs is None or attrs.get("format") != FORMAT:
         return "no logit store"
     ranges = chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])
-    markers = markers if markers is not None else [None] * len(ranges)
+    if markers is not None and len(markers) != len(ranges):
+        return f"it has {len(ranges)} chunks, not the {len(markers)} it had a moment ago (rewritten while read?)"
+    markers = markers if markers is not None else [_READ_IT] * len(ranges)
     bad = [(i, why) for i in range(len(ranges))
            if (why := chunk_problem(path, i, checksum=checksum, marker=markers[i]))]
     if bad:

@@ -72,6 +72,8 @@ class LogitStoreReader:
         self.num_windows = int(attrs["num_windows"])
         self.chunk_windows = int(attrs["chunk_windows"])
         self.ranges = chunk_ranges(self.num_windows, self.chunk_windows)
+        if len(markers) != len(self.ranges):  # the store was re-created between the two reads above
+            raise ValueError(f"{self.path} changed while it was opened; wait for `babydistill cache` to finish")
         self.c_T_column = next((i for i, t in enumerate(attrs["temperatures"])
                                 if temperature is not None and abs(t - temperature) < 1e-9), None)
         self._epoch: int | None = None

@@ -346,10 +346,10 @@ def test_a_stale_stage_names_its_own_rebuild_command_and_a_stale_report_is_rebui
     for name, derived in (("teacher", False), ("report", True)):
         assert run_stage(stage(name, "a", derived))
     state, why = stage_status(stage("teacher", "b"))
-    assert state == "stale" and "`babydistill teacher CONFIG --force` rebuilds it" in why
+    assert state == "stale" and "`babydistill teacher CONFIG --force` (with the same --set options) rebuilds it" in why
     with pytest.raises(StageError, match="babydistill teacher CONFIG --force"):
         run_stage(stage("teacher", "b"))
     assert (tmp_path / "teacher" / "out.txt").read_text() == "a"  # refused: nothing rewritten
-    assert "`babydistill report CONFIG` rebuilds it" in stage_status(stage("report", "b", derived=True))[1]
+    assert "`babydistill report CONFIG` (with the same --set options) rebuilds it" in stage_status(stage("report", "b", derived=True))[1]
     assert run_stage(stage("report", "b", derived=True))
     assert (tmp_path / "report" / "out.txt").read_text() == "b"

@@ -1,7 +1,7 @@
 """`babydistill`: one verb per pipeline stage, all reading the same YAML config.
 
 Every stage writes under the config's ``run_dir``; finished stages are skipped, stages whose
-inputs changed are refused unless ``--force``. Errors in what the user asked for print one
+inputs changed are refused unless ``--force`` (the report excepted: it is rebuilt). Errors in what the user asked for print one
 line (``babydistill: error: ...``) and exit with status 2; set BABYDISTILL_DEBUG=1 for a traceback.
 """
 

@@ -132,7 +132,8 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     if record is not None:
         if record.get("fingerprint") != stage.fingerprint:
             rebuild = f"`{stage.command}`" if stage.derived else f"`{stage.command} --force`"
-            return "stale", f"its inputs or config changed since it was made; {rebuild} rebuilds it"
+            return "stale", (f"its inputs or config changed since it was made; {rebuild} (with the same --set "
+                             "options) rebuilds it")
         reason = stage.incomplete(stage.out) if stage.incomplete else None
         if reason:
             return "incomplete", reason

@@ -576,6 +576,8 @@ def _model_cell(unit: Unit) -> dict:
     cell = {"model": str(unit.model_dir), "val_ce": None, "test_ce": None, "blimp": None}
     if unit.arm is not None:
         state, why = stage_status(unit.student())
+        if state == "stale":  # not the stage's own --force advice: see _refuse_stale
+            why = "made from other inputs or settings than the study now asks for; move it away to redo it"
         if state != "done":
             return {**cell, "status": f"student {state}: {why}"}
     evaluation = unit.evaluation()
