@@ -229,7 +229,10 @@ def test_two_local_workers_and_a_two_worker_dask_cluster_fill_one_study(sweep_ru
     from dask.distributed import LocalCluster
 
     root, raw = sweep_run
-    path = _write(root, raw, sweep={**raw["sweep"], "pruner": "none"})
+    # Not the fixture's 1 s heartbeat (3 s grace): a live worker still importing torch under a loaded test run
+    # can be silent that long, be failed as dead and have its trial retried beside it. This test is about
+    # sharing one study, not about recovery.
+    path = _write(root, raw, sweep={**raw["sweep"], "pruner": "none", "heartbeat_seconds": 10})
     config = load_config(path)
     run_sweep(config, "workers", trials=2, workers=2)
     trials = open_existing(config, "workers")[0].trials
