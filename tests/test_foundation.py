@@ -212,6 +212,33 @@ def test_status_says_what_is_done(tiny_config_path, capsys):
     assert "waiting     tokenize" in out and "run `babydistill tokenizer CONFIG` first" in out
 
 
+def test_a_run_moved_with_its_corpus_stays_up_to_date(tmp_path, capsys):
+    """The prepare fingerprint holds the corpus's contents, not its path or mtimes: a run directory copied
+    elsewhere with its corpus is still done. Runs made with the earlier fingerprint stay done where they are."""
+    import shutil
+
+    from pipeline.config import identity
+    from workflows.runner import _corpus_listing, fingerprint, prepare_stage, stage_status, write_marker
+
+    first = tmp_path / "first"
+    write_corpus(first / "corpus")
+    assert run_cli("prepare", write_config(first)) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)  # new path, new mtimes, the same bytes
+    config = load_config(write_config(moved))
+    assert stage_status(prepare_stage(config))[0] == "done"
+    # A marker written by the earlier formula (path + mtimes) is up to date in place, as before.
+    record = json.loads((moved / "run/data/stage.json").read_text())
+    recipe = [v for k, v in identity(config.data).items() if k not in ("corpus", "seq_len")]
+    record["fingerprint"] = fingerprint("prepare", str(config.corpus_path.resolve()), *recipe,
+                                        _corpus_listing(config.corpus_path))
+    write_marker(moved / "run/data/stage.json", record)
+    assert stage_status(prepare_stage(config))[0] == "done"
+    # Changed contents are still a change.
+    (moved / "corpus" / "source0.txt").write_text("Something else entirely.\n", encoding="utf-8")
+    assert stage_status(prepare_stage(config))[0] == "stale"
+
+
 # --- bad input: one line, non-zero exit, nothing damaged -------------------------------------------
 
 

@@ -80,6 +80,9 @@ class Stage:
     """The output is a Zarr store: its marker is a zarr node (``_stage/zarr.json``)."""
     derived: bool = False
     """Made from other outputs alone in seconds (the report): rebuilt when stale, no ``--force`` needed."""
+    earlier_fingerprints: tuple[str, ...] = ()
+    """What an earlier version of this stage's fingerprint gave for the same inputs: an output recording one
+    of these is up to date too, so that changing how a fingerprint is made does not make finished runs stale."""
 
     @property
     def marker(self) -> Path:
@@ -130,7 +133,7 @@ def stage_status(stage: Stage) -> tuple[str, str]:
         return "waiting", f"run {stage.waiting_for} first"
     record = read_marker(stage.marker) if stage.out.exists() else None
     if record is not None:
-        if record.get("fingerprint") != stage.fingerprint:
+        if record.get("fingerprint") not in (stage.fingerprint, *stage.earlier_fingerprints):
             rebuild = f"`{stage.command}`" if stage.derived else f"`{stage.command} --force`"
             return "stale", (f"its inputs or config changed since it was made; {rebuild} (with the same --set "
                              "options) rebuilds it")
@@ -235,9 +238,20 @@ def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None,
 
 
 def _corpus_listing(corpus: Path) -> list:
+    """Names, sizes and mtimes: the corpus's identity in prepare fingerprints made before 2026-11-27."""
     if not corpus.is_dir():
         return [str(corpus), "missing"]
     return sorted((str(p.relative_to(corpus)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in corpus.rglob("*") if p.is_file())
+
+
+def _corpus_content(corpus: Path) -> list:
+    """Every corpus file's name (relative to the corpus), size and sha256: what the corpus holds, wherever it
+    lies and whatever its mtimes, so that a run directory moved or copied with its corpus stays up to date
+    (a few ms for the bundled corpus; about 0.5 s per GB)."""
+    if not corpus.is_dir():
+        return ["missing"]
+    return sorted((str(p.relative_to(corpus)), p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
                   for p in corpus.rglob("*") if p.is_file())
 
 
@@ -276,10 +290,12 @@ def prepare_stage(config: Config) -> Stage:
     # Every identity field of `data` but two: seq_len is the tokenize stage's, and the corpus enters as its
     # resolved path and file listing.
     recipe = [value for key, value in identity(data).items() if key not in ("corpus", "seq_len")]
-    fp = fingerprint("prepare", str(config.corpus_path.resolve()), *recipe, _corpus_listing(config.corpus_path))
+    fp = fingerprint("prepare-content", *recipe, _corpus_content(config.corpus_path))
+    # Before: the corpus's absolute path and its files' mtimes, which a moved or copied run does not keep.
+    earlier = fingerprint("prepare", str(config.corpus_path.resolve()), *recipe, _corpus_listing(config.corpus_path))
     return Stage("prepare", config.data_path, fp,
                  lambda work: _summary_prepare(prepare_corpus(data, config.corpus_path, work)),
-                 "babydistill prepare CONFIG")
+                 "babydistill prepare CONFIG", earlier_fingerprints=(earlier,))
 
 
 def _summary_prepare(manifest: dict) -> dict:
