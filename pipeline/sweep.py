@@ -516,6 +516,21 @@ def run_sweep(config: Config, name: str, *, trials: int | None = None, workers: 
     return study
 
 
+def _start_one_by_one(starts: list, study, timeout: float = 120.0) -> list:
+    """Call each of ``starts`` (each starts one worker), the next only once the previous has taken a waiting
+    trial. Optuna's SQLite storage can give one waiting trial (trial 0, the config's own values, or the retry
+    of a dead one) to two workers asking at the same moment, and both then train it in the same folder."""
+    started = []
+    for i, start in enumerate(starts):
+        waiting = _counts(study).get("WAITING", 0)
+        started.append(start())
+        deadline = time.time() + timeout
+        while (waiting and i < len(starts) - 1 and time.time() < deadline
+               and _counts(study).get("WAITING", 0) >= waiting):
+            time.sleep(0.5)
+    return started
+
+
 def _run_processes(job: TrialJob, workers: int, study, progress: Progress) -> None:
     """``workers`` spawned processes run trials against the shared storage; this one reports progress."""
     logs = job.sweep_dir / "logs"
@@ -523,8 +538,7 @@ def _run_processes(job: TrialJob, workers: int, study, progress: Progress) -> No
     ctx = multiprocessing.get_context("spawn")  # no forked torch / sqlite state
     procs = [ctx.Process(target=_worker_process, args=(replace(job, worker=i), logs / f"worker-{i}.log"))
              for i in range(workers)]
-    for p in procs:
-        p.start()
+    _start_one_by_one([p.start for p in procs], study)
     try:
         while any(p.is_alive() for p in procs):
             progress.update(study)
@@ -557,8 +571,9 @@ def _run_dask(client, job: TrialJob, workers: int, study, progress: Progress) ->
         if hosts - local:
             raise SweepError(f"dask workers on other hosts ({', '.join(sorted(hosts - local))}) cannot share the SQLite "
                              f"study file: pass --storage with a database server URL (e.g. postgresql://...)")
-    futures = [client.submit(run_worker, replace(job, worker=i), key=f"sweep-{job.name}-worker-{i}", pure=False)
-               for i in range(workers)]
+    futures = _start_one_by_one([
+        lambda i=i: client.submit(run_worker, replace(job, worker=i), key=f"sweep-{job.name}-worker-{i}", pure=False)
+        for i in range(workers)], study)
     while not all(f.done() for f in futures):
         progress.update(study)
         time.sleep(2)

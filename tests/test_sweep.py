@@ -229,10 +229,7 @@ def test_two_local_workers_and_a_two_worker_dask_cluster_fill_one_study(sweep_ru
     from dask.distributed import LocalCluster
 
     root, raw = sweep_run
-    # Not the fixture's 1 s heartbeat (3 s grace): a live worker still importing torch under a loaded test run
-    # can be silent that long, be failed as dead and have its trial retried beside it. This test is about
-    # sharing one study, not about recovery.
-    path = _write(root, raw, sweep={**raw["sweep"], "pruner": "none", "heartbeat_seconds": 10})
+    path = _write(root, raw, sweep={**raw["sweep"], "pruner": "none"})
     config = load_config(path)
     run_sweep(config, "workers", trials=2, workers=2)
     trials = open_existing(config, "workers")[0].trials
@@ -246,3 +243,29 @@ def test_two_local_workers_and_a_two_worker_dask_cluster_fill_one_study(sweep_ru
     assert [t.state.name for t in trials].count("COMPLETE") == 2
     assert all((root / "run/sweeps/dask" / t.user_attrs["dir"] / "model.safetensors").is_file()
                for t in trials if t.state.name == "COMPLETE")
+
+
+def test_workers_start_one_by_one_while_a_trial_waits():
+    """Two workers asking Optuna's SQLite storage for the same waiting trial at once can both get it (seen in
+    this suite: both trained trial 0 in one folder); the next worker starts once the previous took it."""
+    import threading
+    from types import SimpleNamespace
+
+    from pipeline.sweep import _start_one_by_one
+
+    states = ["WAITING"]
+    seen = []
+
+    class FakeStudy:
+        def get_trials(self, deepcopy=False):
+            return [SimpleNamespace(state=SimpleNamespace(name=s)) for s in states]
+
+    def first():
+        seen.append(("first", list(states)))
+        threading.Timer(0.3, states.__setitem__, (0, "RUNNING")).start()  # the worker takes the trial later
+
+    def second():
+        seen.append(("second", list(states)))
+
+    _start_one_by_one([first, second], FakeStudy())
+    assert seen == [("first", ["WAITING"]), ("second", ["RUNNING"])]
