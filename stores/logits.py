@@ -62,7 +62,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from stores.checksum import crc32
+from stores.checksum import file_crc32
 
 FORMAT = "babydistill.logits"
 FORMAT_VERSION = 2
@@ -186,13 +186,14 @@ def chunk_ranges(num_windows: int, chunk_windows: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk_windows, num_windows)) for s in range(0, num_windows, chunk_windows)]
 
 
+def chunk_file(name: str, array: zarr.Array, chunk: int) -> str:
+    """Store-relative file of array ``name``'s chunk ``chunk`` (arrays are chunked along rows only)."""
+    return f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+
+
 def chunk_files(group: zarr.Group, chunk: int) -> dict[str, str]:
     """Store-relative file of each array's chunk ``chunk``."""
-    files = {}
-    for name in ARRAYS:
-        array = group[name]
-        files[name] = f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-    return files
+    return {name: chunk_file(name, group[name], chunk) for name in ARRAYS}
 
 
 def decode_chunk(array: zarr.Array, data: bytes) -> np.ndarray:
@@ -206,10 +207,6 @@ def decode_chunk(array: zarr.Array, data: bytes) -> np.ndarray:
 
 
 # --- chunk writer and done markers --------------------------------------------------------
-
-
-def _crc(path: Path) -> int:
-    return crc32(path.read_bytes())
 
 
 def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: dict[str, np.ndarray],
@@ -227,7 +224,7 @@ def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: d
         files = {}
         for rel in chunk_files(group, chunk).values():
             file = path / rel
-            files[rel] = {"bytes": file.stat().st_size, "crc32": _crc(file)}
+            files[rel] = {"bytes": file.stat().st_size, "crc32": file_crc32(file)}
         marker = {"chunk": chunk, "start": start, "stop": stop, "files": files, **(extra or {})}
         _write_marker(path, chunk, marker)
     except OSError as exc:
@@ -258,10 +255,8 @@ def read_marker(path: Path, chunk: int) -> dict | None:
         return None
 
 
-def read_markers(path: Path) -> list[dict | None]:
-    """Every chunk's done marker (None where a chunk is not marked done), in chunk order."""
-    attrs = read_attrs(path) or {}
-    num_chunks = len(chunk_ranges(attrs.get("num_windows", 0), attrs.get("chunk_windows", 1)))
+def read_markers(path: Path, num_chunks: int) -> list[dict | None]:
+    """The done markers of chunks 0..num_chunks-1 (None where a chunk is not marked done)."""
     return [read_marker(path, chunk) for chunk in range(num_chunks)]
 
 
@@ -282,7 +277,7 @@ def chunk_problem(path: Path, chunk: int, *, checksum: bool = False, marker: dic
             return f"{rel} is missing"
         if file.stat().st_size != info["bytes"]:
             return f"{rel} has {file.stat().st_size} bytes, {info['bytes']} were written"
-        if checksum and _crc(file) != info["crc32"]:
+        if checksum and file_crc32(file) != info["crc32"]:
             return f"{rel} changed since it was written (crc32)"
     return None
 

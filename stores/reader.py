@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from stores.checksum import crc32
-from stores.logits import chunk_ranges, decode_chunk, incomplete_reason, open_store, read_markers
+from stores.logits import chunk_file, chunk_ranges, decode_chunk, incomplete_reason, open_store, read_markers
 
 REBUILD = "rebuild it with `babydistill cache CONFIG --force`"
 REPAIR = "re-run `babydistill cache CONFIG` to rewrite it"
@@ -53,9 +53,11 @@ class LogitStoreReader:
         if shuffle_buffer_chunks < 1:
             raise ValueError(f"shuffle_buffer_chunks must be >= 1, got {shuffle_buffer_chunks}")
         _, attrs = open_store(self.path)
+        self.num_windows, self.chunk_windows = int(attrs["num_windows"]), int(attrs["chunk_windows"])
+        self.ranges = chunk_ranges(self.num_windows, self.chunk_windows)
         # Each chunk's done marker is parsed once, here, and kept: it records the sizes and crc32s that every
         # read of the chunk's files is checked against (the bytes are checked chunk by chunk, as read).
-        markers = read_markers(self.path)
+        markers = read_markers(self.path, len(self.ranges))
         reason = incomplete_reason(self.path, checksum=False, markers=markers)
         if reason:
             raise ValueError(f"{self.path} is incomplete ({reason}); finish it with `babydistill cache CONFIG`")
@@ -69,11 +71,6 @@ class LogitStoreReader:
             raise ValueError(f"{self.path} was made with another tokenizer than {tok}; {REBUILD}")
         self.attrs = attrs
         self.seed, self.shuffle_buffer_chunks = seed, shuffle_buffer_chunks
-        self.num_windows = int(attrs["num_windows"])
-        self.chunk_windows = int(attrs["chunk_windows"])
-        self.ranges = chunk_ranges(self.num_windows, self.chunk_windows)
-        if len(markers) != len(self.ranges):  # the store was re-created between the two reads above
-            raise ValueError(f"{self.path} changed while it was opened; wait for `babydistill cache` to finish")
         self.c_T_column = next((i for i, t in enumerate(attrs["temperatures"])
                                 if temperature is not None and abs(t - temperature) < 1e-9), None)
         self._epoch: int | None = None
@@ -110,8 +107,7 @@ class LogitStoreReader:
 
     def _chunk_file(self, chunk: int, name: str) -> str:
         """Array ``name``'s chunk file of store chunk ``chunk``, relative to the store."""
-        array = self._arrays[name]
-        return f"{name}/" + array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+        return chunk_file(name, self._arrays[name], chunk)
 
     def _checked_bytes(self, chunk: int, name: str) -> bytes:
         """The bytes of array ``name``'s chunk file, refused unless they have the size and crc32 its done

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from stores.checksum import crc32
+from stores.checksum import file_crc32
 
 FORMAT = "babydistill.tokens"
 FORMAT_VERSION = 1
@@ -92,7 +92,7 @@ def write_token_store(path: Path, streams: dict[str, np.ndarray], *, seq_len: in
         digest_parts.append(_hash_arrays(stream, starts, prefix=split))
         splits[split] = {"num_tokens": int(len(stream)), "num_windows": int(len(starts))}
     train_starts = window_starts(splits.get("train", {}).get("num_tokens", 0), seq_len)
-    crcs = {rel: (crc32((Path(path) / rel).read_bytes()) if (Path(path) / rel).is_file() else None)
+    crcs = {rel: (file_crc32(Path(path) / rel) if (Path(path) / rel).is_file() else None)
             for split in streams for name in ("tokens", "windows") for rel in _chunk_files(group, f"{split}/{name}")}
     group.attrs.update({
         "chunk_crc32": crcs,
@@ -122,7 +122,7 @@ def _file_problem(path: Path, rel: str, crc: int | None) -> str | None:
         return f"{rel} appeared since it was written" if file.is_file() else None
     if not file.is_file():
         return f"{rel} is missing"
-    if crc32(file.read_bytes()) != crc:
+    if file_crc32(file) != crc:
         return f"{rel} changed since it was written (crc32)"
     return None
 

@@ -93,7 +93,7 @@ class LogitStoreTests:
         self.fill(store, chunks={0, 2})
         assert incomplete_reason(store) == "3 of 5 chunks to (re)do (first: chunk 1: not marked done)"
         # Markers read earlier (a reader's) are what is judged, not a later look at the disk.
-        earlier = read_markers(store)
+        earlier = read_markers(store, 5)
         self.fill(store, chunks={1})
         assert incomplete_reason(store, markers=earlier).startswith("3 of 5 chunks")
         assert "not the 4 it had" in incomplete_reason(store, markers=earlier[:4])

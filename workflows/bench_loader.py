@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,16 @@ def _bare_forward_seconds(teacher_dirs: list[Path], tokens_path: Path, batch_siz
     return time.perf_counter() - started, time.process_time() - started_cpu
 
 
+def _best_seconds(fn, *args, rounds: int = 3) -> float:
+    """The fastest of ``rounds`` calls of ``fn(*args)``, in seconds."""
+    timings = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn(*args)
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
 def _codec_table(store: Path, num_chunks: int = 4) -> dict:
     """Bytes and decode time of candidate codecs on the first chunks of ``ids`` and ``logp``."""
     import numcodecs
@@ -100,22 +111,14 @@ def _codec_table(store: Path, num_chunks: int = 4) -> dict:
         "zstd3": numcodecs.Zstd(level=3),
         "zstd9": numcodecs.Zstd(level=9),
     }
-    def best_seconds(fn, *args) -> float:
-        timings = []
-        for _ in range(3):
-            started = time.perf_counter()
-            fn(*args)
-            timings.append(time.perf_counter() - started)
-        return min(timings)
-
     table = {}
     for name, codec in candidates.items():
         row = {}
         for array, values in data.items():
             encoded = codec.encode(values)
             row[array] = {"bytes_per_token": len(encoded) / (values.shape[0] * values.shape[1]),
-                          "encode_MB_per_s": values.nbytes / 1e6 / best_seconds(codec.encode, values),
-                          "decode_MB_per_s": values.nbytes / 1e6 / best_seconds(codec.decode, encoded)}
+                          "encode_MB_per_s": values.nbytes / 1e6 / _best_seconds(codec.encode, values),
+                          "decode_MB_per_s": values.nbytes / 1e6 / _best_seconds(codec.decode, encoded)}
         row["bytes_per_token"] = row["ids"]["bytes_per_token"] + row["logp"]["bytes_per_token"]
         table[name] = row
     return table
@@ -199,7 +202,7 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
     marker once), so it is a reader's whole cost up to then. Run on a store:
     ``python -m workflows.bench_loader --check-overhead STORE TOKENS``."""
     from stores.checksum import crc32
-    from stores.logits import incomplete_reason
+    from stores.logits import incomplete_reason, read_markers, store_info
     from stores.reader import LogitStoreReader
 
     class UncheckedReader(LogitStoreReader):
@@ -223,25 +226,16 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
         for times, reader_class in pair if round_ % 2 == 0 else pair[::-1]:
             times.append(epoch_seconds(reader_class))
     # The check's own work, timed alone (the noise-free floor of the side-by-side ratio): crc32 of every
-    # chunk file an epoch reads, against an unchecked epoch.
-    chunk_files = [f for f in Path(store).rglob("*") if f.is_file() and "c" in f.relative_to(store).parts[1:2]]
-    contents = [f.read_bytes() for f in chunk_files]
-    crc_times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for data in contents:
-            crc32(data)
-        crc_times.append(time.perf_counter() - start)
+    # chunk file the done markers record (the files the checked reader reads), against an unchecked epoch.
+    num_chunks = len(LogitStoreReader(store, tokens_path, seed=0).ranges)
+    contents = [(Path(store) / rel).read_bytes() for marker in read_markers(Path(store), num_chunks)
+                for rel in marker["files"]]
+    crc_seconds = _best_seconds(lambda: [crc32(data) for data in contents], rounds=rounds)
+    zlib_seconds = _best_seconds(lambda: [zlib.crc32(data) for data in contents], rounds=rounds)
     # The up-to-date check `cache`, `run` and `status` make before calling the store done (every chunk's
     # marker, file sizes, and with checksum=True every file's crc32): warm page cache, best of `rounds`.
-    store_check_s = {}
-    for label, checksum in (("sizes", False), ("sizes_and_crc32", True)):
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            incomplete_reason(store, checksum=checksum)
-            times.append(time.perf_counter() - start)
-        store_check_s[label] = round(min(times), 4)
+    store_check_s = {label: round(_best_seconds(lambda c=checksum: incomplete_reason(store, checksum=c), rounds=rounds), 4)
+                     for label, checksum in (("sizes", False), ("sizes_and_crc32", True))}
     first = min(c[0] for c in checked) / min(u[0] for u in unchecked) - 1
     later = min(c[1] for c in checked) / min(u[1] for u in unchecked) - 1
     # Also the median over rounds of each round's own ratio: steadier than a ratio of two minimums when the
@@ -254,10 +248,12 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
             "unchecked_epoch_s": [round(min(u[i] for u in unchecked), 4) for i in (0, 1)],
             "overhead_first_epoch": round(first, 4), "overhead_later_epochs": round(later, 4), "rounds": rounds,
             "overhead_median_paired": {"first_epoch": round(paired[0], 4), "later_epochs": round(paired[1], 4)},
-            "goal": "<= 0.03", "store_bytes": sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file()),
+            "goal": "<= 0.03", "store_bytes": store_info(Path(store))["disk_bytes"],
             "full_store_check_s": store_check_s,
-            "crc32_s_per_epoch": round(min(crc_times), 5),
-            "crc32_share_of_unchecked_epoch": round(min(crc_times) / min(u[1] for u in unchecked), 4),
+            "crc32_s_per_epoch": round(crc_seconds, 5),
+            "crc32_GB_per_s": {"isal": round(sum(map(len, contents)) / crc_seconds / 1e9, 1),
+                               "zlib": round(sum(map(len, contents)) / zlib_seconds / 1e9, 1)},
+            "crc32_share_of_unchecked_epoch": round(crc_seconds / min(u[1] for u in unchecked), 4),
             "load_average": [round(x, 1) for x in os.getloadavg()]}
 
 

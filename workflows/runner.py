@@ -247,12 +247,13 @@ def _corpus_listing(corpus: Path) -> list:
 
 def _corpus_content(corpus: Path) -> list:
     """Every corpus file's name (relative to the corpus), size and sha256: what the corpus holds, wherever it
-    lies and whatever its mtimes, so that a run directory moved or copied with its corpus stays up to date
-    (a few ms for the bundled corpus; about 0.5 s per GB)."""
+    lies and whatever its mtimes, so that a run directory moved or copied with its corpus stays up to date."""
+    from stores.tokens import file_sha256
+
     if not corpus.is_dir():
         return ["missing"]
-    return sorted((str(p.relative_to(corpus)), p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-                  for p in corpus.rglob("*") if p.is_file())
+    return sorted((str(p.relative_to(corpus)), p.stat().st_size, file_sha256(p)) for p in corpus.rglob("*")
+                  if p.is_file())
 
 
 def build_token_run(config: Config) -> Config:
@@ -288,7 +289,7 @@ def prepare_stage(config: Config) -> Stage:
 
     data = config.data
     # Every identity field of `data` but two: seq_len is the tokenize stage's, and the corpus enters as its
-    # resolved path and file listing.
+    # contents (before: as its resolved path and file listing).
     recipe = [value for key, value in identity(data).items() if key not in ("corpus", "seq_len")]
     fp = fingerprint("prepare-content", *recipe, _corpus_content(config.corpus_path))
     # Before: the corpus's absolute path and its files' mtimes, which a moved or copied run does not keep.

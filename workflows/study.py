@@ -308,12 +308,15 @@ def _logged(log: Path):
             raise
 
 
+# What a stale output means inside a study. Not run_stage's advice (the stage's command with --force): that
+# command lacks the arm's sets, and --force on a shared stage would redo finished work of the other arms.
+STALE_IN_STUDY = "was made from other inputs or settings than the study now asks for"
+
+
 def _refuse_stale(stage: Stage) -> None:
-    # run_stage would suggest --force, which would also redo finished work of the other arms
     if stage_status(stage)[0] == "stale":
-        raise StudyError(f"{stage.name}: {stage.out} was made from other inputs or settings than the study now asks "
-                         "for (did the base config or an arm's set change?); move it away to redo it, or give the "
-                         "arm a new name")
+        raise StudyError(f"{stage.name}: {stage.out} {STALE_IN_STUDY} (did the base config or an arm's set "
+                         "change?); move it away to redo it, or give the arm a new name")
 
 
 def _run(stage: Stage, *, rebuild_stale: bool = False) -> bool:
@@ -576,8 +579,8 @@ def _model_cell(unit: Unit) -> dict:
     cell = {"model": str(unit.model_dir), "val_ce": None, "test_ce": None, "blimp": None}
     if unit.arm is not None:
         state, why = stage_status(unit.student())
-        if state == "stale":  # not the stage's own --force advice: see _refuse_stale
-            why = "made from other inputs or settings than the study now asks for; move it away to redo it"
+        if state == "stale":
+            why = f"it {STALE_IN_STUDY}; move it away to redo it"
         if state != "done":
             return {**cell, "status": f"student {state}: {why}"}
     evaluation = unit.evaluation()
