@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels import autograd, dense, reference
-from kernels.targets import prepare_targets
+from kernels.targets import prepare_control, prepare_targets
 
 __all__ = ["sparse_distill_loss", "fused_linear_sparse_distill_loss", "dense_distill_loss"]
 
@@ -54,7 +54,7 @@ def _weights(labels, alpha, temperature, normalization, num_sequences, ignore_in
 
 def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
                         normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None,
-                        inplace=False):
+                        inplace=False, control=None):
     """alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * KL(p_T || softmax(z / T)) from a sparse teacher.
 
     Parameters
@@ -69,6 +69,8 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     c_T : [N] per-row correction LSE(zbar/T) - LSE(zbar)/T, or None: then the T = 1 residual is taken
         as spread evenly over the V - k other tokens (approximate at T != 1 unless the residual is 0).
     impl : None (auto), "triton", "cpu" or "reference".
+    control : [N, k] control-variate coefficients (>= 0; 0 on padding) or None: the KL's gradient gains
+        (a * q_K - (sum_K a q) q) / T; the loss value does not change (see `kernels.reference`).
     inplace : write the gradient over the logits buffer (saves N x V memory). Safe only when nothing
         else saved these logits for backward; backward may then run once. Not for impl="reference".
 
@@ -86,25 +88,28 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     """
     reference.check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature,
                          tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index, control=control)
     impl = _resolve_impl(impl, logits.device)
     if impl == "reference":
         return reference.sparse_distill_loss(
             logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
-            normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index)
+            normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
+            control=control)
     V = logits.shape[1]
     ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
     loss, ce_row, kl_row = autograd.SparseDistillRows.apply(
         logits.contiguous(), labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", inplace, ignore_index, autograd.row_kernel(impl))
+        float(temperature), tail == "uniform", inplace, ignore_index, autograd.row_kernel(impl),
+        prepare_control(control, target_logp))
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 
 def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids, target_logp, *, alpha=0.5,
                                      temperature=1.0, tail="bucket", normalization="token", c_T=None,
-                                     num_sequences=None, ignore_index=-100, impl=None, chunk_rows=None):
+                                     num_sequences=None, ignore_index=-100, impl=None, chunk_rows=None,
+                                     control=None):
     """`sparse_distill_loss` of ``hidden @ lm_head_weight.T`` without materialising the N x V logits.
 
     hidden [N, H], lm_head_weight [V, H]; gradients flow to both (grad_W accumulated in fp32). Rows go
@@ -116,7 +121,7 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
     logits_shape_check = torch.empty(hidden.shape[0], lm_head_weight.shape[0], device="meta")
     reference.check_args(logits_shape_check, labels, target_ids, target_logp, alpha=alpha,
                          temperature=temperature, tail=tail, normalization=normalization, c_T=c_T,
-                         num_sequences=num_sequences, ignore_index=ignore_index)
+                         num_sequences=num_sequences, ignore_index=ignore_index, control=control)
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise ValueError(f"hidden [N, H] and lm_head_weight [V, H] must share H, got {tuple(hidden.shape)} "
                          f"and {tuple(lm_head_weight.shape)}")
@@ -125,14 +130,14 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
         return reference.sparse_distill_loss(
             hidden @ lm_head_weight.T, labels, target_ids, target_logp, alpha=alpha, temperature=temperature,
             tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
-            ignore_index=ignore_index)
+            ignore_index=ignore_index, control=control)
     V = lm_head_weight.shape[0]
     ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
     loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(
         hidden, lm_head_weight, labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", ignore_index, impl, chunk_rows)
+        float(temperature), tail == "uniform", ignore_index, impl, chunk_rows, prepare_control(control, target_logp))
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 

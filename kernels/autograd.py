@@ -50,11 +50,11 @@ class SparseDistillRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform, inplace,
-                ignore_index, row_fn):
+                ignore_index, row_fn, control=None):
         grad = logits.detach() if inplace else torch.empty_like(logits)
         with torch.no_grad():
             ce_row, kl_row = row_fn(logits.detach(), labels, ids, logp_K, r_T, num_tail, w_ce, w_kl,
-                                    temperature, uniform, grad, ignore_index)
+                                    temperature, uniform, grad, ignore_index, control=control)
         return rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, grad)
 
     @staticmethod
@@ -65,4 +65,4 @@ class SparseDistillRows(torch.autograd.Function):
         # multiply is cheaper than the host sync that the test would cost.
         if grad.device.type != "cpu" or float(grad_loss) != 1.0:
             grad.mul_(grad_loss.to(grad.dtype))
-        return grad, None, None, None, None, None, None, None, None, None, None, None, None
+        return (grad,) + (None,) * 13

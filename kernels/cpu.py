@@ -31,12 +31,12 @@ CHUNK_BYTES = 1 << 21  # fp32 bytes of logits per chunk (per thread; about 32 ro
 
 
 def _chunk_loss_and_grad(x, idx, p_K, l_K, pad_K, y, wc, wk, r, nt, G, T: float, uniform: bool,
-                         bucket_tail: bool, buffers) -> tuple[torch.Tensor, torch.Tensor]:
+                         bucket_tail: bool, buffers, a_K=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk of rows of `loss_and_grad`: per-row CE and KL, and the gradient written into ``G`` [n, V].
 
     ``x`` [n, V] fp32 logits, ``idx`` / ``p_K`` / ``l_K`` / ``pad_K`` [n, k] the target, ``y`` [n, 1] labels,
     ``wc`` and ``wk`` (= w_kl / T) [n] weights, ``r`` / ``nt`` [n] the tail mass and token count; ``buffers`` three fp32
-    [C, V] scratch buffers (the last two None at T = 1).
+    [C, V] scratch buffers (the last two None at T = 1); ``a_K`` [n, k] control-variate coefficients or None.
     """
     n = x.shape[0]
     buf1, buf2, buf3 = buffers
@@ -89,6 +89,11 @@ def _chunk_loss_and_grad(x, idx, p_K, l_K, pad_K, y, wc, wk, r, nt, G, T: float,
     # near-equal terms apart would leave their difference mostly rounding error.
     out = G if G.dtype == torch.float32 else q1
     kT = wk if tail_fac is None else wk * tail_fac
+    qT_K = logq_K.exp()
+    if a_K is not None:
+        # Control variate: + wk (a * qT_K - U qT), U = sum_K a qT: the dense coefficient and the K entries.
+        U = torch.where(pad_K, 0, a_K * qT_K).sum(1)
+        kT = kT - wk * U
     if qT is q1:
         torch.mul(q1, (wc + kT)[:, None], out=out)
     else:
@@ -97,7 +102,9 @@ def _chunk_loss_and_grad(x, idx, p_K, l_K, pad_K, y, wc, wk, r, nt, G, T: float,
         out.add_(shift)
     if deep_shift is not None:
         out[deep] += deep_shift
-    q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * logq_K.exp()
+    q_part = wc[:, None] * (z_K - lse1[:, None]).exp() + wk[:, None] * qT_K
+    if a_K is not None:
+        q_part += wk[:, None] * (a_K - U[:, None]) * qT_K
     out.scatter_(1, idx, q_part)
     out.scatter_add_(1, idx, -wk[:, None] * p_K)
     out.scatter_add_(1, y, -wc[:, None])
@@ -107,11 +114,12 @@ def _chunk_loss_and_grad(x, idx, p_K, l_K, pad_K, y, wc, wk, r, nt, G, T: float,
 
 
 def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature: float, uniform: bool,
-                  grad, ignore_index: int = -100, chunk_rows: int | None = None):
+                  grad, ignore_index: int = -100, chunk_rows: int | None = None, control=None):
     """Per-row CE and KL (fp32, 0 for ignored rows) and the weighted gradient written into ``grad``.
 
     ``grad`` may be ``logits`` itself (each chunk is read before it is written). w_ce / w_kl are [N]
-    fp32 loss weights (0 for ignored rows).
+    fp32 loss weights (0 for ignored rows). ``control``: [N, k] fp32 control-variate coefficients (0 on
+    padding) or None; see `kernels.reference`.
     """
     N, V = logits.shape
     T = float(temperature)
@@ -148,7 +156,8 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
                 x = bufx[:n].copy_(x)
             ce_row[a:b], kl_row[a:b] = _chunk_loss_and_grad(
                 x, ids[a:b], p_K_all[a:b], logp_K[a:b], pad_K[a:b], safe_labels[a:b, None], w_ce[a:b], w_kl[a:b] / T,
-                r_T[a:b], num_tail[a:b], grad[a:b], T, uniform, bucket_tail, (buf1, buf2, buf3))
+                r_T[a:b], num_tail[a:b], grad[a:b], T, uniform, bucket_tail, (buf1, buf2, buf3),
+                None if control is None else control[a:b])
 
     # Threads take chunks one at a time and run single-threaded ops on them: many small ops with an
     # OpenMP barrier each are slow (and erratic on a busy machine); this has no barrier, and a thread

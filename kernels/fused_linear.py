@@ -22,7 +22,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform,
-                ignore_index, impl, chunk_rows):
+                ignore_index, impl, chunk_rows, control=None):
         N, H = hidden.shape
         V = weight.shape[0]
         row_fn = row_kernel(impl)
@@ -43,7 +43,8 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                 logits = torch.matmul(h, W.T, out=logits_buf[: b - a])  # [C, V], becomes its own gradient
                 ce_row[a:b], kl_row[a:b] = row_fn(
                     logits, labels[a:b], ids[a:b], logp_K[a:b], r_T[a:b], num_tail[a:b], w_ce[a:b],
-                    w_kl[a:b], temperature, uniform, logits, ignore_index)
+                    w_kl[a:b], temperature, uniform, logits, ignore_index,
+                    control=None if control is None else control[a:b])
                 torch.matmul(logits, W, out=grad_h[a:b])
                 if logits.dtype == torch.float32 and h.dtype == torch.float32:
                     grad_W.addmm_(logits.T, h)
@@ -57,4 +58,4 @@ class FusedLinearSparseDistill(torch.autograd.Function):
         grad_h, grad_W = saved_gradients(ctx, "fused_linear_sparse_distill_loss: backward may run only once")
         grad_h.mul_(grad_loss.to(grad_h.dtype))
         grad_W = (grad_W * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return (grad_h, grad_W) + (None,) * 12
+        return (grad_h, grad_W) + (None,) * 13

@@ -27,6 +27,14 @@ Conventions shared by every implementation:
     - the returned ce and kl are the normalised, detached CE and KL (KL without T^2), so that
       loss = alpha * ce + (1 - alpha) * T^2 * kl.
 
+Control variate (``control``, [N, k] coefficients a >= 0, 0 on padding; default none): the KL's gradient
+w.r.t. z gains (a * q_K - (sum_K a q) q) / T, q = softmax(z / T), the gradient of sum_K a_j q_j with a
+held fixed; the loss value does not change. With a = beta on the exact head and beta * w_j / p_j on the
+tail draws (w_j their stored weight, p_j the teacher's exact probability), this turns the sampled tail
+estimate (r/S) sum_s e_j into beta q_tail + (1/S) sum_s (p_j - beta q_j) / pi_j e_j: still unbiased for the
+teacher's tail (for any beta fixed before the draws), and far less noisy once the student is near the
+teacher (see `pipeline.distill.control_coefficients`).
+
 This module builds the full teacher distribution densely and lets autograd differentiate; it runs in the
 logits' dtype (float64 in tests). It is never the production path.
 """
@@ -44,7 +52,7 @@ NORMALIZATIONS = ("token", "sequence", "sum")
 
 
 def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, tail, normalization,
-               c_T, num_sequences, ignore_index=-100) -> None:
+               c_T, num_sequences, ignore_index=-100, control=None) -> None:
     """Raise one ValueError listing every problem with the arguments of a sparse_distill_loss call.
 
     Labels (other than ``ignore_index``) and target ids must lie in [0, V): the kernels index with them
@@ -65,6 +73,8 @@ def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, t
                             f"{tuple(target_ids.shape)}")
         if c_T is not None and c_T.shape != (N,):
             problems.append(f"c_T must be [N] = [{N}], got {tuple(c_T.shape)}")
+        if control is not None and control.shape != target_ids.shape:
+            problems.append(f"control {tuple(control.shape)} must match target_ids {tuple(target_ids.shape)}")
         if not problems and not target_ids.is_floating_point() and not labels.is_floating_point():
             problems += _out_of_range(labels, ids_as_int64(target_ids), V, ignore_index)
     if not logits.is_floating_point():
@@ -122,13 +132,15 @@ def ids_as_int64(target_ids: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
-                        normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None):
+                        normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None,
+                        control=None):
     """Dense reference of `kernels.sparse_distill_loss` (``impl`` is accepted and ignored).
 
     Returns (loss, ce, kl); ce and kl are detached. Computes in ``logits.dtype``.
     """
     check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
-               normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index)
+               normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
+               control=control)
     N, V = logits.shape
     T = float(temperature)
     dtype = logits.dtype
@@ -172,6 +184,12 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
         kl_K = (torch.xlogy(p, p) - p * torch.where(in_K, logq_T, 0)).sum(1)
         logQ_T = torch.logsumexp(logq_T.masked_fill(in_K, float("-inf")), dim=1)
         kl = kl_K + torch.where(r_T > 0, r_T * (r_T.log() - logQ_T), 0)
+
+    if control is not None:
+        # Gradient only: sum_K a_j q_j has gradient (a * q_K - (sum_K a q) q) / T w.r.t. z; its value is taken
+        # away again, so the KL reported is the plain estimate.
+        a_q = (torch.where(real, control.to(dtype), 0) * logq_T.gather(1, ids).exp()).sum(1)
+        kl = kl + (a_q - a_q.detach())
 
     ce = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     valid, ce_scale, kl_scale = loss_scales(labels, normalization, num_sequences, ignore_index)

@@ -42,3 +42,18 @@ def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float
     r_T = (1 - logp.exp().sum(1)).clamp(0, 1)
     r_T = torch.where(num_tail > 0, r_T, 0)
     return ids, logp, r_T, num_tail
+
+
+def prepare_control(control, target_logp):
+    """Control-variate coefficients [N, k] fp32 for the row kernels (see `kernels.reference`), or None.
+
+    Padding entries take the coefficient of the entry their id points at (`prepare_targets` points them
+    at the row's first real id), so that the CPU kernel's K columns, written once per entry, agree; the
+    kernels leave padding out of the sum of a * q.
+    """
+    if control is None:
+        return None
+    a = control.to(torch.float32)
+    real = target_logp > float("-inf")
+    first_real = a.gather(1, real.to(torch.uint8).argmax(1, keepdim=True))
+    return torch.where(real, a, first_real).contiguous()

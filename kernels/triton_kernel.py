@@ -36,6 +36,7 @@ def sparse_distill_kernel(
     ids_ptr,      # [N, K] int64 teacher ids (contiguous)
     logp_ptr,     # [N, K] fp32 teacher log-probs on K at T (-inf = padding entry)
     stash_ptr,    # [N, K] fp32 scratch: the final gradient of each K entry
+    control_ptr,  # [N, K] fp32 control-variate coefficients a (read only when HAS_CONTROL)
     r_ptr,        # [N] fp32 teacher tail mass r_T (0 for renorm)
     ntail_ptr,    # [N] fp32 number of tail tokens, V - (real entries of K)
     wce_ptr,      # [N] fp32 CE loss weight (alpha * normaliser; 0 for ignored rows)
@@ -48,6 +49,7 @@ def sparse_distill_kernel(
     exact_tail_below,
     UNIFORM: tl.constexpr,   # uniform tail; otherwise bucket (renorm = bucket with r_T = 0)
     BUCKET: tl.constexpr,    # some row may have r_T > 0 in bucket mode
+    HAS_CONTROL: tl.constexpr,  # control variate: + w_kT (a * q_K - U q), U = sum_K a q (see kernels.reference)
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_F: tl.constexpr,
@@ -81,7 +83,18 @@ def sparse_distill_kernel(
     lse1 = m + tl.log(s1)
     lseT = m * inv_T + tl.log(sT)
 
-    # 2. the K entries: KL on K, and their final gradient into the stash.
+    # 2. the K entries: KL on K, and their final gradient into the stash (with a control variate, first
+    # U = sum_K a q, which every entry's gradient needs).
+    U = zero
+    if HAS_CONTROL:
+        for ks in range(0, K, BLOCK_K):
+            kk = ks + tl.arange(0, BLOCK_K)
+            kmask = kk < K
+            idk = tl.load(ids_ptr + k_off + kk, mask=kmask, other=0)
+            lp = tl.load(logp_ptr + k_off + kk, mask=kmask, other=float("-inf"))
+            a = tl.load(control_ptr + k_off + kk, mask=kmask, other=0.0)
+            zk = tl.load(l_row + idk, mask=kmask, other=0.0).to(tl.float32)
+            U += tl.sum(tl.where(lp > float("-inf"), a * tl.exp(zk * inv_T - lseT), 0.0), axis=0)
     kl = zero
     sum_zK = zero
     sum_eK = zero
@@ -100,6 +113,9 @@ def sparse_distill_kernel(
         if BUCKET:
             sum_eK += tl.sum(tl.where(real, tl.exp((zk - m) * inv_T), 0.0), axis=0)
         g = w_ce * tl.exp(zk - lse1) + w_kT * (tl.exp(logq) - p) - tl.where(idk == safe_label, w_ce, 0.0)
+        if HAS_CONTROL:
+            a = tl.load(control_ptr + k_off + kk, mask=kmask, other=0.0)
+            g += w_kT * (a - U) * tl.exp(logq)
         tl.store(stash_ptr + k_off + kk, g, mask=kmask)
     x_y = tl.load(l_row + safe_label).to(tl.float32)
     ce = lse1 - x_y
@@ -153,6 +169,10 @@ def sparse_distill_kernel(
         else:
             tail_fac = 1.0 - r * tl.exp(-tl.maximum(log_Q, -40.0))  # finite: r = 0 (renorm) gives 1
 
+    if HAS_CONTROL:
+        # - U softmax(z/T) on every token, in the tail's own offset: exp(x/T - lseT) = exp(x/T - tail_off) Q'
+        tail_fac -= U * tl.exp(tail_off - lseT)
+
     tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
     tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
 
@@ -176,7 +196,7 @@ def sparse_distill_kernel(
 
 
 def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature: float, uniform: bool,
-                  grad, ignore_index: int = -100):
+                  grad, ignore_index: int = -100, control=None):
     """Same contract as `kernels.cpu.loss_and_grad`: per-row CE and KL, gradient written into ``grad``."""
     N, V = logits.shape
     K = ids.shape[1]
@@ -188,9 +208,10 @@ def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temper
         return ce_row, kl_row
     sparse_distill_kernel[(N,)](
         logits, grad, labels.contiguous(), ids.contiguous(), logp_K.contiguous(), stash,
+        stash if control is None else control.contiguous(),
         r_T.contiguous(), num_tail.contiguous(), w_ce.contiguous(), w_kl.contiguous(), ce_row, kl_row,
         V, K, logits.stride(0), grad.stride(0), 1.0 / float(temperature), ignore_index, EXACT_TAIL_BELOW,
-        UNIFORM=uniform, BUCKET=(not uniform), BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F,
+        UNIFORM=uniform, BUCKET=(not uniform), HAS_CONTROL=control is not None, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F,
         num_warps=NUM_WARPS,
     )
     return ce_row, kl_row

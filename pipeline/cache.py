@@ -16,7 +16,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +250,8 @@ class ChunkSpec:
     seed: int
     threads: int
     """torch threads of the task (1 when several tasks share the machine)."""
+    tail_logp: bool = field(default=False, kw_only=True)
+    """Mode hybrid: also the tail draws' exact log-probabilities (array ``tail_logp``)."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
     fidelity_generator = torch.Generator().manual_seed(
         int(np.random.SeedSequence([spec.seed, chunk, 1]).generate_state(1)[0]))
     inputs = torch.from_numpy(windows[:, :-1])
-    parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": []}
+    parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": [], **({"tail_logp": []} if spec.tail_logp else {})}
     fidelity = []
     for b in range(0, len(inputs), spec.batch_size):
         x_BS = inputs[b:b + spec.batch_size]
@@ -292,8 +294,17 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
                 logp_NK = top_NK - lse_BS.reshape(-1, 1)
             else:
                 logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
+                if spec.tail_logp:
+                    # Draw from the teacher as stored (rounded to logp_dtype), so that the stored probability of
+                    # each draw is exactly the one it was drawn with (the control variate divides by it).
+                    logp_NV = logp_NV.to(getattr(torch, spec.logp_dtype)).float()
                 head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
                 ids_NK, logp_NK = sample_targets(logp_NV, spec.samples, spec.slots, generator, head)
+                if spec.tail_logp:
+                    tail_ids = ids_NK[:, spec.k:]
+                    parts["tail_logp"].append(torch.where(
+                        logp_NK[:, spec.k:] > PAD_LOGP / 2, logp_NV.gather(1, tail_ids).double(), PAD_LOGP)
+                        .numpy().astype(np_dtype).reshape(*x_BS.shape, -1))
         shape = (*x_BS.shape, spec.slots)
         ids = ids_NK.numpy().astype(np.uint16).reshape(shape)
         logp = logp_NK.numpy().astype(np_dtype).reshape(shape)
@@ -517,7 +528,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
             teachers=[(t["path"], t["sha256"]) for t in teachers], mode=cfg.mode, k=cfg.k, samples=cfg.samples,
             slots=store_id["slots"], temperatures=store_id["temperatures"], ensemble=cfg.ensemble,
             logp_dtype=cfg.logp_dtype, batch_size=cfg.batch_size, seed=cfg.seed,
-            threads=1 if remote else max(1, torch.get_num_threads()),
+            threads=1 if remote else max(1, torch.get_num_threads()), tail_logp=cfg.tail_logp,
             out=str(out.resolve()), tokens=str(tokens_path.resolve()), order=cfg.order,
             num_windows=store_id["num_windows"])
 

@@ -227,6 +227,9 @@ class CacheConfig:
     """Top-k ids kept per position (modes topk and hybrid)."""
     samples: int = 24
     """Draws per position from the ensemble (mode sample) or from its tail beyond the top k (mode hybrid)."""
+    tail_logp: bool = field(default=False, metadata=ADDED_LATER)
+    """Mode hybrid: also keep each tail draw's exact teacher log-probability (array ``tail_logp``), which lets
+    the student use a control variate on the tail (``distill.control_variate``); about 1.5 bytes per draw."""
     order: Literal["shuffled", "corpus"] = "shuffled"
     """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming
     reader) or corpus order (poorly mixed; kept to measure the difference)."""
@@ -254,6 +257,8 @@ class CacheConfig:
         _check(self.order in ("shuffled", "corpus"), "cache.order", f"must be shuffled or corpus, got {self.order!r}")
         _check(self.k >= 1, "cache.k", f"must be >= 1, got {self.k}")
         _check(self.samples >= 1, "cache.samples", f"must be >= 1, got {self.samples}")
+        _check(not self.tail_logp or self.mode == "hybrid", "cache.tail_logp",
+               f"needs cache.mode hybrid (the tail draws' probabilities), got mode {self.mode!r}")
         _check(len(self.temperatures) >= 1 and all(t > 0 for t in self.temperatures), "cache.temperatures",
                f"must be a non-empty list of temperatures > 0, got {self.temperatures}")
         _check(self.chunk_windows >= 1, "cache.chunk_windows", f"must be >= 1, got {self.chunk_windows}")
@@ -273,6 +278,10 @@ class DistillConfig:
     """token = CE and KL averaged over tokens; sequence = the paper's released trainer (KL batchmean)."""
     use_exact_c_T: bool = True
     """Use the store's exact temperature correction when the temperature was captured."""
+    control_variate: Literal["auto", "required", "never"] = field(default="auto", metadata=ADDED_LATER)
+    """Offline students from a hybrid store with ``tail_logp``: use the student's own tail as a control
+    variate for the sampled tail (unbiased, far less noisy once the student nears the teacher; see
+    `pipeline.distill.control_coefficients`). auto = when the store has it; required = refuse a store without it; never."""
     students: int = field(default=1, metadata=EXECUTION_ONLY)
     """Offline students distilled from the one cache."""
     seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)

@@ -29,25 +29,92 @@ from stores.tokens import TokenStore
 
 # Tail draws below which a sampled store is flagged under sequence normalisation (docs/results/offline-study).
 SEQUENCE_SAMPLES = 24
+# Rows of each half of a batch from which the other half's control-variate coefficient is estimated.
+CONTROL_ROWS = 256
+
+
+def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp: torch.Tensor,
+                 tail_logp: torch.Tensor, k: int) -> float:
+    """The control-variate coefficient that minimises the tail noise summed over these rows, in [0, 1].
+
+    Rows of a hybrid store: head slots ``[:, :k]`` exact, tail slots the draws with stored weights w_j and
+    exact teacher probabilities p_j (``tail_logp``). Per row the noise of the tail estimate
+    beta q_tail + (1/S) sum_s (p_j - beta q_j) / pi_j e_j, as a function of beta, is (A - 2 beta B + beta^2 C) / S
+    with B = r Q_tail - sum_tail p q and C = r sum_tail q^2 / p - ||q_tail||^2 (r the teacher's tail mass, Q_tail
+    the student's): minimised at sum B / sum C. The tail sums are estimated from the draws themselves
+    (E[sum_s w_j f_j] = sum_tail p_j f_j), which is unbiased; the coefficient is then used on other rows,
+    whose draws are independent of these, so their targets stay unbiased.
+    """
+    logits_nV = logits_nV.double()
+    q = (logits_nV.gather(1, target_ids) - torch.logsumexp(logits_nV, 1, keepdim=True)).exp()
+    w = target_logp.double().exp()                                   # 0 on padding (-1e4)
+    p_tail = tail_logp.double().exp()
+    ratio = torch.where(p_tail > 0, q[:, k:] / p_tail.clamp_min(1e-300), 0.0)
+    w_tail, q_tail = w[:, k:], q[:, k:]
+    r = w_tail.sum(1)
+    Q_tail = (1 - q[:, :k].sum(1)).clamp_min(0)
+    B = r * Q_tail - (w_tail * q_tail).sum(1)
+    C = r * (w_tail * ratio ** 2).sum(1) - (w_tail * q_tail * ratio).sum(1)
+    if not C.sum() > 0:
+        return 0.0
+    return float((B.sum() / C.sum()).clamp(0, 1))
+
+
+def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
+                         target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """Control-variate coefficients a [N, K] for `kernels.sparse_distill_loss` (``control``), and the mean beta.
+
+    a = beta on the head slots and beta w_j / p_j on the tail draws (0 on padding): the KL's gradient then
+    uses the target p_head + beta q_tail + (1/S) sum_s (p_j - beta q_j) / pi_j e_j, the student's own tail
+    corrected by the draws. Each half of the rows gets the beta estimated (`control_beta`) on up to
+    ``CONTROL_ROWS`` rows of the other half: a beta that saw a row's own draws would bias that row.
+    """
+    N = target_ids.shape[0]
+    halves = [torch.arange(0, N // 2), torch.arange(N // 2, N)]
+    w = target_logp.float().exp()
+    p_tail = tail_logp.float().exp()
+    a = torch.cat([torch.ones_like(w[:, :k]) * (target_logp[:, :k] > -1e3),
+                   torch.where(p_tail > 0, w[:, k:] / p_tail.clamp_min(1e-30), 0.0)], dim=1)
+    betas = []
+    with torch.no_grad():
+        for estimate_on, apply_to in ((halves[1], halves[0]), (halves[0], halves[1])):
+            if len(estimate_on) == 0 or len(apply_to) == 0:
+                beta = 0.0
+            else:
+                rows = estimate_on[torch.linspace(0, len(estimate_on) - 1, min(CONTROL_ROWS, len(estimate_on))).long()]
+                logits = hidden_NH[rows].float() @ weight_VH.float().T
+                beta = control_beta(logits, target_ids[rows], target_logp[rows], tail_logp[rows], k)
+            a[apply_to] *= beta
+            betas.append(beta)
+    return a, sum(betas) / len(betas)
 
 # --- losses ---------------------------------------------------------------------------------------
 
 
-def offline_loss(dcfg: DistillConfig, use_c_T: bool, tail: str):
-    """Fused sparse KL + CE on the final hidden states: the logits are never materialised."""
+def offline_loss(dcfg: DistillConfig, use_c_T: bool, tail: str, control_head: int | None = None):
+    """Fused sparse KL + CE on the final hidden states: the logits are never materialised.
+
+    ``control_head``: the store's k, to use the tail control variate (`control_coefficients`); None = off."""
 
     def loss_fn(model: torch.nn.Module, batch: Batch):
         # Through the (possibly DDP-wrapped) forward, keeping one position's logits only.
         out = model(input_ids=batch["input_ids"], output_hidden_states=True, logits_to_keep=1)
         hidden_BTH = out.hidden_states[-1]
         raw = model.module if hasattr(model, "module") else model
-        num_sequences, seq_len, k = batch["target_ids"].shape
+        num_sequences, seq_len, slots = batch["target_ids"].shape
+        ids, logp = batch["target_ids"].reshape(-1, slots), batch["target_logp"].reshape(-1, slots)
+        hidden = hidden_BTH.flatten(0, 1)
+        control, metrics = None, {}
+        if control_head is not None:
+            control, beta = control_coefficients(hidden.detach(), raw.lm_head.weight.detach(), ids, logp,
+                                                 batch["tail_logp"].reshape(ids.shape[0], -1), control_head)
+            metrics["control_beta"] = torch.tensor(beta)
         loss, ce, kl = fused_linear_sparse_distill_loss(
-            hidden_BTH.flatten(0, 1), raw.lm_head.weight, batch["labels"].flatten(),
-            batch["target_ids"].reshape(-1, k), batch["target_logp"].reshape(-1, k),
+            hidden, raw.lm_head.weight, batch["labels"].flatten(), ids, logp,
             alpha=dcfg.alpha, temperature=dcfg.temperature, tail=tail, normalization=dcfg.normalization,
-            c_T=batch["c_T"].flatten() if use_c_T and "c_T" in batch else None, num_sequences=num_sequences)
-        return loss, {"ce": ce, "kl": kl}
+            c_T=batch["c_T"].flatten() if use_c_T and "c_T" in batch else None, num_sequences=num_sequences,
+            control=control)
+        return loss, {"ce": ce, "kl": kl, **metrics}
 
     return loss_fn
 
@@ -75,7 +142,8 @@ def online_loss(dcfg: DistillConfig, teachers: list[torch.nn.Module], ensemble: 
 
 def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path,
                         seed: int) -> tuple[LogitStoreReader, bool, str]:
-    """The store as a batch source, checked against this run; whether exact c_T is used; the tail mode."""
+    """The store as a batch source, checked against this run; whether exact c_T is used; the tail mode.
+    (Whether the tail control variate is used: `use_control_variate`.)"""
     if not (Path(logits_path) / "zarr.json").is_file():
         raise TrainingError(f"{logits_path}: no logit store; run `babydistill cache CONFIG` first")
     dcfg = config.distill
@@ -106,6 +174,16 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
     return reader, use_c_T, dcfg.tail
 
 
+def use_control_variate(dcfg: DistillConfig, attrs: dict, logits_path: Path) -> bool:
+    """Whether the student uses the tail control variate (``distill.control_variate``) with this store."""
+    has = bool(attrs.get("tail_logp"))
+    if dcfg.control_variate == "required" and not has:
+        raise TrainingError(f"{logits_path} holds no tail probabilities (mode {attrs['mode']}, no tail_logp), which "
+                            f"distill.control_variate=required needs; rebuild it with `babydistill cache CONFIG --force "
+                            f"--set cache.mode=hybrid --set cache.tail_logp=true` or set distill.control_variate=auto")
+    return has and dcfg.control_variate != "never"
+
+
 def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path, out_dir: Path, *,
                   seed: int, resume=False, online: bool = False, teacher_dirs: list[Path] | None = None,
                   on_validation=None) -> Path:
@@ -134,10 +212,11 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
         meta = {"stage": "student", "online": True, "teachers": [str(p) for p in teacher_dirs]}
     else:
         batches, use_c_T, tail = open_offline_source(config, tokens_path, tokenizer_dir, logits_path, seed)
-        loss_fn = offline_loss(dcfg, use_c_T, tail)
+        control = use_control_variate(dcfg, batches.attrs, logits_path)
+        loss_fn = offline_loss(dcfg, use_c_T, tail, int(batches.attrs["k"]) if control else None)
         meta = {"stage": "student", "online": False, "logits": str(logits_path), "exact_c_T": use_c_T,
                 "tail": tail, "store_mode": batches.attrs["mode"], "store_order": batches.attrs["order"],
-                "store_teachers": batches.attrs.get("teachers")}
+                "store_teachers": batches.attrs.get("teachers"), "control_variate": control}
 
     model = build_model(config, tokens, seed)
     return train_loop(config, model, batches, loss_fn, Path(out_dir), seed=seed, resume=resume, tokens=tokens,

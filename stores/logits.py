@@ -9,6 +9,9 @@ Layout (Zarr v3 group; every array chunked along windows only, ``C = chunk_windo
       c_T/                 float32 [W, S, nT]  c_T = LSE(zbar/T) - LSE(zbar)/T, one column per capture temperature
       tokens/              uint16  [W, S + 1]  the row's token ids: inputs = [:, :-1], labels = [:, 1:]
       window_ids/          uint32  [W]         the training window of tokens.zarr that each row holds
+      tail_logp/           float16 [W, S, K-k] hybrid stores with attribute tail_logp only: the teacher's exact
+                           log-probability of each tail slot's id (PAD_LOGP on padding), for the student's
+                           control variate (`pipeline.distill.control_coefficients`)
       _done/               a plain zarr group holding the done markers
       _done/000012/zarr.json  done marker of chunk 12 (a zarr group node; the marker is its attributes):
                            written only after the chunk's files, holds their byte sizes and crc32 (a
@@ -70,6 +73,8 @@ FORMAT_VERSION = 2
 PAD_LOGP = -1.0e4
 DONE_DIR = "_done"
 ARRAYS = ("ids", "logp", "c_T", "tokens", "window_ids")
+# Hybrid stores captured with ``cache.tail_logp`` also keep the tail draws' exact log-probabilities.
+OPTIONAL_ARRAYS = ("tail_logp",)
 MODES = ("topk", "sample", "hybrid")
 ORDERS = ("shuffled", "corpus")
 # Chosen by measurement (workflows/bench_loader.py, demo teachers, k = 32): Blosc-zstd with byte
@@ -94,6 +99,11 @@ def window_order(num_windows: int, order: str, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 2]).permutation(num_windows).astype(np.int64)
 
 
+def array_names(attrs: dict) -> tuple[str, ...]:
+    """The arrays a store with attributes ``attrs`` holds."""
+    return ARRAYS + (("tail_logp",) if attrs.get("tail_logp") else ())
+
+
 def targets_are_complete(attrs: dict) -> bool:
     """True for stores whose slot weights sum to 1 by construction (sample, hybrid): no tail."""
     return attrs["mode"] in ("sample", "hybrid")
@@ -111,6 +121,8 @@ def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.
               "c_T": ((num_windows, seq_len, len(attrs["temperatures"])), "float32"),
               "tokens": ((num_windows, seq_len + 1), "uint16"),
               "window_ids": ((num_windows,), "uint32")}
+    if attrs.get("tail_logp"):
+        shapes["tail_logp"] = ((num_windows, seq_len, slots - attrs["k"]), attrs["logp_dtype"])
     for name, (shape, dtype) in shapes.items():
         group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), compressors=compressor,
                            fill_value=0, overwrite=True)
@@ -193,7 +205,7 @@ def chunk_file(name: str, array: zarr.Array, chunk: int) -> str:
 
 def chunk_files(group: zarr.Group, chunk: int) -> dict[str, str]:
     """Store-relative file of each array's chunk ``chunk``."""
-    return {name: chunk_file(name, group[name], chunk) for name in ARRAYS}
+    return {name: chunk_file(name, group[name], chunk) for name in array_names(dict(group.attrs))}
 
 
 def decode_chunk(array: zarr.Array, data: bytes) -> np.ndarray:
@@ -219,7 +231,8 @@ def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: d
     stop = start + len(arrays["ids"])
     partial = marker_path(path, chunk).with_suffix(".json.partial")
     try:
-        for name in ARRAYS:  # a chunk equal to the fill value must still be written (c_T at T = 1 is all 0)
+        for name in array_names(dict(group.attrs)):  # a chunk equal to the fill value must still be written
+                                                     # (c_T at T = 1 is all 0)
             group[name].with_config({"write_empty_chunks": True})[start:stop] = arrays[name]
         files = {}
         for rel in chunk_files(group, chunk).values():
@@ -344,7 +357,8 @@ def acquire_lock(path: Path) -> Path:
 
 
 def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for name in ARRAYS for f in (Path(path) / name).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for name in ARRAYS + OPTIONAL_ARRAYS for f in (Path(path) / name).rglob("*")
+               if f.is_file())
 
 
 def store_info(path: Path) -> dict:
@@ -370,7 +384,7 @@ def store_info(path: Path) -> dict:
         "ensemble": attrs["ensemble"], "temperatures": attrs["temperatures"], "logp_dtype": attrs["logp_dtype"],
         "vocab_size": attrs["vocab_size"],
         "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),
-                          "chunks": list(group[name].chunks)} for name in ARRAYS},
+                          "chunks": list(group[name].chunks)} for name in array_names(attrs)},
         "teachers": attrs["teachers"],
         "num_windows": num_windows, "num_tokens": num_tokens,
         "num_chunks": len(ranges), "chunks_done": done,

@@ -34,7 +34,9 @@ class LogitStoreReader:
     Batch keys: ``input_ids`` int64 [B, S], ``labels`` int64 [B, S], ``target_ids`` int64 [B, S, K],
     ``target_logp`` float32 [B, S, K] (log-probabilities at T = 1; padding slots hold -1e4, weight 0),
     ``c_T`` float32 [B, S] (only when ``temperature`` is one of the store's capture temperatures),
-    ``window_ids`` int64 [B] (the training windows of tokens.zarr these rows hold).
+    ``window_ids`` int64 [B] (the training windows of tokens.zarr these rows hold),
+    ``tail_logp`` float32 [B, S, K - k] (stores captured with ``cache.tail_logp`` only: the tail draws' exact
+    teacher log-probabilities, -1e4 on padding).
 
     Examples
     --------
@@ -93,7 +95,8 @@ class LogitStoreReader:
         if chunk not in self._chunks:
             if self._arrays is None:  # opened on first use: a reader can be built in one process, used in another
                 group, _ = open_store(self.path)
-                names = STORED + (("c_T",) if self.c_T_column is not None else ())
+                names = (STORED + (("c_T",) if self.c_T_column is not None else ())
+                         + (("tail_logp",) if self.attrs.get("tail_logp") else ()))
                 self._arrays = {name: group[name] for name in names}
             start, stop = self.ranges[chunk]
             arrays = {name: decode_chunk(array, self._checked_bytes(chunk, name))[:stop - start]
@@ -157,4 +160,6 @@ class LogitStoreReader:
         }
         if "c_T" in arrays:
             batch["c_T"] = torch.from_numpy(arrays["c_T"].astype(np.float32))
+        if "tail_logp" in arrays:
+            batch["tail_logp"] = torch.from_numpy(arrays["tail_logp"].astype(np.float32))
         return batch

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from pipeline.cache import capture_logits
 from pipeline.config import load_config
 from pipeline.distill import (
+    control_beta,
+    control_coefficients,
     load_teachers,
     offline_loss,
     online_loss,
@@ -134,6 +136,88 @@ def test_offline_student_trains_from_a_sampled_store(distill_run, sampled_stores
     train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert len(train) == 12 and all(np.isfinite(r["loss"]) for r in train)
     assert np.mean([r["loss"] for r in train[-3:]]) < np.mean([r["loss"] for r in train[:3]])
+
+
+@pytest.fixture(scope="module")
+def control_store(distill_run, tmp_path_factory):
+    """A float16 hybrid store of the distill run's teachers that keeps the tail draws' exact log-probabilities."""
+    root = tmp_path_factory.mktemp("control")
+    cfg = _config(distill_run, root, "cache.mode=hybrid", "cache.samples=12", "cache.k=4", "cache.tail_logp=true").cache
+    teachers = [distill_run.teacher_path("t1"), distill_run.teacher_path("t2")]
+    return Path(capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path, teachers,
+                               root / "hybrid-tail.zarr")["out"])
+
+
+def test_offline_student_trains_with_the_tail_control_variate(distill_run, control_store, tmp_path):
+    config = _config(distill_run, tmp_path, "train.max_steps=12", "train.lr=1e-2", "train.log_every=1",
+                     "distill.normalization=sequence")
+    out = train_student(config, config.tokens_path, config.tokenizer_path, control_store, tmp_path / "s1", seed=1)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["control_variate"] is True and summary["tail"] == "renorm"
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert len(train) == 12 and all(np.isfinite(r["loss"]) for r in train)
+    assert all(0.0 <= r["control_beta"] <= 1.0 for r in train)
+    assert np.mean([r["loss"] for r in train[-3:]]) < np.mean([r["loss"] for r in train[:3]])
+    # never: the same store, no control variate, another gradient from the same batches
+    config_off = _config(distill_run, tmp_path, "train.max_steps=12", "train.lr=1e-2", "train.log_every=1",
+                         "distill.normalization=sequence", "distill.control_variate=never")
+    off = train_student(config_off, config.tokens_path, config.tokenizer_path, control_store, tmp_path / "s1-off",
+                        seed=1)
+    assert json.loads((off / "train_summary.json").read_text())["control_variate"] is False
+    assert "control_beta" not in (off / "metrics.jsonl").read_text()
+
+
+def test_control_variate_on_without_tail_probabilities_is_refused(distill_run, sampled_stores, tmp_path):
+    config = _config(distill_run, tmp_path, "distill.control_variate=required")
+    store = Path(sampled_stores["hybrid", "float16"])
+    with pytest.raises(TrainingError, match=rf"{store} holds no tail probabilities .*cache.tail_logp=true") as err:
+        train_student(config, config.tokens_path, config.tokenizer_path, store, tmp_path / "s1", seed=1)
+    assert "\n" not in str(err.value) and not (tmp_path / "s1").exists()
+
+
+def test_control_coefficients_of_a_row_do_not_see_its_own_draws(distill_run, control_store):
+    """Each half of the batch gets the beta estimated on the other half, so a row's coefficients are
+    independent of its own draws (its target stays unbiased); the head gets beta, a tail draw beta w / p."""
+    source = LogitStoreReader(control_store, distill_run.tokens_path, seed=1)
+    batch = source.batch(0, np.arange(4))
+    k, slots = 4, batch["target_ids"].shape[-1]
+    ids, logp = batch["target_ids"].reshape(-1, slots), batch["target_logp"].reshape(-1, slots)
+    tail = batch["tail_logp"].reshape(len(ids), -1)
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(len(ids), 16, generator=g), torch.randn(source.attrs["vocab_size"], 16, generator=g) * 0.1
+    a, beta = control_coefficients(hidden, weight, ids, logp, tail, k)
+    half = len(ids) // 2
+    changed = logp.clone()
+    changed[:half, k:] = torch.where(logp[:half, k:] > -1e3, logp[:half, k:] - 0.5, logp[:half, k:])  # other draws
+    a2, _ = control_coefficients(hidden, weight, ids, changed, tail, k)
+    beta_first = a[0, 0].item()
+    assert 0 < beta_first <= 1 and torch.allclose(a2[:half, :k], a[:half, :k])  # beta of the first half unchanged
+    assert not torch.allclose(a2[half:, :k], a[half:, :k])                     # the second half's did change
+    w, p = logp[:half, k:].exp(), tail[:half].exp()
+    torch.testing.assert_close(a[:half, k:], torch.where(p > 0, beta_first * w / p.clamp_min(1e-30), 0.0))
+    assert 0 <= beta <= 1
+
+
+def test_control_beta_minimises_the_tail_noise():
+    """On many rows the beta estimated from the draws is near the exact minimiser of the summed tail noise."""
+    from pipeline.cache import sample_targets
+
+    vocab, rows, k, samples = 200, 400, 4, 16
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.log_softmax(torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 1.5, 1)
+    student = teacher + 0.3 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    head = teacher.topk(k, 1).indices
+    ids, w_logp = sample_targets(teacher.float(), samples, k + samples, g, head)
+    tail_logp = torch.where(w_logp[:, k:] > -1e3, teacher.gather(1, ids[:, k:]), -1e4)
+    estimated = control_beta(student, ids, w_logp, tail_logp, k)
+    p, q = teacher.exp(), torch.softmax(student, 1)
+    in_head = torch.zeros_like(p, dtype=torch.bool).scatter_(1, head, True)
+    p_t, q_t = p.masked_fill(in_head, 0), q.masked_fill(in_head, 0)
+    r = p_t.sum(1)
+    B = r * q_t.sum(1) - (p_t * q_t).sum(1)
+    C = r * torch.where(p_t > 0, q_t ** 2 / p_t, 0).sum(1) - (q_t ** 2).sum(1)
+    exact = float(B.sum() / C.sum())
+    assert 0.3 < exact < 1 and estimated == pytest.approx(exact, abs=0.1)
 
 
 def test_offline_student_trains_and_its_loss_goes_down(distill_run, tmp_path):

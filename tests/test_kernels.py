@@ -415,6 +415,64 @@ def test_fused_linear_with_hybrid_targets(impl):
         assert_verbose_allclose(a, e, 1e-5, 1e-4, name=f"fused-linear hybrid {name}")
 
 
+def _control(ids, logp, seed=5):
+    """Control-variate coefficients: positive on real entries, 0 on padding (-inf)."""
+    a = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+    return torch.where(logp > float("-inf"), a, 0.0)
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+@pytest.mark.parametrize("tail", reference.TAILS)
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_control_variate_against_reference(impl, tail, T):
+    """The control variate adds (a q_K - (sum a q) q) / T to the KL's gradient and leaves the loss value alone,
+    in every path and tail mode, with padding entries in the rows."""
+    z, labels, ids, logp, _ = make_inputs(*_SHAPE_PARAMS[0], 8, hybrid=True, T=T)
+    ids = torch.cat([ids, ids[:, :2]], 1)
+    logp = torch.cat([logp, torch.full((len(ids), 2), float("-inf"), dtype=logp.dtype)], 1)
+    a = _control(ids, logp)
+    kw = dict(alpha=0.3, temperature=T, tail=tail, normalization="sequence", num_sequences=3)
+    expected = run("reference", z.double(), labels, ids, logp, control=a, **kw)
+    actual = run(impl, z, labels, ids, logp.float(), control=a.float(), **kw)
+    for name, x, e in zip(["loss", "ce", "kl", "grad"], actual, expected):
+        assert_verbose_allclose(x, e, 1e-5, 1e-4, name=f"{impl} control {name}")
+    plain = run("reference", z.double(), labels, ids, logp, **kw)
+    assert plain[0].item() == pytest.approx(expected[0].item(), rel=1e-12)  # the value is the plain one
+    # The added gradient, from its formula (ignored rows add nothing).
+    q = torch.softmax(z.double() / T, 1)
+    U = (a * q.gather(1, ids)).sum(1, keepdim=True)
+    added = torch.zeros_like(q).scatter_add(1, ids, a * q.gather(1, ids)) - U * q
+    added *= (1 - 0.3) * T / 3 * (labels != -100).double()[:, None]  # w_kl / T, KL / num_sequences
+    torch.testing.assert_close(expected[3] - plain[3], added, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", _IMPLS)
+def test_fused_linear_with_a_control_variate(impl):
+    g = torch.Generator().manual_seed(4)
+    N, H, V, k = 37, 24, 301, 8
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    _, labels, ids, logp, _ = make_inputs(N, V, k, hybrid=True, ignored=(4,))
+    a = _control(ids, logp)
+    results = []
+    for name, h, w, lp, c in [("reference", hidden, weight, logp, a),
+                              (impl, hidden.float(), weight.float(), logp.float(), a.float())]:
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, ce, kl = kernels.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, tail="renorm", impl=name,
+                                                                control=c,
+                                                                **({} if name == "reference" else {"chunk_rows": 10}))
+        loss.backward()
+        results.append((loss.detach(), ce, kl, h.grad, w.grad))
+    for name, x, e in zip(["loss", "ce", "kl", "grad_h", "grad_W"], results[1], results[0]):
+        assert_verbose_allclose(x, e, 1e-5, 1e-4, name=f"fused-linear control {name}")
+
+
+def test_control_of_the_wrong_shape_is_refused():
+    z, labels, ids, logp, _ = make_inputs(6, 40, 4)
+    with pytest.raises(ValueError, match=r"control \(6, 3\) must match target_ids \(6, 4\)"):
+        kernels.sparse_distill_loss(z, labels, ids, logp.float(), control=torch.ones(6, 3))
+
+
 def test_dense_distill_loss_matches_sparse_with_full_k():
     """k = V with exact teacher log-probs is the dense loss (c_T is exact then, even without it)."""
     g = torch.Generator().manual_seed(2)
