@@ -184,6 +184,12 @@ def use_control_variate(dcfg: DistillConfig, attrs: dict, logits_path: Path) -> 
     return has and dcfg.control_variate != "never"
 
 
+def store_loss(dcfg: DistillConfig, reader: LogitStoreReader, use_c_T: bool, tail: str, logits_path: Path):
+    """The offline loss for this store (`open_offline_source`'s results), with the control variate if used."""
+    control = use_control_variate(dcfg, reader.attrs, logits_path)
+    return offline_loss(dcfg, use_c_T, tail, int(reader.attrs["k"]) if control else None), control
+
+
 def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path, out_dir: Path, *,
                   seed: int, resume=False, online: bool = False, teacher_dirs: list[Path] | None = None,
                   on_validation=None) -> Path:
@@ -212,8 +218,7 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
         meta = {"stage": "student", "online": True, "teachers": [str(p) for p in teacher_dirs]}
     else:
         batches, use_c_T, tail = open_offline_source(config, tokens_path, tokenizer_dir, logits_path, seed)
-        control = use_control_variate(dcfg, batches.attrs, logits_path)
-        loss_fn = offline_loss(dcfg, use_c_T, tail, int(batches.attrs["k"]) if control else None)
+        loss_fn, control = store_loss(dcfg, batches, use_c_T, tail, logits_path)
         meta = {"stage": "student", "online": False, "logits": str(logits_path), "exact_c_T": use_c_T,
                 "tail": tail, "store_mode": batches.attrs["mode"], "store_order": batches.attrs["order"],
                 "store_teachers": batches.attrs.get("teachers"), "control_variate": control}

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.cache import capture_logits, compute_chunk, ensemble_logp, gradient_fidelity, sample_targets
 from pipeline.config import CacheConfig, ConfigError, load_config
-from pipeline.model import build_model
+from pipeline.model import build_model, load_model
 from stores.logits import (
     ARRAYS,
     PAD_LOGP,
@@ -174,6 +174,72 @@ def test_hybrid_targets_keep_the_top_k_exactly_and_sample_the_rest(tiny_run, tea
     counts = np.exp(logp[..., 8:]) / tail_mass * 16
     np.testing.assert_allclose(counts[real], np.round(counts[real]), atol=1e-3)
     assert (np.diff(np.sort(ids, -1), axis=-1) > 0).all(), "ids distinct per position (padding too)"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_hybrid_tail_logp_holds_each_draws_stored_teacher_probability(tiny_run, teachers, dtype):
+    """With cache.tail_logp each tail slot also keeps the teacher's log-probability of its id, rounded as the
+    store rounds (the draws come from that rounded distribution), and padding slots PAD_LOGP."""
+    windows = TokenStore(tiny_run.tokens_path).windows("train", np.arange(8))
+    spec = _spec(teachers, mode="hybrid", k=8, samples=16, slots=24, logp_dtype=dtype)
+    plain, _ = compute_chunk(spec, 3, windows, [])
+    arrays, _ = compute_chunk({**spec, "tail_logp": True}, 3, windows, [])
+    assert "tail_logp" not in plain and arrays["tail_logp"].shape == (8, windows.shape[1] - 1, 16)
+    assert arrays["tail_logp"].dtype == np.dtype(dtype)
+    models = [load_model(t) for t in teachers]
+    with torch.no_grad():
+        logits = [m(input_ids=torch.from_numpy(windows[:, :-1].astype(np.int64))).logits.float() for m in models]
+    dense = ensemble_logp(logits, "logits").numpy().astype(dtype)
+    real = arrays["logp"][..., 8:] > PAD_LOGP / 2
+    expected = np.take_along_axis(dense, arrays["ids"][..., 8:].astype(np.int64), -1)
+    np.testing.assert_allclose(arrays["tail_logp"][real], expected[real], rtol=2e-3 if dtype == "float16" else 1e-5)
+    assert (arrays["tail_logp"][~real] == PAD_LOGP).all()
+    np.testing.assert_array_equal(arrays["ids"][..., :8], plain["ids"][..., :8])  # the same exact head
+
+
+def test_control_variate_target_is_unbiased_and_less_noisy_near_the_teacher():
+    """The control-variate gradient (head + beta q_tail + the draws' correction, `kernels.reference` control),
+    averaged over capture seeds, converges to the dense KD gradient for a beta fixed before the draws, within a
+    tolerance set by the draws; near the teacher its spread is well below the plain draws'."""
+    from kernels import reference
+
+    vocab, num_rows, samples, k, draws, beta = 60, 4, 8, 4, 400, 0.8
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.log_softmax(torch.randn(num_rows, vocab, generator=gen, dtype=torch.float64) * 2, -1)
+    student = logp + 0.2 * torch.randn(num_rows, vocab, generator=gen, dtype=torch.float64)
+    labels = torch.zeros(num_rows, dtype=torch.int64)
+
+    def grad_of(ids, weights_logp, control=None):
+        z = student.clone().requires_grad_(True)
+        loss, _, _ = reference.sparse_distill_loss(z, labels, ids, weights_logp, alpha=0.0, tail="renorm",
+                                                   control=control)
+        loss.backward()
+        return z.grad
+
+    dense_grad = grad_of(torch.arange(vocab).expand(num_rows, vocab), logp)
+    head = logp.topk(k, -1).indices
+    plain, controlled = [], []
+    for seed in range(draws):
+        ids, weights = sample_targets(logp.float(), samples, k + samples, torch.Generator().manual_seed(seed), head)
+        weights = torch.where(weights > PAD_LOGP / 2, weights, float("-inf"))
+        w, p = weights.exp(), logp.gather(1, ids).exp()
+        a = torch.cat([torch.full((num_rows, k), beta, dtype=torch.float64), beta * w[:, k:] / p[:, k:]], 1)
+        plain.append(grad_of(ids, weights))
+        controlled.append(grad_of(ids, weights, a))
+    plain, controlled = torch.stack(plain), torch.stack(controlled)
+    grad_tol = 5 * (logp.exp() / samples).sqrt() / num_rows / draws ** 0.5
+    assert ((controlled.mean(0) - dense_grad).abs() <= grad_tol).all()
+    spread = lambda g: float(((g - g.mean(0)) ** 2).sum((1, 2)).mean().sqrt())  # noqa: E731
+    assert spread(controlled) < 0.5 * spread(plain), (spread(controlled), spread(plain))
+    # And the test can fail: the student's head without the draws' correction on the tail is biased.
+    wrong = []
+    for seed in range(draws // 4):
+        ids, weights = sample_targets(logp.float(), samples, k + samples, torch.Generator().manual_seed(seed), head)
+        weights = torch.where(weights > PAD_LOGP / 2, weights, float("-inf"))
+        w, p = weights.exp(), logp.gather(1, ids).exp()
+        a = torch.cat([torch.full((num_rows, k), beta, dtype=torch.float64), 0 * w[:, k:] / p[:, k:]], 1)
+        wrong.append(grad_of(ids, weights, a))
+    assert ((torch.stack(wrong).mean(0) - dense_grad).abs() > 2 * grad_tol).any()
 
 
 @pytest.mark.parametrize("mode", ["sample", "hybrid"])
@@ -470,6 +536,8 @@ def test_k_larger_than_the_vocab_is_refused(tiny_run, teachers, tmp_path):
     ("cache.mode=sample\0cache.samples=8\0distill.temperature=2", "distill.temperature: must be 1 with cache.mode"),
     ("cache.mode=dense", "cache.mode"),
     ("cache.order=sorted", "cache.order"),
+    ("cache.mode=topk\0cache.tail_logp=true", "cache.tail_logp: needs cache.mode hybrid"),
+    ("distill.control_variate=on", "distill.control_variate: must be one of auto, required, never"),
     ("cache.temperatures=[1.0, 0]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
     ("cache.temperatures=[-2]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
 ])

@@ -33,21 +33,22 @@ cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 results = []
 for arch in (90, 80):
     for dtype in ("fp32", "bf16"):
-        for uniform in (False, True):
+        for uniform, control in ((False, False), (True, False), (False, True)):
             signature = {
                 "logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "labels_ptr": "*i64", "ids_ptr": "*i64",
-                "logp_ptr": "*fp32", "stash_ptr": "*fp32", "r_ptr": "*fp32", "ntail_ptr": "*fp32",
+                "logp_ptr": "*fp32", "stash_ptr": "*fp32", "control_ptr": "*fp32", "r_ptr": "*fp32",
+                "ntail_ptr": "*fp32",
                 "wce_ptr": "*fp32", "wkl_ptr": "*fp32", "ce_ptr": "*fp32", "kl_ptr": "*fp32",
                 "V": "i32", "K": "i32", "stride_l": "i64", "stride_g": "i64", "inv_T": "fp32",
                 "ignore_index": "i64", "exact_tail_below": "fp32", "UNIFORM": "constexpr",
-                "BUCKET": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr", "BLOCK_F": "constexpr"}
-            constexprs = {"UNIFORM": uniform, "BUCKET": not uniform, "BLOCK_V": tk.BLOCK_V,
+                "BUCKET": "constexpr", "HAS_CONTROL": "constexpr", "BLOCK_V": "constexpr", "BLOCK_K": "constexpr", "BLOCK_F": "constexpr"}
+            constexprs = {"UNIFORM": uniform, "BUCKET": not uniform, "HAS_CONTROL": control, "BLOCK_V": tk.BLOCK_V,
                           "BLOCK_K": tk.BLOCK_K, "BLOCK_F": tk.BLOCK_F}
             src = ASTSource(fn=tk.sparse_distill_kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                       options={"num_warps": tk.NUM_WARPS})
             row = {"kernel": "sparse_distill_kernel", "arch": f"sm_{arch}", "dtype": dtype,
-                   "tail": "uniform" if uniform else "bucket/renorm", "BLOCK_V": tk.BLOCK_V,
+                   "tail": "uniform" if uniform else "bucket/renorm", "control": control, "BLOCK_V": tk.BLOCK_V,
                    "num_warps": tk.NUM_WARPS, "ptx_lines": compiled.asm["ptx"].count("\n")}
             if cuobjdump.exists():
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

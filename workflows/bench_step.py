@@ -74,9 +74,10 @@ def _teacher_dirs(config: Config, tokens: TokenStore, scratch: Path) -> list[Pat
 
 def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
                    ) -> tuple[BatchSource, LossFn]:
-    """The student step from the store: fused-linear sparse KL + CE, no teacher, no logits."""
+    """The student step from the store: fused-linear sparse KL + CE (with the tail control variate when the
+    store keeps the draws' probabilities), no teacher, no logits."""
     from pipeline.cache import capture_logits
-    from pipeline.distill import offline_loss, open_offline_source
+    from pipeline.distill import open_offline_source, store_loss
     from stores.logits import incomplete_reason
 
     store = config.logits_path
@@ -89,7 +90,7 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
                            store, workers=1)
     source, use_c_T, tail = open_offline_source(config, config.tokens_path, config.tokenizer_path, store,
                                                 config.train.seed)
-    return source, offline_loss(config.distill, use_c_T, tail)
+    return source, store_loss(config.distill, source, use_c_T, tail, store)[0]
 
 
 def _online_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
