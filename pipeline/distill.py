@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from kernels import dense_distill_loss, fused_linear_sparse_distill_loss
 from pipeline.config import Config, DistillConfig
@@ -33,6 +34,27 @@ SEQUENCE_SAMPLES = 24
 CONTROL_ROWS = 256
 
 
+def control_sums(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp: torch.Tensor,
+                 tail_logp: torch.Tensor, k: int) -> torch.Tensor:
+    """(sum B, sum C) over these rows, float64 [2]: the tail noise of the control-variate target is
+    (A - 2 beta B + beta^2 C) / S per row (see `control_beta`)."""
+    logits_nV = logits_nV.double()
+    q = (logits_nV.gather(1, target_ids) - torch.logsumexp(logits_nV, 1, keepdim=True)).exp()
+    w = target_logp.double().exp()                                   # 0 on padding (-1e4)
+    p_tail = tail_logp.double().exp()
+    ratio = torch.where(p_tail > 0, q[:, k:] / p_tail.clamp_min(1e-300), 0.0)
+    w_tail, q_tail = w[:, k:], q[:, k:]
+    r = w_tail.sum(1)
+    Q_tail = (1 - q[:, :k].sum(1)).clamp_min(0)
+    B = r * Q_tail - (w_tail * q_tail).sum(1)
+    C = r * (w_tail * ratio ** 2).sum(1) - (w_tail * q_tail * ratio).sum(1)
+    return torch.stack([B.sum(), C.sum()])
+
+
+def _beta(sums: torch.Tensor) -> float:
+    return float((sums[0] / sums[1]).clamp(0, 1)) if sums[1] > 0 else 0.0
+
+
 def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp: torch.Tensor,
                  tail_logp: torch.Tensor, k: int) -> float:
     """The control-variate coefficient that minimises the tail noise summed over these rows, in [0, 1].
@@ -45,19 +67,12 @@ def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
     (E[sum_s w_j f_j] = sum_tail p_j f_j), which is unbiased; the coefficient is then used on other rows,
     whose draws are independent of these, so their targets stay unbiased.
     """
-    logits_nV = logits_nV.double()
-    q = (logits_nV.gather(1, target_ids) - torch.logsumexp(logits_nV, 1, keepdim=True)).exp()
-    w = target_logp.double().exp()                                   # 0 on padding (-1e4)
-    p_tail = tail_logp.double().exp()
-    ratio = torch.where(p_tail > 0, q[:, k:] / p_tail.clamp_min(1e-300), 0.0)
-    w_tail, q_tail = w[:, k:], q[:, k:]
-    r = w_tail.sum(1)
-    Q_tail = (1 - q[:, :k].sum(1)).clamp_min(0)
-    B = r * Q_tail - (w_tail * q_tail).sum(1)
-    C = r * (w_tail * ratio ** 2).sum(1) - (w_tail * q_tail * ratio).sum(1)
-    if not C.sum() > 0:
-        return 0.0
-    return float((B.sum() / C.sum()).clamp(0, 1))
+    return _beta(control_sums(logits_nV, target_ids, target_logp, tail_logp, k))
+
+
+def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Up to CONTROL_ROWS of ``rows``, evenly spaced."""
+    return rows[torch.linspace(0, len(rows) - 1, min(CONTROL_ROWS, len(rows))).long()]
 
 
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
@@ -66,27 +81,39 @@ def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
 
     a = beta on the head slots and beta w_j / p_j on the tail draws (0 on padding): the KL's gradient then
     uses the target p_head + beta q_tail + (1/S) sum_s (p_j - beta q_j) / pi_j e_j, the student's own tail
-    corrected by the draws. Each half of the rows gets the beta estimated (`control_beta`) on up to
-    ``CONTROL_ROWS`` rows of the other half: a beta that saw a row's own draws would bias that row.
+    corrected by the draws. Each half of the batch gets the beta estimated (`control_beta`) on up to
+    ``CONTROL_ROWS`` rows of the other half: a beta that saw a row's own draws would bias that row. Under
+    DDP the halves are the two halves of the ranks (each rank's rows lie in one), so that two processes
+    compute what one process with their global batch computes.
     """
     N = target_ids.shape[0]
-    halves = [torch.arange(0, N // 2), torch.arange(N // 2, N)]
     w = target_logp.float().exp()
     p_tail = tail_logp.float().exp()
     a = torch.cat([torch.ones_like(w[:, :k]) * (target_logp[:, :k] > -1e3),
                    torch.where(p_tail > 0, w[:, k:] / p_tail.clamp_min(1e-30), 0.0)], dim=1)
-    betas = []
+
+    def sums_of(rows: torch.Tensor) -> torch.Tensor:
+        if len(rows) == 0:
+            return torch.zeros(2, dtype=torch.float64, device=hidden_NH.device)
+        logits = hidden_NH[rows].float() @ weight_VH.float().T
+        return control_sums(logits, target_ids[rows], target_logp[rows], tail_logp[rows], k)
+
     with torch.no_grad():
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world, rank = dist.get_world_size(), dist.get_rank()
+            gathered = [torch.zeros(2, dtype=torch.float64, device=hidden_NH.device) for _ in range(world)]
+            dist.all_gather(gathered, sums_of(_sample_rows(torch.arange(N, device=hidden_NH.device))))
+            my_half = rank >= world // 2
+            beta = _beta(sum(g for r, g in enumerate(gathered) if (r >= world // 2) != my_half))
+            return a * beta, beta
+        halves = [torch.arange(0, N // 2), torch.arange(N // 2, N)]
+        betas = []
         for estimate_on, apply_to in ((halves[1], halves[0]), (halves[0], halves[1])):
-            if len(estimate_on) == 0 or len(apply_to) == 0:
-                beta = 0.0
-            else:
-                rows = estimate_on[torch.linspace(0, len(estimate_on) - 1, min(CONTROL_ROWS, len(estimate_on))).long()]
-                logits = hidden_NH[rows].float() @ weight_VH.float().T
-                beta = control_beta(logits, target_ids[rows], target_logp[rows], tail_logp[rows], k)
+            beta = _beta(sums_of(_sample_rows(estimate_on))) if len(apply_to) else 0.0
             a[apply_to] *= beta
             betas.append(beta)
     return a, sum(betas) / len(betas)
+
 
 # --- losses ---------------------------------------------------------------------------------------
 

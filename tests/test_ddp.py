@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -71,3 +72,36 @@ def test_two_process_offline_student_matches_one_process(distill_run, tmp_path):
     for got, want in zip(metric_lines(tmp_path / "ddp"), metric_lines(single), strict=True):
         key = "loss" if got["kind"] == "train" else "val_loss"
         assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+
+
+@pytest.mark.slow
+def test_two_process_student_with_the_tail_control_variate_matches_one_process(distill_run, tmp_path):
+    """With the control variate each half of the ranks takes its beta from the other half: two processes
+    compute what one process with their global batch computes."""
+    import shutil
+
+    from pipeline.cache import capture_logits
+    from pipeline.distill import train_student
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("data", "tokenizer", "tokens.zarr", "teachers"):
+        (run / name).symlink_to(distill_run.run_path / name)
+    single_cfg = with_train(distill_run, batch_size=8, max_steps=4, save_every=2, eval_every=2, num_threads=1)
+    single_cfg = dataclasses.replace(
+        single_cfg, run_dir=str(run),
+        cache=dataclasses.replace(single_cfg.cache, mode="hybrid", k=4, samples=12, tail_logp=True),
+        distill=dataclasses.replace(single_cfg.distill, control_variate="required", normalization="sequence"))
+    capture_logits(single_cfg.cache, single_cfg.tokens_path, single_cfg.tokenizer_path,
+                   [single_cfg.teacher_path("t1"), single_cfg.teacher_path("t2")], single_cfg.logits_path, workers=1)
+    single = train_student(single_cfg, single_cfg.tokens_path, single_cfg.tokenizer_path, single_cfg.logits_path,
+                           tmp_path / "single", seed=1)
+    config = dataclasses.replace(single_cfg, train=dataclasses.replace(single_cfg.train, batch_size=4))
+    proc = _torchrun(config, tmp_path / "ddp", "--stage", "student")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(tmp_path / "ddp", single, atol=1e-5)
+    for got, want in zip(metric_lines(tmp_path / "ddp"), metric_lines(single), strict=True):
+        key = "loss" if got["kind"] == "train" else "val_loss"
+        assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+    assert json.loads((single / "train_summary.json").read_text())["control_variate"] is True
+    shutil.rmtree(run / "logits.zarr")
