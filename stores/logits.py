@@ -401,7 +401,7 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
 
     Checks: format, done marker and file sizes/crc32, every chunk readable, ids < vocab and distinct
     per row, probabilities in (0, 1] (sample-mode padding excepted), residual mass >= 0 within
-    rounding, c_T finite, rows holding the windows of the recorded order; with ``tokens_path``: the hashes match tokens.zarr and the stored windows
+    rounding, c_T finite, tail_logp (if kept) a probability exactly where a tail slot is real, rows holding the windows of the recorded order; with ``tokens_path``: the hashes match tokens.zarr and the stored windows
     equal its training windows.
     """
     from stores.tokens import TokenStore
@@ -437,6 +437,7 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
             c_T = group["c_T"][start:stop]
             window_tokens = group["tokens"][start:stop]
             row_windows = group["window_ids"][start:stop].astype(np.int64)
+            tail_logp = group["tail_logp"][start:stop].astype(np.float32) if attrs.get("tail_logp") else None
         except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
             problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
             continue
@@ -451,6 +452,10 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
             problems.append(f"{where}: residual mass {residual.min():.2e} < 0")
         elif not np.isfinite(c_T).all():
             problems.append(f"{where}: c_T not finite")
+        elif tail_logp is not None and (not np.isfinite(tail_logp).all()
+                                        or ((tail_logp > PAD_LOGP / 2) != real[..., attrs["k"]:]).any()
+                                        or (tail_logp > 1e-3).any()):
+            problems.append(f"{where}: tail_logp not a probability on every real tail slot (and padding elsewhere)")
         elif not np.array_equal(row_windows, expected_windows[start:stop]):
             problems.append(f"{where}: window_ids differ from the store's {attrs['order']} order")
         elif tokens is not None and not np.array_equal(window_tokens, tokens.windows("train", row_windows)):

@@ -167,6 +167,25 @@ def test_offline_student_trains_with_the_tail_control_variate(distill_run, contr
     assert "control_beta" not in (off / "metrics.jsonl").read_text()
 
 
+def test_a_store_with_tail_probabilities_verifies_and_names_a_bad_one(control_store, tmp_path):
+    import shutil
+
+    import zarr
+
+    from stores.logits import store_info, verify_store
+
+    assert verify_store(control_store, None) == []
+    assert "tail_logp" in store_info(control_store)["arrays"]
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(control_store, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    bad = group["tail_logp"][0:1]
+    bad[0, 0, 0] = np.nan
+    group["tail_logp"][0:1] = bad
+    problems = verify_store(copy, None)
+    assert problems and "chunk 0" in problems[0]
+
+
 def test_control_variate_on_without_tail_probabilities_is_refused(distill_run, sampled_stores, tmp_path):
     config = _config(distill_run, tmp_path, "distill.control_variate=required")
     store = Path(sampled_stores["hybrid", "float16"])
