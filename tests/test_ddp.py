@@ -48,6 +48,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ru
     assert proc.stdout.count("step 6/6 | loss") == 1
 
 
+def assert_same_run(ddp: Path, single: Path) -> None:
+    """The same weights and the same logged losses, step by step."""
+    assert_same_weights(ddp, single, atol=1e-5)
+    for got, want in zip(metric_lines(ddp), metric_lines(single), strict=True):
+        key = "loss" if got["kind"] == "train" else "val_loss"
+        assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+
+
 def _torchrun(config, out: Path, *args: str) -> subprocess.CompletedProcess:
     config_json = out.parent / f"{out.name}.json"
     config_json.write_text(json.dumps(config.to_dict()))
@@ -68,10 +76,7 @@ def test_two_process_offline_student_matches_one_process(distill_run, tmp_path):
     config = with_train(distill_run, batch_size=4, max_steps=6, save_every=3, eval_every=3, num_threads=1)
     proc = _torchrun(config, tmp_path / "ddp", "--stage", "student")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_weights(tmp_path / "ddp", single, atol=1e-5)
-    for got, want in zip(metric_lines(tmp_path / "ddp"), metric_lines(single), strict=True):
-        key = "loss" if got["kind"] == "train" else "val_loss"
-        assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+    assert_same_run(tmp_path / "ddp", single)
 
 
 @pytest.mark.slow
@@ -99,9 +104,6 @@ def test_two_process_student_with_the_tail_control_variate_matches_one_process(d
     config = dataclasses.replace(single_cfg, train=dataclasses.replace(single_cfg.train, batch_size=4))
     proc = _torchrun(config, tmp_path / "ddp", "--stage", "student")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_weights(tmp_path / "ddp", single, atol=1e-5)
-    for got, want in zip(metric_lines(tmp_path / "ddp"), metric_lines(single), strict=True):
-        key = "loss" if got["kind"] == "train" else "val_loss"
-        assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+    assert_same_run(tmp_path / "ddp", single)
     assert json.loads((single / "train_summary.json").read_text())["control_variate"] is True
     shutil.rmtree(run / "logits.zarr")

@@ -397,24 +397,6 @@ def test_fused_linear(impl, tail):
         assert_verbose_allclose(a, e, 1e-5, 1e-4, name=f"fused-linear {name}")
 
 
-@pytest.mark.parametrize("impl", _IMPLS)
-def test_fused_linear_with_hybrid_targets(impl):
-    g = torch.Generator().manual_seed(3)
-    N, H, V, k = 37, 24, 301, 8
-    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
-    _, labels, ids, logp, _ = make_inputs(N, V, k, hybrid=True, ignored=(4,))
-    results = []
-    for name, h, w, lp in [("reference", hidden, weight, logp), (impl, hidden.float(), weight.float(), logp.float())]:
-        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss, ce, kl = kernels.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, tail="renorm", impl=name,
-                                                                **({} if name == "reference" else {"chunk_rows": 10}))
-        loss.backward()
-        results.append((loss.detach(), ce, kl, h.grad, w.grad))
-    for name, a, e in zip(["loss", "ce", "kl", "grad_h", "grad_W"], results[1], results[0]):
-        assert_verbose_allclose(a, e, 1e-5, 1e-4, name=f"fused-linear hybrid {name}")
-
-
 def _control(ids, logp, seed=5):
     """Control-variate coefficients: positive on real entries, 0 on padding (-inf)."""
     a = torch.rand(ids.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
@@ -447,16 +429,17 @@ def test_control_variate_against_reference(impl, tail, T):
 
 
 @pytest.mark.parametrize("impl", _IMPLS)
-def test_fused_linear_with_a_control_variate(impl):
-    g = torch.Generator().manual_seed(4)
+@pytest.mark.parametrize("with_control", [False, True])
+def test_fused_linear_with_hybrid_targets(impl, with_control):
+    g = torch.Generator().manual_seed(3)
     N, H, V, k = 37, 24, 301, 8
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
     weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
     _, labels, ids, logp, _ = make_inputs(N, V, k, hybrid=True, ignored=(4,))
-    a = _control(ids, logp)
+    a = _control(ids, logp) if with_control else None
     results = []
     for name, h, w, lp, c in [("reference", hidden, weight, logp, a),
-                              (impl, hidden.float(), weight.float(), logp.float(), a.float())]:
+                              (impl, hidden.float(), weight.float(), logp.float(), a if a is None else a.float())]:
         h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss, ce, kl = kernels.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, tail="renorm", impl=name,
                                                                 control=c,
@@ -464,7 +447,7 @@ def test_fused_linear_with_a_control_variate(impl):
         loss.backward()
         results.append((loss.detach(), ce, kl, h.grad, w.grad))
     for name, x, e in zip(["loss", "ce", "kl", "grad_h", "grad_W"], results[1], results[0]):
-        assert_verbose_allclose(x, e, 1e-5, 1e-4, name=f"fused-linear control {name}")
+        assert_verbose_allclose(x, e, 1e-5, 1e-4, name=f"fused-linear hybrid control={with_control} {name}")
 
 
 def test_control_of_the_wrong_shape_is_refused():
