@@ -54,6 +54,13 @@ ADDED_LATER = {"left_out_at_default": True}
 that adding it does not make every finished stage stale."""
 
 
+def added_later(earlier_value: Any) -> dict:
+    """Field metadata: a key added after runs were made, whose default is not what those runs did
+    (``earlier_value``); left out of fingerprints while it has that earlier value, so that finished
+    stages stay done when it does, and go stale when the new default changes what they compute."""
+    return {"left_out_at": earlier_value}
+
+
 def _at_default(f: dataclasses.Field, value: Any) -> bool:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return value == default
@@ -63,7 +70,8 @@ def identity(section: Any) -> dict[str, Any]:
     """The fields of a config section that fix what its stages compute, in declaration order."""
     return {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(section)
             if not f.metadata.get("execution_only")
-            and not (f.metadata.get("left_out_at_default") and _at_default(f, getattr(section, f.name)))}
+            and not (f.metadata.get("left_out_at_default") and _at_default(f, getattr(section, f.name)))
+            and not ("left_out_at" in f.metadata and getattr(section, f.name) == f.metadata["left_out_at"])}
 
 
 # --- stage sections ---------------------------------------------------------------------
@@ -219,17 +227,19 @@ class CacheConfig:
     mode: Literal["topk", "sample", "hybrid"] = "hybrid"
     """hybrid = the top k exactly plus draws from the rest (unbiased; T = 1 only); topk = the k most probable
     ids (biased: the tail's shape is lost; any T); sample = ids drawn from the ensemble (unbiased; T = 1 only).
-    See stores/logits.py. Default chosen by docs/results/offline-study/ (hybrid k = 8, S = 24, 59 bytes per
-    token: students as good as online ones under token normalisation, like S = 8's; under sequence
-    normalisation 0.021 nats behind online against S = 8's 0.048, while S = 64 at 107 bytes gained only
-    0.006 more; top-32 fell behind under both, 0.02 and 0.10 nats, at 83 bytes)."""
+    See stores/logits.py. Default chosen by docs/results/offline-study/ (hybrid k = 8, S = 12 with the draws'
+    probabilities, ``tail_logp``, 60 bytes per token: under sequence normalisation its students, with the
+    student's tail as a control variate, beat those of 24 plain draws at the same bytes by 0.007 nats
+    [0.003, 0.010] on validation; under token normalisation every unbiased store matched online
+    distillation; top-32 fell behind under both, 0.02 and 0.10 nats, at 83 bytes)."""
     k: int = 8
     """Top-k ids kept per position (modes topk and hybrid)."""
-    samples: int = 24
+    samples: int = 12
     """Draws per position from the ensemble (mode sample) or from its tail beyond the top k (mode hybrid)."""
-    tail_logp: bool = field(default=False, metadata=ADDED_LATER)
+    tail_logp: bool = field(default=True, metadata=added_later(False))
     """Mode hybrid: also keep each tail draw's exact teacher log-probability (array ``tail_logp``), which lets
-    the student use a control variate on the tail (``distill.control_variate``); about 1.5 bytes per draw."""
+    the student use a control variate on the tail (``distill.control_variate``); about 1.5 bytes per draw.
+    The other modes have no tail draws: for them it is false whatever the config says."""
     order: Literal["shuffled", "corpus"] = "shuffled"
     """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming
     reader) or corpus order (poorly mixed; kept to measure the difference)."""
@@ -257,8 +267,8 @@ class CacheConfig:
         _check(self.order in ("shuffled", "corpus"), "cache.order", f"must be shuffled or corpus, got {self.order!r}")
         _check(self.k >= 1, "cache.k", f"must be >= 1, got {self.k}")
         _check(self.samples >= 1, "cache.samples", f"must be >= 1, got {self.samples}")
-        _check(not self.tail_logp or self.mode == "hybrid", "cache.tail_logp",
-               f"needs cache.mode hybrid (the tail draws' probabilities), got mode {self.mode!r}")
+        if self.mode != "hybrid":
+            self.tail_logp = False  # no tail draws: unused, and so left out of the store's fingerprint
         _check(len(self.temperatures) >= 1 and all(t > 0 for t in self.temperatures), "cache.temperatures",
                f"must be a non-empty list of temperatures > 0, got {self.temperatures}")
         _check(self.chunk_windows >= 1, "cache.chunk_windows", f"must be >= 1, got {self.chunk_windows}")

@@ -28,7 +28,8 @@ from stores.logits import targets_are_complete
 from stores.reader import LogitStoreReader
 from stores.tokens import TokenStore
 
-# Tail draws below which a sampled store is flagged under sequence normalisation (docs/results/offline-study).
+# Plain tail draws (no control variate) below which a sampled store is flagged under sequence normalisation
+# (docs/results/offline-study).
 SEQUENCE_SAMPLES = 24
 # Rows of each half of a batch from which the other half's control-variate coefficient is estimated.
 CONTROL_ROWS = 256
@@ -185,12 +186,14 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
             raise TrainingError(f"{logits_path} holds {attrs['mode']} targets, which serve distill.temperature 1 "
                                 f"only (got {dcfg.temperature}); set distill.temperature=1 or rebuild the store "
                                 f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
-        if dcfg.normalization == "sequence" and int(attrs.get("samples", 0)) < SEQUENCE_SAMPLES:
-            warnings.warn(f"{logits_path} holds {attrs['mode']} targets from {attrs.get('samples')} draws: under "
-                          f"distill.normalization=sequence the KL carries their noise (students from 8 draws fell "
-                          f"0.048 nats behind online ones, from 24 0.021, from 64 0.014: docs/results/offline-study); "
-                          f"capture at least the default's draws for sequence normalisation: "
-                          f"`babydistill cache CONFIG --force --set cache.samples={SEQUENCE_SAMPLES}`", stacklevel=2)
+        controlled = bool(attrs.get("tail_logp")) and dcfg.control_variate != "never"
+        if dcfg.normalization == "sequence" and not controlled and int(attrs.get("samples", 0)) < SEQUENCE_SAMPLES:
+            warnings.warn(f"{logits_path} holds {attrs['mode']} targets from {attrs.get('samples')} draws without their "
+                          f"probabilities: under distill.normalization=sequence the KL carries their noise (students "
+                          f"from 8 such draws fell 0.048 nats behind online ones, from 24 0.021, from the default "
+                          f"store, 12 draws with their probabilities, 0.014: docs/results/offline-study); capture the "
+                          f"default store: `babydistill cache CONFIG --force --set cache.mode=hybrid "
+                          f"--set cache.samples=12 --set cache.tail_logp=true`", stacklevel=2)
         # Their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail.
         return reader, False, "renorm"
     use_c_T = dcfg.use_exact_c_T and reader.c_T_column is not None

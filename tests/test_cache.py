@@ -536,7 +536,6 @@ def test_k_larger_than_the_vocab_is_refused(tiny_run, teachers, tmp_path):
     ("cache.mode=sample\0cache.samples=8\0distill.temperature=2", "distill.temperature: must be 1 with cache.mode"),
     ("cache.mode=dense", "cache.mode"),
     ("cache.order=sorted", "cache.order"),
-    ("cache.mode=topk\0cache.tail_logp=true", "cache.tail_logp: needs cache.mode hybrid"),
     ("distill.control_variate=on", "distill.control_variate: must be one of auto, required, never"),
     ("cache.temperatures=[1.0, 0]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
     ("cache.temperatures=[-2]", "cache.temperatures: must be a non-empty list of temperatures > 0"),

@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def sampled_stores(distill_run, tmp_path_factory):
     stores = {}
     for mode, dtype in [("sample", "float16"), ("sample", "float32"), ("hybrid", "float16"), ("hybrid", "float32")]:
         cfg = _config(distill_run, root, f"cache.mode={mode}", "cache.samples=12", "cache.k=4",
-                      f"cache.logp_dtype={dtype}").cache
+                      f"cache.logp_dtype={dtype}", "cache.tail_logp=false").cache
         stores[mode, dtype] = capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path, teachers,
                                              root / f"{mode}-{dtype}.zarr")["out"]
     return stores
@@ -121,9 +122,20 @@ def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(disti
 
 def test_sampled_targets_under_sequence_normalisation_warn(distill_run, sampled_stores, tmp_path):
     config = _config(distill_run, tmp_path, "distill.normalization=sequence")
-    with pytest.warns(UserWarning, match=r"hybrid targets from \d+ draws: under distill.normalization=sequence .*cache.samples=24"):
+    with pytest.warns(UserWarning, match=r"hybrid targets from \d+ draws without their probabilities: under "
+                                         r"distill.normalization=sequence .*cache.samples=12 --set cache.tail_logp=true"):
         open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path,
                             Path(sampled_stores["hybrid", "float16"]), seed=1)
+
+
+def test_draws_with_their_probabilities_under_sequence_normalisation_do_not_warn(distill_run, control_store, tmp_path):
+    config = _config(distill_run, tmp_path, "distill.normalization=sequence")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, control_store, seed=1)
+    never = _config(distill_run, tmp_path, "distill.normalization=sequence", "distill.control_variate=never")
+    with pytest.warns(UserWarning, match="without their probabilities"):
+        open_offline_source(never, distill_run.tokens_path, distill_run.tokenizer_path, control_store, seed=1)
 
 
 @pytest.mark.parametrize("mode", ["sample", "hybrid"])

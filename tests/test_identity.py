@@ -84,3 +84,17 @@ def test_the_store_identity_holds_every_identity_field_of_the_cache_section(tiny
     assert set(identity(tiny_config.cache)) <= set(store_identity(tiny_config.cache, tokens, []))
     skipped = with_new_field(tiny_config, "cache", execution_only=True).cache
     assert "new_field" not in store_identity(skipped, tokens, [])
+
+
+def test_a_key_whose_default_changed_leaves_earlier_stores_done_at_their_value_and_stale_at_the_new_default():
+    """cache.tail_logp came after stores without it (false): at false it is left out of the identity, so those
+    stores keep their fingerprint; the new default (true, hybrid) enters it, so they go stale; the modes
+    without tail draws ignore it."""
+    from pipeline.config import CacheConfig
+
+    earlier = identity(CacheConfig(samples=12))
+    earlier.pop("tail_logp")                                      # what a store made before the key had
+    assert identity(CacheConfig(samples=12, tail_logp=False)) == earlier
+    assert identity(CacheConfig(samples=12))["tail_logp"] is True  # the default: hybrid with the probabilities
+    assert CacheConfig(mode="topk", tail_logp=True).tail_logp is False
+    assert "tail_logp" not in identity(CacheConfig(mode="topk", k=32))

@@ -43,7 +43,8 @@ p = p / p.sum(1, keepdim=True)
 vocab = p.shape[1]
 students = {"uniform (step 0)": torch.full_like(p, 1.0 / vocab)}
 for name, path in [("online-seq student o1 (trained)", RUN / "study/online-seq/students/o1"),
-                   ("hybrid8-24-seq student s1 (trained)", RUN / "study/hybrid8-24-seq/students/s1")]:
+                   ("hybrid8-24-seq student s1 (trained)", RUN / "study/hybrid8-24-seq/students/s1"),
+                   ("hybrid8-24-cv-seq student s1 (trained)", RUN / "study/hybrid8-24-cv-seq/students/s1")]:
     if path.is_dir():
         students[name] = logp_of([load_model(path).eval()])[picked].exp()
 
@@ -69,12 +70,22 @@ for name, q in students.items():
     ratio_beta = torch.where(p_tail > 0, (p_tail - beta[:, None] * q_tail) ** 2 / p_tail.clamp_min(1e-300),
                              torch.zeros_like(p))
     cv_beta2 = r * ratio_beta.sum(1) - ((p_tail - beta[:, None] * q_tail) ** 2).sum(1)
+    # One beta for all positions, the minimiser of the summed noise (what the trainer estimates per batch,
+    # `pipeline.distill.control_beta`, from other positions' draws).
+    B = r * q_tail.sum(1) - (p_tail * q_tail).sum(1)
+    C = r * q_over_p.sum(1) - (q_tail ** 2).sum(1)
+    batch_beta = float((B.sum() / C.sum()).clamp(0, 1))
+    ratio_batch = torch.where(p_tail > 0, (p_tail - batch_beta * q_tail) ** 2 / p_tail.clamp_min(1e-300),
+                              torch.zeros_like(p))
+    cv_batch2 = r * ratio_batch.sum(1) - ((p_tail - batch_beta * q_tail) ** 2).sum(1)
     row = {"signal_norm_mean": float(signal2.sqrt().mean()),
            "student_tail_mass_on_teacher_tail_mean": float(q_tail.sum(1).mean())}
-    for draws in (8, 24, 64):
+    row["batch_beta"] = batch_beta
+    for draws in (8, 12, 24, 64):
         row[f"plain_S{draws}_noise_over_signal"] = float(((plain2 / draws).mean() / signal2.mean()).sqrt())
         row[f"cv_S{draws}_noise_over_signal"] = float(((cv2 / draws).mean() / signal2.mean()).sqrt())
         row[f"cv_best_beta_S{draws}_noise_over_signal"] = float(((cv_beta2 / draws).mean() / signal2.mean()).sqrt())
+        row[f"cv_batch_beta_S{draws}_noise_over_signal"] = float(((cv_batch2 / draws).mean() / signal2.mean()).sqrt())
     row["best_beta_mean"] = float(beta.mean())
     row["cv_over_plain_noise"] = float((cv2.mean() / plain2.mean()).sqrt())
     row["cv_worse_than_plain_positions"] = float((cv2 > plain2).double().mean())
