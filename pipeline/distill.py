@@ -39,8 +39,8 @@ def control_sums(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
                  tail_logp: torch.Tensor, k: int) -> torch.Tensor:
     """(sum B, sum C) over these rows, float64 [2]: the tail noise of the control-variate target is
     (A - 2 beta B + beta^2 C) / S per row (see `control_beta`)."""
-    logits_nV = logits_nV.double()
-    q = (logits_nV.gather(1, target_ids) - torch.logsumexp(logits_nV, 1, keepdim=True)).exp()
+    # The [n, V] work in the logits' precision, the [n, K] sums in float64.
+    q = (logits_nV.gather(1, target_ids) - torch.logsumexp(logits_nV, 1, keepdim=True)).double().exp()
     w = target_logp.double().exp()                                   # 0 on padding (-1e4)
     p_tail = tail_logp.double().exp()
     ratio = torch.where(p_tail > 0, q[:, k:] / p_tail.clamp_min(1e-300), 0.0)
