@@ -52,8 +52,9 @@ def control_sums(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
     return torch.stack([B.sum(), C.sum()])
 
 
-def _beta(sums: torch.Tensor) -> float:
-    return float((sums[0] / sums[1]).clamp(0, 1)) if sums[1] > 0 else 0.0
+def _beta(sums: torch.Tensor) -> torch.Tensor:
+    """sum B / sum C in [0, 1] (0 when C is not positive), as a 0-d tensor: no host sync on a GPU."""
+    return torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1e-300), 0.0).clamp(0, 1)
 
 
 def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp: torch.Tensor,
@@ -68,7 +69,7 @@ def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
     (E[sum_s w_j f_j] = sum_tail p_j f_j), which is unbiased; the coefficient is then used on other rows,
     whose draws are independent of these, so their targets stay unbiased.
     """
-    return _beta(control_sums(logits_nV, target_ids, target_logp, tail_logp, k))
+    return float(_beta(control_sums(logits_nV, target_ids, target_logp, tail_logp, k)))
 
 
 def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,10 @@ def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
-                         target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
-    """Control-variate coefficients a [N, K] for `kernels.sparse_distill_loss` (``control``), and the mean beta.
+                         target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Control-variate coefficients a [N, K] for `kernels.sparse_distill_loss` (``control``), and the mean beta
+    (a 0-d tensor).
 
     a = beta on the head slots and beta w_j / p_j on the tail draws (0 on padding): the KL's gradient then
     uses the target p_head + beta q_tail + (1/S) sum_s (p_j - beta q_j) / pi_j e_j, the student's own tail
@@ -106,14 +109,15 @@ def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
             dist.all_gather(gathered, sums_of(_sample_rows(torch.arange(N, device=hidden_NH.device))))
             my_half = rank >= world // 2
             beta = _beta(sum(g for r, g in enumerate(gathered) if (r >= world // 2) != my_half))
-            return a * beta, beta
-        halves = [torch.arange(0, N // 2), torch.arange(N // 2, N)]
+            return a * beta.float(), beta
+        device = hidden_NH.device
+        halves = [torch.arange(0, N // 2, device=device), torch.arange(N // 2, N, device=device)]
         betas = []
         for estimate_on, apply_to in ((halves[1], halves[0]), (halves[0], halves[1])):
-            beta = _beta(sums_of(_sample_rows(estimate_on))) if len(apply_to) else 0.0
-            a[apply_to] *= beta
+            beta = _beta(sums_of(_sample_rows(estimate_on)))
+            a[apply_to] *= beta.float()
             betas.append(beta)
-    return a, sum(betas) / len(betas)
+    return a, (betas[0] + betas[1]) / 2
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def offline_loss(dcfg: DistillConfig, use_c_T: bool, tail: str, control_head: in
         if control_head is not None:
             control, beta = control_coefficients(hidden.detach(), raw.lm_head.weight.detach(), ids, logp,
                                                  batch["tail_logp"].reshape(ids.shape[0], -1), control_head)
-            metrics["control_beta"] = torch.tensor(beta)
+            metrics["control_beta"] = beta
         loss, ce, kl = fused_linear_sparse_distill_loss(
             hidden, raw.lm_head.weight, batch["labels"].flatten(), ids, logp,
             alpha=dcfg.alpha, temperature=dcfg.temperature, tail=tail, normalization=dcfg.normalization,
