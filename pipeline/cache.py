@@ -97,6 +97,13 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
 
 def _differences(old: dict, new: dict) -> list[str]:
     keys = [k for k in new if k != "teachers" and old.get(k) != new.get(k)]
+    # Keys left out of an identity at their earlier value (pipeline.config.added_later) are missing from one side
+    # when they differ: an absent key has that value.
+    for f in dataclasses.fields(CacheConfig):
+        if "left_out_at" in f.metadata and f.name not in keys:
+            earlier = f.metadata["left_out_at"]
+            if old.get(f.name, earlier) != new.get(f.name, earlier):
+                keys.append(f.name)
     if [t["sha256"] for t in old.get("teachers", [])] != [t["sha256"] for t in new["teachers"]]:
         keys.append("teachers")
     return keys
@@ -296,7 +303,8 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
                 logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
                 if spec.tail_logp:
                     # Draw from the teacher as stored (rounded to logp_dtype), so that the stored probability of
-                    # each draw is exactly the one it was drawn with (the control variate divides by it).
+                    # each draw is the one it was drawn with (the control variate divides by it; the tail's mass r is
+                    # still 1 - the head's, which differs from the rounded tail's sum by float16 rounding).
                     logp_NV = logp_NV.to(getattr(torch, spec.logp_dtype)).float()
                 head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
                 ids_NK, logp_NK = sample_targets(logp_NV, spec.samples, spec.slots, generator, head)

@@ -72,9 +72,11 @@ def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
     return float(_beta(control_sums(logits_nV, target_ids, target_logp, tail_logp, k)))
 
 
-def _sample_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Up to CONTROL_ROWS of ``rows``, evenly spaced."""
-    return rows[torch.linspace(0, len(rows) - 1, min(CONTROL_ROWS, len(rows))).long()]
+def _spaced(start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Up to CONTROL_ROWS row indices of start..stop-1, evenly spaced, on ``device``."""
+    count = min(CONTROL_ROWS, stop - start)
+    return torch.linspace(start, stop - 1, count, device=device).long() if count > 0 else \
+        torch.zeros(0, dtype=torch.long, device=device)
 
 
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
@@ -90,34 +92,34 @@ def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
     DDP the halves are the two halves of the ranks (each rank's rows lie in one), so that two processes
     compute what one process with their global batch computes.
     """
-    N = target_ids.shape[0]
+    N, device = target_ids.shape[0], hidden_NH.device
     w = target_logp.float().exp()
     p_tail = tail_logp.float().exp()
     a = torch.cat([torch.ones_like(w[:, :k]) * (target_logp[:, :k] > -1e3),
                    torch.where(p_tail > 0, w[:, k:] / p_tail.clamp_min(1e-30), 0.0)], dim=1)
+    weight = weight_VH.float()  # once: the rows' logits in float32 (autocast off below), whatever the model's dtype
 
     def sums_of(rows: torch.Tensor) -> torch.Tensor:
         if len(rows) == 0:
-            return torch.zeros(2, dtype=torch.float64, device=hidden_NH.device)
-        logits = hidden_NH[rows].float() @ weight_VH.float().T
+            return torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.autocast(device.type, enabled=False):
+            logits = hidden_NH[rows].float() @ weight.T
         return control_sums(logits, target_ids[rows], target_logp[rows], tail_logp[rows], k)
 
     with torch.no_grad():
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world, rank = dist.get_world_size(), dist.get_rank()
-            gathered = [torch.zeros(2, dtype=torch.float64, device=hidden_NH.device) for _ in range(world)]
-            dist.all_gather(gathered, sums_of(_sample_rows(torch.arange(N, device=hidden_NH.device))))
+            gathered = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world)]
+            dist.all_gather(gathered, sums_of(_spaced(0, N, device)))
             my_half = rank >= world // 2
             beta = _beta(sum(g for r, g in enumerate(gathered) if (r >= world // 2) != my_half))
             return a * beta.float(), beta
-        device = hidden_NH.device
-        halves = [torch.arange(0, N // 2, device=device), torch.arange(N // 2, N, device=device)]
-        betas = []
-        for estimate_on, apply_to in ((halves[1], halves[0]), (halves[0], halves[1])):
-            beta = _beta(sums_of(_sample_rows(estimate_on)))
-            a[apply_to] *= beta.float()
-            betas.append(beta)
-    return a, (betas[0] + betas[1]) / 2
+        half = N // 2
+        beta_first = _beta(sums_of(_spaced(half, N, device)))   # for rows 0..half-1, from the other half
+        beta_second = _beta(sums_of(_spaced(0, half, device)))
+        a[:half] *= beta_first.float()
+        a[half:] *= beta_second.float()
+    return a, (beta_first + beta_second) / 2
 
 
 # --- losses ---------------------------------------------------------------------------------------

@@ -506,6 +506,21 @@ def test_store_from_other_inputs_is_refused_and_left_intact(topk_store, tiny_run
     assert_same_store(topk_store[0], out)
 
 
+def test_a_store_with_tail_probabilities_is_refused_for_a_config_without_them_and_back(tiny_run, teachers, tmp_path):
+    """cache.tail_logp is left out of the identity when false, so each side of the comparison must count a
+    missing key as false: a store with the array is not taken for one without it, nor the other way round."""
+    with_p = dataclasses.replace(CFG, mode="hybrid", k=4, samples=6, tail_logp=True, chunk_windows=64)
+    out = tmp_path / "with.zarr"
+    capture(tiny_run, teachers, out, cfg=with_p)
+    with pytest.raises(ValueError, match=r"other inputs \(tail_logp\).*--force"):
+        capture(tiny_run, teachers, out, cfg=dataclasses.replace(with_p, tail_logp=False))
+    plain = tmp_path / "plain.zarr"
+    capture(tiny_run, teachers, plain, cfg=dataclasses.replace(with_p, tail_logp=False))
+    with pytest.raises(ValueError, match=r"other inputs \(tail_logp\).*--force"):
+        capture(tiny_run, teachers, plain, cfg=with_p)
+    assert incomplete_reason(out) is None and incomplete_reason(plain) is None
+
+
 def test_teachers_with_different_vocab_sizes_are_refused(tiny_run, teachers, tmp_path):
     vocab = TokenStore(tiny_run.tokens_path).vocab_size
     odd = make_teacher(tiny_run, tmp_path / "t_odd", 3, vocab_size=vocab + 16)

@@ -620,6 +620,8 @@ def cache_label(arm: Arm) -> str:
         parts.append(f"k={cache.k}")
     if cache.mode in ("sample", "hybrid"):
         parts.append(f"S={cache.samples}")
+    if cache.tail_logp:
+        parts.append("tail_logp")
     parts.append(f"{cache.order} order")
     return " ".join(parts)
 
@@ -661,7 +663,7 @@ def collect_results(study: Study) -> dict:
         arms.append({
             "name": arm.name, "online": arm.online, "set": arm.set, "run_dir": str(arm.run_path),
             "cache": None if arm.online else {"mode": cache.mode, "k": cache.k, "samples": cache.samples,
-                                              "order": cache.order},
+                                              "tail_logp": cache.tail_logp, "order": cache.order},
             "cache_label": cache_label(arm),
             "config": arm.config.to_dict(),
             "per_seed": per_seed, "seeds_finished": sorted(finished),
