@@ -292,6 +292,9 @@ class DistillConfig:
     """Offline students from a hybrid store with ``tail_logp``: use the student's own tail as a control
     variate for the sampled tail (unbiased, far less noisy once the student nears the teacher; see
     `pipeline.distill.control_coefficients`). auto = when the store has it; required = refuse a store without it; never."""
+    control_min_beta: float = field(default=0.0, metadata=ADDED_LATER)
+    """A control-variate coefficient estimated below this is used as 0 (plain draws): early in training the
+    estimate overshoots the optimum, which is near 0 there (docs/results/offline-study)."""
     students: int = field(default=1, metadata=EXECUTION_ONLY)
     """Offline students distilled from the one cache."""
     seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
@@ -303,6 +306,8 @@ class DistillConfig:
         _check(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
         _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
         _check(self.students >= 0, "distill.students", f"must be >= 0, got {self.students}")
+        _check(0.0 <= self.control_min_beta <= 1.0, "distill.control_min_beta",
+               f"must be in [0, 1], got {self.control_min_beta}")
         _check(self.online_students >= 0, "distill.online_students", f"must be >= 0, got {self.online_students}")
         _check(self.seeds is None or len(self.seeds) == self.students, "distill.seeds",
                f"must list distill.students ({self.students}) seeds, got {self.seeds}")

@@ -52,9 +52,11 @@ def control_sums(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
     return torch.stack([B.sum(), C.sum()])
 
 
-def _beta(sums: torch.Tensor) -> torch.Tensor:
-    """sum B / sum C in [0, 1] (0 when C is not positive), as a 0-d tensor: no host sync on a GPU."""
-    return torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1e-300), 0.0).clamp(0, 1)
+def _beta(sums: torch.Tensor, min_beta: float = 0.0) -> torch.Tensor:
+    """sum B / sum C in [0, 1] (0 when C is not positive or the ratio is below ``min_beta``), as a 0-d
+    tensor: no host sync on a GPU."""
+    beta = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1e-300), 0.0).clamp(0, 1)
+    return torch.where(beta >= min_beta, beta, 0.0)
 
 
 def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp: torch.Tensor,
@@ -80,7 +82,7 @@ def _spaced(start: int, stop: int, device: torch.device) -> torch.Tensor:
 
 
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
-                         target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int
+                         target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int, min_beta: float = 0.0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Control-variate coefficients a [N, K] for `kernels.sparse_distill_loss` (``control``), and the mean beta
     (a 0-d tensor).
@@ -90,7 +92,7 @@ def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
     corrected by the draws. Each half of the batch gets the beta estimated (`control_beta`) on up to
     ``CONTROL_ROWS`` rows of the other half: a beta that saw a row's own draws would bias that row. Under
     DDP the halves are the two halves of the ranks (each rank's rows lie in one), so that two processes
-    compute what one process with their global batch computes.
+    compute what one process with their global batch computes. A beta below ``min_beta`` is used as 0.
     """
     N, device = target_ids.shape[0], hidden_NH.device
     w = target_logp.float().exp()
@@ -112,11 +114,11 @@ def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
             gathered = [torch.zeros(2, dtype=torch.float64, device=device) for _ in range(world)]
             dist.all_gather(gathered, sums_of(_spaced(0, N, device)))
             my_half = rank >= world // 2
-            beta = _beta(sum(g for r, g in enumerate(gathered) if (r >= world // 2) != my_half))
+            beta = _beta(sum(g for r, g in enumerate(gathered) if (r >= world // 2) != my_half), min_beta)
             return a * beta.float(), beta
         half = N // 2
-        beta_first = _beta(sums_of(_spaced(half, N, device)))   # for rows 0..half-1, from the other half
-        beta_second = _beta(sums_of(_spaced(0, half, device)))
+        beta_first = _beta(sums_of(_spaced(half, N, device)), min_beta)   # for rows 0..half-1, from the other half
+        beta_second = _beta(sums_of(_spaced(0, half, device)), min_beta)
         a[:half] *= beta_first.float()
         a[half:] *= beta_second.float()
     return a, (beta_first + beta_second) / 2
@@ -141,7 +143,8 @@ def offline_loss(dcfg: DistillConfig, use_c_T: bool, tail: str, control_head: in
         control, metrics = None, {}
         if control_head is not None:
             control, beta = control_coefficients(hidden.detach(), raw.lm_head.weight.detach(), ids, logp,
-                                                 batch["tail_logp"].reshape(ids.shape[0], -1), control_head)
+                                                 batch["tail_logp"].reshape(ids.shape[0], -1), control_head,
+                                                 dcfg.control_min_beta)
             metrics["control_beta"] = beta
         loss, ce, kl = fused_linear_sparse_distill_loss(
             hidden, raw.lm_head.weight, batch["labels"].flatten(), ids, logp,
