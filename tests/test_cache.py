@@ -552,6 +552,7 @@ def test_k_larger_than_the_vocab_is_refused(tiny_run, teachers, tmp_path):
     ("cache.mode=dense", "cache.mode"),
     ("cache.order=sorted", "cache.order"),
     ("distill.control_variate=on", "distill.control_variate: must be one of auto, required, never"),
+    ("distill.control_min_beta=1.5", "distill.control_min_beta: must be in [0, 1]"),
     ("cache.temperatures=[1.0, 0]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
     ("cache.temperatures=[-2]", "cache.temperatures: must be a non-empty list of temperatures > 0"),
 ])

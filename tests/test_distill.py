@@ -228,6 +228,11 @@ def test_control_coefficients_of_a_row_do_not_see_its_own_draws(distill_run, con
     w, p = logp[:half, k:].exp(), tail[:half].exp()
     torch.testing.assert_close(a[:half, k:], torch.where(p > 0, beta_first * w / p.clamp_min(1e-30), 0.0))
     assert 0 <= beta <= 1
+    # distill.control_min_beta: an estimate below it is used as 0, so the coefficients vanish
+    a_min, beta_min = control_coefficients(hidden, weight, ids, logp, tail, k, min_beta=1.01)
+    assert float(beta_min) == 0.0 and not a_min.any()
+    a_low, _ = control_coefficients(hidden, weight, ids, logp, tail, k, min_beta=0.0)
+    torch.testing.assert_close(a_low, a)
 
 
 def test_control_beta_minimises_the_tail_noise():
