@@ -293,8 +293,9 @@ class DistillConfig:
     variate for the sampled tail (unbiased, far less noisy once the student nears the teacher; see
     `pipeline.distill.control_coefficients`). auto = when the store has it; required = refuse a store without it; never."""
     control_min_beta: float = field(default=0.0, metadata=ADDED_LATER)
-    """A control-variate coefficient estimated below this is used as 0 (plain draws): early in training the
-    estimate overshoots the optimum, which is near 0 there (docs/results/offline-study)."""
+    """A control-variate coefficient estimated below this is used as 0 (plain draws). Early in training the
+    estimate overshoots the optimum, which is near 0 there, but 0.2 was measured no better than 0
+    (docs/results/offline-study)."""
     students: int = field(default=1, metadata=EXECUTION_ONLY)
     """Offline students distilled from the one cache."""
     seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
