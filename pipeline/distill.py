@@ -195,7 +195,7 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
             raise TrainingError(f"{logits_path} holds {attrs['mode']} targets, which serve distill.temperature 1 "
                                 f"only (got {dcfg.temperature}); set distill.temperature=1 or rebuild the store "
                                 f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
-        controlled = bool(attrs.get("tail_logp")) and dcfg.control_variate != "never"
+        controlled = use_control_variate(dcfg, attrs, logits_path)
         if dcfg.normalization == "sequence" and not controlled and int(attrs.get("samples", 0)) < SEQUENCE_SAMPLES:
             warnings.warn(f"{logits_path} holds {attrs['mode']} targets from {attrs.get('samples')} draws without their "
                           f"probabilities: under distill.normalization=sequence the KL carries their noise (students "

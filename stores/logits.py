@@ -73,8 +73,6 @@ FORMAT_VERSION = 2
 PAD_LOGP = -1.0e4
 DONE_DIR = "_done"
 ARRAYS = ("ids", "logp", "c_T", "tokens", "window_ids")
-# Hybrid stores captured with ``cache.tail_logp`` also keep the tail draws' exact log-probabilities.
-OPTIONAL_ARRAYS = ("tail_logp",)
 MODES = ("topk", "sample", "hybrid")
 ORDERS = ("shuffled", "corpus")
 # Chosen by measurement (workflows/bench_loader.py, demo teachers, k = 32): Blosc-zstd with byte
@@ -100,7 +98,8 @@ def window_order(num_windows: int, order: str, seed: int) -> np.ndarray:
 
 
 def array_names(attrs: dict) -> tuple[str, ...]:
-    """The arrays a store with attributes ``attrs`` holds."""
+    """The arrays a store with attributes ``attrs`` holds (hybrid stores captured with ``cache.tail_logp`` also
+    keep the tail draws' exact log-probabilities)."""
     return ARRAYS + (("tail_logp",) if attrs.get("tail_logp") else ())
 
 
@@ -356,9 +355,8 @@ def acquire_lock(path: Path) -> Path:
 # --- info and verify ----------------------------------------------------------------------
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for name in ARRAYS + OPTIONAL_ARRAYS for f in (Path(path) / name).rglob("*")
-               if f.is_file())
+def _disk_bytes(path: Path, attrs: dict) -> int:
+    return sum(f.stat().st_size for name in array_names(attrs) for f in (Path(path) / name).rglob("*") if f.is_file())
 
 
 def store_info(path: Path) -> dict:
@@ -373,7 +371,7 @@ def store_info(path: Path) -> dict:
     num_windows, seq_len = attrs["num_windows"], attrs["seq_len"]
     ranges = chunk_ranges(num_windows, attrs["chunk_windows"])
     done = sum(chunk_problem(path, i) is None for i in range(len(ranges)))
-    disk = _disk_bytes(path)
+    disk = _disk_bytes(path, attrs)
     num_tokens = num_windows * seq_len
     dense_fp16 = num_tokens * attrs["vocab_size"] * 2
     return {

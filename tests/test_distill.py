@@ -6,8 +6,8 @@ import json
 import shutil
 import signal
 import subprocess
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np

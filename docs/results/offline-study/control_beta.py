@@ -15,20 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from validation_positions import RUN, logp_of, validation_windows
 
-from pipeline.cache import ensemble_logp, sample_targets
+from pipeline.cache import sample_targets
 from pipeline.distill import control_beta
 from pipeline.model import load_model
-from stores.tokens import TokenStore
 
-RUN = Path("runs/cpu-experiment")
 K, SAMPLES, REDRAWS = 8, 24, 60
 torch.set_num_threads(2)
-tokens = TokenStore(RUN / "tokens.zarr")
-stream, starts = tokens.stream("validation"), tokens.starts("validation")
 rng = np.random.default_rng(0)
-windows = torch.from_numpy(np.stack([stream[s:s + 128] for s in starts[rng.choice(len(starts), 8, replace=False)]])
-                           .astype(np.int64))
+tokens, windows = validation_windows(rng)
+teacher = logp_of([load_model(RUN / "teachers" / t).eval() for t in ("t1", "t2")], windows)
 
 
 def logits_of(model: torch.nn.Module) -> torch.Tensor:
@@ -36,9 +33,6 @@ def logits_of(model: torch.nn.Module) -> torch.Tensor:
         return model(windows).logits.double().reshape(-1, tokens.vocab_size)
 
 
-with torch.no_grad():
-    teacher = ensemble_logp([load_model(RUN / "teachers" / t).eval()(windows).logits.float() for t in ("t1", "t2")],
-                            "logits").reshape(-1, tokens.vocab_size).double()
 picked = torch.from_numpy(rng.choice(teacher.shape[0], 512, replace=False))
 lp = teacher[picked] - torch.logsumexp(teacher[picked], 1, keepdim=True)
 p = lp.exp()
@@ -60,7 +54,7 @@ for name, z in students.items():
     C = r * torch.where(p_tail > 0, q_tail ** 2 / p_tail.clamp_min(1e-300), 0).sum(1) - (q_tail ** 2).sum(1)
     exact = float((B.sum() / C.sum()).clamp(0, 1))
 
-    def noise(beta: float) -> float:
+    def noise(beta: float, A=A, B=B, C=C) -> float:  # noqa: N803  (this student's A, B, C)
         return float((A - 2 * beta * B + beta ** 2 * C).sum())
 
     generator = torch.Generator().manual_seed(0)

@@ -17,26 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from validation_positions import RUN, logp_of, validation_windows
 
-from pipeline.cache import ensemble_logp
 from pipeline.model import load_model
-from stores.tokens import TokenStore
 
-RUN = Path("runs/cpu-experiment")
 torch.set_num_threads(2)
-tokens = TokenStore(RUN / "tokens.zarr")
-stream, starts = tokens.stream("validation"), tokens.starts("validation")
 rng = np.random.default_rng(0)
-windows = torch.from_numpy(np.stack([stream[s:s + 128] for s in starts[rng.choice(len(starts), 8, replace=False)]])
-                           .astype(np.int64))
+tokens, windows = validation_windows(rng)
 
 
-def logp_of(models: list[torch.nn.Module]) -> torch.Tensor:
-    with torch.no_grad():
-        return ensemble_logp([m(windows).logits.float() for m in models], "logits").reshape(-1, tokens.vocab_size).double()
-
-
-p_logp = logp_of([load_model(RUN / "teachers" / t).eval() for t in ("t1", "t2")])
+p_logp = logp_of([load_model(RUN / "teachers" / t).eval() for t in ("t1", "t2")], windows)
 picked = torch.from_numpy(rng.choice(p_logp.shape[0], 256, replace=False))
 p = p_logp[picked].exp()
 p = p / p.sum(1, keepdim=True)
@@ -46,7 +36,7 @@ for name, path in [("online-seq student o1 (trained)", RUN / "study/online-seq/s
                    ("hybrid8-24-seq student s1 (trained)", RUN / "study/hybrid8-24-seq/students/s1"),
                    ("hybrid8-24-cv-seq student s1 (trained)", RUN / "study/hybrid8-24-cv-seq/students/s1")]:
     if path.is_dir():
-        students[name] = logp_of([load_model(path).eval()])[picked].exp()
+        students[name] = logp_of([load_model(path).eval()], windows)[picked].exp()
 
 k = 8
 head = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(k, dim=1).indices, True)
