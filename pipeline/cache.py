@@ -83,7 +83,7 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
         "k": cfg.k if cfg.mode in ("topk", "hybrid") else None,
         "samples": cfg.samples if cfg.mode in ("sample", "hybrid") else None,
         "slots": {"topk": cfg.k, "sample": min(cfg.samples, vocab),
-                  "hybrid": cfg.k + min(cfg.samples, vocab - cfg.k)}[cfg.mode],
+                  "hybrid": cfg.k + cfg.draw_sets * min(cfg.samples, vocab - cfg.k)}[cfg.mode],
         "temperatures": [float(t) for t in cfg.temperatures],
         "vocab_size": vocab,
         "seq_len": tokens.seq_len,
@@ -259,6 +259,8 @@ class ChunkSpec:
     """torch threads of the task (1 when several tasks share the machine)."""
     tail_logp: bool = field(default=False, kw_only=True)
     """Mode hybrid: also the tail draws' exact log-probabilities (array ``tail_logp``)."""
+    draw_sets: int = field(default=1, kw_only=True)
+    """Mode hybrid: independent tail draw sets, one after the other in the slots (see stores/logits.py)."""
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,11 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
     # The fidelity redraws have their own stream, so the stored targets do not depend on where they fall.
     fidelity_generator = torch.Generator().manual_seed(
         int(np.random.SeedSequence([spec.seed, chunk, 1]).generate_state(1)[0]))
+    # Draw sets after the first have a stream each, so set 0 is what a one-set store holds, bit for bit.
+    set_generators = [generator] + [torch.Generator().manual_seed(
+        int(np.random.SeedSequence([spec.seed, chunk, 2, s]).generate_state(1)[0])) for s in range(1, spec.draw_sets)]
     inputs = torch.from_numpy(windows[:, :-1])
+    set_slots = spec.k + (spec.slots - spec.k) // spec.draw_sets if spec.mode == "hybrid" else spec.slots
     parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": [], **({"tail_logp": []} if spec.tail_logp else {})}
     fidelity = []
     for b in range(0, len(inputs), spec.batch_size):
@@ -307,7 +313,10 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
                     # still 1 - the head's, which differs from the rounded tail's sum by float16 rounding).
                     logp_NV = logp_NV.to(getattr(torch, spec.logp_dtype)).float()
                 head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
-                ids_NK, logp_NK = sample_targets(logp_NV, spec.samples, spec.slots, generator, head)
+                sets = [sample_targets(logp_NV, spec.samples, set_slots, set_generator, head)
+                        for set_generator in set_generators]
+                ids_NK = torch.cat([sets[0][0]] + [set_ids[:, spec.k:] for set_ids, _ in sets[1:]], dim=1)
+                logp_NK = torch.cat([sets[0][1]] + [set_logp[:, spec.k:] for _, set_logp in sets[1:]], dim=1)
                 if spec.tail_logp:
                     tail_ids = ids_NK[:, spec.k:]
                     parts["tail_logp"].append(torch.where(
@@ -322,9 +331,10 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
         for w, s in fidelity_rows:
             if b <= w < b + len(x_BS):
                 dense = (zbar_BSV[w - b, s] - lse_BS[w - b, s]).numpy()
-                row_ids = ids[w - b, s].astype(np.int64)
-                row = fidelity_row(dense, row_ids, logp[w - b, s], spec.mode)
-                grad = gradient_fidelity(torch.from_numpy(dense), row_ids, logp[w - b, s], spec.mode,
+                # Fidelity of what one epoch reads: the head and the first draw set.
+                row_ids, row_logp = ids[w - b, s, :set_slots].astype(np.int64), logp[w - b, s, :set_slots]
+                row = fidelity_row(dense, row_ids, row_logp, spec.mode)
+                grad = gradient_fidelity(torch.from_numpy(dense), row_ids, row_logp, spec.mode,
                                          spec.k, spec.samples, fidelity_generator)
                 fidelity.append([w, s, *row, *grad])
     arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
@@ -537,6 +547,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
             slots=store_id["slots"], temperatures=store_id["temperatures"], ensemble=cfg.ensemble,
             logp_dtype=cfg.logp_dtype, batch_size=cfg.batch_size, seed=cfg.seed,
             threads=1 if remote else max(1, torch.get_num_threads()), tail_logp=cfg.tail_logp,
+            draw_sets=cfg.draw_sets,
             out=str(out.resolve()), tokens=str(tokens_path.resolve()), order=cfg.order,
             num_windows=store_id["num_windows"])
 

@@ -240,6 +240,10 @@ class CacheConfig:
     """Mode hybrid: also keep each tail draw's exact teacher log-probability (array ``tail_logp``), which lets
     the student use a control variate on the tail (``distill.control_variate``); about 1.5 bytes per draw.
     The other modes have no tail draws: for them it is false whatever the config says."""
+    draw_sets: int = field(default=1, metadata=ADDED_LATER)
+    """Mode hybrid: independent sets of ``samples`` tail draws per position; the student reads set
+    epoch mod draw_sets, so each of the first draw_sets epochs sees fresh draws. The tail's bytes grow
+    with it. Measured in docs/results/offline-study (arms ``hybrid8-*x6-*``)."""
     order: Literal["shuffled", "corpus"] = "shuffled"
     """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming
     reader) or corpus order (poorly mixed; kept to measure the difference)."""
@@ -267,7 +271,10 @@ class CacheConfig:
         _check(self.order in ("shuffled", "corpus"), "cache.order", f"must be shuffled or corpus, got {self.order!r}")
         _check(self.k >= 1, "cache.k", f"must be >= 1, got {self.k}")
         _check(self.samples >= 1, "cache.samples", f"must be >= 1, got {self.samples}")
+        _check(self.draw_sets >= 1, "cache.draw_sets", f"must be >= 1, got {self.draw_sets}")
         if self.mode != "hybrid":
+            _check(self.draw_sets == 1, "cache.draw_sets",
+                   f"only mode hybrid has tail draws to repeat; got {self.draw_sets} with mode {self.mode}")
             self.tail_logp = False  # no tail draws: unused, and so left out of the store's fingerprint
         _check(len(self.temperatures) >= 1 and all(t > 0 for t in self.temperatures), "cache.temperatures",
                f"must be a non-empty list of temperatures > 0, got {self.temperatures}")

@@ -36,6 +36,10 @@ Slots ``K`` per position, by ``mode``:
 - ``hybrid``: the top k exactly as ``topk``, then the distinct ids of ``samples`` draws from the
   remaining tail (renormalised), by decreasing count, ``logp = log(r * count / samples)`` with r the
   tail mass; k + min(samples, vocab - k) slots. Exact on the head, unbiased on the tail, empty tail.
+  With attribute ``draw_sets`` D > 1 (``cache.draw_sets``), D independent such tail draw sets follow the
+  head one after the other: K = k + D * min(samples, vocab - k). One draw set with the head
+  (``draw_set_columns``) is a target as above; ids are distinct within it, not across sets. Readers
+  give epoch e the set e mod D.
 Sampled weights are probabilities at T = 1 only: there is no exact way back to p_j^(1/T) from them,
 so sample and hybrid stores serve students at temperature 1 (the paper's value).
 
@@ -101,6 +105,21 @@ def array_names(attrs: dict) -> tuple[str, ...]:
     """The arrays a store with attributes ``attrs`` holds (hybrid stores captured with ``cache.tail_logp`` also
     keep the tail draws' exact log-probabilities)."""
     return ARRAYS + (("tail_logp",) if attrs.get("tail_logp") else ())
+
+
+def draw_sets(attrs: dict) -> int:
+    """Independent tail draw sets per position (1 for stores without the attribute and for non-hybrid modes)."""
+    return int(attrs.get("draw_sets", 1))
+
+
+def draw_set_columns(attrs: dict, draw_set: int) -> np.ndarray:
+    """The slot columns of draw set ``draw_set`` (taken mod the store's draw sets): the head, then the set's tail."""
+    sets, k, slots = draw_sets(attrs), attrs["k"], attrs["slots"]
+    if sets == 1:
+        return np.arange(slots)
+    width = (slots - k) // sets
+    first = k + (draw_set % sets) * width
+    return np.concatenate([np.arange(k), np.arange(first, first + width)])
 
 
 def targets_are_complete(attrs: dict) -> bool:
@@ -378,6 +397,7 @@ def store_info(path: Path) -> dict:
         "path": str(path),
         "format": f"{attrs['format']} v{attrs['format_version']}",
         "mode": attrs["mode"], "k": attrs["k"], "samples": attrs["samples"], "slots": attrs["slots"],
+        "draw_sets": draw_sets(attrs),
         "order": attrs["order"],
         "ensemble": attrs["ensemble"], "temperatures": attrs["temperatures"], "logp_dtype": attrs["logp_dtype"],
         "vocab_size": attrs["vocab_size"],
@@ -394,11 +414,29 @@ def store_info(path: Path) -> dict:
     }
 
 
+def _target_problem(ids: np.ndarray, logp: np.ndarray, tail_logp: np.ndarray | None, vocab: int, tolerance: float,
+                    k: int) -> str | None:
+    """What is wrong with one target per position (a store's slots, or one draw set of them), or None."""
+    real = logp > PAD_LOGP / 2
+    if int(ids.max(initial=0)) >= vocab:
+        return f"id {int(ids.max())} >= vocab size {vocab}"
+    if (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any():
+        return "repeated ids within a position"
+    if not np.isfinite(logp).all() or (logp[real] > 1e-3).any() or not real[..., 0].all():
+        return "probabilities outside (0, 1]"
+    if (residual := 1.0 - np.exp(logp).sum(-1)).min() < -tolerance:
+        return f"residual mass {residual.min():.2e} < 0"
+    if tail_logp is not None and (not np.isfinite(tail_logp).all() or ((tail_logp > PAD_LOGP / 2) != real[..., k:]).any()
+                                  or (tail_logp > 1e-3).any()):
+        return "tail_logp not a probability on every real tail slot (and padding elsewhere)"
+    return None
+
+
 def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
     """Read every chunk and check it; returns the problems, the first bad chunk first ([] = fine).
 
     Checks: format, done marker and file sizes/crc32, every chunk readable, ids < vocab and distinct
-    per row, probabilities in (0, 1] (sample-mode padding excepted), residual mass >= 0 within
+    per row (per draw set), probabilities in (0, 1] (sample-mode padding excepted), residual mass >= 0 within
     rounding, c_T finite, tail_logp (if kept) a probability exactly where a tail slot is real, rows holding the windows of the recorded order; with ``tokens_path``: the hashes match tokens.zarr and the stored windows
     equal its training windows.
     """
@@ -421,7 +459,8 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
             return problems
     vocab = attrs["vocab_size"]
     # Rounding of log-probabilities stored in float16: up to ~1e-3 relative per value.
-    tolerance = 2e-3 * attrs["slots"] ** 0.5 if attrs["logp_dtype"] == "float16" else 1e-5 * attrs["slots"]
+    set_slots = len(draw_set_columns(attrs, 0))
+    tolerance = 2e-3 * set_slots ** 0.5 if attrs["logp_dtype"] == "float16" else 1e-5 * set_slots
     expected_windows = window_order(attrs["num_windows"], attrs["order"], attrs["seed"])
     for i, (start, stop) in enumerate(chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])):
         where = f"chunk {i} (rows {start}-{stop - 1})"
@@ -439,21 +478,17 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
         except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
             problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
             continue
-        real = logp > PAD_LOGP / 2
-        if int(ids.max(initial=0)) >= vocab:
-            problems.append(f"{where}: id {int(ids.max())} >= vocab size {vocab}")
-        elif (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any():
-            problems.append(f"{where}: repeated ids within a position")
-        elif not np.isfinite(logp).all() or (logp[real] > 1e-3).any() or not real[..., 0].all():
-            problems.append(f"{where}: probabilities outside (0, 1]")
-        elif (residual := 1.0 - np.exp(logp).sum(-1)).min() < -tolerance:
-            problems.append(f"{where}: residual mass {residual.min():.2e} < 0")
+        target_problem = None
+        for draw_set in range(draw_sets(attrs)):
+            cols, k = draw_set_columns(attrs, draw_set), attrs["k"]
+            set_tail_logp = None if tail_logp is None else tail_logp[..., cols[k:] - k]
+            target_problem = _target_problem(ids[..., cols], logp[..., cols], set_tail_logp, vocab, tolerance, k)
+            if target_problem:
+                break
+        if target_problem:
+            problems.append(f"{where}: {target_problem}")
         elif not np.isfinite(c_T).all():
             problems.append(f"{where}: c_T not finite")
-        elif tail_logp is not None and (not np.isfinite(tail_logp).all()
-                                        or ((tail_logp > PAD_LOGP / 2) != real[..., attrs["k"]:]).any()
-                                        or (tail_logp > 1e-3).any()):
-            problems.append(f"{where}: tail_logp not a probability on every real tail slot (and padding elsewhere)")
         elif not np.array_equal(row_windows, expected_windows[start:stop]):
             problems.append(f"{where}: window_ids differ from the store's {attrs['order']} order")
         elif tokens is not None and not np.array_equal(window_tokens, tokens.windows("train", row_windows)):

@@ -21,7 +21,16 @@ import numpy as np
 import torch
 
 from stores.checksum import crc32
-from stores.logits import chunk_file, chunk_ranges, decode_chunk, incomplete_reason, open_store, read_markers
+from stores.logits import (
+    chunk_file,
+    chunk_ranges,
+    decode_chunk,
+    draw_set_columns,
+    draw_sets,
+    incomplete_reason,
+    open_store,
+    read_markers,
+)
 
 REBUILD = "rebuild it with `babydistill cache CONFIG --force`"
 REPAIR = "re-run `babydistill cache CONFIG` to rewrite it"
@@ -37,6 +46,7 @@ class LogitStoreReader:
     ``window_ids`` int64 [B] (the training windows of tokens.zarr these rows hold),
     ``tail_logp`` float32 [B, S, K - k] (stores captured with ``cache.tail_logp`` only: the tail draws' exact
     teacher log-probabilities, -1e4 on padding).
+    A store of several tail draw sets (``cache.draw_sets``) gives epoch e the head and the set e mod draw_sets.
 
     Examples
     --------
@@ -150,6 +160,11 @@ class LogitStoreReader:
         if self._epoch != epoch:
             self._order, self._epoch = self.order(epoch), epoch
         arrays = self.rows(self._order[np.asarray(positions, dtype=np.int64)])
+        if draw_sets(self.attrs) > 1:
+            cols, k = draw_set_columns(self.attrs, epoch), self.attrs["k"]
+            arrays["ids"], arrays["logp"] = arrays["ids"][..., cols], arrays["logp"][..., cols]
+            if "tail_logp" in arrays:
+                arrays["tail_logp"] = arrays["tail_logp"][..., cols[k:] - k]
         tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
         batch = {
             "input_ids": tokens[:, :-1].contiguous(),

@@ -27,11 +27,14 @@ from stores.logits import (
     ARRAYS,
     PAD_LOGP,
     LogitStoreError,
+    array_names,
     chunk_files,
+    draw_set_columns,
     incomplete_reason,
     lock_path,
     store_info,
     verify_store,
+    write_chunk,
 )
 from stores.tokens import TokenStore
 
@@ -519,6 +522,54 @@ def test_a_store_with_tail_probabilities_is_refused_for_a_config_without_them_an
     with pytest.raises(ValueError, match=r"other inputs \(tail_logp\).*--force"):
         capture(tiny_run, teachers, plain, cfg=with_p)
     assert incomplete_reason(out) is None and incomplete_reason(plain) is None
+
+
+def test_draw_sets_hold_independent_tail_draws_and_each_epoch_reads_its_own(tiny_run, teachers, tmp_path):
+    """cache.draw_sets = 3: the head, then 3 tail draw sets; set 0 is the one-set store bit for bit, every set
+    passes verify on its own (ids may repeat across sets, not within one), and the reader gives epoch e set
+    e mod 3, with the matching tail_logp columns."""
+    from stores.reader import LogitStoreReader
+
+    one = dataclasses.replace(CFG, mode="hybrid", k=4, samples=6, tail_logp=True, chunk_windows=64, temperatures=[1.0])
+    single, triple = tmp_path / "one.zarr", tmp_path / "three.zarr"
+    capture(tiny_run, teachers, single, cfg=one)
+    capture(tiny_run, teachers, triple, cfg=dataclasses.replace(one, draw_sets=3))
+    g1, g3 = zarr.open_group(str(single), mode="r"), zarr.open_group(str(triple), mode="r")
+    ids, logp, tail_logp = g3["ids"][:], g3["logp"][:], g3["tail_logp"][:]
+    assert ids.shape[-1] == 4 + 3 * 6 and tail_logp.shape[-1] == 3 * 6 and store_info(triple)["draw_sets"] == 3
+    np.testing.assert_array_equal(ids[..., :10], g1["ids"][:])
+    np.testing.assert_array_equal(logp[..., :10], g1["logp"][:])
+    np.testing.assert_array_equal(tail_logp[..., :6], g1["tail_logp"][:])
+    assert not np.array_equal(ids[..., 4:10], ids[..., 10:16]), "the sets are independent draws"
+    repeated = (np.sort(ids[..., 4:], -1)[..., 1:] == np.sort(ids[..., 4:], -1)[..., :-1]).any()
+    assert repeated and verify_store(triple, tiny_run.tokens_path) == []
+
+    source = LogitStoreReader(triple, tiny_run.tokens_path, seed=3)
+    positions = np.arange(20)
+    for epoch in range(4):
+        batch = source.batch(epoch, positions)
+        rows = source.order(epoch)[positions]
+        cols = draw_set_columns(g3.attrs.asdict(), epoch % 3)
+        np.testing.assert_array_equal(batch["target_ids"].numpy(), ids[rows][..., cols])
+        np.testing.assert_array_equal(batch["target_logp"].numpy(), logp[rows][..., cols].astype(np.float32))
+        np.testing.assert_array_equal(batch["tail_logp"].numpy(), tail_logp[rows][..., cols[4:] - 4].astype(np.float32))
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(triple, broken)
+    group = zarr.open_group(str(broken), mode="r+")
+    chunk = {name: group[name][0:64] for name in array_names(dict(group.attrs))}
+    chunk["ids"][0, 0, 11] = chunk["ids"][0, 0, 10]  # a repeat within draw set 1, with a marker that matches it
+    write_chunk(broken, group, 0, 0, chunk)
+    assert verify_store(broken) == ["chunk 0 (rows 0-63): repeated ids within a position"]
+    with pytest.raises(ValueError, match=r"other inputs \(.*draw_sets.*\).*--force"):
+        capture(tiny_run, teachers, single, cfg=dataclasses.replace(one, draw_sets=3))
+
+
+def test_draw_sets_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"cache.draw_sets.*mode topk"):
+        CacheConfig(mode="topk", draw_sets=2)
+    with pytest.raises(ConfigError, match=r"cache.draw_sets.*>= 1"):
+        CacheConfig(draw_sets=0)
 
 
 def test_teachers_with_different_vocab_sizes_are_refused(tiny_run, teachers, tmp_path):

@@ -619,7 +619,7 @@ def cache_label(arm: Arm) -> str:
     if cache.mode in ("topk", "hybrid"):
         parts.append(f"k={cache.k}")
     if cache.mode in ("sample", "hybrid"):
-        parts.append(f"S={cache.samples}")
+        parts.append(f"S={cache.samples}" + (f" x {cache.draw_sets} sets" if cache.draw_sets > 1 else ""))
     if cache.tail_logp:
         parts.append("tail_logp")
     parts.append(f"{cache.order} order")
@@ -663,7 +663,8 @@ def collect_results(study: Study) -> dict:
         arms.append({
             "name": arm.name, "online": arm.online, "set": arm.set, "run_dir": str(arm.run_path),
             "cache": None if arm.online else {"mode": cache.mode, "k": cache.k, "samples": cache.samples,
-                                              "tail_logp": cache.tail_logp, "order": cache.order},
+                                              "tail_logp": cache.tail_logp, "draw_sets": cache.draw_sets,
+                                              "order": cache.order},
             "cache_label": cache_label(arm),
             "config": arm.config.to_dict(),
             "per_seed": per_seed, "seeds_finished": sorted(finished),
