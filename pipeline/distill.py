@@ -184,7 +184,8 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
     if not (Path(logits_path) / "zarr.json").is_file():
         raise TrainingError(f"{logits_path}: no logit store; run `babydistill cache CONFIG` first")
     dcfg = config.distill
-    reader = LogitStoreReader(logits_path, tokens_path, tokenizer_dir, seed=seed, temperature=dcfg.temperature)
+    reader = LogitStoreReader(logits_path, tokens_path, tokenizer_dir, seed=seed, temperature=dcfg.temperature,
+                              tail_logp=dcfg.control_variate != "never")
     attrs = reader.attrs
     if int(attrs["seq_len"]) != config.data.seq_len:
         raise TrainingError(f"{logits_path} holds windows of {attrs['seq_len']} tokens but data.seq_len is "

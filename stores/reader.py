@@ -44,8 +44,8 @@ class LogitStoreReader:
     ``target_logp`` float32 [B, S, K] (log-probabilities at T = 1; padding slots hold -1e4, weight 0),
     ``c_T`` float32 [B, S] (only when ``temperature`` is one of the store's capture temperatures),
     ``window_ids`` int64 [B] (the training windows of tokens.zarr these rows hold),
-    ``tail_logp`` float32 [B, S, K - k] (stores captured with ``cache.tail_logp`` only: the tail draws' exact
-    teacher log-probabilities, -1e4 on padding).
+    ``tail_logp`` float32 [B, S, K - k] (stores captured with ``cache.tail_logp`` only, unless the reader is
+    built with ``tail_logp=False``: the tail draws' exact teacher log-probabilities, -1e4 on padding).
     A store of several tail draw sets (``cache.draw_sets``) gives epoch e the head and the set e mod draw_sets.
 
     Examples
@@ -58,7 +58,8 @@ class LogitStoreReader:
     """
 
     def __init__(self, path: str | Path, tokens_path: str | Path, tokenizer_dir: str | Path | None = None, *,
-                 seed: int, temperature: float | None = None, shuffle_buffer_chunks: int = 4):
+                 seed: int, temperature: float | None = None, shuffle_buffer_chunks: int = 4,
+                 tail_logp: bool = True):
         from stores.tokens import TokenStore, tokenizer_file_hash
 
         self.path, self.tokens_path = Path(path), Path(tokens_path)
@@ -82,6 +83,8 @@ class LogitStoreReader:
             tok = Path(tokenizer_dir) / "tokenizer.json"
             raise ValueError(f"{self.path} was made with another tokenizer than {tok}; {REBUILD}")
         self.attrs = attrs
+        # A student without the control variate has no use for the tail draws' probabilities: not decoded then.
+        self.tail_logp = tail_logp and bool(attrs.get("tail_logp"))
         self.seed, self.shuffle_buffer_chunks = seed, shuffle_buffer_chunks
         self.c_T_column = next((i for i, t in enumerate(attrs["temperatures"])
                                 if temperature is not None and abs(t - temperature) < 1e-9), None)
@@ -106,7 +109,7 @@ class LogitStoreReader:
             if self._arrays is None:  # opened on first use: a reader can be built in one process, used in another
                 group, _ = open_store(self.path)
                 names = (STORED + (("c_T",) if self.c_T_column is not None else ())
-                         + (("tail_logp",) if self.attrs.get("tail_logp") else ()))
+                         + (("tail_logp",) if self.tail_logp else ()))
                 self._arrays = {name: group[name] for name in names}
             start, stop = self.ranges[chunk]
             arrays = {name: decode_chunk(array, self._checked_bytes(chunk, name))[:stop - start]

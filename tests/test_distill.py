@@ -132,10 +132,14 @@ def test_draws_with_their_probabilities_under_sequence_normalisation_do_not_warn
     config = _config(distill_run, tmp_path, "distill.normalization=sequence")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, control_store, seed=1)
+        used, _, _ = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, control_store,
+                                         seed=1)
     never = _config(distill_run, tmp_path, "distill.normalization=sequence", "distill.control_variate=never")
     with pytest.warns(UserWarning, match="without their probabilities"):
-        open_offline_source(never, distill_run.tokens_path, distill_run.tokenizer_path, control_store, seed=1)
+        unused, _, _ = open_offline_source(never, distill_run.tokens_path, distill_run.tokenizer_path, control_store,
+                                           seed=1)
+    # never: the probabilities are not decoded at all
+    assert "tail_logp" in used.batch(0, np.arange(4)) and "tail_logp" not in unused.batch(0, np.arange(4))
 
 
 @pytest.mark.parametrize("mode", ["sample", "hybrid"])
@@ -178,6 +182,28 @@ def test_offline_student_trains_with_the_tail_control_variate(distill_run, contr
                             seed=1)
     assert json.loads((off / "train_summary.json").read_text())["control_variate"] is False
     assert "control_beta" not in (off / "metrics.jsonl").read_text()
+
+
+def test_a_student_of_a_draw_sets_store_reads_fresh_draws_in_its_second_epoch(distill_run, control_store, tmp_path):
+    """cache.draw_sets = 2 holds control_store's draws as set 0 and new ones as set 1: the same student seed
+    takes the same steps in epoch 0 as from control_store, and other steps once epoch 1 reads set 1."""
+    cfg = _config(distill_run, tmp_path, "cache.mode=hybrid", "cache.samples=12", "cache.k=4", "cache.tail_logp=true",
+                  "cache.draw_sets=2").cache
+    teachers = [distill_run.teacher_path("t1"), distill_run.teacher_path("t2")]
+    two_sets = Path(capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path, teachers,
+                                   tmp_path / "two-sets.zarr")["out"])
+    config = _config(distill_run, tmp_path, "train.max_steps=10", "train.batch_size=64", "train.log_every=1",
+                     "train.epochs=2", "distill.normalization=sequence")
+    losses = {}
+    for name, store in (("one", control_store), ("two", two_sets)):
+        out = train_student(config, config.tokens_path, config.tokenizer_path, store, tmp_path / name, seed=1)
+        losses[name] = [(r["epoch"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                        if r.get("kind", "train") == "train" and "loss" in r and "epoch" in r]
+    first = [i for i, (epoch, _) in enumerate(losses["one"]) if epoch <= 1.0 + 1e-9]
+    later = [i for i, (epoch, _) in enumerate(losses["one"]) if epoch > 1.0 + 1e-9]
+    assert len(losses["one"]) == len(losses["two"]) == 10 and first and later
+    assert [losses["one"][i] for i in first] == [losses["two"][i] for i in first]
+    assert all(losses["one"][i][1] != losses["two"][i][1] for i in later)
 
 
 def test_a_store_with_tail_probabilities_verifies_and_names_a_bad_one(control_store, tmp_path):

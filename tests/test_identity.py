@@ -98,3 +98,11 @@ def test_a_key_whose_default_changed_leaves_earlier_stores_done_at_their_value_a
     assert identity(CacheConfig(samples=12))["tail_logp"] is True  # the default: hybrid with the probabilities
     assert CacheConfig(mode="topk", tail_logp=True).tail_logp is False
     assert "tail_logp" not in identity(CacheConfig(mode="topk", k=32))
+
+
+def test_draw_sets_enter_the_identity_only_when_more_than_one():
+    """cache.draw_sets came after every store (one set): at 1 it is left out, so those stores stay done."""
+    from pipeline.config import CacheConfig
+
+    assert "draw_sets" not in identity(CacheConfig())
+    assert identity(CacheConfig(draw_sets=6))["draw_sets"] == 6
