@@ -15,21 +15,13 @@ Writes control_variate.json beside this file; the README of the offline study qu
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from validation_positions import RUN, logp_of, validation_windows
+from validation_positions import RUN, logp_of, teacher_positions
 
 from pipeline.model import load_model
 
 torch.set_num_threads(2)
-rng = np.random.default_rng(0)
-tokens, windows = validation_windows(rng)
-
-
-p_logp = logp_of([load_model(RUN / "teachers" / t).eval() for t in ("t1", "t2")], windows)
-picked = torch.from_numpy(rng.choice(p_logp.shape[0], 256, replace=False))
-p = p_logp[picked].exp()
-p = p / p.sum(1, keepdim=True)
+windows, picked, p = teacher_positions(256)
 vocab = p.shape[1]
 students = {"uniform (step 0)": torch.full_like(p, 1.0 / vocab)}
 for name, path in [("online-seq student o1 (trained)", RUN / "study/online-seq/students/o1"),

@@ -24,3 +24,16 @@ def logp_of(models: list[torch.nn.Module], windows: torch.Tensor) -> torch.Tenso
     with torch.no_grad():
         logits = [m(windows).logits.float() for m in models]
     return ensemble_logp(logits, "logits").reshape(-1, logits[0].shape[-1]).double()
+
+
+def teacher_positions(count: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows (seed 0), ``count`` positions picked among them (flat indices) and the teachers' ensemble
+    probabilities there, renormalised in float64: ([8, 128], [count], [count, V])."""
+    from pipeline.model import load_model
+
+    rng = np.random.default_rng(0)
+    _, windows = validation_windows(rng)
+    p_logp = logp_of([load_model(RUN / "teachers" / t).eval() for t in ("t1", "t2")], windows)
+    picked = torch.from_numpy(rng.choice(p_logp.shape[0], count, replace=False))
+    p = p_logp[picked].exp()
+    return windows, picked, p / p.sum(1, keepdim=True)
