@@ -243,7 +243,8 @@ class CacheConfig:
     draw_sets: int = field(default=1, metadata=ADDED_LATER)
     """Mode hybrid: independent sets of ``samples`` tail draws per position; the student reads set
     epoch mod draw_sets, so each of the first draw_sets epochs sees fresh draws. The tail's bytes grow
-    with it. Measured in docs/results/offline-study (arms ``hybrid8-*x6-*``)."""
+    with it. Measured no better than 1 (docs/results/offline-study, arms ``hybrid8-*x6-*``): what
+    counts is the draws one step reads, not how many a position gets over training."""
     order: Literal["shuffled", "corpus"] = "shuffled"
     """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming
     reader) or corpus order (poorly mixed; kept to measure the difference)."""
