@@ -721,10 +721,15 @@ def _number(value, fmt: str) -> str:
 
 
 def _plot(results: dict, path: Path) -> bool:
+    """Test CE against store bytes per token: one panel per ``distill.normalization`` among the arms (an arm
+    is compared with the online arms of its own normalisation), arms named beside their points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def normalization(arm: dict) -> str:
+        return arm["config"]["distill"]["normalization"]
 
     offline = [a for a in results["arms"] if not a["online"] and a["test_ce"]["n"]
                and a["store"]["bytes_per_token"] is not None]
@@ -732,25 +737,29 @@ def _plot(results: dict, path: Path) -> bool:
     best = next((t for t in results["teachers"] if t["name"] == results["best_teacher"]), None)
     if not offline and not online:
         return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for a in offline:
-        x, y = a["store"]["bytes_per_token"], a["test_ce"]["mean"]
-        ax.errorbar([x], [y], yerr=[a["test_ce"]["sd"] or 0.0], fmt="o", capsize=4, label=a["name"])
-        ax.annotate(a["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    for a in online:
-        mean, sd = a["test_ce"]["mean"], a["test_ce"]["sd"]
-        ax.axhline(mean, color="tab:orange", linewidth=1.5, label=f"{a['name']} (online, no store): mean ± std")
-        if sd:
-            ax.axhspan(mean - sd, mean + sd, color="tab:orange", alpha=0.15)
-    if best is not None:
-        ax.axhline(best["test_ce"], color="tab:gray", linestyle="--", label=f"best teacher {best['name']}")
-    xs = [a["store"]["bytes_per_token"] for a in offline]
-    if xs and max(xs) / max(min(xs), 1e-9) > 10:
-        ax.set_xscale("log")
-    ax.set(title="test CE against store size (lower is better)", xlabel="store bytes per token on disk",
-           ylabel="test CE (nats), mean ± std over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = sorted({normalization(a) for a in offline + online})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        arms = [a for a in offline if normalization(a) == panel]
+        for a in arms:
+            x, y = a["store"]["bytes_per_token"], a["test_ce"]["mean"]
+            ax.errorbar([x], [y], yerr=[a["test_ce"]["sd"] or 0.0], fmt="o", capsize=3, color="tab:blue")
+            ax.annotate(a["name"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        for a in (a for a in online if normalization(a) == panel):
+            mean, sd = a["test_ce"]["mean"], a["test_ce"]["sd"]
+            ax.axhline(mean, color="tab:orange", linewidth=1.5, label=f"{a['name']} (online, no store): mean ± std")
+            if sd:
+                ax.axhspan(mean - sd, mean + sd, color="tab:orange", alpha=0.15)
+        if best is not None:
+            ax.axhline(best["test_ce"], color="tab:gray", linestyle="--", label=f"best teacher {best['name']}")
+        xs = [a["store"]["bytes_per_token"] for a in arms]
+        if xs and max(xs) / max(min(xs), 1e-9) > 10:
+            ax.set_xscale("log")
+        ax.set(title=f"distill.normalization: {panel}", xlabel="store bytes per token on disk")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0][0].set_ylabel("test CE (nats), mean ± std over seeds")
+    fig.suptitle("test CE against store size (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
