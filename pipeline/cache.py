@@ -100,10 +100,11 @@ def _differences(old: dict, new: dict) -> list[str]:
     # Keys left out of an identity at their earlier value (pipeline.config.added_later) are missing from one side
     # when they differ: an absent key has that value.
     for f in dataclasses.fields(CacheConfig):
-        if "left_out_at" in f.metadata and f.name not in keys:
-            earlier = f.metadata["left_out_at"]
-            if old.get(f.name, earlier) != new.get(f.name, earlier):
-                keys.append(f.name)
+        if f.name in keys or not ("left_out_at" in f.metadata or f.metadata.get("left_out_at_default")):
+            continue
+        earlier = f.metadata["left_out_at"] if "left_out_at" in f.metadata else f.default
+        if old.get(f.name, earlier) != new.get(f.name, earlier):
+            keys.append(f.name)
     if [t["sha256"] for t in old.get("teachers", [])] != [t["sha256"] for t in new["teachers"]]:
         keys.append("teachers")
     return keys

@@ -549,7 +549,8 @@ def test_draw_sets_hold_independent_tail_draws_and_each_epoch_reads_its_own(tiny
     for epoch in range(4):
         batch = source.batch(epoch, positions)
         rows = source.order(epoch)[positions]
-        cols = draw_set_columns(g3.attrs.asdict(), epoch % 3)
+        cols = np.r_[0:4, 4 + 6 * (epoch % 3):10 + 6 * (epoch % 3)]  # the head, then set epoch mod 3
+        np.testing.assert_array_equal(draw_set_columns(g3.attrs.asdict(), epoch), cols)
         np.testing.assert_array_equal(batch["target_ids"].numpy(), ids[rows][..., cols])
         np.testing.assert_array_equal(batch["target_logp"].numpy(), logp[rows][..., cols].astype(np.float32))
         np.testing.assert_array_equal(batch["tail_logp"].numpy(), tail_logp[rows][..., cols[4:] - 4].astype(np.float32))
@@ -563,6 +564,8 @@ def test_draw_sets_hold_independent_tail_draws_and_each_epoch_reads_its_own(tiny
     assert verify_store(broken) == ["chunk 0 (rows 0-63): repeated ids within a position"]
     with pytest.raises(ValueError, match=r"other inputs \(.*draw_sets.*\).*--force"):
         capture(tiny_run, teachers, single, cfg=dataclasses.replace(one, draw_sets=3))
+    with pytest.raises(ValueError, match=r"other inputs \(.*draw_sets.*\).*--force"):  # and back: 1 is named too
+        capture(tiny_run, teachers, triple, cfg=one)
 
 
 def test_draw_sets_config_errors_name_the_key():
