@@ -720,6 +720,23 @@ def _number(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _label_points(ax, points: list[tuple[str, float, float]], gap_pt: float = 9.0) -> None:
+    """Name each point beside it; labels of points close together are pushed apart vertically (at least
+    ``gap_pt`` points), each joined to its point by a thin line, so that clustered arms stay legible."""
+    ax.figure.canvas.draw()  # fixes the axes' scales, so data map to display points
+    to_points = 72.0 / ax.figure.dpi
+    placed: list[tuple[float, float]] = []  # (display x, label display y) in points
+    for name, x, y in sorted(points, key=lambda p: p[2]):
+        px, py = (v * to_points for v in ax.transData.transform((x, y)))
+        label_y = py
+        for other_x, other_y in placed:
+            if abs(other_x - px) < 120 and label_y - other_y < gap_pt:
+                label_y = other_y + gap_pt
+        placed.append((px, label_y))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, label_y - py), fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.5} if label_y != py else None)
+
+
 def _plot(results: dict, path: Path) -> bool:
     """Test CE against store bytes per token: one panel per ``distill.normalization`` among the arms (an arm
     is compared with the online arms of its own normalisation), arms named beside their points."""
@@ -744,7 +761,10 @@ def _plot(results: dict, path: Path) -> bool:
         for a in arms:
             x, y = a["store"]["bytes_per_token"], a["test_ce"]["mean"]
             ax.errorbar([x], [y], yerr=[a["test_ce"]["sd"] or 0.0], fmt="o", capsize=3, color="tab:blue")
-            ax.annotate(a["name"], (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        xs = [a["store"]["bytes_per_token"] for a in arms]
+        if xs and max(xs) / max(min(xs), 1e-9) > 10:
+            ax.set_xscale("log")
+        _label_points(ax, [(a["name"], a["store"]["bytes_per_token"], a["test_ce"]["mean"]) for a in arms])
         for a in (a for a in online if normalization(a) == panel):
             mean, sd = a["test_ce"]["mean"], a["test_ce"]["sd"]
             ax.axhline(mean, color="tab:orange", linewidth=1.5, label=f"{a['name']} (online, no store): mean ± std")
@@ -752,9 +772,6 @@ def _plot(results: dict, path: Path) -> bool:
                 ax.axhspan(mean - sd, mean + sd, color="tab:orange", alpha=0.15)
         if best is not None:
             ax.axhline(best["test_ce"], color="tab:gray", linestyle="--", label=f"best teacher {best['name']}")
-        xs = [a["store"]["bytes_per_token"] for a in arms]
-        if xs and max(xs) / max(min(xs), 1e-9) > 10:
-            ax.set_xscale("log")
         ax.set(title=f"distill.normalization: {panel}", xlabel="store bytes per token on disk")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
