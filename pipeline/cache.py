@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import CacheConfig, identity
+from pipeline.config import CacheConfig, earlier_value, identity
 from pipeline.model import ensemble_logits, load_teachers
 from pipeline.tokenizer import tokenizer_hash
 from stores.logits import (
@@ -97,13 +97,11 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
 
 def _differences(old: dict, new: dict) -> list[str]:
     keys = [k for k in new if k != "teachers" and old.get(k) != new.get(k)]
-    # Keys left out of an identity at their earlier value (pipeline.config.added_later) are missing from one side
-    # when they differ: an absent key has that value.
+    # Keys left out of an identity at their earlier value (pipeline.config.earlier_value) are missing from one
+    # side when they differ: an absent key has that value.
     for f in dataclasses.fields(CacheConfig):
-        if f.name in keys or not ("left_out_at" in f.metadata or f.metadata.get("left_out_at_default")):
-            continue
-        earlier = f.metadata["left_out_at"] if "left_out_at" in f.metadata else f.default
-        if old.get(f.name, earlier) != new.get(f.name, earlier):
+        earlier = earlier_value(f)
+        if earlier is not dataclasses.MISSING and f.name not in keys and old.get(f.name, earlier) != new.get(f.name, earlier):
             keys.append(f.name)
     if [t["sha256"] for t in old.get("teachers", [])] != [t["sha256"] for t in new["teachers"]]:
         keys.append("teachers")

@@ -61,17 +61,21 @@ def added_later(earlier_value: Any) -> dict:
     return {"left_out_at": earlier_value}
 
 
-def _at_default(f: dataclasses.Field, value: Any) -> bool:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return value == default
+def earlier_value(f: dataclasses.Field) -> Any:
+    """What a key added later (``ADDED_LATER``, ``added_later``) meant before it existed: it is left out of
+    fingerprints at this value, so an identity without it has it. ``dataclasses.MISSING`` for other keys."""
+    if "left_out_at" in f.metadata:
+        return f.metadata["left_out_at"]
+    if f.metadata.get("left_out_at_default"):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return dataclasses.MISSING
 
 
 def identity(section: Any) -> dict[str, Any]:
     """The fields of a config section that fix what its stages compute, in declaration order."""
     return {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(section)
             if not f.metadata.get("execution_only")
-            and not (f.metadata.get("left_out_at_default") and _at_default(f, getattr(section, f.name)))
-            and not ("left_out_at" in f.metadata and getattr(section, f.name) == f.metadata["left_out_at"])}
+            and not ((earlier := earlier_value(f)) is not dataclasses.MISSING and getattr(section, f.name) == earlier)}
 
 
 # --- stage sections ---------------------------------------------------------------------
