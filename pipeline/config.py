@@ -158,6 +158,10 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    head_lr_scale: float = field(default=1.0, metadata=ADDED_LATER)
+    """The output layer's (lm_head's) learning rate, as a multiple of ``lr``. Sampled targets under
+    ``distill.normalization: sequence`` inflate Adam's second moment on the rows of rare tokens, which slows
+    them (docs/results/offline-study, "Where the sequence gap lives")."""
     min_lr_ratio: float = 0.0
     """Cosine decays to lr x min_lr_ratio."""
     seed: int = 0
@@ -198,6 +202,7 @@ class TrainConfig:
                f"must be two numbers in [0, 1), got {self.betas}")
         _check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
         _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _check(self.head_lr_scale > 0, "train.head_lr_scale", f"must be > 0, got {self.head_lr_scale}")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
         _check(self.save_every >= 1, "train.save_every", f"must be >= 1, got {self.save_every}")

@@ -185,9 +185,13 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     """AdamW; like HF's Trainer, 1-D parameters (norm weights, biases) get no weight decay,
     matrices and embeddings do."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
+    # A scaled output layer gets a group of its own (at scale 1 the groups, and so checkpoints, are as before).
+    head = model.get_output_embeddings().weight if cfg.head_lr_scale != 1.0 else None
+    decay = [p for p in params if p.dim() >= 2 and p is not head]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if head is not None:
+        groups.append({"params": [head], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -804,7 +808,7 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         t0 = time.perf_counter()
         lr = lr_at(step, cfg, num_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         micro_batches = _micro_batches(batches, epoch, step_in_epoch, cfg, plan)
         loss, metrics, grad_norm = optimizer_step(train_model, optimizer, micro_batches, loss_fn, device=plan.device,
                                                   amp_dtype=plan.amp_dtype, scaler=scaler,

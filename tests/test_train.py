@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,30 @@ def test_resume_modes(tiny_run, tmp_path):
         run_teacher(with_train(config, batch_size=4), tmp_path / "t", resume=True)
     with pytest.raises(TrainingError, match="past this run's 3 steps"):
         run_teacher(with_train(config, max_steps=3), tmp_path / "t", resume=True)
+
+
+def test_head_lr_scale_multiplies_the_output_layers_step_only_and_resumes(tiny_run, tmp_path):
+    """The first AdamW step is lr * (g / (|g| + eps) + wd * w): proportional to the group's lr, so the output
+    layer moves exactly head_lr_scale times as far and every other weight exactly as far as at scale 1."""
+    config = with_train(tiny_run, max_steps=1, warmup_steps=1, random_offset=False)
+    start = build_model(config, TokenStore(tiny_run.tokens_path), 1).state_dict()
+    plain = weights(run_teacher(config, tmp_path / "plain"))
+    scaled = weights(run_teacher(with_train(config, head_lr_scale=3.0), tmp_path / "scaled"))
+    for name, w in plain.items():
+        moved_plain, moved_scaled = w - start[name], scaled[name] - start[name]
+        if name == "lm_head.weight":
+            assert moved_plain.abs().max() > 0
+            torch.testing.assert_close(moved_scaled, 3.0 * moved_plain, rtol=1e-4, atol=1e-7)
+        else:
+            torch.testing.assert_close(moved_scaled, moved_plain, rtol=0, atol=0)
+    # the scale lives in the optimizer's state: resumed from step 3, the run ends where the uninterrupted one did
+    longer = with_train(config, max_steps=6, save_every=3, head_lr_scale=3.0)
+    whole = run_teacher(longer, tmp_path / "whole")
+    shutil.copytree(whole, tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / STATE_DIR / "step-000006")
+    assert_same_weights(whole, run_teacher(longer, tmp_path / "cut", resume=True), atol=0)
+    with pytest.raises(ValueError, match="train.head_lr_scale"):
+        with_train(config, head_lr_scale=0.0)
 
 
 def test_resume_from_a_path_and_skipping_incomplete_or_corrupt_checkpoints(tiny_run, tmp_path):
