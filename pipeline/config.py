@@ -313,6 +313,9 @@ class DistillConfig:
     """A control-variate coefficient estimated below this is used as 0 (plain draws). Early in training the
     estimate overshoots the optimum, which is near 0 there, but 0.2 was measured no better than 0
     (docs/results/offline-study)."""
+    head_lr_scale: float | None = field(default=None, metadata=ADDED_LATER)
+    """The students' ``train.head_lr_scale`` (their output layer's learning rate as a multiple of ``train.lr``),
+    leaving the teachers' as it is; None = ``train.head_lr_scale``."""
     students: int = field(default=1, metadata=EXECUTION_ONLY)
     """Offline students distilled from the one cache."""
     seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
@@ -326,6 +329,8 @@ class DistillConfig:
         _check(self.students >= 0, "distill.students", f"must be >= 0, got {self.students}")
         _check(0.0 <= self.control_min_beta <= 1.0, "distill.control_min_beta",
                f"must be in [0, 1], got {self.control_min_beta}")
+        _check(self.head_lr_scale is None or self.head_lr_scale > 0, "distill.head_lr_scale",
+               f"must be > 0 (or null: train.head_lr_scale), got {self.head_lr_scale}")
         _check(self.online_students >= 0, "distill.online_students", f"must be >= 0, got {self.online_students}")
         _check(self.seeds is None or len(self.seeds) == self.students, "distill.seeds",
                f"must list distill.students ({self.students}) seeds, got {self.seeds}")

@@ -13,6 +13,7 @@ schedule, checkpoints, exact resume, DDP and logging; only the batches and the l
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -263,6 +264,8 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
                 "tail": tail, "store_mode": batches.attrs["mode"], "store_order": batches.attrs["order"],
                 "store_teachers": batches.attrs.get("teachers"), "control_variate": control}
 
+    if dcfg.head_lr_scale is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, head_lr_scale=dcfg.head_lr_scale))
     model = build_model(config, tokens, seed)
     return train_loop(config, model, batches, loss_fn, Path(out_dir), seed=seed, resume=resume, tokens=tokens,
                       tokenizer_dir=tokenizer_dir, extra_meta=meta, on_validation=on_validation)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.cache import capture_logits
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.distill import (
     control_beta,
     control_coefficients,
@@ -293,6 +293,25 @@ def test_offline_student_trains_and_its_loss_goes_down(distill_run, tmp_path):
     assert last < first - 0.3, (first, last)
     assert any(r["kind"] == "val" for r in lines)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_distill_head_lr_scale_is_the_students_train_head_lr_scale(distill_run, tmp_path):
+    """distill.head_lr_scale trains the student exactly as train.head_lr_scale would, and differs from scale 1."""
+    from safetensors.torch import load_file
+
+    def student(name: str, *overrides: str) -> dict[str, torch.Tensor]:
+        config = _config(distill_run, tmp_path, "train.max_steps=3", *overrides)
+        out = train_student(config, config.tokens_path, config.tokenizer_path, config.logits_path, tmp_path / name,
+                            seed=1)
+        return load_file(out / "model.safetensors")
+
+    by_distill = student("distill", "distill.head_lr_scale=3.0")
+    by_train = student("train", "train.head_lr_scale=3.0")
+    plain = student("plain")
+    assert all(torch.equal(by_distill[k], by_train[k]) for k in plain)
+    assert not torch.equal(by_distill["lm_head.weight"], plain["lm_head.weight"])
+    with pytest.raises(ConfigError, match="distill.head_lr_scale"):
+        _config(distill_run, tmp_path, "distill.head_lr_scale=-1")
 
 
 def test_sparse_store_with_k_equal_vocab_matches_the_dense_online_path(distill_run, tmp_path):

@@ -1,0 +1,144 @@
+"""Could another store design of about 60 bytes/token carry a less noisy tail than 8 exact ids + 12 draws with their
+probabilities? Exact noise (no simulation) of the tail estimate with the trainer's control variate (beta q_tail,
+the batch's best beta), at the trained online-seq student o1, on 256 validation positions of the cpu-experiment
+teachers; root-mean-square noise over the dense gradient's norm, as control_variate.py. Designs:
+
+- proposal: draws from pi proportional to p_tail^g instead of p_tail (g < 1: flatter, "defensive");
+- head size: the noise of one draw for k = 4 .. 32 exact ids (a head id costs about 3.3 bytes, a draw 2.5);
+- without replacement: n distinct tail ids with inclusion probabilities min(1, c p_j) (Poisson sampling with
+  Horvitz-Thompson weights; conditional Poisson / Pareto sampling are close to it), against S draws with
+  replacement at the same mean number of distinct ids;
+- Neyman allocation: the same 12 draws per position on average, spread over positions in proportion to each
+  position's noise (an oracle that knows it) or to the tail mass r (what a capture knows);
+- a low-rank teacher control: the teachers' log-probabilities projected on their top r principal directions
+  (fitted on 4096 training positions), whose r coefficients per position the store would keep (2r bytes in
+  float16), used as the control instead of, or beside, the student's tail.
+
+    .venv/bin/python docs/results/offline-study/store_designs.py   (from the repo root, after the online-seq arm)
+
+Writes store_designs.json beside this file; the README of the offline study quotes it.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from validation_positions import RUN, logp_of, teacher_positions
+
+from pipeline.model import load_model
+from stores.tokens import TokenStore
+
+torch.set_num_threads(2)
+windows, picked, p = teacher_positions(256)
+teachers = [load_model(RUN / "teachers" / t).eval() for t in ("t1", "t2")]
+lq = logp_of([load_model(RUN / "study/online-seq/students/o1").eval()], windows)[picked]
+q = lq.exp()
+q = q / q.sum(1, keepdim=True)
+signal2 = ((q - p) ** 2).sum(1).mean()
+zero = torch.zeros_like(p)
+
+
+def split(k: int):
+    head = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(k, dim=1).indices, True)
+    p_tail, q_tail = p.masked_fill(head, 0.0), q.masked_fill(head, 0.0)
+    return head, p_tail, q_tail, p_tail.sum(1, keepdim=True)
+
+
+def over(x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    return torch.where(pi > 0, x / pi.clamp_min(1e-300), zero)
+
+
+def variance(p_tail, control, pi) -> torch.Tensor:
+    """Per position, S = 1: E||(p_j - c_j) / pi_j e_j - (p_tail - c)||^2 for one draw j ~ pi."""
+    d = p_tail - control
+    return over(d ** 2, pi).sum(1) - (d ** 2).sum(1)
+
+
+def best_betas(p_tail, controls, pi) -> list[float]:
+    """The coefficients of sum_i beta_i c_i that minimise the summed variance (a least-squares solve)."""
+    def inner(x, y):
+        return float((over(x * y, pi).sum(1) - (x * y).sum(1)).sum())
+    gram = torch.tensor([[inner(a, b) for b in controls] for a in controls], dtype=torch.float64)
+    rhs = torch.tensor([inner(p_tail, a) for a in controls], dtype=torch.float64)
+    return [float(b) for b in torch.linalg.solve(gram, rhs)]
+
+
+def ratio(v: torch.Tensor) -> float:
+    return round(float((v.mean() / signal2).sqrt()), 3)
+
+
+result = {"positions": int(p.shape[0]), "student": "online-seq o1 (trained)",
+          "note": "noise over signal; S draws divide the variance by S, so the noise by sqrt(S)"}
+
+# proposal distributions and head sizes, one draw
+head, p_tail, q_tail, r = split(8)
+pi_p = p_tail / r
+beta = best_betas(p_tail, [q_tail], pi_p)[0]
+result["trainer_beta"] = round(beta, 3)
+result["proposal_k8_one_draw"] = {}
+for g in (1.0, 0.9, 0.8, 0.7, 0.5):
+    w = p_tail ** g
+    pi = w / w.sum(1, keepdim=True)
+    b = best_betas(p_tail, [q_tail], pi)[0]
+    result["proposal_k8_one_draw"][f"p^{g}"] = ratio(variance(p_tail, b * q_tail, pi))
+d = (p_tail - beta * q_tail).abs()
+result["proposal_k8_one_draw"]["oracle |p - beta q| (needs the student)"] = ratio(
+    variance(p_tail, beta * q_tail, d / d.sum(1, keepdim=True)))
+result["head_size_one_draw"] = {}
+for k in (4, 8, 12, 16, 24, 32):
+    _, pt, qt, rk = split(k)
+    pik = pt / rk
+    b = best_betas(pt, [qt], pik)[0]
+    result["head_size_one_draw"][f"k={k}"] = {"tail_mass": round(float(rk.mean()), 3),
+                                              "noise": ratio(variance(pt, b * qt, pik))}
+
+# without replacement (Poisson sampling, Horvitz-Thompson) vs draws with replacement, same distinct ids
+def inclusion(n: float, weight: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.full_like(r, -60.0), torch.full_like(r, 60.0)
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        low = (mid.exp() * weight).clamp(max=1).sum(1, keepdim=True) < n
+        lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
+    return (lo.exp() * weight).clamp(max=1)
+
+
+d = p_tail - beta * q_tail
+result["with_vs_without_replacement"] = {}
+for S in (12, 24, 48):
+    distinct = float((1 - (1 - pi_p) ** S).sum(1).mean())
+    pi_n = inclusion(distinct, p_tail)
+    ht = torch.where(pi_n > 0, d ** 2 * (1 - pi_n) / pi_n.clamp_min(1e-300), zero).sum(1)
+    result["with_vs_without_replacement"][f"S={S}"] = {
+        "distinct_ids": round(distinct, 1), "with_replacement": ratio(variance(p_tail, beta * q_tail, pi_p) / S),
+        "without_replacement_same_distinct": ratio(ht)}
+
+# Neyman allocation of 12 draws per position on average
+v = variance(p_tail, beta * q_tail, pi_p)
+result["allocation_12_draws_mean"] = {"uniform": ratio(v / 12)}
+for label, w in (("oracle sqrt(noise)", v.sqrt()), ("tail mass r", r[:, 0])):
+    result["allocation_12_draws_mean"][label] = ratio(v / (12 * w / w.mean()))
+
+# a low-rank teacher control
+tokens = TokenStore(RUN / "tokens.zarr")
+stream, starts = tokens.stream("train"), tokens.starts("train")
+chosen = starts[np.random.default_rng(1).choice(len(starts), 32, replace=False)]
+train_lp = logp_of(teachers, torch.from_numpy(np.stack([stream[s:s + 128] for s in chosen]).astype(np.int64)))
+mean = train_lp.mean(0)
+directions = torch.linalg.svd(train_lp - mean, full_matrices=False).Vh
+p_logp = p.log()
+result["low_rank_teacher_control_one_draw"] = {}
+for rank in (8, 16, 32, 64):
+    basis = directions[:rank]
+    approx = torch.softmax(mean + ((p_logp - mean) @ basis.T) @ basis, dim=1).masked_fill(head, 0.0)
+    approx = approx * (r / approx.sum(1, keepdim=True))    # its tail rescaled to the stored tail mass
+    alone = best_betas(p_tail, [approx], pi_p)
+    both = best_betas(p_tail, [q_tail, approx], pi_p)
+    result["low_rank_teacher_control_one_draw"][f"rank {rank} ({2 * rank} B/token in float16)"] = {
+        "instead_of_student": ratio(variance(p_tail, alone[0] * approx, pi_p)),
+        "beside_student": ratio(variance(p_tail, both[0] * q_tail + both[1] * approx, pi_p))}
+result["low_rank_teacher_control_one_draw"]["student only (the trainer's)"] = ratio(variance(p_tail, beta * q_tail, pi_p))
+
+print(json.dumps(result, indent=1))
+out = Path(__file__).with_name("store_designs.json")
+out.write_text(json.dumps(result, indent=2) + "\n")
+print("wrote", out)
