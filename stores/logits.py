@@ -374,8 +374,12 @@ def acquire_lock(path: Path) -> Path:
 # --- info and verify ----------------------------------------------------------------------
 
 
+def _array_bytes(path: Path, name: str) -> int:
+    return sum(f.stat().st_size for f in (Path(path) / name).rglob("*") if f.is_file())
+
+
 def _disk_bytes(path: Path, attrs: dict) -> int:
-    return sum(f.stat().st_size for name in array_names(attrs) for f in (Path(path) / name).rglob("*") if f.is_file())
+    return sum(_array_bytes(path, name) for name in array_names(attrs))
 
 
 def store_info(path: Path) -> dict:
@@ -402,7 +406,9 @@ def store_info(path: Path) -> dict:
         "ensemble": attrs["ensemble"], "temperatures": attrs["temperatures"], "logp_dtype": attrs["logp_dtype"],
         "vocab_size": attrs["vocab_size"],
         "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),
-                          "chunks": list(group[name].chunks)} for name in array_names(attrs)},
+                          "chunks": list(group[name].chunks),
+                          "bytes_per_token": _array_bytes(path, name) / max(1, num_windows * seq_len)}
+                   for name in array_names(attrs)},
         "teachers": attrs["teachers"],
         "num_windows": num_windows, "num_tokens": num_tokens,
         "num_chunks": len(ranges), "chunks_done": done,

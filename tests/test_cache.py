@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -492,6 +493,8 @@ def test_store_info(topk_store):
     assert info["arrays"]["ids"] == {"shape": [442, 32, 8], "dtype": "uint16", "chunks": [32, 32, 8]}
     assert info["arrays"]["c_T"]["dtype"] == "float32" and info["arrays"]["tokens"]["shape"] == [442, 33]
     assert 0 < info["bytes_per_token"] < 2 * 8 * 4 and info["compression_vs_dense_fp16"] > 10
+    assert math.isclose(sum(a["bytes_per_token"] for a in info["arrays"].values()), info["bytes_per_token"])
+    assert all(a["bytes_per_token"] > 0 for a in info["arrays"].values())
     assert len(info["teachers"]) == 2 and info["fidelity"]["positions"] == 64
 
 
