@@ -159,9 +159,10 @@ class TrainConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     head_lr_scale: float = field(default=1.0, metadata=ADDED_LATER)
-    """The output layer's (lm_head's) learning rate, as a multiple of ``lr``. Sampled targets under
-    ``distill.normalization: sequence`` inflate Adam's second moment on the rows of rare tokens, which slows
-    them (docs/results/offline-study, "Where the sequence gap lives")."""
+    """The output layer's (lm_head's; with ``model.tie_embeddings`` the shared matrix's) learning rate, as a
+    multiple of ``lr``. Sampled targets under ``distill.normalization: sequence`` inflate Adam's second
+    moment on the output rows of rare tokens, which slows them (docs/results/offline-study, "Where the
+    sequence gap lives"); ``distill.head_lr_scale`` sets it for the students alone."""
     min_lr_ratio: float = 0.0
     """Cosine decays to lr x min_lr_ratio."""
     seed: int = 0
