@@ -1,8 +1,8 @@
-"""Where the sequence gap lives: the tail draws inflate Adam's second moment on the output rows of rare tokens.
+"""What the tail noise does to the optimizer: the draws inflate Adam's second moment on the output rows of rare tokens.
 
 For every finished arm of the study, the AdamW second moment v of lm_head at the students' last checkpoint
 (step 400 of 402), averaged over each row's 160 entries, divided row by row by the online student's of the
-same seed and normalisation; reported as the 10th / 50th / 90th percentile over the 6000 rows (mean over
+same seed, normalisation and optimizer settings (arms without such an online arm are left out); reported as the 10th / 50th / 90th percentile over the 6000 rows (mean over
 seeds), next to the arm's test CE minus that online arm's (mean over seeds). The backbone's matrices are
 reported the same way (one ratio per matrix, the median over matrices), to show that the inflation is the
 output layer's.
@@ -44,13 +44,20 @@ def test_ce(arm: str, seed: int) -> float | None:
     return cell.get("test_ce")
 
 
+def recipe(arm: dict) -> tuple:
+    """What an offline arm must share with its online reference: the loss normalisation and the optimizer."""
+    train = arm["config"]["train"]
+    return (arm["config"]["distill"]["normalization"], train.get("head_lr_scale", 1.0), train["min_lr_ratio"])
+
+
 quantiles = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-online = {"token": "online", "sequence": "online-seq"}
-result = {"checkpoint": "newest complete (step 400 of 402)", "arms": {}}
+online = {recipe(a): a["name"] for a in RESULTS["arms"] if a["online"]}
+result = {"checkpoint": "newest complete (step 400 of 402)",
+          "reference": "the online arm with the same normalisation and optimizer settings", "arms": {}}
 for arm in RESULTS["arms"]:
     name = arm["name"]
     normalization = arm["config"]["distill"]["normalization"]
-    reference = online.get(normalization)
+    reference = online.get(recipe(arm))
     if arm["online"] or reference is None:
         continue
     rows, backbone, gaps = [], [], []
@@ -68,7 +75,7 @@ for arm in RESULTS["arms"]:
         continue
     q = torch.stack(rows).mean(0)
     result["arms"][name] = {
-        "normalization": normalization, "seeds": len(rows),
+        "normalization": normalization, "online_reference": reference, "seeds": len(rows),
         "lm_head_row_v_over_online_q10_q50_q90": [round(float(x), 2) for x in q],
         "backbone_matrix_v_over_online_median": round(float(torch.stack(backbone).mean()), 2),
         "test_ce_minus_online": round(sum(gaps) / len(gaps), 4) if gaps else None,
