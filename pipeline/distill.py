@@ -231,6 +231,15 @@ def store_loss(dcfg: DistillConfig, reader: LogitStoreReader, use_c_T: bool, tai
     return offline_loss(dcfg, use_c_T, tail, int(reader.attrs["k"]) if control else None), control
 
 
+def student_config(config: Config) -> Config:
+    """The config a student trains with: ``distill.head_lr_scale``, when set, is its ``train.head_lr_scale``
+    (so that either spelling of one student is one student, with one fingerprint)."""
+    if config.distill.head_lr_scale is None:
+        return config
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, head_lr_scale=config.distill.head_lr_scale),
+                               distill=dataclasses.replace(config.distill, head_lr_scale=None))
+
+
 def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits_path: Path, out_dir: Path, *,
                   seed: int, resume=False, online: bool = False, teacher_dirs: list[Path] | None = None,
                   on_validation=None) -> Path:
@@ -264,8 +273,7 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
                 "tail": tail, "store_mode": batches.attrs["mode"], "store_order": batches.attrs["order"],
                 "store_teachers": batches.attrs.get("teachers"), "control_variate": control}
 
-    if dcfg.head_lr_scale is not None:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, head_lr_scale=dcfg.head_lr_scale))
+    config = student_config(config)
     model = build_model(config, tokens, seed)
     return train_loop(config, model, batches, loss_fn, Path(out_dir), seed=seed, resume=resume, tokens=tokens,
                       tokenizer_dir=tokenizer_dir, extra_meta=meta, on_validation=on_validation)

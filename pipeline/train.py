@@ -195,6 +195,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
+def _head_lr_scale(param_groups: list[dict]) -> float:
+    """The output layer's learning-rate scale of an optimizer's groups (1 when it has no group of its own)."""
+    return next((float(g["lr_scale"]) for g in param_groups if "lr_scale" in g), 1.0)
+
+
 def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
     """Linear warm-up over warmup_steps, then cosine from lr down to lr x min_lr_ratio at num_steps."""
     if step < cfg.warmup_steps:
@@ -368,6 +373,10 @@ def _load_checkpoint(folder: Path, fingerprint: dict, raw_model, optimizer, scal
                             f"({meta['fingerprint']} vs {fingerprint}); use --force to start over")
     model_state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    saved_scale, scale = _head_lr_scale(optimizer_state["param_groups"]), _head_lr_scale(optimizer.param_groups)
+    if (saved_scale == 1.0) != (scale == 1.0):  # the output layer moved between groups: its state cannot follow
+        raise TrainingError(f"{folder} was written with train.head_lr_scale = {saved_scale:g}, this run has "
+                            f"{scale:g}; resume with {saved_scale:g}, or use --force to start over")
     rng_file = folder / f"rng-rank{ddp.rank}.safetensors"
     # a checkpoint written by fewer processes has no RNG state for this rank: keep the seeded one
     rng = _load_rng(rng_file) if rng_file.is_file() else None
@@ -382,6 +391,9 @@ def _load_checkpoint(folder: Path, fingerprint: dict, raw_model, optimizer, scal
     try:
         raw_model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
+        for group in optimizer.param_groups:  # the config's scale, like its lr, not the checkpoint's
+            if "lr_scale" in group:
+                group["lr_scale"] = scale
         if scaler_state is not None:
             scaler.load_state_dict(scaler_state)
         if rng is not None:

@@ -295,7 +295,7 @@ def test_offline_student_trains_and_its_loss_goes_down(distill_run, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
-def test_distill_head_lr_scale_is_the_students_train_head_lr_scale(distill_run, tmp_path):
+def test_distill_head_lr_scale_is_the_students_train_head_lr_scale(distill_run, tmp_path, monkeypatch):
     """distill.head_lr_scale trains the student exactly as train.head_lr_scale would, and differs from scale 1."""
     from safetensors.torch import load_file
 
@@ -305,6 +305,18 @@ def test_distill_head_lr_scale_is_the_students_train_head_lr_scale(distill_run, 
                             seed=1)
         return load_file(out / "model.safetensors")
 
+    import workflows.runner
+    from workflows.runner import student_stage
+
+    monkeypatch.setattr(workflows.runner, "output_fingerprint", lambda path: "a store")  # no stage marker here
+
+    def stage_fingerprint(*overrides: str) -> str:
+        return student_stage(_config(distill_run, tmp_path, *overrides), seed=1).fingerprint
+
+    # one student, either spelling, one fingerprint; not the fingerprint of another key set to the same number
+    assert stage_fingerprint("distill.head_lr_scale=0.5") == stage_fingerprint("train.head_lr_scale=0.5")
+    assert stage_fingerprint("distill.head_lr_scale=0.5") != stage_fingerprint("distill.control_min_beta=0.5")
+    assert stage_fingerprint("distill.head_lr_scale=0.5") != stage_fingerprint()
     by_distill = student("distill", "distill.head_lr_scale=3.0")
     by_train = student("train", "train.head_lr_scale=3.0")
     plain = student("plain")

@@ -127,12 +127,25 @@ def test_head_lr_scale_multiplies_the_output_layers_step_only_and_resumes(tiny_r
             torch.testing.assert_close(moved_scaled, 3.0 * moved_plain, rtol=1e-4, atol=1e-7)
         else:
             torch.testing.assert_close(moved_scaled, moved_plain, rtol=0, atol=0)
-    # the scale lives in the optimizer's state: resumed from step 3, the run ends where the uninterrupted one did
+    # resumed from step 3, the run ends where the uninterrupted one did
     longer = with_train(config, max_steps=6, save_every=3, head_lr_scale=3.0)
     whole = run_teacher(longer, tmp_path / "whole")
-    shutil.copytree(whole, tmp_path / "cut")
-    shutil.rmtree(tmp_path / "cut" / STATE_DIR / "step-000006")
-    assert_same_weights(whole, run_teacher(longer, tmp_path / "cut", resume=True), atol=0)
+
+    def cut(name: str) -> Path:
+        shutil.copytree(whole, tmp_path / name)
+        shutil.rmtree(tmp_path / name / STATE_DIR / "step-000006")
+        return tmp_path / name
+
+    assert_same_weights(whole, run_teacher(longer, cut("cut"), resume=True), atol=0)
+    # the config's scale counts on resume, like its lr: at 5 the last 3 steps move the output layer further
+    faster = weights(run_teacher(with_train(longer, head_lr_scale=5.0), cut("faster"), resume=True))
+    assert not torch.equal(faster["lm_head.weight"], weights(whole)["lm_head.weight"])
+    # back to 1, the output layer would change optimizer groups: refused in one line, the checkpoint kept
+    with pytest.raises(TrainingError, match=r"train.head_lr_scale = 3, this run has 1; resume with 3") as err:
+        run_teacher(with_train(longer, head_lr_scale=1.0), cut("back"), resume=True)
+    assert "\n" not in str(err.value)
+    assert steps_of(tmp_path / "back" / STATE_DIR) == ["step-000003"]
+    assert not (tmp_path / "back" / STATE_DIR / "unreadable").exists()
     with pytest.raises(ValueError, match="train.head_lr_scale"):
         with_train(config, head_lr_scale=0.0)
 

@@ -373,7 +373,7 @@ def cache_stage(config: Config, teacher_names: list[str] | None = None, schedule
 
 def student_stage(config: Config, seed: int, name: str | None = None, resume: Any = False,
                   online: bool = False, teacher_names: list[str] | None = None) -> Stage:
-    from pipeline.distill import train_student
+    from pipeline.distill import student_config, train_student
 
     name = name or model_name("online" if online else "student", seed)
     names = teacher_names or default_teacher_names(config)
@@ -388,8 +388,9 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
         up = output_fingerprint(config.logits_path)
         missing = [] if up else ["`babydistill cache CONFIG`"]
         source = ["offline", up]
-    fp = None if missing else fingerprint("student", config.section_hash("model", "train"),
-                                          *identity(config.distill).values(), seed, source)
+    trained = student_config(config)
+    fp = None if missing else fingerprint("student", trained.section_hash("model", "train"),
+                                          *identity(trained.distill).values(), seed, source)
 
     def build(work: Path):
         train_student(config, config.tokens_path, config.tokenizer_path, config.logits_path, work, seed=seed,

@@ -46,8 +46,9 @@ def test_ce(arm: str, seed: int) -> float | None:
 
 def recipe(arm: dict) -> tuple:
     """What an offline arm must share with its online reference: the loss normalisation and the optimizer."""
-    train = arm["config"]["train"]
-    return (arm["config"]["distill"]["normalization"], train.get("head_lr_scale", 1.0), train["min_lr_ratio"])
+    train, distill = arm["config"]["train"], arm["config"]["distill"]
+    head = distill.get("head_lr_scale") or train.get("head_lr_scale", 1.0)  # the students' own, when set
+    return (distill["normalization"], head, train["min_lr_ratio"])
 
 
 quantiles = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
@@ -84,6 +85,28 @@ for arm in RESULTS["arms"]:
           + " ".join(f"{float(x):6.2f}" for x in q)
           + f"   backbone {result['arms'][name]['backbone_matrix_v_over_online_median']:.2f}"
           + f"   test CE - online {result['arms'][name]['test_ce_minus_online']}")
+
+
+def ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    for rank, i in enumerate(order):
+        out[i] = float(rank)
+    return out
+
+
+# Does the inflation rank the sampled stores' students as their gaps do (sequence normalisation)?
+sampled = [(a["lm_head_row_v_over_online_q10_q50_q90"][1], a["test_ce_minus_online"])
+           for name, a in result["arms"].items()
+           if a["normalization"] == "sequence" and a["test_ce_minus_online"] is not None
+           and next(x for x in RESULTS["arms"] if x["name"] == name)["config"]["cache"]["mode"] != "topk"]
+rv, rg = ranks([s[0] for s in sampled]), ranks([s[1] for s in sampled])
+mean = (len(sampled) - 1) / 2
+spearman = (sum((a - mean) * (b - mean) for a, b in zip(rv, rg))
+            / (sum((a - mean) ** 2 for a in rv) * sum((b - mean) ** 2 for b in rg)) ** 0.5)
+result["sampled_sequence_arms_rank_correlation"] = {"arms": len(sampled), "spearman": round(spearman, 2)}
+print("rank correlation of inflation and gap, sampled stores under sequence normalisation:",
+      result["sampled_sequence_arms_rank_correlation"])
 
 
 def validation_curve(arm: str, seed: int) -> dict[int, float]:

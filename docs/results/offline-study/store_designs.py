@@ -4,7 +4,7 @@ the batch's best beta), at the trained online-seq student o1, on 256 validation 
 teachers; root-mean-square noise over the dense gradient's norm, as control_variate.py. Designs:
 
 - proposal: draws from pi proportional to p_tail^g instead of p_tail (g < 1: flatter, "defensive");
-- head size: the noise of one draw for k = 4 .. 32 exact ids (a head id costs about 3.3 bytes, a draw 2.5);
+- head size: the noise of one draw for k = 4 .. 32 exact ids (what an id costs: "bytes", below);
 - without replacement: n distinct tail ids with inclusion probabilities min(1, c p_j) (Poisson sampling with
   Horvitz-Thompson weights; conditional Poisson / Pareto sampling are close to it), against S draws with
   replacement at the same mean number of distinct ids;
@@ -26,6 +26,7 @@ import torch
 from validation_positions import RUN, logp_of, teacher_positions
 
 from pipeline.model import load_model
+from stores.logits import store_info
 from stores.tokens import TokenStore
 
 torch.set_num_threads(2)
@@ -138,6 +139,16 @@ for rank in (8, 16, 32, 64):
         "beside_student": ratio(variance(p_tail, both[0] * q_tail + both[1] * approx, pi_p))}
 result["low_rank_teacher_control_one_draw"]["student only (the trainer's)"] = ratio(variance(p_tail, beta * q_tail, pi_p))
 
+# what an entry costs on disk: per-array bytes per token of the study's stores (`babydistill store info`)
+def array_bytes(arm: str) -> dict[str, float]:
+    return {k: v["bytes_per_token"] for k, v in store_info(RUN / "study" / arm / "logits.zarr")["arrays"].items()}
+
+
+few, many, top32 = array_bytes("hybrid8-12-cv-seq"), array_bytes("hybrid8-48-cv-seq"), array_bytes("topk32")
+result["bytes"] = {
+    "extra_draw_8+12_to_8+48": {name: round((many[name] - few[name]) / 36, 2) for name in ("ids", "tail_logp", "logp")},
+    "head_entry_top32": {name: round(top32[name] / 32, 2) for name in ("ids", "logp")},
+    "draws_of_the_8+12_store": round(12 * sum((many[n] - few[n]) / 36 for n in ("ids", "tail_logp", "logp")), 1)}
 print(json.dumps(result, indent=1))
 out = Path(__file__).with_name("store_designs.json")
 out.write_text(json.dumps(result, indent=2) + "\n")
