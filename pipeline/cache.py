@@ -33,6 +33,7 @@ from stores.logits import (
     chunk_problem,
     chunk_ranges,
     create_store,
+    draw_set_slots,
     migrate_markers,
     read_attrs,
     read_marker,
@@ -288,7 +289,7 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
     set_generators = [generator] + [torch.Generator().manual_seed(
         int(np.random.SeedSequence([spec.seed, chunk, 2, s]).generate_state(1)[0])) for s in range(1, spec.draw_sets)]
     inputs = torch.from_numpy(windows[:, :-1])
-    set_slots = spec.k + (spec.slots - spec.k) // spec.draw_sets if spec.mode == "hybrid" else spec.slots
+    set_slots = draw_set_slots(spec.k, spec.slots, spec.draw_sets)
     parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": [], **({"tail_logp": []} if spec.tail_logp else {})}
     fidelity = []
     for b in range(0, len(inputs), spec.batch_size):

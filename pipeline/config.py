@@ -160,9 +160,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     head_lr_scale: float = field(default=1.0, metadata=ADDED_LATER)
     """The output layer's (lm_head's; with ``model.tie_embeddings`` the shared matrix's) learning rate, as a
-    multiple of ``lr`` (AdamW's decoupled weight decay of that layer scales with it). At 4, under ``distill.normalization: sequence``, online and offline students of the
-    CPU study both gained about 0.01 nats (docs/results/offline-study, "What the tail noise does to the
-    optimizer"); ``distill.head_lr_scale`` sets it for the students alone."""
+    multiple of ``lr``; AdamW's decoupled weight decay of that layer scales with it. At 4, under
+    ``distill.normalization: sequence``, online and offline students of the CPU study both gained about
+    0.01 nats (docs/results/offline-study, "What the tail noise does to the optimizer");
+    ``distill.head_lr_scale`` sets it for the students alone."""
     min_lr_ratio: float = 0.0
     """Cosine decays to lr x min_lr_ratio."""
     seed: int = 0

@@ -112,12 +112,17 @@ def draw_sets(attrs: dict) -> int:
     return int(attrs.get("draw_sets", 1))
 
 
+def draw_set_slots(k: int | None, slots: int, sets: int) -> int:
+    """The slots one draw set reads: all of them with one set, else the head's k plus the set's share of the tail."""
+    return slots if sets == 1 else k + (slots - k) // sets
+
+
 def draw_set_columns(attrs: dict, draw_set: int) -> np.ndarray:
     """The slot columns of draw set ``draw_set`` (taken mod the store's draw sets): the head, then the set's tail."""
     sets, k, slots = draw_sets(attrs), attrs["k"], attrs["slots"]
     if sets == 1:
         return np.arange(slots)
-    width = (slots - k) // sets
+    width = draw_set_slots(k, slots, sets) - k
     first = k + (draw_set % sets) * width
     return np.concatenate([np.arange(k), np.arange(first, first + width)])
 
@@ -465,7 +470,7 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
             return problems
     vocab = attrs["vocab_size"]
     # Rounding of log-probabilities stored in float16: up to ~1e-3 relative per value.
-    set_slots = len(draw_set_columns(attrs, 0))
+    set_slots = draw_set_slots(attrs["k"], attrs["slots"], draw_sets(attrs))
     tolerance = 2e-3 * set_slots ** 0.5 if attrs["logp_dtype"] == "float16" else 1e-5 * set_slots
     expected_windows = window_order(attrs["num_windows"], attrs["order"], attrs["seed"])
     for i, (start, stop) in enumerate(chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])):

@@ -145,10 +145,11 @@ def array_bytes(arm: str) -> dict[str, float]:
 
 
 few, many, top32 = array_bytes("hybrid8-12-cv-seq"), array_bytes("hybrid8-48-cv-seq"), array_bytes("topk32")
+per_draw = {name: (many[name] - few[name]) / 36 for name in ("ids", "tail_logp", "logp")}
 result["bytes"] = {
-    "extra_draw_8+12_to_8+48": {name: round((many[name] - few[name]) / 36, 2) for name in ("ids", "tail_logp", "logp")},
+    "extra_draw_8+12_to_8+48": {name: round(value, 2) for name, value in per_draw.items()},
     "head_entry_top32": {name: round(top32[name] / 32, 2) for name in ("ids", "logp")},
-    "draws_of_the_8+12_store": round(12 * sum((many[n] - few[n]) / 36 for n in ("ids", "tail_logp", "logp")), 1)}
+    "draws_of_the_8+12_store": round(12 * sum(per_draw.values()), 1)}
 print(json.dumps(result, indent=1))
 out = Path(__file__).with_name("store_designs.json")
 out.write_text(json.dumps(result, indent=2) + "\n")
