@@ -242,11 +242,14 @@ class CacheConfig:
     probabilities, ``tail_logp``, 60 bytes per token: under sequence normalisation its students, with the
     student's tail as a control variate, beat those of 24 plain draws at the same bytes by 0.007 nats
     [0.003, 0.010] on validation; under token normalisation every unbiased store matched online
-    distillation; top-32 fell behind under both, 0.02 and 0.10 nats, at 83 bytes)."""
+    distillation; top-32 fell behind under both, 0.02 and 0.10 nats, at 83 bytes). Under sequence normalisation
+    the default k and samples are bigger: ``SEQUENCE_CACHE_DEFAULTS``."""
     k: int = 8
-    """Top-k ids kept per position (modes topk and hybrid)."""
+    """Top-k ids kept per position (modes topk and hybrid). 32 when ``distill.normalization`` is sequence and a
+    config file leaves it out (``SEQUENCE_CACHE_DEFAULTS``)."""
     samples: int = 12
-    """Draws per position from the ensemble (mode sample) or from its tail beyond the top k (mode hybrid)."""
+    """Draws per position from the ensemble (mode sample) or from its tail beyond the top k (mode hybrid). 64
+    when ``distill.normalization`` is sequence and a config file leaves it out (``SEQUENCE_CACHE_DEFAULTS``)."""
     tail_logp: bool = field(default=True, metadata=added_later(False))
     """Mode hybrid: also keep each tail draw's exact teacher log-probability (array ``tail_logp``), which lets
     the student use a control variate on the tail (``distill.control_variate``); about 1.5 bytes per draw.
@@ -297,6 +300,25 @@ class CacheConfig:
                f"must be >= 0, got {self.fidelity_positions}")
 
 
+SEQUENCE_CACHE_DEFAULTS = {"k": 32, "samples": 64}
+"""``cache.k`` and ``cache.samples`` of a config file that sets ``distill.normalization: sequence`` and leaves them
+out. That normalisation weighs the KL seq_len times the CE, so the student learns from the targets almost alone
+and the tail draws' noise costs. At the CPU study's scale (docs/results/offline-study/), behind online students:
+the token default (8 ids + 12 draws, 60 bytes per token) 0.014 nats; 8 + 48 (149 bytes) 0.011 on validation;
+32 + 64 (253 bytes) 0.004 [-0.007, +0.016], the dense store's (10.9 kB) 0.004 [-0.003, +0.012]."""
+
+
+def sequence_cache_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (a config mapping) with ``SEQUENCE_CACHE_DEFAULTS`` for the cache keys it leaves out, if its
+    distill section sets sequence normalisation; otherwise ``raw`` itself."""
+    distill, cache = raw.get("distill"), raw.get("cache")
+    if not (isinstance(distill, dict) and distill.get("normalization") == "sequence"):
+        return raw
+    if cache is not None and not isinstance(cache, dict):
+        return raw  # not a mapping: building the section names the problem
+    return {**raw, "cache": {**SEQUENCE_CACHE_DEFAULTS, **(cache or {})}}
+
+
 @dataclass
 class DistillConfig:
     alpha: float = 0.5
@@ -304,7 +326,8 @@ class DistillConfig:
     temperature: float = 1.0
     tail: Literal["bucket", "renorm", "uniform"] = "bucket"
     normalization: Literal["token", "sequence", "sum"] = "token"
-    """token = CE and KL averaged over tokens; sequence = the paper's released trainer (KL batchmean)."""
+    """token = CE and KL averaged over tokens; sequence = the paper's released trainer (KL batchmean). A config file
+    that sets sequence and leaves out ``cache.k`` / ``cache.samples`` gets a bigger store: ``SEQUENCE_CACHE_DEFAULTS``."""
     use_exact_c_T: bool = True
     """Use the store's exact temperature correction when the temperature was captured."""
     control_variate: Literal["auto", "required", "never"] = field(default="auto", metadata=ADDED_LATER)
@@ -646,7 +669,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"{key}: unknown key (known top-level keys: {', '.join(SECTIONS)})")
     hints = typing.get_type_hints(Config)
     kwargs: dict[str, Any] = {}
-    for name, value in raw.items():
+    for name, value in sequence_cache_defaults(raw).items():
         annotation = hints[name]
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build_section(annotation, value if value is not None else {}, name)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from kernels import dense_distill_loss, fused_linear_sparse_distill_loss
-from pipeline.config import Config, DistillConfig
+from pipeline.config import SEQUENCE_CACHE_DEFAULTS, Config, DistillConfig
 from pipeline.model import build_model, ensemble_logits, load_teachers
 from pipeline.tokenizer import tokenizer_hash
 from pipeline.train import Batch, TokenWindows, TrainingError, train_loop
@@ -29,9 +29,6 @@ from stores.logits import targets_are_complete
 from stores.reader import LogitStoreReader
 from stores.tokens import TokenStore
 
-# Plain tail draws (no control variate) below which a sampled store is flagged under sequence normalisation
-# (docs/results/offline-study).
-SEQUENCE_SAMPLES = 24
 # Rows of each half of a batch from which the other half's control-variate coefficient is estimated.
 CONTROL_ROWS = 256
 
@@ -198,13 +195,14 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
                                 f"only (got {dcfg.temperature}); set distill.temperature=1 or rebuild the store "
                                 f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
         controlled = use_control_variate(dcfg, attrs, logits_path)
-        if dcfg.normalization == "sequence" and not controlled and int(attrs.get("samples", 0)) < SEQUENCE_SAMPLES:
-            warnings.warn(f"{logits_path} holds {attrs['mode']} targets from {attrs.get('samples')} draws without their "
-                          f"probabilities: under distill.normalization=sequence the KL carries their noise (students "
-                          f"from 8 such draws fell 0.048 nats behind online ones, from 24 0.021, from the default "
-                          f"store, 12 draws with their probabilities, 0.014: docs/results/offline-study); capture the "
-                          f"default store: `babydistill cache CONFIG --force --set cache.mode=hybrid "
-                          f"--set cache.samples=12 --set cache.tail_logp=true`", stacklevel=2)
+        if dcfg.normalization == "sequence" and thinner_than_sequence_default(attrs, controlled):
+            warnings.warn(f"{logits_path} holds {describe_targets(attrs, controlled)}: under distill.normalization="
+                          f"sequence the KL carries the draws' noise (at the CPU study's scale, students from 8 draws "
+                          f"without their probabilities fell 0.048 nats behind online ones, from 8 ids + 12 draws with "
+                          f"them 0.014, from 32 + 64 0.004: docs/results/offline-study); capture the sequence default: "
+                          f"`babydistill cache CONFIG --force --set cache.mode=hybrid --set cache.k="
+                          f"{SEQUENCE_CACHE_DEFAULTS['k']} --set cache.samples={SEQUENCE_CACHE_DEFAULTS['samples']} "
+                          f"--set cache.tail_logp=true`", stacklevel=2)
         # Their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail.
         return reader, False, "renorm"
     use_c_T = dcfg.use_exact_c_T and reader.c_T_column is not None
@@ -213,6 +211,21 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
                   f"temperature {dcfg.temperature} was not captured (store has {attrs['temperatures']})")
         warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation", stacklevel=2)
     return reader, use_c_T, dcfg.tail
+
+
+def thinner_than_sequence_default(attrs: dict, controlled: bool) -> bool:
+    """Whether a sampled store's targets are noisier than ``SEQUENCE_CACHE_DEFAULTS`` (fewer exact ids or draws, or
+    draws the student cannot use a control variate on)."""
+    k = int(attrs.get("k", 0)) if attrs.get("mode") == "hybrid" else 0
+    return (not controlled or k < SEQUENCE_CACHE_DEFAULTS["k"]
+            or int(attrs.get("samples", 0)) < SEQUENCE_CACHE_DEFAULTS["samples"])
+
+
+def describe_targets(attrs: dict, controlled: bool) -> str:
+    """'hybrid targets of 8 exact ids + 12 draws', '... without their probabilities' when not ``controlled``."""
+    ids = f"{attrs.get('k')} exact ids + " if attrs.get("mode") == "hybrid" else ""
+    plain = "" if controlled else " without their probabilities"
+    return f"{attrs.get('mode')} targets of {ids}{attrs.get('samples')} draws{plain}"
 
 
 def use_control_variate(dcfg: DistillConfig, attrs: dict, logits_path: Path) -> bool:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline import distill
 from pipeline.cache import capture_logits
 from pipeline.config import ConfigError, load_config
 from pipeline.distill import (
@@ -122,14 +123,20 @@ def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(disti
 
 def test_sampled_targets_under_sequence_normalisation_warn(distill_run, sampled_stores, tmp_path):
     config = _config(distill_run, tmp_path, "distill.normalization=sequence")
-    with pytest.warns(UserWarning, match=r"hybrid targets from \d+ draws without their probabilities: under "
-                                         r"distill.normalization=sequence .*cache.samples=12 --set cache.tail_logp=true"):
+    with pytest.warns(UserWarning, match=r"hybrid targets of \d+ exact ids \+ \d+ draws without their probabilities: "
+                                         r"under distill.normalization=sequence .*--set cache.k=32 "
+                                         r"--set cache.samples=64 --set cache.tail_logp=true"):
         open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path,
                             Path(sampled_stores["hybrid", "float16"]), seed=1)
 
 
-def test_draws_with_their_probabilities_under_sequence_normalisation_do_not_warn(distill_run, control_store, tmp_path):
+def test_only_the_sequence_default_store_under_sequence_normalisation_does_not_warn(distill_run, control_store,
+                                                                                   tmp_path, monkeypatch):
     config = _config(distill_run, tmp_path, "distill.normalization=sequence")
+    # the control store (4 ids + 12 draws with their probabilities) is thinner than the sequence default
+    with pytest.warns(UserWarning, match=r"hybrid targets of 4 exact ids \+ 12 draws: under"):
+        open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, control_store, seed=1)
+    monkeypatch.setattr(distill, "SEQUENCE_CACHE_DEFAULTS", {"k": 4, "samples": 12})  # ... and now it is not
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         used, _, _ = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, control_store,
@@ -167,7 +174,8 @@ def control_store(distill_run, tmp_path_factory):
 def test_offline_student_trains_with_the_tail_control_variate(distill_run, control_store, tmp_path):
     config = _config(distill_run, tmp_path, "train.max_steps=12", "train.lr=1e-2", "train.log_every=1",
                      "distill.normalization=sequence")
-    out = train_student(config, config.tokens_path, config.tokenizer_path, control_store, tmp_path / "s1", seed=1)
+    with pytest.warns(UserWarning, match="4 exact ids"):  # thinner than the sequence default
+        out = train_student(config, config.tokens_path, config.tokenizer_path, control_store, tmp_path / "s1", seed=1)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["control_variate"] is True and summary["tail"] == "renorm"
     train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
@@ -445,3 +453,13 @@ def test_online_student_trains_through_the_cli(distill_run, tmp_path, capsys):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["online"] is True and summary["stage"] == "student"
     assert (out / "stage.json").is_file()
+
+
+def test_bench_step_benchmarks_the_configs_targets_not_another_store(distill_run, control_store, tmp_path):
+    from workflows.bench_step import other_targets
+
+    same = _config(distill_run, tmp_path, "cache.mode=hybrid", "cache.samples=12", "cache.k=4", "cache.tail_logp=true")
+    assert other_targets(control_store, same.cache) == ""
+    bigger = _config(distill_run, tmp_path, "cache.mode=hybrid", "cache.samples=64", "cache.k=32", "cache.tail_logp=true")
+    assert other_targets(control_store, bigger.cache) == "cache.k 4, not 32, cache.samples 12, not 64"
+    assert other_targets(tmp_path / "no-store.zarr", same.cache) == ""

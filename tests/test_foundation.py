@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import write_config, write_corpus
 
 from pipeline.config import ConfigError, load_config
@@ -56,6 +57,27 @@ def test_set_overrides_are_parsed_as_yaml_and_validated(tmp_path):
         load_config(path, ["train.nope=3"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(path, ["train.lr"])
+
+
+def test_sequence_normalisation_defaults_to_the_bigger_store_where_the_config_leaves_it_out(tmp_path):
+    path = write_config(tmp_path, {"cache": {"mode": "hybrid", "chunk_windows": 4}})
+    raw = yaml.safe_load(path.read_text())
+    del raw["cache"]["k"]  # no k, no samples
+    path.write_text(yaml.safe_dump(raw))
+    token = load_config(path)
+    assert (token.cache.k, token.cache.samples) == (8, 12)  # the CacheConfig defaults
+    sequence = load_config(path, ["distill.normalization=sequence"])
+    assert (sequence.cache.k, sequence.cache.samples) == (32, 64)
+    assert sequence.section_hash("cache") != token.section_hash("cache")  # another store, so a rebuild
+    # what the config or --set names wins, key by key
+    assert load_config(path, ["distill.normalization=sequence", "cache.k=8"]).cache.k == 8
+    assert load_config(path, ["distill.normalization=sequence", "cache.k=8"]).cache.samples == 64
+    named = write_config(tmp_path, {"cache": {"mode": "hybrid", "k": 8, "samples": 12},
+                                    "distill": {"normalization": "sequence"}}, name="named")
+    assert (load_config(named).cache.k, load_config(named).cache.samples) == (8, 12)
+    # a cache section that is not a mapping is still named as the problem
+    with pytest.raises(ConfigError, match="cache: must be a mapping"):
+        load_config(path, ["distill.normalization=sequence", "cache=12"])
 
 
 def test_shipped_configs_load_and_size_the_paper_models():
