@@ -12,7 +12,9 @@ teachers; root-mean-square noise over the dense gradient's norm, as control_vari
   position's noise (an oracle that knows it) or to the tail mass r (what a capture knows);
 - a low-rank teacher control: the teachers' log-probabilities projected on their top r principal directions
   (fitted on 4096 training positions), whose r coefficients per position the store would keep (2r bytes in
-  float16), used as the control instead of, or beside, the student's tail.
+  float16), used as the control instead of, or beside, the student's tail;
+- the measured sequence-normalisation arms whose draws keep their probabilities (results.json): their gap to
+  online-seq against this noise, a straight-line fit, and what the other arms' line predicted for 32 + 64.
 
     .venv/bin/python docs/results/offline-study/store_designs.py   (from the repo root, after the online-seq arm)
 
@@ -86,7 +88,7 @@ d = (p_tail - beta * q_tail).abs()
 result["proposal_k8_one_draw"]["oracle |p - beta q| (needs the student)"] = ratio(
     variance(p_tail, beta * q_tail, d / d.sum(1, keepdim=True)))
 result["head_size_one_draw"] = {}
-for k in (4, 8, 12, 16, 24, 32):
+for k in (4, 8, 12, 16, 24, 32, 64, 128, 256, 512):
     _, pt, qt, rk = split(k)
     pik = pt / rk
     b = best_betas(pt, [qt], pik)[0]
@@ -150,6 +152,39 @@ result["bytes"] = {
     "extra_draw_8+12_to_8+48": {name: round(value, 2) for name, value in per_draw.items()},
     "head_entry_top32": {name: round(top32[name] / 32, 2) for name in ("ids", "logp")},
     "draws_of_the_8+12_store": round(12 * sum(per_draw.values()), 1)}
+# the measured sequence-normalisation arms with their probabilities: gap to online-seq against the computed noise
+study = json.loads(Path(__file__).with_name("results.json").read_text())
+arms = {arm["name"]: arm["per_seed"] for arm in study["arms"]}
+
+
+def gap(arm: str, split: str) -> float:
+    """Mean over seeds of (arm - online-seq), paired by seed."""
+    return float(np.mean([arms[arm][seed][split] - arms["online-seq"][seed][split] for seed in arms["online-seq"]]))
+
+
+measured = {"hybrid8-12-cv-seq": (8, 12), "hybrid8-24-cv-seq": (8, 24), "hybrid8-48-cv-seq": (8, 48),
+            "hybrid32-64-cv-seq": (32, 64), "dense-seq": None}
+points = {}
+for arm, design in measured.items():
+    noise = 0.0 if design is None else result["head_size_one_draw"][f"k={design[0]}"]["noise"] / design[1] ** 0.5
+    points[arm] = {"noise": round(noise, 3), "val_gap": round(gap(arm, "val_ce"), 4),
+                   "test_gap": round(gap(arm, "test_ce"), 4)}
+
+
+def line(names: list[str], split: str) -> tuple[float, float]:
+    """Least-squares gap = a + b * noise over these arms."""
+    b, a = np.polyfit([points[n]["noise"] for n in names], [points[n][split] for n in names], 1)
+    return float(a), float(b)
+
+
+result["sequence_gap_vs_noise"] = {"arms": points}
+earlier = [n for n in measured if n != "hybrid32-64-cv-seq"]  # what was known before the 32+64 arm ran
+for split in ("val_gap", "test_gap"):
+    a, b = line(list(measured), split)
+    a_before, b_before = line(earlier, split)
+    result["sequence_gap_vs_noise"][split] = {
+        "fit_all": {"intercept": round(a, 4), "slope": round(b, 4)},
+        "32+64_predicted_from_the_others": round(a_before + b_before * points["hybrid32-64-cv-seq"]["noise"], 4)}
 print(json.dumps(result, indent=1))
 out = Path(__file__).with_name("store_designs.json")
 out.write_text(json.dumps(result, indent=2) + "\n")
