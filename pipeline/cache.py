@@ -78,14 +78,10 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
     same fields) and the inputs."""
     vocab = tokens.vocab_size
     return {
-        **identity(cfg),
+        **target_identity(cfg),
         "format_version": FORMAT_VERSION,
-        # k and samples are recorded where the mode uses them only, so that an unused one does not differ
-        "k": cfg.k if cfg.mode in ("topk", "hybrid") else None,
-        "samples": cfg.samples if cfg.mode in ("sample", "hybrid") else None,
         "slots": {"topk": cfg.k, "sample": min(cfg.samples, vocab),
                   "hybrid": cfg.k + cfg.draw_sets * min(cfg.samples, vocab - cfg.k)}[cfg.mode],
-        "temperatures": [float(t) for t in cfg.temperatures],
         "vocab_size": vocab,
         "seq_len": tokens.seq_len,
         "num_windows": tokens.num_windows("train"),
@@ -96,7 +92,18 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
     }
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def target_identity(cfg: CacheConfig) -> dict:
+    """The store attributes that the cache section alone fixes (part of `store_identity`)."""
+    return {
+        **identity(cfg),
+        # k and samples are recorded where the mode uses them only, so that an unused one does not differ
+        "k": cfg.k if cfg.mode in ("topk", "hybrid") else None,
+        "samples": cfg.samples if cfg.mode in ("sample", "hybrid") else None,
+        "temperatures": [float(t) for t in cfg.temperatures],
+    }
+
+
+def _key_differences(old: dict, new: dict) -> list[str]:
     keys = [k for k in new if k != "teachers" and old.get(k) != new.get(k)]
     # Keys left out of an identity at their earlier value (pipeline.config.earlier_value) are missing from one
     # side when they differ: an absent key has that value.
@@ -104,9 +111,23 @@ def _differences(old: dict, new: dict) -> list[str]:
         earlier = earlier_value(f)
         if earlier is not dataclasses.MISSING and f.name not in keys and old.get(f.name, earlier) != new.get(f.name, earlier):
             keys.append(f.name)
+    return keys
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    keys = _key_differences(old, new)
     if [t["sha256"] for t in old.get("teachers", [])] != [t["sha256"] for t in new["teachers"]]:
         keys.append("teachers")
     return keys
+
+
+def target_differences(attrs: dict, cfg: CacheConfig) -> list[str]:
+    """'cache.k 8, not 32'-style lines for the cache keys on which a store (its ``attrs``) differs from what
+    ``cfg`` captures; empty when it holds those targets."""
+    wanted = target_identity(cfg)
+    earlier = {f.name: earlier_value(f) for f in dataclasses.fields(CacheConfig)}
+    return [f"cache.{key} {attrs.get(key, earlier.get(key))!r}, not {wanted.get(key, earlier.get(key))!r}"
+            for key in _key_differences(attrs, wanted)]
 
 
 # --- one chunk (runs in a dask worker or in-process) ----------------------------------------

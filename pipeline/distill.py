@@ -196,13 +196,16 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
                                 f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
         controlled = use_control_variate(dcfg, attrs, logits_path)
         if dcfg.normalization == "sequence" and thinner_than_sequence_default(attrs, controlled):
+            unused = bool(attrs.get("tail_logp")) and not controlled
+            k, samples = SEQUENCE_CACHE_DEFAULTS["k"], SEQUENCE_CACHE_DEFAULTS["samples"]
+            fix = ("set distill.control_variate=auto" if unused and int(attrs.get("k", 0)) >= k
+                   and int(attrs.get("samples", 0)) >= samples else
+                   f"capture the sequence default: `babydistill cache CONFIG --force --set cache.mode=hybrid "
+                   f"--set cache.k={k} --set cache.samples={samples} --set cache.tail_logp=true`")
             warnings.warn(f"{logits_path} holds {describe_targets(attrs, controlled)}: under distill.normalization="
                           f"sequence the KL carries the draws' noise (at the CPU study's scale, students from 8 draws "
                           f"without their probabilities fell 0.048 nats behind online ones, from 8 ids + 12 draws with "
-                          f"them 0.014, from 32 + 64 0.004: docs/results/offline-study); capture the sequence default: "
-                          f"`babydistill cache CONFIG --force --set cache.mode=hybrid --set cache.k="
-                          f"{SEQUENCE_CACHE_DEFAULTS['k']} --set cache.samples={SEQUENCE_CACHE_DEFAULTS['samples']} "
-                          f"--set cache.tail_logp=true`", stacklevel=2)
+                          f"them 0.014, from 32 + 64 0.004: docs/results/offline-study); {fix}", stacklevel=2)
         # Their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail.
         return reader, False, "renorm"
     use_c_T = dcfg.use_exact_c_T and reader.c_T_column is not None
@@ -222,9 +225,11 @@ def thinner_than_sequence_default(attrs: dict, controlled: bool) -> bool:
 
 
 def describe_targets(attrs: dict, controlled: bool) -> str:
-    """'hybrid targets of 8 exact ids + 12 draws', '... without their probabilities' when not ``controlled``."""
+    """'hybrid targets of 8 exact ids + 12 draws', with what keeps the student from a control variate on them when
+    not ``controlled``."""
     ids = f"{attrs.get('k')} exact ids + " if attrs.get("mode") == "hybrid" else ""
-    plain = "" if controlled else " without their probabilities"
+    plain = ("" if controlled else " with their probabilities unused (distill.control_variate=never)"
+             if attrs.get("tail_logp") else " without their probabilities")
     return f"{attrs.get('mode')} targets of {ids}{attrs.get('samples')} draws{plain}"
 
 

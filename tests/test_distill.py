@@ -142,7 +142,8 @@ def test_only_the_sequence_default_store_under_sequence_normalisation_does_not_w
         used, _, _ = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, control_store,
                                          seed=1)
     never = _config(distill_run, tmp_path, "distill.normalization=sequence", "distill.control_variate=never")
-    with pytest.warns(UserWarning, match="without their probabilities"):
+    with pytest.warns(UserWarning, match=r"probabilities unused \(distill.control_variate=never\).*; set "
+                                         r"distill.control_variate=auto$"):
         unused, _, _ = open_offline_source(never, distill_run.tokens_path, distill_run.tokenizer_path, control_store,
                                            seed=1)
     # never: the probabilities are not decoded at all
@@ -185,7 +186,7 @@ def test_offline_student_trains_with_the_tail_control_variate(distill_run, contr
     # never: the same store, no control variate, another gradient from the same batches
     config_off = _config(distill_run, tmp_path, "train.max_steps=12", "train.lr=1e-2", "train.log_every=1",
                          "distill.normalization=sequence", "distill.control_variate=never")
-    with pytest.warns(UserWarning, match="without their probabilities"):  # plain draws under sequence
+    with pytest.warns(UserWarning, match="probabilities unused"):  # plain draws under sequence
         off = train_student(config_off, config.tokens_path, config.tokenizer_path, control_store, tmp_path / "s1-off",
                             seed=1)
     assert json.loads((off / "train_summary.json").read_text())["control_variate"] is False
@@ -455,11 +456,24 @@ def test_online_student_trains_through_the_cli(distill_run, tmp_path, capsys):
     assert (out / "stage.json").is_file()
 
 
-def test_bench_step_benchmarks_the_configs_targets_not_another_store(distill_run, control_store, tmp_path):
-    from workflows.bench_step import other_targets
+def test_bench_step_times_the_configs_targets_not_another_store(distill_run, tmp_path, capsys):
+    from pipeline.cache import target_differences
+    from stores.logits import read_attrs
+    from workflows.bench_step import bench_step
 
-    same = _config(distill_run, tmp_path, "cache.mode=hybrid", "cache.samples=12", "cache.k=4", "cache.tail_logp=true")
-    assert other_targets(control_store, same.cache) == ""
-    bigger = _config(distill_run, tmp_path, "cache.mode=hybrid", "cache.samples=64", "cache.k=32", "cache.tail_logp=true")
-    assert other_targets(control_store, bigger.cache) == "cache.k 4, not 32, cache.samples 12, not 64"
-    assert other_targets(tmp_path / "no-store.zarr", same.cache) == ""
+    attrs = read_attrs(distill_run.logits_path)  # top-8, float32
+    assert target_differences(attrs, distill_run.cache) == []
+    sample = _config(distill_run, tmp_path, "cache.mode=sample", "cache.samples=12").cache
+    assert target_differences(attrs, sample) == ["cache.mode 'topk', not 'sample'", "cache.k 8, not None",
+                                                 "cache.samples None, not 12"]
+    path = tmp_path / "bench.yaml"
+    path.write_text(json.dumps(distill_run.to_dict()))  # JSON is YAML
+    same = bench_step(path, None, mode="offline", steps=1, warmup=0)
+    assert same["modes"]["offline"]["store"] == {"mode": "topk", "k": 8, "samples": None, "tail_logp": False, "slots": 8}
+    assert "temporary store" not in capsys.readouterr().err
+    hybrid = ["cache.mode=hybrid", "cache.k=4", "cache.samples=6", "cache.tail_logp=true"]
+    other = bench_step(path, None, mode="offline", steps=1, warmup=0, overrides=hybrid)
+    assert other["modes"]["offline"]["store"] == {"mode": "hybrid", "k": 4, "samples": 6, "tail_logp": True, "slots": 10}
+    err = capsys.readouterr().err
+    assert "holds other targets (cache.mode 'topk', not 'hybrid'; cache.k 8, not 4;" in err
+    assert target_differences(read_attrs(distill_run.logits_path), distill_run.cache) == []  # the run's store is kept

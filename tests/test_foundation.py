@@ -75,6 +75,8 @@ def test_sequence_normalisation_defaults_to_the_bigger_store_where_the_config_le
     named = write_config(tmp_path, {"cache": {"mode": "hybrid", "k": 8, "samples": 12},
                                     "distill": {"normalization": "sequence"}}, name="named")
     assert (load_config(named).cache.k, load_config(named).cache.samples) == (8, 12)
+    assert load_config(path, ["distill.normalization=sequence", "cache=null"]).cache.k == 32  # an empty section
+    assert load_config(path, ["distill=null"]).cache.k == 8  # token normalisation, the default
     # a cache section that is not a mapping is still named as the problem
     with pytest.raises(ConfigError, match="cache: must be a mapping"):
         load_config(path, ["distill.normalization=sequence", "cache=12"])

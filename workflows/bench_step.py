@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import transformers
 
-from pipeline.config import CacheConfig, Config, identity, load_config, model_name
+from pipeline.config import Config, load_config, model_name
 from pipeline.model import build_model, count_parameters
 from pipeline.train import (
     BatchSource,
@@ -77,30 +77,26 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
                    ) -> tuple[BatchSource, LossFn]:
     """The student step from the store: fused-linear sparse KL + CE (with the tail control variate when the
     store keeps the draws' probabilities), no teacher, no logits."""
-    from pipeline.cache import capture_logits
+    from pipeline.cache import capture_logits, target_differences
     from pipeline.distill import open_offline_source, store_loss
     from stores.logits import incomplete_reason
 
     store = config.logits_path
-    if not (store / "zarr.json").is_file() or incomplete_reason(store) or other_targets(store, config.cache):
+    if not (store / "zarr.json").is_file() or incomplete_reason(store):
+        why = f"no complete {store}"
+    else:  # a --set cache.* asks for other targets than the run's store holds
+        other = target_differences(read_attrs(store) or {}, config.cache)
+        why = f"{store} holds other targets ({'; '.join(other)})" if other else None
+    if why:
         store = scratch / "logits.zarr"
         if not (store / "zarr.json").is_file() or incomplete_reason(store):
-            why = (f"{config.logits_path} holds other targets ({other_targets(config.logits_path, config.cache)})"
-                   if (config.logits_path / "zarr.json").is_file() else f"no complete {config.logits_path}")
-            print(f"bench step: {why}; capturing a temporary store {store}", file=sys.stderr, flush=True)
+            print(f"bench step: {why}; capturing a temporary store {store} (a teacher pass over the training split)",
+                  file=sys.stderr, flush=True)
             capture_logits(config.cache, config.tokens_path, config.tokenizer_path, _teacher_dirs(config, tokens, scratch),
                            store, workers=1)
     source, use_c_T, tail = open_offline_source(config, config.tokens_path, config.tokenizer_path, store,
                                                 config.train.seed)
     return source, store_loss(config.distill, source, use_c_T, tail, store)[0]
-
-
-def other_targets(store: Path, cache: CacheConfig) -> str:
-    """How the store's targets differ from what ``cache`` captures ('' when they do not, or it is unreadable), so
-    that `--set cache.k=32` benchmarks a store of 32 ids rather than the run's."""
-    attrs = read_attrs(store) or {}
-    return ", ".join(f"cache.{key} {attrs[key]!r}, not {value!r}" for key, value in identity(cache).items()
-                     if key in attrs and attrs[key] != value)
 
 
 def _online_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
@@ -217,7 +213,8 @@ def _time_modes(config: Config, tokens: TokenStore, modes: list[str], steps: int
                          "final_loss": round(runs[mode].loss, 4), "step_peak_extra_mb": memory[mode]}
         if mode == "offline":
             attrs = runs[mode].batches.attrs
-            results[mode]["store"] = {key: attrs.get(key) for key in ("mode", "k", "samples", "tail_logp", "slots")}
+            results[mode]["store"] = {key: attrs.get(key) for key in ("mode", "k", "samples", "slots")}
+            results[mode]["store"]["tail_logp"] = bool(attrs.get("tail_logp", False))  # absent from older stores
         if device.type == "cuda":
             results[mode]["cuda_peak_mb"] = memory[mode + "_cuda"]
     return results
