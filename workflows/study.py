@@ -21,6 +21,7 @@ t-interval, BLiMP, the store's bytes per token, the capture time and the student
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -765,11 +766,13 @@ def _plot(results: dict, path: Path) -> bool:
         if xs and max(xs) / max(min(xs), 1e-9) > 10:
             ax.set_xscale("log")
         _label_points(ax, [(a["name"], a["store"]["bytes_per_token"], a["test_ce"]["mean"]) for a in arms])
-        for a in (a for a in online if normalization(a) == panel):
+        # one colour per online arm, so that a panel with several (recipe variants) tells them apart
+        for a, color in zip((a for a in online if normalization(a) == panel),
+                            itertools.cycle(("tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"))):
             mean, sd = a["test_ce"]["mean"], a["test_ce"]["sd"]
-            ax.axhline(mean, color="tab:orange", linewidth=1.5, label=f"{a['name']} (online, no store): mean ± std")
+            ax.axhline(mean, color=color, linewidth=1.5, label=f"{a['name']} (online, no store): mean ± std")
             if sd:
-                ax.axhspan(mean - sd, mean + sd, color="tab:orange", alpha=0.15)
+                ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.12)
         if best is not None:
             ax.axhline(best["test_ce"], color="tab:gray", linestyle="--", label=f"best teacher {best['name']}")
         ax.set(title=f"distill.normalization: {panel}", xlabel="store bytes per token on disk")
