@@ -8,6 +8,7 @@ teachers; root-mean-square noise over the dense gradient's norm, as control_vari
 - without replacement: n distinct tail ids with inclusion probabilities min(1, c p_j) (Poisson sampling with
   Horvitz-Thompson weights; conditional Poisson / Pareto sampling are close to it), against S draws with
   replacement at the same mean number of distinct ids;
+- the label's exact probability (the student knows the next token; one more value, no id) beside 12 draws;
 - Neyman allocation: the same 12 draws per position on average, spread over positions in proportion to each
   position's noise (an oracle that knows it) or to the tail mass r (what a capture knows);
 - a low-rank teacher control: the teachers' log-probabilities projected on their top r principal directions
@@ -114,6 +115,17 @@ for S in (12, 24, 48):
     result["with_vs_without_replacement"][f"S={S}"] = {
         "distinct_ids": round(distinct, 1), "with_replacement": ratio(variance(p_tail, beta * q_tail, pi_p) / S),
         "without_replacement_same_distinct": ratio(ht)}
+
+# the label's exact probability: the student knows the next token, so one more value (no id) would make its
+# tail entry exact; the draws' estimate then leaves it out (still unbiased: each id's term is its own)
+next_token = windows[picked // windows.shape[1], (picked % windows.shape[1] + 1).clamp(max=windows.shape[1] - 1)]
+has_label = (picked % windows.shape[1]) < windows.shape[1] - 1
+label = torch.zeros_like(head).scatter_(1, next_token[:, None], True) & has_label[:, None] & ~head
+d_label = (p_tail - beta * q_tail).masked_fill(label, 0.0)
+result["label_exact_12_draws"] = {
+    "label_in_tail": round(float(label.any(1).float().mean()), 3),
+    "default": ratio(variance(p_tail, beta * q_tail, pi_p) / 12),
+    "label_exact": ratio((over(d_label ** 2, pi_p).sum(1) - (d_label ** 2).sum(1)) / 12)}
 
 # Neyman allocation of 12 draws per position on average
 v = variance(p_tail, beta * q_tail, pi_p)
