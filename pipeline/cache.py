@@ -125,7 +125,9 @@ def target_differences(attrs: dict, cfg: CacheConfig) -> list[str]:
     """'cache.k 8, not 32'-style lines for the cache keys on which a store (its ``attrs``) differs from what
     ``cfg`` captures; empty when it holds those targets."""
     wanted = target_identity(cfg)
-    earlier = {f.name: earlier_value(f) for f in dataclasses.fields(CacheConfig)}
+    # a key absent from an older store had its earlier value; any other absent key shows as None
+    earlier = {f.name: value for f in dataclasses.fields(CacheConfig)
+               if (value := earlier_value(f)) is not dataclasses.MISSING}
     return [f"cache.{key} {attrs.get(key, earlier.get(key))!r}, not {wanted.get(key, earlier.get(key))!r}"
             for key in _key_differences(attrs, wanted)]
 

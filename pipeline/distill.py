@@ -196,10 +196,10 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
                                 f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
         controlled = use_control_variate(dcfg, attrs, logits_path)
         if dcfg.normalization == "sequence" and thinner_than_sequence_default(attrs, controlled):
-            unused = bool(attrs.get("tail_logp")) and not controlled
             k, samples = SEQUENCE_CACHE_DEFAULTS["k"], SEQUENCE_CACHE_DEFAULTS["samples"]
-            fix = ("set distill.control_variate=auto" if unused and int(attrs.get("k", 0)) >= k
-                   and int(attrs.get("samples", 0)) >= samples else
+            # a store that has the probabilities and is big enough lacks only the control variate
+            only_unused = attrs.get("tail_logp") and not thinner_than_sequence_default(attrs, True)
+            fix = ("set distill.control_variate=auto" if only_unused else
                    f"capture the sequence default: `babydistill cache CONFIG --force --set cache.mode=hybrid "
                    f"--set cache.k={k} --set cache.samples={samples} --set cache.tail_logp=true`")
             warnings.warn(f"{logits_path} holds {describe_targets(attrs, controlled)}: under distill.normalization="
