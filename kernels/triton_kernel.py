@@ -25,6 +25,10 @@ BLOCK_V = 2048
 BLOCK_K = 64
 BLOCK_F = 64      # columns per step of the exact-tail fallback (a BLOCK_F x BLOCK_K compare tile)
 NUM_WARPS = 8
+# The floor under a logarithm: fp32's smallest normal. A literal below it (1e-38 is subnormal) is an fp64
+# constant to triton <= 3.7, which turned the row's tail terms into fp64: no compile for a GPU, and bf16
+# gradients of 0 through the 3.7 interpreter.
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)
 EXACT_TAIL_BELOW = 1.0 / 16  # recompute the bucket tail sum exactly when it is below this share of ST
 
 
@@ -130,12 +134,12 @@ def sparse_distill_kernel(
         nt = tl.load(ntail_ptr + row)
         u = tl.where(nt > 0, r / tl.maximum(nt, 1.0), 0.0)
         sum_tail_s = (sx - sum_zK) * inv_T
-        kl += tl.where(u > 0, nt * u * tl.log(tl.maximum(u, 1e-38)) - u * (sum_tail_s - nt * lseT), 0.0)
+        kl += tl.where(u > 0, nt * u * tl.log(tl.maximum(u, FLT_MIN)) - u * (sum_tail_s - nt * lseT), 0.0)
         shift = -w_kT * u
     # log_tail = log sum_tail exp((z - m) / T), the student's tail mass relative to its row maximum.
     log_tail = zero
     if BUCKET:
-        log_tail = tl.log(tl.maximum(sT - sum_eK, 1e-38))
+        log_tail = tl.log(tl.maximum(sT - sum_eK, FLT_MIN))
         if r > 0:
             if sT - sum_eK < exact_tail_below * sT:
                 # K holds nearly all the mass: sum the tail exactly, testing each column against K, as an
@@ -160,7 +164,7 @@ def sparse_distill_kernel(
                 if st > 0:
                     log_tail = (mt - m) * inv_T + tl.log(st)
         log_Q = log_tail - tl.log(sT)
-        kl += tl.where(r > 0, r * (tl.log(tl.maximum(r, 1e-38)) - log_Q), 0.0)
+        kl += tl.where(r > 0, r * (tl.log(tl.maximum(r, FLT_MIN)) - log_Q), 0.0)
         # Tail tokens: softmax(z/T) (1 - r / Q); when Q nears fp32's range, the same as
         # softmax_tail(z/T) (Q - r) = exp((z - m) / T - log_tail) (Q - r), which does not underflow.
         if (r > 0) & (log_Q < -40.0):
