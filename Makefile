@@ -1,56 +1,84 @@
 # Two commands on a fresh machine: `make demo` and `make test`.
-# Both create .venv on first use and install everything into it.
+# Both create .venv on first use and install everything into it, at the versions of requirements.lock.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU build of torch on this platform. GPU users: create .venv and install
-# your CUDA torch into it first (pip install torch ...); this pin is then skipped
-# because a torch is already present.
-TORCH_PIN ?= torch==2.13.0
+LOCK   := requirements.lock
+# The CPU build of torch on this platform, and the triton that torch 2.13 pairs with (torch, triton and the
+# CUDA wheels stay out of the lock). GPU users: create .venv and install your CUDA torch into it first
+# (python3 -m venv .venv && .venv/bin/pip install torch ...); these pins are then skipped because a torch is
+# already present, and the lock leaves that torch and its triton alone.
+TORCH_CPU ?= torch==2.13.0 triton==3.7.1
+PIP_PIN   := pip==26.3
+UV_PIN    := uv==0.13.9
 STAMP  := $(VENV)/.installed
-# `make test` also installs the experiment trackers (TensorBoard, MLflow, W&B: the extras of
-# `.[trackers]`) so that their tests run rather than skip; `make demo` and the rest stay lean.
-TRACKERS_STAMP := $(VENV)/.installed-trackers
+INSTALL = $(BIN)/python -m pip install -qq -c $(LOCK) -e ".[dev,trackers]"
 
-.PHONY: demo test lint bench clean-venv experiment offline-study sweep-demo
+.PHONY: demo test test-latest lock install lint bench clean-venv experiment offline-study sweep-demo
 
-# The project installs with -qq: errors still print, setuptools' notice that comes with every
-# editable install does not.
-$(STAMP): pyproject.toml
+# The project installs with -qq: errors still print, setuptools' notice that comes with every editable install
+# does not. One environment for demo and test: the dev tools and the experiment trackers (TensorBoard, MLflow,
+# W&B: the extras of `.[trackers]`, so that their tests run rather than skip) come with it.
+$(STAMP): pyproject.toml $(LOCK)
+	@$(PYTHON) tools/lockfile.py python-ok
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -qq -e ".[dev]"
+	$(BIN)/python -m pip install --quiet "$(PIP_PIN)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet -c $(LOCK) $(TORCH_CPU)
+	$(INSTALL)
 	touch $(STAMP)
 
-$(TRACKERS_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -qq -e ".[dev,trackers]"
-	touch $(TRACKERS_STAMP)
+# Every run checks .venv against the lock (a fraction of a second): a package upgraded by hand is put back,
+# never run against silently.
+install: $(STAMP)
+	@$(BIN)/python tools/lockfile.py check $(LOCK) || { $(INSTALL) && $(BIN)/python tools/lockfile.py check $(LOCK); }
 
-demo: $(STAMP)
+demo: install
 	$(BIN)/babydistill run configs/demo.yaml
 
-test: $(TRACKERS_STAMP)
+test: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/ruff check pipeline kernels stores workflows tests
+# The canary: a throwaway environment with the newest versions pyproject.toml allows (torch stays the platform's
+# CPU pin: a newer one is a multi-GB CUDA build here), then the whole suite. Run it before `make lock`, and
+# whenever a dependency releases; it prints which versions differ from the lock.
+LATEST := .venv-latest
+test-latest:
+	@$(PYTHON) tools/lockfile.py python-ok
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST)/bin/python -m pip install --quiet "$(firstword $(TORCH_CPU))"
+	$(LATEST)/bin/python -m pip install -qq -e ".[dev,trackers]"
+	$(LATEST)/bin/python tools/lockfile.py diff $(LOCK)
+	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q
 
-experiment: $(STAMP)
+# Move the lock forward: resolve the newest versions pyproject.toml allows (for Python 3.11+, every platform),
+# with torch held at the CPU pin so that its pure-Python dependencies match it; then `make test`.
+lock: install
+	$(BIN)/python -m pip install --quiet "$(UV_PIN)"
+	echo "$(firstword $(TORCH_CPU))" > $(VENV)/torch-pin.txt
+	UV_PYTHON_DOWNLOADS=never $(BIN)/uv pip compile pyproject.toml --extra dev --extra trackers --universal \
+		--python-version 3.11 --upgrade --no-header --quiet -c $(VENV)/torch-pin.txt -o $(VENV)/lock-raw.txt
+	$(BIN)/python tools/lockfile.py filter $(VENV)/lock-raw.txt $(LOCK)
+
+lint: install
+	$(BIN)/ruff check pipeline kernels stores workflows tests tools
+
+experiment: install
 	$(BIN)/babydistill run configs/cpu-experiment.yaml
 
-offline-study: $(STAMP)
+offline-study: install
 	$(BIN)/babydistill study configs/offline-study.yaml
 
 # The demo run with a top-k store (teachers, store, the default student s1), a 16-trial sweep on 2 workers,
 # then the best trial's configuration trained under its own name (the command the sweep's report gives)
 # and evaluated; docs/results/sweep-demo/ holds the figures it made.
 SWEEP_RUN := runs/sweep-demo
-sweep-demo: $(STAMP)
+sweep-demo: install
 	$(BIN)/babydistill run configs/sweep-demo.yaml
 	$(BIN)/babydistill sweep configs/sweep-demo.yaml --name demo --workers 2
 	PATH="$(abspath $(BIN)):$$PATH" sh -c "$$(grep '^babydistill distill ' $(SWEEP_RUN)/sweeps/demo/report.md)"
 	$(BIN)/babydistill evaluate configs/sweep-demo.yaml --model $(SWEEP_RUN)/students/demo-best
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)
