@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu
+from babydistill.kernels import cpu
 
 
 def row_kernel(impl: str):
     """The per-row ``loss_and_grad`` of an implementation: the chunked CPU path's, or the Triton kernel's
     (imported on first use: triton is optional)."""
     if impl == "triton":
-        from kernels import triton_kernel
+        from babydistill.kernels import triton_kernel
         return triton_kernel.loss_and_grad
     return cpu.loss_and_grad
 

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from kernels.targets import prepare_targets  # noqa: F401  (kernels.cpu.prepare_targets: its place before)
+from babydistill.kernels.targets import prepare_targets  # noqa: F401  (kernels.cpu.prepare_targets: its place before)
 
 CHUNK_BYTES = 1 << 21  # fp32 bytes of logits per chunk (per thread; about 32 rows at V = 16000)
 

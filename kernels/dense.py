@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import cpu
+from babydistill.kernels import cpu
 
 
 class DenseDistill(torch.autograd.Function):

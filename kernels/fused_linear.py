@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.autograd import row_kernel, rows_loss, saved_gradients
+from babydistill.kernels.autograd import row_kernel, rows_loss, saved_gradients
 
 CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}  # fp32 bytes of one logits chunk (64 MB: GEMMs stay efficient)
 

@@ -134,7 +134,7 @@ def ids_as_int64(target_ids: torch.Tensor) -> torch.Tensor:
 def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
                         normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None,
                         control=None):
-    """Dense reference of `kernels.sparse_distill_loss` (``impl`` is accepted and ignored).
+    """Dense reference of `kernels.losses.sparse_distill_loss` (``impl`` is accepted and ignored).
 
     Returns (loss, ce, kl); ce and kl are detached. Computes in ``logits.dtype``.
     """

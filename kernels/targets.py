@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import RESIDUAL_EPS, ids_as_int64
+from babydistill.kernels.reference import RESIDUAL_EPS, ids_as_int64
 
 
 def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float, tail: str, c_T=None):

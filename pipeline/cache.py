@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import CacheConfig, earlier_value, identity
-from pipeline.model import ensemble_logits, load_teachers
-from pipeline.tokenizer import tokenizer_hash
-from stores.logits import (
+from babydistill.pipeline.config import CacheConfig, earlier_value, identity
+from babydistill.pipeline.model import ensemble_logits, load_teachers
+from babydistill.pipeline.tokenizer import tokenizer_hash
+from babydistill.stores.logits import (
     FORMAT,
     FORMAT_VERSION,
     PAD_LOGP,
@@ -41,7 +41,7 @@ from stores.logits import (
     window_order,
     write_chunk,
 )
-from stores.tokens import TokenStore, file_sha256, tokenizer_file_hash
+from babydistill.stores.tokens import TokenStore, file_sha256, tokenizer_file_hash
 
 TAIL_MODES = ("bucket", "renorm", "uniform")
 

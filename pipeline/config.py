@@ -382,7 +382,9 @@ class EvalConfig:
     results and the report column; give it when a task appears twice (BLiMP and its supplement)."""
 
     def __post_init__(self):
-        from pipeline.zero_shot import TASKS  # not at the top: zero_shot imports nothing from here
+        from babydistill.pipeline.zero_shot import (
+            TASKS,  # not at the top: zero_shot imports nothing from here
+        )
 
         names = []
         for i, entry in enumerate(self.zero_shot):

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kernels import dense_distill_loss, fused_linear_sparse_distill_loss
-from pipeline.config import SEQUENCE_CACHE_DEFAULTS, Config, DistillConfig
-from pipeline.model import build_model, ensemble_logits, load_teachers
-from pipeline.tokenizer import tokenizer_hash
-from pipeline.train import Batch, TokenWindows, TrainingError, train_loop
-from stores.logits import targets_are_complete
-from stores.reader import LogitStoreReader
-from stores.tokens import TokenStore
+from babydistill.kernels.losses import dense_distill_loss, fused_linear_sparse_distill_loss
+from babydistill.pipeline.config import SEQUENCE_CACHE_DEFAULTS, Config, DistillConfig
+from babydistill.pipeline.model import build_model, ensemble_logits, load_teachers
+from babydistill.pipeline.tokenizer import tokenizer_hash
+from babydistill.pipeline.train import Batch, TokenWindows, TrainingError, train_loop
+from babydistill.stores.logits import targets_are_complete
+from babydistill.stores.reader import LogitStoreReader
+from babydistill.stores.tokens import TokenStore
 
 # Rows of each half of a batch from which the other half's control-variate coefficient is estimated.
 CONTROL_ROWS = 256
@@ -82,7 +82,7 @@ def _spaced(start: int, stop: int, device: torch.device) -> torch.Tensor:
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
                          target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int, min_beta: float = 0.0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Control-variate coefficients a [N, K] for `kernels.sparse_distill_loss` (``control``), and the mean beta
+    """Control-variate coefficients a [N, K] for `kernels.losses.sparse_distill_loss` (``control``), and the mean beta
     (a 0-d tensor).
 
     a = beta on the head slots and beta w_j / p_j on the tail draws (0 on padding): the KL's gradient then

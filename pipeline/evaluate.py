@@ -35,7 +35,7 @@ import random
 import time
 import zipfile
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from pipeline import zero_shot
-from pipeline.config import BUNDLED_BLIMP, EvalConfig
-from pipeline.model import autocast_context, load_model
-from pipeline.tokenizer import load_tokenizer, tokenizer_hash
-from stores.tokens import TokenStore
+from babydistill.pipeline import zero_shot
+from babydistill.pipeline.config import BUNDLED_BLIMP, EvalConfig
+from babydistill.pipeline.model import autocast_context, load_model
+from babydistill.pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from babydistill.stores.tokens import TokenStore
 
 FORMAT = "babydistill.eval"
 FORMAT_VERSION = 1
@@ -325,7 +325,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenize
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": str(model_dir),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer_hash": run_hash,
         "tokens_hash": store.tokens_hash,

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from pipeline.config import Config
-from stores.tokens import TokenStore
+from babydistill.pipeline.config import Config
+from babydistill.stores.tokens import TokenStore
 
 
 def attention_implementation(num_heads: int, num_kv_heads: int, device: str | torch.device | None = None) -> str:

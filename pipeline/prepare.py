@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import DataConfig
+from babydistill.pipeline.config import DataConfig
 
 SPLITS = ("train", "validation", "test")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import matplotlib
@@ -23,8 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
-from pipeline.config import Config, parse_model_name  # noqa: E402
-from pipeline.evaluate import FIELDS  # noqa: E402
+from babydistill.pipeline.config import Config, parse_model_name  # noqa: E402
+from babydistill.pipeline.evaluate import FIELDS  # noqa: E402
 
 GROUPS = ("teachers", "offline students", "online students")
 _GROUP_STYLE = {"teachers": "-", "offline students": "--", "online students": ":"}
@@ -260,7 +260,7 @@ def write_report(config: Config, out_dir: Path) -> Path:
     numbers = {g: sum(m.group == g for m in models) for g in GROUPS}
     counts = ", ".join(f"{n} {g if n > 1 else g[:-1]}" for g, n in numbers.items() if n)
     lines = [f"# babydistill report: {config.run_dir}", "",
-             f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}. Models: {counts} "
+             f"Generated {datetime.now(UTC).isoformat(timespec='seconds')}. Models: {counts} "
              f"({len(evaluated)} evaluated).", "",
              "## Results (in the form of the paper's Table 3)", "", *_table(models, fields, suites), ""]
     if evaluated:

@@ -36,8 +36,15 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, SweepConfig, config_from_dict, identity, save_config
-from pipeline.train import STATE_DIR
+from babydistill.pipeline.config import (
+    Config,
+    ConfigError,
+    SweepConfig,
+    config_from_dict,
+    identity,
+    save_config,
+)
+from babydistill.pipeline.train import STATE_DIR
 
 COUNTED = ("COMPLETE", "PRUNED")
 """Trial states that count towards ``trials``."""
@@ -206,8 +213,8 @@ class TrialJob:
 def _objective(job: TrialJob, trial) -> float:
     import optuna
 
-    from pipeline.distill import train_student
-    from pipeline.train import TrainingError
+    from babydistill.pipeline.distill import train_student
+    from babydistill.pipeline.train import TrainingError
 
     study = trial.study
     # Two workers can start a trial at the same moment when one slot is left: the later one steps back.
@@ -270,7 +277,7 @@ def run_worker(job: TrialJob, on_trial=None) -> int:
     """
     import optuna
 
-    from pipeline.train import TrainingError
+    from babydistill.pipeline.train import TrainingError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -360,7 +367,7 @@ class Progress:
 
 def check_inputs(config: Config, logits_path: Path) -> dict:
     """Refusals before anything is written; returns the store's attributes."""
-    from stores.logits import incomplete_reason, read_attrs
+    from babydistill.stores.logits import incomplete_reason, read_attrs
 
     if not (logits_path / "zarr.json").is_file():
         raise SweepError(f"{logits_path}: no logit store; trials train from it: run `babydistill cache CONFIG` "

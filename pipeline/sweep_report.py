@@ -12,7 +12,7 @@ import json
 import warnings
 from pathlib import Path
 
-from pipeline.config import Config
+from babydistill.pipeline.config import Config
 
 PLOTS = {"history.png": "optimisation history", "importances.png": "parameter importances",
          "curves.png": "validation CE of every trial (what the pruner saw)"}

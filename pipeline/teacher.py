@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import Config
-from pipeline.model import build_model
-from pipeline.tokenizer import tokenizer_hash
-from pipeline.train import TokenWindows, TrainingError, ce_loss, train_loop
-from stores.tokens import TokenStore
+from babydistill.pipeline.config import Config
+from babydistill.pipeline.model import build_model
+from babydistill.pipeline.tokenizer import tokenizer_hash
+from babydistill.pipeline.train import TokenWindows, TrainingError, ce_loss, train_loop
+from babydistill.stores.tokens import TokenStore
 
 
 def train_teacher(config: Config, tokens_path: Path, tokenizer_dir: Path, out_dir: Path, *, seed: int,

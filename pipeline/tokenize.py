@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.config import DataConfig
-from pipeline.prepare import SPLITS, read_manifest, split_documents
-from pipeline.tokenizer import BOS, EOD, PAD, load_tokenizer, tokenizer_hash
-from stores.tokens import write_token_store
+from babydistill.pipeline.config import DataConfig
+from babydistill.pipeline.prepare import SPLITS, read_manifest, split_documents
+from babydistill.pipeline.tokenizer import BOS, EOD, PAD, load_tokenizer, tokenizer_hash
+from babydistill.stores.tokens import write_token_store
 
 _BATCH_DOCUMENTS = 2048
 

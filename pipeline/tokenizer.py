@@ -13,9 +13,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.config import TokenizerConfig
-from pipeline.prepare import split_documents
-from stores.tokens import tokenizer_file_hash
+from babydistill.pipeline.config import TokenizerConfig
+from babydistill.pipeline.prepare import split_documents
+from babydistill.stores.tokens import tokenizer_file_hash
 
 PAD, BOS, EOD = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, BOS, EOD]

@@ -54,11 +54,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline.config import Config, TrainConfig, save_config
-from pipeline.evaluate import heldout_ce_totals
-from pipeline.model import autocast_context
-from pipeline.trackers import Trackers, stage_run_name
-from stores.tokens import TokenStore
+from babydistill.pipeline.config import Config, TrainConfig, save_config
+from babydistill.pipeline.evaluate import heldout_ce_totals
+from babydistill.pipeline.model import autocast_context
+from babydistill.pipeline.trackers import Trackers, stage_run_name
+from babydistill.stores.tokens import TokenStore
 
 STATE_DIR = "trainer_state"
 COMPLETE = "COMPLETE"

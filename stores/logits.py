@@ -69,7 +69,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from stores.checksum import file_crc32
+from babydistill.stores.checksum import file_crc32
 
 FORMAT = "babydistill.logits"
 FORMAT_VERSION = 2
@@ -451,7 +451,7 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
     rounding, c_T finite, tail_logp (if kept) a probability exactly where a tail slot is real, rows holding the windows of the recorded order; with ``tokens_path``: the hashes match tokens.zarr and the stored windows
     equal its training windows.
     """
-    from stores.tokens import TokenStore
+    from babydistill.stores.tokens import TokenStore
 
     try:
         group, attrs = open_store(path)

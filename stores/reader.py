@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stores.checksum import crc32
-from stores.logits import (
+from babydistill.stores.checksum import crc32
+from babydistill.stores.logits import (
     chunk_file,
     chunk_ranges,
     decode_chunk,
@@ -60,7 +60,7 @@ class LogitStoreReader:
     def __init__(self, path: str | Path, tokens_path: str | Path, tokenizer_dir: str | Path | None = None, *,
                  seed: int, temperature: float | None = None, shuffle_buffer_chunks: int = 4,
                  tail_logp: bool = True):
-        from stores.tokens import TokenStore, tokenizer_file_hash
+        from babydistill.stores.tokens import TokenStore, tokenizer_file_hash
 
         self.path, self.tokens_path = Path(path), Path(tokens_path)
         if shuffle_buffer_chunks < 1:
@@ -127,7 +127,7 @@ class LogitStoreReader:
 
     def _checked_bytes(self, chunk: int, name: str) -> bytes:
         """The bytes of array ``name``'s chunk file, refused unless they have the size and crc32 its done
-        marker recorded. Read once, checked, then decoded; `python -m workflows.bench_loader --check-overhead` measures the cost."""
+        marker recorded. Read once, checked, then decoded; `python -m babydistill.workflows.bench_loader --check-overhead` measures the cost."""
         rel = self._chunk_file(chunk, name)
         try:
             data = (self.path / rel).read_bytes()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from stores.checksum import file_crc32
+from babydistill.stores.checksum import file_crc32
 
 FORMAT = "babydistill.tokens"
 FORMAT_VERSION = 1

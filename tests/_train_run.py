@@ -14,14 +14,11 @@ import argparse
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pipeline.distill as distill  # noqa: E402
-import pipeline.teacher as teacher  # noqa: E402
-from pipeline.config import config_from_dict  # noqa: E402
+import babydistill.pipeline.distill as distill
+import babydistill.pipeline.teacher as teacher
+from babydistill.pipeline.config import config_from_dict
 
 
 def kill_at(step: int, loss_fn):

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import Config, load_config
+from babydistill.pipeline.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+_FOLDERS = ("pipeline", "kernels", "stores", "workflows")
+
+
+def repo_modules_under_bare_names() -> list[str]:
+    """Modules of this checkout imported as `pipeline...`, `kernels...` (not `babydistill....`): one module under
+    two names. Hugging Face's own `kernels` (a dependency of transformers) lives elsewhere and is fine."""
+    folders = tuple(os.path.realpath(ROOT / folder) + os.sep for folder in _FOLDERS)
+    found = []
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] not in _FOLDERS or module is None:
+            continue
+        places = [getattr(module, "__file__", None) or "", *list(getattr(module, "__path__", []) or [])]
+        if any(place and (os.path.realpath(place) + os.sep).startswith(folders) for place in places):
+            found.append(name)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _one_name_per_module():
+    yield
+    assert repo_modules_under_bare_names() == [], "import it as babydistill.<folder>..., never by the bare folder"
+
 
 _NOUNS = ["cat", "dog", "girl", "boy", "king", "queen", "bird", "fox", "wolf", "rabbit", "garden", "house",
           "tree", "river", "mother", "father", "princess", "giant", "mouse", "horse"]
@@ -74,7 +100,7 @@ def tiny_config(tiny_config_path: Path) -> Config:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Config:
     """A run with prepare, tokenizer and tokenize done: read-only for tests (copy it to modify)."""
-    from workflows.runner import build_token_run
+    from babydistill.workflows.runner import build_token_run
 
     root = tmp_path_factory.mktemp("tiny_run")
     write_corpus(root / "corpus", num_files=3, paragraphs=120)

@@ -21,10 +21,16 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM
 
-from pipeline.cache import capture_logits, compute_chunk, ensemble_logp, gradient_fidelity, sample_targets
-from pipeline.config import CacheConfig, ConfigError, load_config
-from pipeline.model import build_model, load_model
-from stores.logits import (
+from babydistill.pipeline.cache import (
+    capture_logits,
+    compute_chunk,
+    ensemble_logp,
+    gradient_fidelity,
+    sample_targets,
+)
+from babydistill.pipeline.config import CacheConfig, ConfigError, load_config
+from babydistill.pipeline.model import build_model, load_model
+from babydistill.stores.logits import (
     ARRAYS,
     PAD_LOGP,
     LogitStoreError,
@@ -37,7 +43,7 @@ from stores.logits import (
     verify_store,
     write_chunk,
 )
-from stores.tokens import TokenStore
+from babydistill.stores.tokens import TokenStore
 
 CFG = CacheConfig(mode="topk", k=8, chunk_windows=32, batch_size=16, temperatures=[1.0, 2.0], fidelity_positions=64)
 NUM_CHUNKS = 14  # 442 training windows of the tiny run / 32
@@ -205,7 +211,7 @@ def test_control_variate_target_is_unbiased_and_less_noisy_near_the_teacher():
     """The control-variate gradient (head + beta q_tail + the draws' correction, `kernels.reference` control),
     averaged over capture seeds, converges to the dense KD gradient for a beta fixed before the draws, within a
     tolerance set by the draws; near the teacher its spread is well below the plain draws'."""
-    from kernels import reference
+    from babydistill.kernels import reference
 
     vocab, num_rows, samples, k, draws, beta = 60, 4, 8, 4, 400, 0.8
     gen = torch.Generator().manual_seed(0)
@@ -250,7 +256,7 @@ def test_control_variate_target_is_unbiased_and_less_noisy_near_the_teacher():
 def test_sampled_targets_are_unbiased_for_the_distillation_loss_and_gradient(mode):
     """Averaged over capture seeds, the sparse loss (up to the target's own entropy, which carries no
     gradient) and its gradient converge to the dense KD ones, within a tolerance set by the draws."""
-    from kernels import reference
+    from babydistill.kernels import reference
 
     vocab, num_rows, samples, k, draws = 60, 4, 8, 4, 400
     gen = torch.Generator().manual_seed(0)
@@ -326,8 +332,8 @@ def test_two_worker_cluster_equals_synchronous(topk_store, tiny_run, teachers, t
 _KILLABLE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import pipeline.cache as cache
-    from pipeline.config import CacheConfig
+    import babydistill.pipeline.cache as cache
+    from babydistill.pipeline.config import CacheConfig
     run = cache.capture_chunk
     cache.capture_chunk = lambda *a: (time.sleep(0.4), run(*a))[1]  # slow, so the kill lands partway
     tokens, tokenizer, out, *teachers = map(Path, sys.argv[1:])
@@ -391,7 +397,7 @@ def flip_byte(file: Path) -> None:
 
 def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_store, tiny_run, teachers, tmp_path,
                                                                          capsys):
-    from workflows.runner import STORE_MARKER, Stage, run_stage, stage_status, write_marker
+    from babydistill.workflows.runner import STORE_MARKER, Stage, run_stage, stage_status, write_marker
 
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)
@@ -535,7 +541,7 @@ def test_draw_sets_hold_independent_tail_draws_and_each_epoch_reads_its_own(tiny
     """cache.draw_sets = 3: the head, then 3 tail draw sets; set 0 is the one-set store bit for bit, every set
     passes verify on its own (ids may repeat across sets, not within one), and the reader gives epoch e set
     e mod 3, with the matching tail_logp columns."""
-    from stores.reader import LogitStoreReader
+    from babydistill.stores.reader import LogitStoreReader
 
     one = dataclasses.replace(CFG, mode="hybrid", k=4, samples=6, tail_logp=True, chunk_windows=64, temperatures=[1.0])
     single, triple = tmp_path / "one.zarr", tmp_path / "three.zarr"

@@ -14,7 +14,7 @@ import pytest
 from test_distill import distill_run  # noqa: F401  (module fixture)
 from test_train import assert_same_weights, metric_lines, run_teacher, with_train
 
-from pipeline.train import STATE_DIR, complete_checkpoints
+from babydistill.pipeline.train import STATE_DIR, complete_checkpoints
 
 HELPER = Path(__file__).with_name("_train_run.py")
 
@@ -68,7 +68,7 @@ def _torchrun(config, out: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_two_process_offline_student_matches_one_process(distill_run, tmp_path):
     """Each rank reads its own positions of the store; together they equal one process with the global batch."""
-    from pipeline.distill import train_student
+    from babydistill.pipeline.distill import train_student
 
     single_cfg = with_train(distill_run, batch_size=8, max_steps=6, save_every=3, eval_every=3, num_threads=1)
     single = train_student(single_cfg, single_cfg.tokens_path, single_cfg.tokenizer_path, single_cfg.logits_path,
@@ -85,8 +85,8 @@ def test_two_process_student_with_the_tail_control_variate_matches_one_process(d
     compute what one process with their global batch computes."""
     import shutil
 
-    from pipeline.cache import capture_logits
-    from pipeline.distill import train_student
+    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.distill import train_student
 
     run = tmp_path / "run"
     run.mkdir()

@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import distill
-from pipeline.cache import capture_logits
-from pipeline.config import ConfigError, load_config
-from pipeline.distill import (
+from babydistill.pipeline import distill
+from babydistill.pipeline.cache import capture_logits
+from babydistill.pipeline.config import ConfigError, load_config
+from babydistill.pipeline.distill import (
     control_beta,
     control_coefficients,
     load_teachers,
@@ -27,12 +27,12 @@ from pipeline.distill import (
     open_offline_source,
     train_student,
 )
-from pipeline.model import build_model
-from pipeline.teacher import train_teacher
-from pipeline.train import TrainingError
-from stores.reader import LogitStoreReader
-from stores.tokens import TokenStore
-from workflows.cli import main
+from babydistill.pipeline.model import build_model
+from babydistill.pipeline.teacher import train_teacher
+from babydistill.pipeline.train import TrainingError
+from babydistill.stores.reader import LogitStoreReader
+from babydistill.stores.tokens import TokenStore
+from babydistill.workflows.cli import main
 
 HELPER = Path(__file__).with_name("_train_run.py")
 
@@ -107,7 +107,7 @@ def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(disti
     student = build_model(config, TokenStore(distill_run.tokens_path), seed=7)
     loss, metrics = offline_loss(config.distill, use_c_T, tail)(student, batch)
     # The spec: dense KL against the stored weights renormalised, in float64.
-    from kernels import reference
+    from babydistill.kernels import reference
 
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
@@ -220,7 +220,7 @@ def test_a_store_with_tail_probabilities_verifies_and_names_a_bad_one(control_st
 
     import zarr
 
-    from stores.logits import store_info, verify_store
+    from babydistill.stores.logits import store_info, verify_store
 
     assert verify_store(control_store, None) == []
     assert "tail_logp" in store_info(control_store)["arrays"]
@@ -272,7 +272,7 @@ def test_control_coefficients_of_a_row_do_not_see_its_own_draws(distill_run, con
 
 def test_control_beta_minimises_the_tail_noise():
     """On many rows the beta estimated from the draws is near the exact minimiser of the summed tail noise."""
-    from pipeline.cache import sample_targets
+    from babydistill.pipeline.cache import sample_targets
 
     vocab, rows, k, samples = 200, 400, 4, 16
     g = torch.Generator().manual_seed(1)
@@ -314,10 +314,10 @@ def test_distill_head_lr_scale_is_the_students_train_head_lr_scale(distill_run, 
                             seed=1)
         return load_file(out / "model.safetensors")
 
-    import workflows.runner
-    from workflows.runner import student_stage
+    import babydistill.workflows.runner as runner_module
+    from babydistill.workflows.runner import student_stage
 
-    monkeypatch.setattr(workflows.runner, "output_fingerprint", lambda path: "a store")  # no stage marker here
+    monkeypatch.setattr(runner_module, "output_fingerprint", lambda path: "a store")  # no stage marker here
 
     def stage_fingerprint(*overrides: str) -> str:
         return student_stage(_config(distill_run, tmp_path, *overrides), seed=1).fingerprint
@@ -394,7 +394,7 @@ def test_no_store_yet_says_which_command_makes_it(distill_run, tmp_path):
 
 
 def test_store_from_other_windows_is_refused(distill_run, tmp_path):
-    from pipeline.tokenize import tokenize_corpus
+    from babydistill.pipeline.tokenize import tokenize_corpus
 
     other = _config(distill_run, tmp_path, "data.seq_len=16")
     tokenize_corpus(other.data, distill_run.data_path, distill_run.tokenizer_path, tmp_path / "tokens16.zarr")
@@ -404,8 +404,8 @@ def test_store_from_other_windows_is_refused(distill_run, tmp_path):
 
 
 def test_store_from_another_tokenizer_is_refused(distill_run, tmp_path):
-    from pipeline.tokenize import tokenize_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from babydistill.pipeline.tokenize import tokenize_corpus
+    from babydistill.pipeline.tokenizer import train_tokenizer
 
     other = _config(distill_run, tmp_path, "tokenizer.vocab_size=380")
     train_tokenizer(other.tokenizer, distill_run.data_path / "train", tmp_path / "tok")
@@ -457,9 +457,9 @@ def test_online_student_trains_through_the_cli(distill_run, tmp_path, capsys):
 
 
 def test_bench_step_times_the_configs_targets_not_another_store(distill_run, tmp_path, capsys):
-    from pipeline.cache import target_differences
-    from stores.logits import read_attrs
-    from workflows.bench_step import bench_step
+    from babydistill.pipeline.cache import target_differences
+    from babydistill.stores.logits import read_attrs
+    from babydistill.workflows.bench_step import bench_step
 
     attrs = read_attrs(distill_run.logits_path)  # top-8, float32
     assert target_differences(attrs, distill_run.cache) == []

@@ -13,12 +13,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from pipeline.config import BUNDLED_BLIMP, Config
-from pipeline.evaluate import FIELDS, blimp_accuracy, evaluate_model, load_blimp, score_blimp, split_loss
-from pipeline.model import build_model, llama_config
-from pipeline.report import write_report
-from pipeline.tokenizer import BOS, EOD, PAD, build_bpe, load_tokenizer
-from stores.tokens import TokenStore
+from babydistill.pipeline.config import BUNDLED_BLIMP, Config
+from babydistill.pipeline.evaluate import (
+    FIELDS,
+    blimp_accuracy,
+    evaluate_model,
+    load_blimp,
+    score_blimp,
+    split_loss,
+)
+from babydistill.pipeline.model import build_model, llama_config
+from babydistill.pipeline.report import write_report
+from babydistill.pipeline.tokenizer import BOS, EOD, PAD, build_bpe, load_tokenizer
+from babydistill.stores.tokens import TokenStore
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # one paradigm of each field, plus one whose lengths differ a lot between its pairs

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from conftest import write_config, write_corpus
 
-from pipeline.config import ConfigError, load_config
-from pipeline.prepare import clean_documents, find_splits, prepare_corpus
-from stores.tokens import TokenStore
-from workflows.cli import build_parser, main
+from babydistill.pipeline.config import ConfigError, load_config
+from babydistill.pipeline.prepare import clean_documents, find_splits, prepare_corpus
+from babydistill.stores.tokens import TokenStore
+from babydistill.workflows.cli import build_parser, main
 
 
 def run_cli(*args) -> int:
@@ -241,8 +241,14 @@ def test_a_run_moved_with_its_corpus_stays_up_to_date(tmp_path, capsys):
     elsewhere with its corpus is still done. Runs made with the earlier fingerprint stay done where they are."""
     import shutil
 
-    from pipeline.config import identity
-    from workflows.runner import _corpus_listing, fingerprint, prepare_stage, stage_status, write_marker
+    from babydistill.pipeline.config import identity
+    from babydistill.workflows.runner import (
+        _corpus_listing,
+        fingerprint,
+        prepare_stage,
+        stage_status,
+        write_marker,
+    )
 
     first = tmp_path / "first"
     write_corpus(first / "corpus")
@@ -314,7 +320,7 @@ def test_vocab_over_uint16_and_short_seq_len_are_refused(tmp_path, capsys):
 
 
 def test_interrupted_stage_leaves_no_finished_looking_output(tiny_config_path, monkeypatch):
-    import pipeline.prepare as prepare
+    import babydistill.pipeline.prepare as prepare
 
     config = load_config(tiny_config_path)
 
@@ -339,7 +345,7 @@ def test_execution_only_keys_do_not_change_stage_fingerprints(tmp_path):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_a_damaged_token_chunk_is_named_refused_and_rebuilt_by_tokenize(tiny_config_path, capsys, damage):
-    from stores.tokens import TokenStoreError
+    from babydistill.stores.tokens import TokenStoreError
 
     for verb in ("prepare", "tokenizer", "tokenize"):
         assert run_cli(verb, tiny_config_path) == 0
@@ -388,7 +394,7 @@ def test_a_damaged_token_chunk_is_named_refused_and_rebuilt_by_tokenize(tiny_con
 def test_a_stale_stage_names_its_own_rebuild_command_and_a_stale_report_is_rebuilt(tmp_path):
     """`run --force` would rebuild every stage, so a stale one names the command that rebuilds it alone;
     the report (made from the other outputs in seconds) is rebuilt when stale, without asking."""
-    from workflows.runner import Stage, StageError, run_stage, stage_status
+    from babydistill.workflows.runner import Stage, StageError, run_stage, stage_status
 
     def stage(name: str, fingerprint: str, derived: bool = False) -> Stage:
         return Stage(name, tmp_path / name, fingerprint, lambda work: (work / "out.txt").write_text(fingerprint),

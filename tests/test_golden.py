@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import capture_logits
-from pipeline.config import load_config
-from pipeline.distill import train_student
-from pipeline.teacher import train_teacher
+from babydistill.pipeline.cache import capture_logits
+from babydistill.pipeline.config import load_config
+from babydistill.pipeline.distill import train_student
+from babydistill.pipeline.teacher import train_teacher
 
 TOLERANCE = 1e-6
 # Per model (see golden_run): [step, loss, ce, kl] of the train records and [step, val_loss] of the val records,

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.cache import store_identity
-from pipeline.config import EXECUTION_ONLY, SECTIONS, Config, identity, load_config
-from workflows.runner import MARKER, model_dirs, pipeline_stages, write_marker
+from babydistill.pipeline.cache import store_identity
+from babydistill.pipeline.config import EXECUTION_ONLY, SECTIONS, Config, identity, load_config
+from babydistill.workflows.runner import MARKER, model_dirs, pipeline_stages, write_marker
 
 
 def finished_run(config: Config) -> Config:
@@ -90,7 +90,7 @@ def test_a_key_whose_default_changed_leaves_earlier_stores_done_at_their_value_a
     """cache.tail_logp came after stores without it (false): at false it is left out of the identity, so those
     stores keep their fingerprint; the new default (true, hybrid) enters it, so they go stale; the modes
     without tail draws ignore it."""
-    from pipeline.config import CacheConfig
+    from babydistill.pipeline.config import CacheConfig
 
     earlier = identity(CacheConfig(samples=12))
     earlier.pop("tail_logp")                                      # what a store made before the key had
@@ -102,7 +102,7 @@ def test_a_key_whose_default_changed_leaves_earlier_stores_done_at_their_value_a
 
 def test_draw_sets_enter_the_identity_only_when_more_than_one():
     """cache.draw_sets came after every store (one set): at 1 it is left out, so those stores stay done."""
-    from pipeline.config import CacheConfig
+    from babydistill.pipeline.config import CacheConfig
 
     assert "draw_sets" not in identity(CacheConfig())
     assert identity(CacheConfig(draw_sets=6))["draw_sets"] == 6

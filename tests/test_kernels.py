@@ -10,8 +10,7 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from babydistill.kernels import cpu, losses, reference  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 try:
@@ -36,7 +35,7 @@ _IMPLS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
 def _small_triton_blocks(monkeypatch):
     """Several vocabulary blocks per row and a partial last one, at test sizes."""
     if HAVE_TRITON:
-        from kernels import triton_kernel
+        from babydistill.kernels import triton_kernel
         monkeypatch.setattr(triton_kernel, "BLOCK_V", 512)
         monkeypatch.setattr(triton_kernel, "BLOCK_K", 16)
     warnings.filterwarnings("ignore", message="invalid value encountered", category=RuntimeWarning)
@@ -111,7 +110,7 @@ def make_inputs(N, V, k, *, seed=0, dtype=torch.float32, T=1.0, ignored=(3,), co
 def run(impl, z, labels, ids, logp, grad_scale=1.0, **kw):
     """Loss, ce, kl and the logits gradient of one implementation ("reference" runs in z's dtype)."""
     z = z.detach().clone().requires_grad_()
-    loss, ce, kl = kernels.sparse_distill_loss(z, labels, ids, logp, impl=impl, **kw)
+    loss, ce, kl = losses.sparse_distill_loss(z, labels, ids, logp, impl=impl, **kw)
     (loss * grad_scale).backward()
     return loss.detach(), ce, kl, z.grad
 
@@ -164,10 +163,10 @@ def test_alpha_and_normalization(impl, alpha, normalization):
 
 def test_normalization_definitions():
     z, labels, ids, logp, _ = make_inputs(12, 50, 4, ignored=(1, 2))
-    _, ce_t, kl_t = kernels.sparse_distill_loss(z, labels, ids, logp, impl="cpu")
-    _, ce_s, kl_s = kernels.sparse_distill_loss(z, labels, ids, logp, impl="cpu", normalization="sequence",
+    _, ce_t, kl_t = losses.sparse_distill_loss(z, labels, ids, logp, impl="cpu")
+    _, ce_s, kl_s = losses.sparse_distill_loss(z, labels, ids, logp, impl="cpu", normalization="sequence",
                                                 num_sequences=3)
-    _, ce_u, kl_u = kernels.sparse_distill_loss(z, labels, ids, logp, impl="cpu", normalization="sum")
+    _, ce_u, kl_u = losses.sparse_distill_loss(z, labels, ids, logp, impl="cpu", normalization="sum")
     torch.testing.assert_close(ce_s, ce_t)                 # CE per token in both
     torch.testing.assert_close(kl_s, kl_u / 3)             # KL summed / num_sequences
     torch.testing.assert_close(kl_t, kl_u / 10)            # 10 counted rows
@@ -248,7 +247,7 @@ def test_tail_without_c_T_is_continuous_in_the_residual(T):
     # 2.01e-5 is what a cut-off at RESIDUAL_EPS made of 1.01e-5 (0.072 at T = 2, a jump from 0 at 0.99e-5).
     for residual in (reference.RESIDUAL_EPS * 0.99, reference.RESIDUAL_EPS * 1.01, 2.01e-5, 1e-4):
         logp = torch.full((1, k), (1 - residual) / k, dtype=torch.float64).log()
-        _, _, r_T, _ = kernels.cpu.prepare_targets(ids, logp, V, T, "bucket")
+        _, _, r_T, _ = cpu.prepare_targets(ids, logp, V, T, "bucket")
         tails.append(r_T.item())
     assert tails[0] == 0.0 and tails == sorted(tails), tails  # more residual, more tail
     if T == 2.0:  # r^(1/T) is steep near 0, but it starts from 0 instead of jumping
@@ -322,20 +321,20 @@ def test_out_of_range_labels_and_ids_are_refused_naming_the_value(impl):
     bad_labels[4] = 120
     with pytest.raises(ValueError, match=r"labels\[4\] = 120 is outside \[0, V = 120\) and is not "
                                          r"ignore_index = -100") as err:
-        kernels.sparse_distill_loss(z, bad_labels, ids, logp.float(), impl=impl)
+        losses.sparse_distill_loss(z, bad_labels, ids, logp.float(), impl=impl)
     assert "\n" not in str(err.value)
     bad_labels[4] = -1
     with pytest.raises(ValueError, match=r"labels\[4\] = -1 is outside"):
-        kernels.sparse_distill_loss(z, bad_labels, ids, logp.float(), impl=impl)
+        losses.sparse_distill_loss(z, bad_labels, ids, logp.float(), impl=impl)
     bad_ids = ids.clone()
     bad_ids[7, 2] = 5000
     with pytest.raises(ValueError, match=r"target_ids\[7, 2\] = 5000 is outside \[0, V = 120\)"):
-        kernels.sparse_distill_loss(z, labels, bad_ids, logp.float(), impl=impl)
+        losses.sparse_distill_loss(z, labels, bad_ids, logp.float(), impl=impl)
     with pytest.raises(ValueError, match=r"target_ids\[7, 2\] = 5000 is outside"):
-        kernels.fused_linear_sparse_distill_loss(torch.randn(10, 16), torch.randn(120, 16), labels, bad_ids,
+        losses.fused_linear_sparse_distill_loss(torch.randn(10, 16), torch.randn(120, 16), labels, bad_ids,
                                                  logp.float(), impl=impl)
     with pytest.raises(ValueError, match=r"labels\[4\] = -1 is outside"):
-        kernels.dense_distill_loss(z, bad_labels, torch.randn(10, 120))
+        losses.dense_distill_loss(z, bad_labels, torch.randn(10, 120))
 
 
 @pytest.mark.parametrize("impl", _IMPLS)
@@ -353,7 +352,7 @@ def test_inplace_writes_gradient_over_logits():
     expected = run("cpu", z, labels, ids, logp.float(), temperature=2.0, c_T=c_T.float())
     leaf = z.detach().clone().requires_grad_()
     logits = leaf * 1.0  # a non-leaf whose producer (mul by a constant) saved nothing of its output
-    loss, _, _ = kernels.sparse_distill_loss(logits, labels, ids, logp.float(), temperature=2.0, c_T=c_T.float(),
+    loss, _, _ = losses.sparse_distill_loss(logits, labels, ids, logp.float(), temperature=2.0, c_T=c_T.float(),
                                              impl="cpu", inplace=True)
     loss.backward()
     torch.testing.assert_close(leaf.grad, expected[3])
@@ -363,7 +362,7 @@ def test_inplace_writes_gradient_over_logits():
 @pytest.mark.parametrize("tail", reference.TAILS)
 def test_small_cpu_chunks_on_two_threads(monkeypatch, tail):
     """Chunk boundaries that do not divide N, rows split between two worker threads."""
-    from kernels import cpu
+    from babydistill.kernels import cpu
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 3 * 4 * 1271)
     torch.set_num_threads(2)  # the autouse fixture restores it
     z, labels, ids, logp, c_T = make_inputs(*_SHAPE_PARAMS[0], 8, T=2.0, confident=True)
@@ -386,7 +385,7 @@ def test_fused_linear(impl, tail):
 
     def grads(impl, h, w, lp, c, **extra):
         h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss, ce, kl = kernels.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, c_T=c, impl=impl,
+        loss, ce, kl = losses.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, c_T=c, impl=impl,
                                                                 **kw, **extra)
         (loss * 0.7).backward()
         return loss.detach(), ce, kl, h.grad, w.grad
@@ -441,7 +440,7 @@ def test_fused_linear_with_hybrid_targets(impl, with_control):
     for name, h, w, lp, c in [("reference", hidden, weight, logp, a),
                               (impl, hidden.float(), weight.float(), logp.float(), a if a is None else a.float())]:
         h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss, ce, kl = kernels.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, tail="renorm", impl=name,
+        loss, ce, kl = losses.fused_linear_sparse_distill_loss(h, w, labels, ids, lp, tail="renorm", impl=name,
                                                                 control=c,
                                                                 **({} if name == "reference" else {"chunk_rows": 10}))
         loss.backward()
@@ -453,7 +452,7 @@ def test_fused_linear_with_hybrid_targets(impl, with_control):
 def test_control_of_the_wrong_shape_is_refused():
     z, labels, ids, logp, _ = make_inputs(6, 40, 4)
     with pytest.raises(ValueError, match=r"control \(6, 3\) must match target_ids \(6, 4\)"):
-        kernels.sparse_distill_loss(z, labels, ids, logp.float(), control=torch.ones(6, 3))
+        losses.sparse_distill_loss(z, labels, ids, logp.float(), control=torch.ones(6, 3))
 
 
 def test_dense_distill_loss_matches_sparse_with_full_k():
@@ -469,7 +468,7 @@ def test_dense_distill_loss_matches_sparse_with_full_k():
         kw = dict(alpha=0.3, temperature=T, normalization=norm, num_sequences=4)
         expected = run("reference", z, labels, ids, torch.log_softmax(teacher, 1), **kw)
         zz = z.float().requires_grad_()
-        loss, ce, kl = kernels.dense_distill_loss(zz, labels, teacher.float(), **kw)
+        loss, ce, kl = losses.dense_distill_loss(zz, labels, teacher.float(), **kw)
         (loss * 2).backward()
         for name, a, e in zip(["loss", "ce", "kl", "grad"], (loss, ce, kl, zz.grad / 2), expected):
             assert_verbose_allclose(a, e, 1e-5, 1e-4, name=f"dense {name}")
@@ -477,20 +476,20 @@ def test_dense_distill_loss_matches_sparse_with_full_k():
 
 def test_dispatch_and_override(monkeypatch):
     z, labels, ids, logp, _ = make_inputs(8, 40, 4)
-    assert kernels._resolve_impl(None, z.device) == "cpu"
-    monkeypatch.setattr(kernels, "_override_impl", "reference")
-    assert kernels._resolve_impl(None, z.device) == "reference"
-    assert kernels._resolve_impl("cpu", z.device) == "cpu"  # an explicit impl wins
-    loss, _, _ = kernels.sparse_distill_loss(z.double(), labels, ids, logp)
+    assert losses._resolve_impl(None, z.device) == "cpu"
+    monkeypatch.setattr(losses, "_override_impl", "reference")
+    assert losses._resolve_impl(None, z.device) == "reference"
+    assert losses._resolve_impl("cpu", z.device) == "cpu"  # an explicit impl wins
+    loss, _, _ = losses.sparse_distill_loss(z.double(), labels, ids, logp)
     assert loss.dtype == torch.float64  # the reference computes in the logits' dtype
     with pytest.raises(ValueError, match="impl"):
-        kernels.sparse_distill_loss(z, labels, ids, logp, impl="cuda")
+        losses.sparse_distill_loss(z, labels, ids, logp, impl="cuda")
 
 
 def test_bad_arguments_are_listed():
     z, labels, ids, logp, _ = make_inputs(8, 40, 4)
     with pytest.raises(ValueError) as err:
-        kernels.sparse_distill_loss(z, labels[:5], ids, logp, alpha=2.0, tail="gauss", normalization="sequence")
+        losses.sparse_distill_loss(z, labels[:5], ids, logp, alpha=2.0, tail="gauss", normalization="sequence")
     message = str(err.value)
     for word in ("labels", "alpha", "tail", "num_sequences"):
         assert word in message

@@ -27,7 +27,7 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import triton_kernel as tk
+from babydistill.kernels import triton_kernel as tk
 
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 results = []
@@ -65,7 +65,6 @@ print("RESULTS " + json.dumps(results))
 def test_triton_kernel_compiles_for_sm90_and_sm80_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from stores.logits import (
+from babydistill.stores.logits import (
     PAD_LOGP,
     LogitStoreError,
     acquire_lock,
@@ -162,7 +162,7 @@ def test_store_checksum_is_zlib_crc32():
     import zlib
 
     isal_zlib = pytest.importorskip("isal.isal_zlib")
-    from stores.checksum import crc32
+    from babydistill.stores.checksum import crc32
 
     assert crc32 is isal_zlib.crc32  # the fast one is in use (pyproject installs it)
     rng = np.random.default_rng(0)

@@ -14,9 +14,9 @@ import torch
 import zarr
 from test_cache import CFG, capture, teachers, topk_store  # noqa: F401  (session fixtures)
 
-from stores.logits import ARRAYS, chunk_files, remove_marker, window_order
-from stores.reader import LogitStoreReader
-from stores.tokens import TokenStore, write_token_store
+from babydistill.stores.logits import ARRAYS, chunk_files, remove_marker, window_order
+from babydistill.stores.reader import LogitStoreReader
+from babydistill.stores.tokens import TokenStore, write_token_store
 
 NUM_WINDOWS = 442
 NUM_CHUNKS = 14  # of 32 windows

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config
-from pipeline.evaluate import FIELDS
-from pipeline.report import find_models, write_report
+from babydistill.pipeline.config import Config
+from babydistill.pipeline.evaluate import FIELDS
+from babydistill.pipeline.report import find_models, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import write_config, write_corpus
 
-from pipeline.config import load_config
-from workflows.cli import main
+from babydistill.pipeline.config import load_config
+from babydistill.workflows.cli import main
 
 
 @pytest.mark.slow
@@ -45,16 +45,16 @@ def test_run_goes_end_to_end_then_skips_everything(tmp_path, capsys):
 def test_run_keeps_garbled_checkpoints_and_refuses_a_fresh_start_without_force(tmp_path, capsys, monkeypatch):
     """`run` resumes with --resume auto: when every checkpoint of an interrupted teacher is unreadable they are
     moved aside (never deleted), `run` stops with one line naming --force, and --force starts over."""
-    import pipeline.train
+    import babydistill.pipeline.train as train_module
 
     write_corpus(tmp_path / "corpus", num_files=3, paragraphs=60)
     path = write_config(tmp_path, {"train": {"max_steps": 8, "save_every": 4, "log_every": 4}})
-    export = pipeline.train.export_hf
+    export = train_module.export_hf
 
     def interrupted(*args, **kwargs):  # killed after the last checkpoint, before the export
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.train, "export_hf", interrupted)
+    monkeypatch.setattr(train_module, "export_hf", interrupted)
     assert main(["run", str(path)]) == 130
     capsys.readouterr()
     work = load_config(path).run_path / "teachers" / "t1.partial"
@@ -64,7 +64,7 @@ def test_run_keeps_garbled_checkpoints_and_refuses_a_fresh_start_without_force(t
     for step in steps:
         (state / step / "model.pt").write_bytes(b"garbage " + step.encode())
 
-    monkeypatch.setattr(pipeline.train, "export_hf", export)
+    monkeypatch.setattr(train_module, "export_hf", export)
     assert main(["run", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("babydistill: error: ") and "--force" in err[-1] and "unreadable" in err[-1]

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cache import capture_logits
-from pipeline.config import load_config
-from pipeline.sweep import config_point, open_existing, prepare_study, run_sweep
-from pipeline.teacher import train_teacher
-from workflows.cli import main
+from babydistill.pipeline.cache import capture_logits
+from babydistill.pipeline.config import load_config
+from babydistill.pipeline.sweep import config_point, open_existing, prepare_study, run_sweep
+from babydistill.pipeline.teacher import train_teacher
+from babydistill.workflows.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"distill.alpha": {"low": 0.1, "high": 0.9}, "train.lr": {"low": 1e-4, "high": 1e-2, "log": True},
@@ -187,7 +187,7 @@ def test_a_hopeless_trial_is_pruned_and_recorded_as_pruned(sweep_run):
     assert hopeless.intermediate_values[2] > good.intermediate_values[2]
     folder = root / "run/sweeps/prune/trial-0001"
     assert (folder / "metrics.jsonl").is_file() and not (folder / "model.safetensors").exists()
-    from pipeline.sweep_report import write_sweep_report
+    from babydistill.pipeline.sweep_report import write_sweep_report
 
     report = write_sweep_report(open_existing(config, "prune")[0], config, folder.parent, config_path=str(path),
                                 command="x").read_text()
@@ -201,9 +201,8 @@ def test_kill_9_mid_trial_then_rerun_completes_the_count_and_resumes_the_trial(s
     path = _write(root, raw, train={"max_steps": 30}, sweep={
         "space": {"distill.alpha": {"low": 0.1, "high": 0.9}}, "pruner": "none", "heartbeat_seconds": 1})
     sweep_dir = root / "run/sweeps/kill"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "workflows", "sweep", str(path), "--name", "kill", "--trials", "3"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "babydistill.workflows", "sweep", str(path), "--name", "kill", "--trials", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while not list(sweep_dir.glob("trial-0001/trainer_state/step-*/COMPLETE")):
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before trial 1 saved a checkpoint"
@@ -251,7 +250,7 @@ def test_workers_start_one_by_one_while_a_trial_waits():
     import threading
     from types import SimpleNamespace
 
-    from pipeline.sweep import _start_one_by_one
+    from babydistill.pipeline.sweep import _start_one_by_one
 
     states = ["WAITING"]
     seen = []

@@ -15,12 +15,12 @@ from conftest import write_config
 from test_train import assert_same_weights, metric_lines, run_teacher, with_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import ConfigError, load_config
-from pipeline.model import build_model
-from pipeline.teacher import train_teacher
-from pipeline.tokenizer import load_tokenizer
-from pipeline.train import STATE_DIR, complete_checkpoints
-from stores.tokens import TokenStore
+from babydistill.pipeline.config import ConfigError, load_config
+from babydistill.pipeline.model import build_model
+from babydistill.pipeline.teacher import train_teacher
+from babydistill.pipeline.tokenizer import load_tokenizer
+from babydistill.pipeline.train import STATE_DIR, complete_checkpoints
+from babydistill.stores.tokens import TokenStore
 
 HELPER = Path(__file__).with_name("_train_run.py")
 
@@ -124,7 +124,7 @@ def test_too_few_windows_for_one_global_batch(tiny_run, tmp_path):
 
 
 def test_bench_step_ce_writes_json(tiny_run, tmp_path):
-    from workflows.bench_step import bench_step
+    from babydistill.workflows.bench_step import bench_step
 
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(json.dumps(tiny_run.to_dict()))  # JSON is YAML
@@ -139,7 +139,7 @@ def test_bench_step_ce_writes_json(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_bench_step_builds_a_temporary_run_when_tokens_are_missing(tiny_config_path):
-    from workflows.bench_step import bench_step
+    from babydistill.workflows.bench_step import bench_step
 
     report = bench_step(tiny_config_path, None, mode="all", steps=1, warmup=0)
     assert report["temporary_run"] is True and set(report["modes"]) == {"ce", "offline", "online"}
@@ -152,7 +152,7 @@ def test_bench_step_builds_a_temporary_run_when_tokens_are_missing(tiny_config_p
 
 @pytest.mark.slow
 def test_cli_teacher_runs_resumes_and_reports_errors_in_one_line(tiny_config_path, capsys):
-    from workflows.cli import main
+    from babydistill.workflows.cli import main
 
     args = [str(tiny_config_path), "--set", "train.max_steps=6", "--set", "train.save_every=3"]
     assert main(["teacher", *args, "--seed", "1"]) == 2  # no tokens yet

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import write_config, write_corpus
 
-from pipeline.config import ConfigError, config_from_dict
-from pipeline.teacher import train_teacher
-from pipeline.trackers import record_metrics, stage_run_name
+from babydistill.pipeline.config import ConfigError, config_from_dict
+from babydistill.pipeline.teacher import train_teacher
+from babydistill.pipeline.trackers import record_metrics, stage_run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,8 +175,8 @@ def test_run_console_is_one_line_per_stage_and_the_rest_is_in_logs(tmp_path):
     broken = tmp_path / "broken" / "wandb"  # a wandb that cannot be imported, ahead of the real one
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('wandb is broken here')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)]), "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-m", "workflows", "run", str(path)], cwd=tmp_path, env=env,
+    env = {**os.environ, "PYTHONPATH": str(broken.parent), "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "babydistill.workflows", "run", str(path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path / "run"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.model import build_model
-from pipeline.teacher import train_teacher
-from pipeline.train import (
+from babydistill.pipeline.model import build_model
+from babydistill.pipeline.teacher import train_teacher
+from babydistill.pipeline.train import (
     COMPLETE,
     STATE_DIR,
     TokenWindows,
@@ -27,7 +27,7 @@ from pipeline.train import (
     lr_at,
     train_loop,
 )
-from stores.tokens import TokenStore
+from babydistill.stores.tokens import TokenStore
 
 
 def with_train(config, **train):
@@ -281,7 +281,7 @@ def test_every_checkpoint_garbled_is_kept_and_a_fresh_start_needs_force(tiny_run
 
 
 def test_a_checkpoint_is_loaded_all_or_nothing(tiny_run, tmp_path):
-    from pipeline.train import Dist, _load_checkpoint, build_optimizer
+    from babydistill.pipeline.train import Dist, _load_checkpoint, build_optimizer
 
     config = with_train(tiny_run, max_steps=4, save_every=4)
     run = run_teacher(config, tmp_path / "t")

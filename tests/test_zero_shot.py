@@ -18,14 +18,14 @@ from conftest import TINY_CONFIG, write_config, write_corpus
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.config import Config, ConfigError, config_from_dict
-from pipeline.evaluate import completion_logprobs, evaluate_model, score_zero_shot
-from pipeline.model import build_model
-from pipeline.report import write_report
-from pipeline.zero_shot import Item, ZeroShotDataError, accuracy, load_suite
-from stores.tokens import TokenStore
-from workflows.cli import main
-from workflows.runner import STORE_MARKER, write_marker
+from babydistill.pipeline.config import Config, ConfigError, config_from_dict
+from babydistill.pipeline.evaluate import completion_logprobs, evaluate_model, score_zero_shot
+from babydistill.pipeline.model import build_model
+from babydistill.pipeline.report import write_report
+from babydistill.pipeline.zero_shot import Item, ZeroShotDataError, accuracy, load_suite
+from babydistill.stores.tokens import TokenStore
+from babydistill.workflows.cli import main
+from babydistill.workflows.runner import STORE_MARKER, write_marker
 
 # --- a model whose numbers can be worked out by hand ---------------------------------------
 

@@ -2,7 +2,7 @@
 
 CPU, fp32, k = 32: forward+backward median time (after a warm-up) and peak extra memory (each in a fresh
 subprocess: peak RSS above the inputs, from /proc/self/status after resetting the high-water mark) for
-    fused       kernels.sparse_distill_loss(impl="cpu"): gradient in a new N x V buffer
+    fused       losses.sparse_distill_loss(impl="cpu"): gradient in a new N x V buffer
     fused_inplace   the same with inplace=True (the gradient overwrites the logits)
     reference   kernels.reference.sparse_distill_loss (dense teacher, autograd)
     cross_entropy   F.cross_entropy forward+backward on the same logits (CE alone: the floor)
@@ -12,7 +12,7 @@ N = 4096, V = 16000: temperature 1 and 2 with every tail mode (bucket, renorm, u
 F.cross_entropy in the same runs. On CUDA, when present: Triton vs
 reference vs F.cross_entropy, ms, GB/s against a measured device-to-device copy, max_memory_allocated.
 
-    python -m workflows.bench_kernels --out FILE.json [--quick]
+    python -m babydistill.workflows.bench_kernels --out FILE.json [--quick]
 """
 
 from __future__ import annotations
@@ -67,8 +67,7 @@ def linear_inputs(N: int, H: int, V: int, k: int = K):
 def provider_step(provider: str, logits, labels, ids, target_logp, temperature: float = 1.0, tail: str = "bucket"):
     """One forward+backward of a provider; returns nothing (gradients are dropped). ``temperature`` and ``tail``
     reach the fused paths (at T != 1 without c_T: the approximate temperature correction of the store-less case)."""
-    import kernels
-    from kernels import reference
+    from babydistill.kernels import losses, reference
 
     if provider == "clone":
         logits.clone()
@@ -79,9 +78,9 @@ def provider_step(provider: str, logits, labels, ids, target_logp, temperature: 
     elif provider == "reference":
         loss = reference.sparse_distill_loss(z, labels, ids, target_logp)[0]
     elif provider in ("fused", "triton"):
-        loss = kernels.sparse_distill_loss(z, labels, ids, target_logp, temperature=temperature, tail=tail)[0]
+        loss = losses.sparse_distill_loss(z, labels, ids, target_logp, temperature=temperature, tail=tail)[0]
     elif provider == "fused_inplace":  # overwrites the caller's logits with the gradient
-        loss = kernels.sparse_distill_loss(z, labels, ids, target_logp, temperature=temperature, tail=tail,
+        loss = losses.sparse_distill_loss(z, labels, ids, target_logp, temperature=temperature, tail=tail,
                                            inplace=True)[0]
     else:
         raise ValueError(provider)
@@ -89,14 +88,14 @@ def provider_step(provider: str, logits, labels, ids, target_logp, temperature: 
 
 
 def linear_step(provider: str, hidden, weight, labels, ids, target_logp):
-    import kernels
+    from babydistill.kernels import losses
 
     h = hidden.detach().requires_grad_()
     w = weight.detach().requires_grad_()
     if provider == "fused_linear":
-        loss = kernels.fused_linear_sparse_distill_loss(h, w, labels, ids, target_logp)[0]
+        loss = losses.fused_linear_sparse_distill_loss(h, w, labels, ids, target_logp)[0]
     else:  # materialised: the full logits, then the fused loss on them
-        loss = kernels.sparse_distill_loss(h @ w.T, labels, ids, target_logp)[0]
+        loss = losses.sparse_distill_loss(h @ w.T, labels, ids, target_logp)[0]
     loss.backward()
 
 
@@ -151,10 +150,9 @@ def memory_probe(kind: str, provider: str, sizes: list[int], temperature: float 
 
 def measure_memory(kind: str, provider: str, sizes: list[int], temperature: float = 1.0,
                    tail: str = "bucket") -> float | None:
-    code = ("import json, sys; from workflows.bench_kernels import memory_probe; "
+    code = ("import json, sys; from babydistill.workflows.bench_kernels import memory_probe; "
             f"print('MEM ' + json.dumps(memory_probe({kind!r}, {provider!r}, {sizes!r}, {temperature!r}, {tail!r})))")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith("MEM "):
             return json.loads(line[4:])["peak_extra_mb"]

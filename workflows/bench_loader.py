@@ -11,7 +11,7 @@ then measures:
   ids sorted and delta-coded) with their fidelity KL against float16 storage;
 - reader tokens/s (the training loop's reader, in-process, one epoch) vs the demo student's CE training tokens/s.
 
-Run: ``python -m workflows.bench_loader --out bench_loader.json`` (a few minutes on 2 CPU cores).
+Run: ``python -m babydistill.workflows.bench_loader --out bench_loader.json`` (a few minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import PROJECT_ROOT, load_config, model_name
+from babydistill.pipeline.config import PROJECT_ROOT, load_config, model_name
 
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 
@@ -46,7 +46,7 @@ def _display_path(path: Path) -> str:
 
 
 def _make_run(config_path: Path, work: Path, max_train_words: int):
-    from workflows.runner import build_token_run
+    from babydistill.workflows.runner import build_token_run
 
     config = load_config(config_path, [f"run_dir={work / 'run'}", f"data.max_train_words={max_train_words}"])
     return config if config.tokens_path.exists() else build_token_run(config)
@@ -55,7 +55,7 @@ def _make_run(config_path: Path, work: Path, max_train_words: int):
 def _train_teacher(config, seed: int, steps: int, out: Path) -> Path:
     """A demo teacher trained ``steps`` steps by the project's own loop: enough to give peaked distributions
     (random-init teachers have unrealistically flat ones)."""
-    from pipeline.teacher import train_teacher
+    from babydistill.pipeline.teacher import train_teacher
 
     if (out / "model.safetensors").is_file():
         return out
@@ -68,8 +68,8 @@ def _train_teacher(config, seed: int, steps: int, out: Path) -> Path:
 
 def _bare_forward_seconds(teacher_dirs: list[Path], tokens_path: Path, batch_size: int) -> tuple[float, float]:
     """(wall, process CPU) seconds of every teacher's forward over every training window."""
-    from pipeline.model import load_teachers
-    from stores.tokens import TokenStore
+    from babydistill.pipeline.model import load_teachers
+    from babydistill.stores.tokens import TokenStore
 
     tokens = TokenStore(tokens_path)
     windows = torch.from_numpy(tokens.windows("train", np.arange(tokens.num_windows("train"))))
@@ -129,9 +129,9 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
     import numcodecs
     import zarr
 
-    from pipeline.cache import ensemble_logp, fidelity_row
-    from pipeline.model import load_teachers
-    from stores.tokens import TokenStore
+    from babydistill.pipeline.cache import ensemble_logp, fidelity_row
+    from babydistill.pipeline.model import load_teachers
+    from babydistill.stores.tokens import TokenStore
 
     codec = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
     group = zarr.open_group(str(store), mode="r")
@@ -189,7 +189,7 @@ def _read_epoch(reader, epoch: int, batch_size: int) -> tuple[int, float]:
 
 
 def _reader_tokens_per_s(store: Path, tokens_path: Path, batch_size: int, seq_len: int) -> float:
-    from stores.reader import LogitStoreReader
+    from babydistill.stores.reader import LogitStoreReader
 
     num_tokens, seconds = _read_epoch(LogitStoreReader(store, tokens_path, seed=0, temperature=1.0), 0, batch_size)
     return num_tokens / seconds
@@ -200,10 +200,10 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
     reader that skips it, alternated ``rounds`` times (side by side, so machine load hits both alike; which
     one goes first alternates too, so neither always runs on a cache the other warmed); the best of each. The first epoch's time includes building the reader (which parses every chunk's done
     marker once), so it is a reader's whole cost up to then. Run on a store:
-    ``python -m workflows.bench_loader --check-overhead STORE TOKENS``."""
-    from stores.checksum import crc32
-    from stores.logits import incomplete_reason, read_markers, store_info
-    from stores.reader import LogitStoreReader
+    ``python -m babydistill.workflows.bench_loader --check-overhead STORE TOKENS``."""
+    from babydistill.stores.checksum import crc32
+    from babydistill.stores.logits import incomplete_reason, read_markers, store_info
+    from babydistill.stores.reader import LogitStoreReader
 
     class UncheckedReader(LogitStoreReader):
         def _checked_bytes(self, chunk: int, name: str) -> bytes:
@@ -262,9 +262,9 @@ def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
     attention choice and ``optimizer_step``, data fetching included), median of ``steps``."""
     import tempfile
 
-    from pipeline.train import resolve_device, resolve_precision
-    from stores.tokens import TokenStore
-    from workflows.bench_step import _time_modes
+    from babydistill.pipeline.train import resolve_device, resolve_precision
+    from babydistill.stores.tokens import TokenStore
+    from babydistill.workflows.bench_step import _time_modes
 
     device = resolve_device(config.train.device)
     with tempfile.TemporaryDirectory(prefix="bench_loader_step_") as scratch:
@@ -302,8 +302,8 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
     """
     max_train_words = max_train_words or (40000 if quick else 60000)
     teacher_steps = teacher_steps or (8 if quick else 40)
-    from pipeline.cache import capture_logits
-    from stores.logits import store_info
+    from babydistill.pipeline.cache import capture_logits
+    from babydistill.stores.logits import store_info
 
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
@@ -333,7 +333,7 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
         student_tps = _student_tokens_per_s(config)
         check_overhead = reader_check_overhead(topk_store, config.tokens_path, config.train.batch_size)
         result = {
-            "command": "python -m workflows.bench_loader --out FILE.json" + (" --quick" if quick else ""),
+            "command": "python -m babydistill.workflows.bench_loader --out FILE.json" + (" --quick" if quick else ""),
             "config": _display_path(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
             "torch_threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
             "load_average_start": [round(x, 1) for x in load_average],
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in (store, tokens):
             if not path.is_dir():
                 parser.exit(2, f"bench_loader: error: {path} is not a store folder; make it with `babydistill run CONFIG`\n")
-        result = {"command": "python -m workflows.bench_loader --check-overhead STORE TOKENS",
+        result = {"command": "python -m babydistill.workflows.bench_loader --check-overhead STORE TOKENS",
                   "store": _display_path(store), **reader_check_overhead(store, tokens, batch_size=16)}
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -13,7 +13,7 @@ timed interleaved, one step each in turn, so that noise on a shared machine hits
 The run's ``tokens.zarr`` is used when it exists; otherwise prepare, tokenizer and tokenize run
 into a temporary run folder first (removed afterwards) and the result says so.
 
-    python -m workflows.bench_step configs/demo.yaml --mode ce --out bench_step.json
+    python -m babydistill.workflows.bench_step configs/demo.yaml --mode ce --out bench_step.json
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import transformers
 
-from pipeline.config import Config, load_config, model_name
-from pipeline.model import build_model, count_parameters
-from pipeline.train import (
+from babydistill.pipeline.config import Config, load_config, model_name
+from babydistill.pipeline.model import build_model, count_parameters
+from babydistill.pipeline.train import (
     BatchSource,
     LossFn,
     TokenWindows,
@@ -47,8 +47,8 @@ from pipeline.train import (
     resolve_device,
     resolve_precision,
 )
-from stores.logits import read_attrs
-from stores.tokens import TokenStore
+from babydistill.stores.logits import read_attrs
+from babydistill.stores.tokens import TokenStore
 
 # --- modes -------------------------------------------------------------------------------
 
@@ -61,7 +61,7 @@ def _ce_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratc
 
 def _teacher_dirs(config: Config, tokens: TokenStore, scratch: Path) -> list[Path]:
     """The run's teachers when they exist, else two randomly initialised ones (timing only)."""
-    from workflows.runner import default_teacher_names
+    from babydistill.workflows.runner import default_teacher_names
 
     dirs = [config.teacher_path(n) for n in default_teacher_names(config)]
     if all((d / "model.safetensors").is_file() for d in dirs):
@@ -77,9 +77,9 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
                    ) -> tuple[BatchSource, LossFn]:
     """The student step from the store: fused-linear sparse KL + CE (with the tail control variate when the
     store keeps the draws' probabilities), no teacher, no logits."""
-    from pipeline.cache import capture_logits, target_differences
-    from pipeline.distill import open_offline_source, store_loss
-    from stores.logits import incomplete_reason
+    from babydistill.pipeline.cache import capture_logits, target_differences
+    from babydistill.pipeline.distill import open_offline_source, store_loss
+    from babydistill.stores.logits import incomplete_reason
 
     store = config.logits_path
     if not (store / "zarr.json").is_file() or incomplete_reason(store):
@@ -102,7 +102,7 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
 def _online_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
                   ) -> tuple[BatchSource, LossFn]:
     """The paper's released method: the teachers run every step, dense full-vocabulary KL + CE."""
-    from pipeline.distill import load_teachers, online_loss
+    from babydistill.pipeline.distill import load_teachers, online_loss
 
     teachers = load_teachers(_teacher_dirs(config, tokens, scratch), tokens.vocab_size)
     return TokenWindows(tokens, "train", seed=config.train.seed), online_loss(config.distill, teachers,
@@ -145,7 +145,7 @@ def _run_with_tokens(config: Config) -> Iterator[tuple[Config, bool]]:
     if (config.tokens_path / "zarr.json").is_file():
         yield config, False
         return
-    from workflows.runner import build_token_run
+    from babydistill.workflows.runner import build_token_run
 
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         print(f"bench step: {config.tokens_path} does not exist; building a temporary run in {tmp}",
@@ -274,7 +274,7 @@ def bench_step(config_path: Path, out: Path | None = None, mode: str = "ce", ste
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workflows.bench_step", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m babydistill.workflows.bench_step", description=__doc__.splitlines()[0])
     p.add_argument("config", help="the run's YAML config (e.g. configs/demo.yaml)")
     p.add_argument("--mode", default="ce", help=f"{' | '.join(MODES)} | all (default: ce)")
     p.add_argument("--out", help="JSON file to write (default: print only)")

@@ -14,8 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.config import load_config
-from workflows.console import one_line_warning
+from babydistill.pipeline.config import load_config
+from babydistill.workflows.console import one_line_warning
 
 VERBS = ["prepare", "tokenizer", "tokenize", "teacher", "cache", "distill", "evaluate", "report", "run", "status",
          "store", "bench", "study", "sweep"]
@@ -35,21 +35,21 @@ def _logs(config):
 
 
 def cmd_prepare(args):
-    from workflows.runner import prepare_stage, run_stage
+    from babydistill.workflows.runner import prepare_stage, run_stage
 
     config = _config(args)
     run_stage(prepare_stage(config), force=args.force, log_dir=_logs(config))
 
 
 def cmd_tokenizer(args):
-    from workflows.runner import run_stage, tokenizer_stage
+    from babydistill.workflows.runner import run_stage, tokenizer_stage
 
     config = _config(args)
     run_stage(tokenizer_stage(config), force=args.force, log_dir=_logs(config))
 
 
 def cmd_tokenize(args):
-    from workflows.runner import run_stage, tokenize_stage
+    from babydistill.workflows.runner import run_stage, tokenize_stage
 
     config = _config(args)
     run_stage(tokenize_stage(config), force=args.force, log_dir=_logs(config))
@@ -64,7 +64,7 @@ def _resume_value(text):
 
 
 def cmd_teacher(args):
-    from workflows.runner import run_stage, teacher_stage
+    from babydistill.workflows.runner import run_stage, teacher_stage
 
     config = _config(args)
     seed = args.seed if args.seed is not None else config.teachers.resolved_seeds()[0]
@@ -77,7 +77,7 @@ def _names(text):
 
 
 def cmd_cache(args):
-    from workflows.runner import cache_stage, run_stage
+    from babydistill.workflows.runner import cache_stage, run_stage
 
     overrides = list(args.set or [])
     if args.k is not None:
@@ -90,7 +90,7 @@ def cmd_cache(args):
 
 
 def cmd_distill(args):
-    from workflows.runner import run_stage, student_stage
+    from babydistill.workflows.runner import run_stage, student_stage
 
     config = _config(args)
     seed = args.seed if args.seed is not None else 1
@@ -100,7 +100,7 @@ def cmd_distill(args):
 
 
 def cmd_evaluate(args):
-    from workflows.runner import evaluate_stage, run_stage
+    from babydistill.workflows.runner import evaluate_stage, run_stage
 
     config = _config(args)
     model = Path(args.model)
@@ -111,7 +111,7 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from workflows.runner import report_stage, run_stage
+    from babydistill.workflows.runner import report_stage, run_stage
 
     config = _config(args)
     run_stage(report_stage(config), force=True, log_dir=_logs(config))  # cheap, and always reflects the latest evaluations
@@ -119,13 +119,13 @@ def cmd_report(args):
 
 
 def cmd_run(args):
-    from workflows.runner import run_all
+    from babydistill.workflows.runner import run_all
 
     run_all(_config(args), force=args.force)
 
 
 def cmd_status(args):
-    from workflows.runner import status_lines
+    from babydistill.workflows.runner import status_lines
 
     print("\n".join(status_lines(_config(args))))
 
@@ -133,9 +133,9 @@ def cmd_status(args):
 def cmd_store(args):
     import json
 
-    from stores.logits import read_attrs, store_info, verify_store
-    from stores.tokens import FORMAT as TOKENS_FORMAT
-    from stores.tokens import verify_token_store
+    from babydistill.stores.logits import read_attrs, store_info, verify_store
+    from babydistill.stores.tokens import FORMAT as TOKENS_FORMAT
+    from babydistill.stores.tokens import verify_token_store
 
     is_tokens = (read_attrs(Path(args.path)) or {}).get("format") == TOKENS_FORMAT
     if args.action == "info":
@@ -161,21 +161,21 @@ def cmd_store(args):
 def cmd_bench(args):
     out = Path(args.out) if args.out else None
     if args.what == "kernels":
-        from workflows.bench_kernels import bench_kernels
+        from babydistill.workflows.bench_kernels import bench_kernels
 
         bench_kernels(out, quick=args.quick)
     elif args.what == "loader":
-        from workflows.bench_loader import bench_loader
+        from babydistill.workflows.bench_loader import bench_loader
 
         bench_loader(out, quick=args.quick)
     else:
-        from workflows.bench_step import bench_step
+        from babydistill.workflows.bench_step import bench_step
 
         bench_step(Path(args.config), out, mode=args.mode)
 
 
 def cmd_study(args):
-    from workflows.study import (
+    from babydistill.workflows.study import (
         collect_results,
         load_study,
         run_study,
@@ -198,8 +198,8 @@ def cmd_study(args):
 
 
 def cmd_sweep(args):
-    from pipeline.sweep import open_existing, run_sweep
-    from pipeline.sweep_report import write_sweep_report
+    from babydistill.pipeline.sweep import open_existing, run_sweep
+    from babydistill.pipeline.sweep_report import write_sweep_report
 
     config = _config(args)
     if not args.report:

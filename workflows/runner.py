@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, identity, model_name, parse_model_name
-from workflows.console import stage_output, status_line
+from babydistill.pipeline.config import Config, identity, model_name, parse_model_name
+from babydistill.workflows.console import stage_output, status_line
 
 MARKER = "stage.json"
 STORE_MARKER = "_stage/zarr.json"
@@ -113,7 +113,7 @@ def read_marker(path: Path) -> dict | None:
 def write_marker(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name == "zarr.json":
-        from stores.logits import node_json
+        from babydistill.stores.logits import node_json
 
         path.write_text(node_json(record) + "\n", encoding="utf-8")
     else:
@@ -248,7 +248,7 @@ def _corpus_listing(corpus: Path) -> list:
 def _corpus_content(corpus: Path) -> list:
     """Every corpus file's name (relative to the corpus), size and sha256: what the corpus holds, wherever it
     lies and whatever its mtimes, so that a run directory moved or copied with its corpus stays up to date."""
-    from stores.tokens import file_sha256
+    from babydistill.stores.tokens import file_sha256
 
     if not corpus.is_dir():
         return ["missing"]
@@ -259,9 +259,9 @@ def _corpus_content(corpus: Path) -> list:
 def build_token_run(config: Config) -> Config:
     """prepare, tokenizer and tokenize straight into ``config.run_dir``, without stage markers: the tokens that a
     benchmark or a test needs in a throwaway run of its own (a real run goes through the stages). Returns ``config``."""
-    from pipeline.prepare import prepare_corpus
-    from pipeline.tokenize import tokenize_corpus
-    from pipeline.tokenizer import train_tokenizer
+    from babydistill.pipeline.prepare import prepare_corpus
+    from babydistill.pipeline.tokenize import tokenize_corpus
+    from babydistill.pipeline.tokenizer import train_tokenizer
 
     prepare_corpus(config.data, config.corpus_path, config.data_path)
     train_tokenizer(config.tokenizer, config.data_path / "train", config.tokenizer_path)
@@ -285,7 +285,7 @@ def _upstream(path: Path, what: str, is_file: bool = False) -> tuple[str | None,
 
 
 def prepare_stage(config: Config) -> Stage:
-    from pipeline.prepare import prepare_corpus
+    from babydistill.pipeline.prepare import prepare_corpus
 
     data = config.data
     # Every identity field of `data` but two: seq_len is the tokenize stage's, and the corpus enters as its
@@ -304,7 +304,7 @@ def _summary_prepare(manifest: dict) -> dict:
 
 
 def tokenizer_stage(config: Config) -> Stage:
-    from pipeline.tokenizer import train_tokenizer
+    from babydistill.pipeline.tokenizer import train_tokenizer
 
     up, waiting = _upstream(config.data_path, "`babydistill prepare CONFIG`")
     fp = fingerprint("tokenizer", config.section_hash("tokenizer"), up) if up else None
@@ -315,8 +315,8 @@ def tokenizer_stage(config: Config) -> Stage:
 
 
 def tokenize_stage(config: Config) -> Stage:
-    from pipeline.tokenize import tokenize_corpus
-    from stores.tokens import incomplete_reason
+    from babydistill.pipeline.tokenize import tokenize_corpus
+    from babydistill.stores.tokens import incomplete_reason
 
     up, waiting = _upstream(config.tokenizer_path, "`babydistill tokenizer CONFIG`")
     fp = fingerprint("tokenize", config.data.seq_len, up) if up else None
@@ -326,7 +326,7 @@ def tokenize_stage(config: Config) -> Stage:
 
 
 def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = False) -> Stage:
-    from pipeline.teacher import train_teacher
+    from babydistill.pipeline.teacher import train_teacher
 
     name = name or model_name("teacher", seed)
     up, waiting = _upstream(config.tokens_path, "`babydistill tokenize CONFIG`")
@@ -350,8 +350,8 @@ def default_teacher_names(config: Config) -> list[str]:
 
 
 def cache_stage(config: Config, teacher_names: list[str] | None = None, scheduler: str | None = None) -> Stage:
-    from pipeline.cache import capture_logits
-    from stores.logits import incomplete_reason
+    from babydistill.pipeline.cache import capture_logits
+    from babydistill.stores.logits import incomplete_reason
 
     names = teacher_names or default_teacher_names(config)
     teacher_dirs = [config.teacher_path(n) for n in names]
@@ -373,7 +373,7 @@ def cache_stage(config: Config, teacher_names: list[str] | None = None, schedule
 
 def student_stage(config: Config, seed: int, name: str | None = None, resume: Any = False,
                   online: bool = False, teacher_names: list[str] | None = None) -> Stage:
-    from pipeline.distill import student_config, train_student
+    from babydistill.pipeline.distill import student_config, train_student
 
     name = name or model_name("online" if online else "student", seed)
     names = teacher_names or default_teacher_names(config)
@@ -402,7 +402,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
 
 
 def evaluate_stage(config: Config, model_dir: Path) -> Stage:
-    from pipeline.evaluate import evaluate_model
+    from babydistill.pipeline.evaluate import evaluate_model
 
     model_fp = model_fingerprint(model_dir)
     tokens_fp = output_fingerprint(config.tokens_path)
@@ -433,7 +433,7 @@ def model_dirs(config: Config) -> list[Path]:
 
 
 def report_stage(config: Config) -> Stage:
-    from pipeline.report import write_report
+    from babydistill.pipeline.report import write_report
 
     evals = [output_fingerprint(d / "eval.json", is_file=True) for d in model_dirs(config)]
     missing = [f"`babydistill evaluate CONFIG --model {d}`" for d, fp in zip(model_dirs(config), evals) if fp is None]
@@ -468,7 +468,7 @@ def run_all(config: Config, *, force: bool = False) -> int:
     """Run every stage in order, skipping finished ones. Returns how many ran."""
     started = time.time()
     if config.eval.zero_shot:
-        from pipeline.evaluate import load_zero_shot_suites
+        from babydistill.pipeline.evaluate import load_zero_shot_suites
 
         load_zero_shot_suites(config.eval)  # a bad data file stops the run now, not after hours of training
     ran = 0

@@ -33,14 +33,14 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from pipeline.config import Config, load_config, model_name
-from workflows.runner import (
+from babydistill.pipeline.config import Config, load_config, model_name
+from babydistill.workflows.runner import (
     Stage,
     cache_stage,
     default_teacher_names,
@@ -423,7 +423,7 @@ def _run_subprocess(study: Study, unit: Unit, num_threads: int) -> None:
         for argv in commands:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(['babydistill', *argv])}\n")
             log.flush()
-            code = subprocess.run([sys.executable, "-m", "workflows", *argv], stdout=log, stderr=subprocess.STDOUT,
+            code = subprocess.run([sys.executable, "-m", "babydistill.workflows", *argv], stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
             if code != 0:
                 raise StudyError(f"{unit.label}: `babydistill {argv[0]}` failed with exit status {code}; "
@@ -438,7 +438,7 @@ def _unit_line(unit: Unit, seconds: float | None) -> str:
 
 
 def _capture(arm: Arm, bar) -> None:
-    from stores.logits import store_info
+    from babydistill.stores.logits import store_info
 
     stage = cache_stage(arm.config)
     log = arm.run_path / "logs" / "cache.log"
@@ -628,7 +628,7 @@ def cache_label(arm: Arm) -> str:
 
 
 def _store(arm: Arm) -> dict | None:
-    from stores.logits import store_info
+    from babydistill.stores.logits import store_info
 
     if arm.online:
         return None
@@ -693,7 +693,7 @@ def collect_results(study: Study) -> dict:
     return {"study": str(study.path), "base_config": str(study.base_path), "base_run_dir": str(study.base.run_path),
             "seeds": study.seeds, "reference": study.reference, "set": study.set,
             "eval_config": study.shared.to_dict()["eval"],
-            "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "generated": datetime.now(UTC).isoformat(timespec="seconds"),
             "teachers": teachers, "best_teacher": best["name"] if best else None, "arms": arms,
             "contrasts": contrasts}
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from validation_positions import RUN, logp_of, validation_windows
 
-from pipeline.cache import sample_targets
-from pipeline.distill import control_beta
-from pipeline.model import load_model
+from babydistill.pipeline.cache import sample_targets
+from babydistill.pipeline.distill import control_beta
+from babydistill.pipeline.model import load_model
 
 K, SAMPLES, REDRAWS = 8, 24, 60
 torch.set_num_threads(2)

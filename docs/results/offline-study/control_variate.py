@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from validation_positions import RUN, logp_of, teacher_positions
 
-from pipeline.model import load_model
+from babydistill.pipeline.model import load_model
 
 torch.set_num_threads(2)
 windows, picked, p = teacher_positions(256)

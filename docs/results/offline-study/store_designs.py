@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from validation_positions import RUN, logp_of, teacher_positions
 
-from pipeline.model import load_model
-from stores.logits import store_info
-from stores.tokens import TokenStore
+from babydistill.pipeline.model import load_model
+from babydistill.stores.logits import store_info
+from babydistill.stores.tokens import TokenStore
 
 torch.set_num_threads(2)
 windows, picked, p = teacher_positions(256)

@@ -10,9 +10,9 @@ import math
 import numpy as np
 import torch
 
-from pipeline.cache import ensemble_logp, sample_targets, stored_target
-from pipeline.model import load_model
-from stores.tokens import TokenStore
+from babydistill.pipeline.cache import ensemble_logp, sample_targets, stored_target
+from babydistill.pipeline.model import load_model
+from babydistill.stores.tokens import TokenStore
 
 torch.set_num_threads(1)
 tok = TokenStore("runs/cpu-experiment/tokens.zarr")

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import ensemble_logp
-from stores.tokens import TokenStore
+from babydistill.pipeline.cache import ensemble_logp
+from babydistill.stores.tokens import TokenStore
 
 RUN = Path("runs/cpu-experiment")
 
@@ -29,7 +29,7 @@ def logp_of(models: list[torch.nn.Module], windows: torch.Tensor) -> torch.Tenso
 def teacher_positions(count: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The windows (seed 0), ``count`` positions picked among them (flat indices) and the teachers' ensemble
     probabilities there, renormalised in float64: ([8, 128], [count], [count, V])."""
-    from pipeline.model import load_model
+    from babydistill.pipeline.model import load_model
 
     rng = np.random.default_rng(0)
     _, windows = validation_windows(rng)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import autograd, dense, reference
-from kernels.targets import prepare_control, prepare_targets
+from babydistill.kernels import autograd, dense, reference
+from babydistill.kernels.targets import prepare_control, prepare_targets
 
 __all__ = ["sparse_distill_loss", "fused_linear_sparse_distill_loss", "dense_distill_loss"]
 
@@ -116,7 +116,7 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
     through in chunks of ``chunk_rows`` (default: about 64 MB of fp32 logits on CPU, 256 MB on CUDA).
     impl="reference" materialises the logits and calls the reference.
     """
-    from kernels import fused_linear
+    from babydistill.kernels import fused_linear
 
     logits_shape_check = torch.empty(hidden.shape[0], lm_head_weight.shape[0], device="meta")
     reference.check_args(logits_shape_check, labels, target_ids, target_logp, alpha=alpha,
