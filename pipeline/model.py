@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from babydistill.pipeline.config import Config
+from babydistill.stores.checksum import changed_files
 from babydistill.stores.tokens import TokenStore
 
 
@@ -23,11 +25,28 @@ def attention_implementation(num_heads: int, num_kv_heads: int, device: str | to
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
-    """A Hugging Face checkpoint in fp32, with the attention implementation that is fast on ``device``."""
+    """A Hugging Face checkpoint in fp32, with the attention implementation that is fast on ``device``.
+    A model exported by babydistill is checked against its ``checksums.json`` first."""
+    check_model_files(path)
     hf_config = AutoConfig.from_pretrained(str(path))
     heads = getattr(hf_config, "num_attention_heads", 1)
     attention = attention_implementation(heads, getattr(hf_config, "num_key_value_heads", None) or heads, device)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attention)
+
+
+def check_model_files(path: str | Path) -> None:
+    """Refuse, in one line, a model folder whose files differ from the checksums written at its export."""
+    records_path = Path(path) / "checksums.json"
+    if not records_path.is_file():
+        return  # a checkpoint made elsewhere, or before babydistill wrote checksums
+    try:
+        records = json.loads(records_path.read_text(encoding="utf-8"))
+        changed = changed_files(Path(path), records)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        changed = [f"checksums.json unreadable ({type(exc).__name__})"]
+    if changed:
+        raise ValueError(f"{path}: {', '.join(changed[:3])} changed after the model was exported; rebuild it with "
+                         f"the stage that made it and --force (`babydistill status CONFIG` names it)")
 
 
 def llama_config(config: Config, tokens: TokenStore) -> LlamaConfig:

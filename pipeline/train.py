@@ -15,10 +15,12 @@ dropped.
 Resume: ``out_dir/trainer_state/step-000123/`` holds the weights, optimizer, grad scaler
 (``*.pt``, loaded with ``weights_only=True``), the RNG states of every rank (safetensors + JSON:
 nothing is unpickled) and ``meta.json`` (step, loop state, metrics.jsonl length, resolved
-config); ``COMPLETE`` is written last and the folder is renamed from ``*.tmp`` into place.
-A checkpoint is loaded all or nothing; one that cannot be read is moved to
-``trainer_state/unreadable/`` (never deleted) and the previous one is tried; when none can be
-read, training refuses to start over until ``--force``.
+config, and the size and crc32 of every other file); ``COMPLETE`` is written last (with meta.json's crc32)
+and the folder is renamed from ``*.tmp`` into place. A checkpoint is loaded all or nothing, after its
+checksums; one that cannot be read or whose bytes changed is moved to ``trainer_state/unreadable/`` (never
+deleted) and the previous one is tried; when none can be read, training refuses to start over until
+``--force``. Folders without ``COMPLETE`` (a save cut short) are moved to ``trainer_state/incomplete/``.
+The exported model records its files' checksums in ``checksums.json``, which ``load_model`` checks.
 The learning rate is a pure function of the step and the data position a pure function of
 (seed, epoch, step_in_epoch), so neither needs more state than the step.
 
@@ -58,12 +60,19 @@ from babydistill.pipeline.config import Config, TrainConfig, save_config
 from babydistill.pipeline.evaluate import heldout_ce_totals
 from babydistill.pipeline.model import autocast_context
 from babydistill.pipeline.trackers import Trackers, stage_run_name
+from babydistill.stores.checksum import changed_files, crc32, file_records
 from babydistill.stores.tokens import TokenStore
 
 STATE_DIR = "trainer_state"
 COMPLETE = "COMPLETE"
 METRICS = "metrics.jsonl"
 UNREADABLE = "unreadable"
+INCOMPLETE = "incomplete"
+CHECKSUMS = "checksums.json"
+
+
+class ChecksumError(Exception):
+    """A checkpoint file's bytes differ from what was written (a flipped bit, a truncation): unreadable."""
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -349,8 +358,11 @@ def save_checkpoint(state_dir: Path, step: int, raw_model: torch.nn.Module, opti
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             if scaler is not None:
                 torch.save(scaler.state_dict(), tmp / "scaler.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            (tmp / COMPLETE).write_text(f"{step}\n", encoding="utf-8")  # last: the folder is whole
+            files = sorted(p.name for p in tmp.iterdir() if p.suffix in (".pt", ".safetensors"))
+            meta_text = json.dumps({**meta, "files": file_records(tmp, files)}, indent=2, sort_keys=True) + "\n"
+            (tmp / "meta.json").write_text(meta_text, encoding="utf-8")
+            complete = {"step": step, "meta_crc32": f"{crc32(meta_text.encode()):08x}"}
+            (tmp / COMPLETE).write_text(json.dumps(complete) + "\n", encoding="utf-8")  # last: the folder is whole
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -367,7 +379,7 @@ def _load_checkpoint(folder: Path, fingerprint: dict, raw_model, optimizer, scal
     """Load a checkpoint all or nothing: every file is read first (tensors with ``weights_only=True`` or
     safetensors, the rest JSON: nothing is unpickled), then applied; if applying fails, the model,
     optimizer, scaler and RNG states are put back as they were."""
-    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    meta = checked_meta(folder)
     if meta["fingerprint"] != fingerprint:
         raise TrainingError(f"{folder} was written for another model, data or global batch "
                             f"({meta['fingerprint']} vs {fingerprint}); use --force to start over")
@@ -408,13 +420,50 @@ def _load_checkpoint(folder: Path, fingerprint: dict, raw_model, optimizer, scal
     return meta
 
 
+def checked_meta(folder: Path) -> dict:
+    """A checkpoint's meta.json, after checking it and every file it lists against the checksums written with
+    them (checkpoints written before checksums have none to check). Raises ChecksumError on a change."""
+    meta_bytes = (folder / "meta.json").read_bytes()
+    complete = (folder / COMPLETE).read_text(encoding="utf-8").strip()
+    if complete.startswith("{"):
+        recorded = json.loads(complete).get("meta_crc32")
+        if recorded is not None and f"{crc32(meta_bytes):08x}" != recorded:
+            raise ChecksumError(f"meta.json changed after it was written (crc32 {crc32(meta_bytes):08x}, "
+                                f"{recorded} written)")
+    meta = json.loads(meta_bytes)
+    changed = changed_files(folder, meta.get("files", {}))
+    if changed:
+        raise ChecksumError(f"files changed after they were written: {', '.join(changed)}")
+    return meta
+
+
+def write_model_checksums(out_dir: Path, names: list[str]) -> None:
+    """``checksums.json`` beside an exported model: size and crc32 of each file of the model (``names``)."""
+    (Path(out_dir) / CHECKSUMS).write_text(json.dumps(file_records(out_dir, sorted(names)), indent=2) + "\n",
+                                           encoding="utf-8")
+
+
+def _move_into(folder: Path, aside: Path) -> Path:
+    """Move ``folder`` into ``aside/`` under its own name (``-1``, ``-2`` ... when taken); never deleted."""
+    target = aside / folder.name
+    for n in range(1, 1000):
+        if not target.exists():
+            break
+        target = aside / f"{folder.name}-{n}"
+    aside.mkdir(parents=True, exist_ok=True)
+    os.replace(folder, target)
+    return target
+
+
 def prune_checkpoints(state_dir: Path, keep: int, best_step: int | None) -> None:
     """Keep the newest ``keep`` complete checkpoints and the best-weights files they refer to."""
     complete = complete_checkpoints(state_dir)
     kept, dropped = complete[-keep:], complete[:-keep]
     newest = kept[-1].name if kept else ""
-    for folder in dropped + [p for p in _incomplete_checkpoints(state_dir) if p.name < newest]:
+    for folder in dropped:  # complete and superseded: keep_checkpoints says how many stay
         shutil.rmtree(folder, ignore_errors=True)
+    for folder in [p for p in _incomplete_checkpoints(state_dir) if p.name < newest]:
+        _move_into(folder, state_dir / INCOMPLETE)
     referenced = {best_step}
     for folder in kept:
         referenced.add(json.loads((folder / "meta.json").read_text(encoding="utf-8")).get("best_step"))
@@ -633,13 +682,7 @@ def restore(resume, out_dir: Path, plan: RunPlan, model, optimizer, scaler) -> t
         for folder, why in unreadable:
             if folder.parent != state_dir:
                 continue  # a folder passed by path stays where its owner put it
-            target = aside / folder.name
-            for n in range(1, 1000):
-                if not target.exists():
-                    break
-                target = aside / f"{folder.name}-{n}"
-            aside.mkdir(parents=True, exist_ok=True)
-            os.replace(folder, target)
+            target = _move_into(folder, aside)
             warnings.warn(f"{folder}: unreadable checkpoint ({why}); moved to {target}", stacklevel=3)
     if meta is None and unreadable and unreadable[-1][0].parent != state_dir:
         raise TrainingError(f"{unreadable[-1][0]}: unreadable checkpoint ({unreadable[-1][1]})")
@@ -663,18 +706,18 @@ def _loop_start(meta: dict | None, resumed_from: Path | None, plan: RunPlan) -> 
 
 
 def _prepare_out_dir(out_dir: Path, meta: dict | None, run_config: Config, ddp: Dist) -> None:
-    """Rank 0: a fresh start empties metrics.jsonl and removes half-written checkpoints; a resume cuts
-    metrics.jsonl back to what its checkpoint saw. Either way the resolved config is written."""
+    """Rank 0: a fresh start empties metrics.jsonl; a resume cuts metrics.jsonl back to what its checkpoint saw.
+    Checkpoint folders without COMPLETE (a save cut short, *.tmp or not) move to trainer_state/incomplete/,
+    never deleted. Either way the resolved config is written."""
     state_dir, metrics_path = out_dir / STATE_DIR, out_dir / METRICS
     if ddp.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if meta is None:  # no checkpoint at all: only half-written ones (*.tmp, no marker) are removed
-            shutil.rmtree(state_dir, ignore_errors=True)
+        for folder in _incomplete_checkpoints(state_dir):
+            _move_into(folder, state_dir / INCOMPLETE)
+        if meta is None:
             metrics_path.write_text("", encoding="utf-8")
         else:
             _metrics_file_reset(metrics_path, meta["metrics_bytes"])
-            for stale in state_dir.glob("*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
         state_dir.mkdir(parents=True, exist_ok=True)
         save_config(run_config, out_dir / "run_config.json")
     _barrier(ddp)
@@ -733,7 +776,7 @@ def _export(out_dir: Path, tokenizer_dir: Path, model, plan: RunPlan, cfg: Train
         best = torch.load(out_dir / STATE_DIR / f"best-step-{loop['best_step']:06d}.pt", map_location="cpu",
                           weights_only=True)
         model.load_state_dict(best)
-    export_hf(model, out_dir, tokenizer_dir)
+    write_model_checksums(out_dir, export_hf(model, out_dir, tokenizer_dir))
     summary = {"seed": seed, "num_steps": plan.num_steps, "steps_per_epoch": plan.steps_per_epoch,
                "global_batch": plan.global_batch, "world_size": plan.ddp.world_size,
                "final_val_loss": loop["last_val_loss"], "best_val_loss": loop["best_val_loss"],
@@ -840,9 +883,14 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     return out_dir
 
 
-def export_hf(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path) -> None:
-    """A plain Hugging Face checkpoint: config.json, model.safetensors and the run's tokenizer files."""
+def export_hf(model: torch.nn.Module, out_dir: Path, tokenizer_dir: Path) -> list[str]:
+    """A plain Hugging Face checkpoint: config.json, model.safetensors and the run's tokenizer files.
+    Returns the names of the files it wrote."""
     model.save_pretrained(out_dir)
+    written = [p.name for p in Path(out_dir).iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or p.name in ("config.json", "generation_config.json", "model.safetensors.index.json"))]
     for path in Path(tokenizer_dir).iterdir():
-        if path.is_file():
+        if path.is_file() and not path.name.startswith("stage."):  # the tokenizer stage's marker is not the model's
             shutil.copy2(path, out_dir / path.name)
+            written.append(path.name)
+    return sorted(set(written))

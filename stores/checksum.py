@@ -12,8 +12,34 @@ try:
 except ImportError:  # a platform without an isal wheel: same values, slower
     from zlib import crc32
 
-__all__ = ["crc32", "file_crc32"]
+__all__ = ["crc32", "file_crc32", "file_records", "changed_files"]
 
 
 def file_crc32(path: Path) -> int:
     return crc32(Path(path).read_bytes())
+
+
+def file_records(folder: Path, names: list[str]) -> dict[str, dict]:
+    """``{name: {"bytes": size, "crc32": "8 hex digits"}}`` of files in ``folder``: what a checkpoint or an exported
+    model records when it is written, and what loading it checks."""
+    records = {}
+    for name in names:
+        data = (Path(folder) / name).read_bytes()
+        records[name] = {"bytes": len(data), "crc32": f"{crc32(data):08x}"}
+    return records
+
+
+def changed_files(folder: Path, records: dict[str, dict]) -> list[str]:
+    """The recorded files that are missing or whose size or crc32 differs now: ``["model.pt (crc32 ...)", ...]``."""
+    changed = []
+    for name, record in records.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            changed.append(f"{name} (missing)")
+            continue
+        data = path.read_bytes()
+        if len(data) != record["bytes"]:
+            changed.append(f"{name} ({len(data)} bytes, {record['bytes']} written)")
+        elif f"{crc32(data):08x}" != record["crc32"]:
+            changed.append(f"{name} (crc32 {crc32(data):08x}, {record['crc32']} written)")
+    return changed

@@ -248,8 +248,13 @@ def test_a_pickle_in_a_checkpoint_is_never_unpickled(tiny_run, tmp_path):
     sentinel = tmp_path / "code-ran"
     evil = pickle.dumps(_RunsCode(sentinel))
     (state / "step-000008" / "rng-rank0.safetensors").write_bytes(evil)  # unreadable: moved aside
-    (state / "step-000004" / "rng-rank0.safetensors").unlink()  # an older babydistill's pickled RNG state
-    (state / "step-000004" / "rng-rank0.pt").write_bytes(evil)
+    old = state / "step-000004"  # as an older babydistill wrote it: a pickled RNG state, no checksums
+    (old / "rng-rank0.safetensors").unlink()
+    (old / "rng-rank0.pt").write_bytes(evil)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["files"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    (old / "COMPLETE").write_text("4\n")
     with pytest.warns(UserWarning) as caught:
         run_teacher(config, run, resume="auto")
     messages = [str(w.message) for w in caught]
@@ -280,6 +285,17 @@ def test_every_checkpoint_garbled_is_kept_and_a_fresh_start_needs_force(tiny_run
     assert (run / "metrics.jsonl").read_bytes() == metrics
 
 
+def record_checksums_again(folder: Path) -> None:
+    """Record a checkpoint's present files as if it had been written so (the way save_checkpoint does)."""
+    from babydistill.stores.checksum import crc32, file_records
+
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"] = file_records(folder, sorted(meta["files"]))
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    (folder / "meta.json").write_text(text)
+    (folder / "COMPLETE").write_text(json.dumps({"step": meta["step"], "meta_crc32": f"{crc32(text.encode()):08x}"}))
+
+
 def test_a_checkpoint_is_loaded_all_or_nothing(tiny_run, tmp_path):
     from babydistill.pipeline.train import Dist, _load_checkpoint, build_optimizer
 
@@ -290,6 +306,7 @@ def test_a_checkpoint_is_loaded_all_or_nothing(tiny_run, tmp_path):
     other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])  # an optimizer state for other parameters
     other.zero_grad()
     torch.save(other.state_dict(), folder / "optimizer.pt")
+    record_checksums_again(folder)  # a checkpoint written so: it passes its checksums and fails to apply
     model = build_model(config, tokens, 7)
     optimizer = build_optimizer(model, config.train)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -132,7 +132,14 @@ def check(path: Path) -> int:
 
 def diff(path: Path) -> int:
     rows = differences(path)
-    print(f"{len(rows)} installed version(s) differ from {path}" + (":" if rows else ""))
+    unlocked = []
+    for name in UNLOCKED:
+        try:
+            unlocked.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    print(f"{len(rows)} installed version(s) differ from {path}; not locked: {', '.join(unlocked) or 'none'}"
+          + (":" if rows else ""))
     for row in rows:
         print(f"  {row}")
     return 0

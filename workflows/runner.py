@@ -14,6 +14,13 @@ sections and of its inputs' fingerprints. So:
   Stages marked ``in_place`` (the logit cache) resume inside the output itself and report
   their own completeness.
 
+No training is lost because a config changed. A partial folder records the *recipe* it was made from
+(the config keys and inputs its fingerprint hashes): when they differ, a training stage asked to resume
+carries on if only keys that extend a run changed (``EXTENDABLE``: ``train.max_steps``, ``train.epochs``),
+and otherwise the stage is refused in one line naming the keys; ``--force`` moves the partial folder
+aside (``<name>.aside-<time>``, named on the console), it never removes it. (The partial folders of
+prepare, tokenizer, tokenize and report hold nothing a rerun does not redo in seconds: they are replaced.)
+
 What a fingerprint hashes comes from one declaration: every field of the config sections a stage
 reads, except those ``pipeline.config`` marks ``EXECUTION_ONLY`` (see ``pipeline.config.identity``).
 
@@ -41,6 +48,8 @@ from babydistill.pipeline.config import Config, identity, model_name, parse_mode
 from babydistill.workflows.console import stage_output, status_line
 
 MARKER = "stage.json"
+EXTENDABLE = ("train.max_steps", "train.epochs")
+"""Keys a resumed training run may change: continuing a run for longer is what users do."""
 STORE_MARKER = "_stage/zarr.json"
 PARTIAL_MARKER = "stage.partial.json"
 
@@ -80,6 +89,11 @@ class Stage:
     """The output is a Zarr store: its marker is a zarr node (``_stage/zarr.json``)."""
     derived: bool = False
     """Made from other outputs alone in seconds (the report): rebuilt when stale, no ``--force`` needed."""
+    recipe: dict | None = None
+    """The config keys and inputs (``input.*``) the fingerprint hashes, flat: recorded in a partial folder so
+    that a change can be named key by key."""
+    resume: Any = False
+    """A training stage's resume request (``pipeline.train.train_loop``): False, True, "auto" or a path."""
     earlier_fingerprints: tuple[str, ...] = ()
     """What an earlier version of this stage's fingerprint gave for the same inputs: an output recording one
     of these is up to date too, so that changing how a fingerprint is made does not make finished runs stale."""
@@ -148,6 +162,56 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     return "todo", "not run yet"
 
 
+def recipe(config: Config, sections: tuple[str, ...], **inputs: Any) -> dict:
+    """``{"train.lr": 0.003, ..., "input.tokens": "ab12..."}``: what a stage is made from, key by key."""
+    flat = {f"{name}.{key}": value for name in sections for key, value in identity(getattr(config, name)).items()}
+    return {**flat, **{f"input.{key}": value for key, value in inputs.items()}}
+
+
+def recipe_differences(old: dict, new: dict) -> list[str]:
+    """``["train.eval_every: 10 -> 5", ...]`` for every key whose value differs (absent: ``-``)."""
+    keys = [key for key in dict.fromkeys([*old, *new]) if old.get(key, "-") != new.get(key, "-")]
+    return [f"{key}: {json.dumps(old.get(key, '-'), default=str)} -> {json.dumps(new.get(key, '-'), default=str)}"
+            for key in keys]
+
+
+def move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.aside-YYYYmmdd-HHMMSS`` beside it (never deleted) and return the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = path.name[:-len(".partial")] if path.name.endswith(".partial") else path.name
+    target = path.with_name(f"{base}.aside-{stamp}")
+    for n in range(1, 1000):
+        if not target.exists():
+            break
+        target = path.with_name(f"{base}.aside-{stamp}-{n}")
+    path.rename(target)
+    return target
+
+
+def _keep_or_refuse_partial(stage: Stage, partial: dict) -> None:
+    """A partial folder made from another recipe: resume it when only ``EXTENDABLE`` keys changed and the stage
+    was asked to resume (its marker then records the new recipe), otherwise refuse naming the keys."""
+    old = partial.get("recipe")
+    changes = recipe_differences(old, stage.recipe or {}) if old is not None else []
+    keys = [change.split(":")[0] for change in changes]
+    if old is not None and stage.recipe is not None and stage.resume not in (False, None) \
+            and keys and all(key in EXTENDABLE for key in keys):
+        say(f"[note] {stage.name}: resuming {stage.work} with {'; '.join(changes)}")
+        _write_partial_marker(stage)
+        return
+    what = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "") \
+        if changes else "its record predates per-key recipes" if old is None else "its inputs changed"
+    hint = (" (resume with --resume to continue it longer)" if keys and all(k in EXTENDABLE for k in keys) else
+            " (set them back to resume it)" if changes else "")
+    raise StageError(f"{stage.name}: {stage.work} holds work made from other settings ({what}){hint}; "
+                     f"--force moves it aside and starts over")
+
+
+def _write_partial_marker(stage: Stage) -> None:
+    record = {"fingerprint": stage.fingerprint, "recipe": stage.recipe}
+    (stage.work / PARTIAL_MARKER).write_text(json.dumps(record, default=str), encoding="utf-8")
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -181,20 +245,27 @@ def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None,
         raise StageError(f"{stage.name}: {stage.out} exists but {why}")
 
     if is_rank_zero():
-        if force:
-            _remove(stage.work)
-            if stage.in_place or stage.is_file:
-                _remove_marker(stage)
+        partial = read_marker(stage.work / PARTIAL_MARKER) if not (stage.in_place or stage.is_file) else None
+        if force and stage.work.exists() and not stage.is_file:
+            if stage.derived:
+                _remove(stage.work)
+            else:
+                say(f"[note] {stage.name}: moved {stage.work} aside to {move_aside(stage.work)} (--force)")
+            partial = None
+        elif force and stage.is_file:
+            _remove_marker(stage)
         elif state in ("stale", "incomplete") or stage.in_place:
             _remove_marker(stage)  # an in-place stage is unfinished until it says otherwise
-        partial = read_marker(stage.work / PARTIAL_MARKER) if not (stage.in_place or stage.is_file) else None
         if partial is not None and partial.get("fingerprint") != stage.fingerprint:
-            say(f"[note] {stage.name}: discarding {stage.work} (made from other inputs)")
-            _remove(stage.work)
+            if stage.recipe is None:  # not a training stage: its partial folder holds no work worth keeping
+                say(f"[note] {stage.name}: discarding {stage.work} (made from other inputs)")
+                _remove(stage.work)
+            else:
+                _keep_or_refuse_partial(stage, partial)
         if not stage.is_file:
             stage.work.mkdir(parents=True, exist_ok=True)
             if not stage.in_place:
-                (stage.work / PARTIAL_MARKER).write_text(json.dumps({"fingerprint": stage.fingerprint}))
+                _write_partial_marker(stage)
         else:
             stage.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -336,7 +407,8 @@ def teacher_stage(config: Config, seed: int, name: str | None = None, resume: An
         train_teacher(config, config.tokens_path, config.tokenizer_path, work, seed=seed, resume=resume)
 
     return Stage(f"teacher {name}", config.teacher_path(name), fp, build,
-                 f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting)
+                 f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting,
+                 recipe=recipe(config, ("model", "train", "teachers"), seed=seed, tokens=up), resume=resume)
 
 
 def teacher_command(name: str) -> str:
@@ -398,7 +470,8 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
 
     command = f"babydistill distill CONFIG --seed {seed} --name {name}" + (" --online" if online else "")
     return Stage(f"student {name}", config.student_path(name), fp, build, command,
-                 waiting_for=", ".join(missing) or None)
+                 waiting_for=", ".join(missing) or None, resume=resume,
+                 recipe=recipe(trained, ("model", "train", "distill"), seed=seed, source=source))
 
 
 def evaluate_stage(config: Config, model_dir: Path) -> Stage:
