@@ -152,7 +152,8 @@ def ensemble_logp(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
 
 
 def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: torch.Generator,
-                   head_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   head_ids: torch.Tensor | None = None, draw_logp: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled sparse targets per row: (ids [N, slots] int64, logp [N, slots] float64).
 
     Mode sample (``head_ids`` None): ``samples`` draws from each row's distribution; the distinct ids
@@ -160,10 +161,15 @@ def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: t
     Mode hybrid (``head_ids`` [N, k]): those ids first with their exact log-probabilities, then
     ``samples`` draws from the rest of the distribution renormalised, ``logp = log(r * count / samples)``
     with r the mass outside the head: E[weight of a tail id j] = p_j, so the target is unbiased.
+    r is the sum of the tail's own probabilities (a log-sum-exp over the tail of the unrounded ``logp_NV``),
+    never 1 - the head's: that difference cancels, and from float16-rounded head values it put the head's
+    rounding error into the tail (34x the true tail mass of a confident row).
+    ``draw_logp`` (default ``logp_NV``): the distribution the draws come from, e.g. the teacher as stored
+    (rounded) when the store keeps each draw's probability; the head and r always come from ``logp_NV``.
     Free slots get the smallest ids used nowhere else in the row and ``PAD_LOGP`` (see stores/logits.py).
     """
     num_rows, vocab = logp_NV.shape
-    probs = logp_NV.exp()
+    probs = (logp_NV if draw_logp is None else draw_logp).exp()
     head = None
     if head_ids is not None:
         head = torch.zeros(num_rows, vocab, dtype=torch.bool).scatter_(1, head_ids, True)
@@ -182,7 +188,7 @@ def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: t
     tail_ids = key.topk(slots - head_ids.shape[1], dim=-1).indices
     picked = counts.gather(1, tail_ids).double()
     head_logp = logp_NV.gather(1, head_ids).double()
-    log_r = torch.log((-torch.expm1(torch.logsumexp(head_logp, dim=1, keepdim=True))).clamp_min(0.0))
+    log_r = torch.logsumexp(logp_NV.masked_fill(head, -math.inf), dim=1, keepdim=True).double()
     tail_logp = log_r + torch.log(picked / samples)
     tail_logp = torch.where((picked > 0) & (log_r > -math.inf), tail_logp, torch.full_like(tail_logp, PAD_LOGP))
     return torch.cat([head_ids, tail_ids], dim=1), torch.cat([head_logp, tail_logp], dim=1)
@@ -330,20 +336,19 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
                 logp_NK = top_NK - lse_BS.reshape(-1, 1)
             else:
                 logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
-                if spec.tail_logp:
-                    # Draw from the teacher as stored (rounded to logp_dtype), so that the stored probability of
-                    # each draw is the one it was drawn with (the control variate divides by it; the tail's mass r is
-                    # still 1 - the head's, which differs from the rounded tail's sum by float16 rounding).
-                    logp_NV = logp_NV.to(getattr(torch, spec.logp_dtype)).float()
+                # With tail_logp, draw from the teacher as stored (rounded to logp_dtype), so that the stored
+                # probability of each draw is the one it was drawn with (the control variate divides by it);
+                # the head and the tail's mass r come from the unrounded values all the same.
+                draw_logp = logp_NV.to(getattr(torch, spec.logp_dtype)).float() if spec.tail_logp else None
                 head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
-                sets = [sample_targets(logp_NV, spec.samples, set_slots, set_generator, head)
+                sets = [sample_targets(logp_NV, spec.samples, set_slots, set_generator, head, draw_logp)
                         for set_generator in set_generators]
                 ids_NK = torch.cat([sets[0][0]] + [set_ids[:, spec.k:] for set_ids, _ in sets[1:]], dim=1)
                 logp_NK = torch.cat([sets[0][1]] + [set_logp[:, spec.k:] for _, set_logp in sets[1:]], dim=1)
                 if spec.tail_logp:
                     tail_ids = ids_NK[:, spec.k:]
                     parts["tail_logp"].append(torch.where(
-                        logp_NK[:, spec.k:] > PAD_LOGP / 2, logp_NV.gather(1, tail_ids).double(), PAD_LOGP)
+                        logp_NK[:, spec.k:] > PAD_LOGP / 2, draw_logp.gather(1, tail_ids).double(), PAD_LOGP)
                         .numpy().astype(np_dtype).reshape(*x_BS.shape, -1))
         shape = (*x_BS.shape, spec.slots)
         ids = ids_NK.numpy().astype(np.uint16).reshape(shape)

@@ -630,3 +630,79 @@ def test_bad_cache_config_values_are_config_errors(tiny_config_path, override, m
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as err:
         load_config(tiny_config_path, override.split("\0"))
     assert "\n" not in str(err.value)
+
+
+def _float16_capture(logp: torch.Tensor, samples: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_targets as the capture of a float16 store with tail_logp calls it: draws from the rounded teacher,
+    the stored weights rounded to float16; returns (ids, weights decoded to float64, -inf on padding)."""
+    head = logp.topk(k, -1).indices
+    ids, weights = sample_targets(logp.float(), samples, k + samples, torch.Generator().manual_seed(seed), head,
+                                  logp.float().half().float())
+    stored = torch.from_numpy(weights.numpy().astype(np.float16).astype(np.float64))
+    return ids, torch.where(stored > PAD_LOGP / 2, stored, float("-inf"))
+
+
+def _confident_rows(vocab: int, tail_masses: list[float]) -> torch.Tensor:
+    """Rows whose 4 tied ids hold 1 - r and whose tail (random shape) holds r: log-probabilities, float64."""
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for r in tail_masses:
+        tail = torch.softmax(torch.randn(vocab - 4, generator=gen, dtype=torch.float64), 0) * r
+        rows.append(torch.cat([torch.full((4,), (1 - r) / 4, dtype=torch.float64), tail]).log())
+    return torch.stack(rows)
+
+
+def test_float16_stores_keep_the_tail_mass_of_confident_rows_within_one_percent():
+    """The tail's mass comes from the tail's own (unrounded) probabilities: 1 - the float16 head put the head's
+    rounding into the tail (4.25e-4 stored for a true 1.25e-5)."""
+    masses = [1e-2, 1e-3, 1.25e-5, 1e-5, 3e-6, 1.1e-6]
+    logp = _confident_rows(200, masses)
+    k = 4
+    for seed in range(20):
+        ids, weights = _float16_capture(logp, 12, k, seed)
+        stored_tail = weights[:, k:].exp().sum(1)
+        assert ((stored_tail / torch.tensor(masses) - 1).abs() < 0.01).all(), (seed, stored_tail)
+    # The rule this replaces cannot meet that: 1 - sum of the float16-rounded head.
+    rounded_head = logp.gather(1, logp.topk(k, -1).indices).half().double()
+    old = -torch.expm1(torch.logsumexp(rounded_head, 1))
+    assert ((old / torch.tensor(masses) - 1).abs() > 0.01).any()
+    # Random peaked rows, tail mass 1e-6 .. 1e-2
+    gen = torch.Generator().manual_seed(5)
+    peaked = torch.log_softmax(torch.randn(128, 300, generator=gen, dtype=torch.float64)
+                               * torch.linspace(3, 12, 128, dtype=torch.float64)[:, None], -1)
+    true_tail = peaked.exp().sum(1) - peaked.topk(k, -1).values.exp().sum(1)
+    rows = (true_tail > 1e-6) & (true_tail < 1e-2)
+    assert rows.sum() >= 20
+    ids, weights = _float16_capture(peaked[rows], 12, k, 0)
+    assert ((weights[:, k:].exp().sum(1) / true_tail[rows] - 1).abs() < 0.01).all()
+
+
+def test_a_row_whose_tail_underflows_stores_no_tail_weight():
+    logp = torch.cat([torch.full((1, 4), -math.log(4), dtype=torch.float64),
+                      torch.full((1, 96), -400.0, dtype=torch.float64)], 1)
+    ids, weights = _float16_capture(logp, 6, 4, 0)
+    assert weights[0, 4:].exp().sum().item() < 1e-30  # 4.3e-4 of weight before, against a true 0
+
+
+def test_float16_hybrid_targets_are_unbiased_for_a_confident_teacher():
+    """Averaged over capture seeds, the gradient from float16-stored hybrid targets converges to the dense one,
+    for rows with tail mass 1e-5 .. 1e-2 (the float16 capture path, confident rows)."""
+    from babydistill.kernels import reference
+
+    masses = [1e-2, 1e-3, 1e-4, 1e-5]
+    logp = _confident_rows(60, masses)
+    num_rows, vocab = logp.shape
+    student = torch.randn(num_rows, vocab, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    labels = torch.zeros(num_rows, dtype=torch.int64)
+
+    def grad_of(ids, weights_logp):
+        z = student.clone().requires_grad_(True)
+        reference.sparse_distill_loss(z, labels, ids, weights_logp, alpha=0.0, tail="renorm")[0].backward()
+        return z.grad
+
+    dense = grad_of(torch.arange(vocab).expand(num_rows, vocab), logp)
+    samples, draws = 8, 400
+    grads = torch.stack([grad_of(*_float16_capture(logp, samples, 4, seed)) for seed in range(draws)])
+    # binomial noise of the draws (as in the test above) plus float16's rounding of each weight (2^-11 relative)
+    tol = 5 * (logp.exp() / samples).sqrt() / num_rows / draws ** 0.5 + 2 ** -10 * logp.exp() / num_rows
+    assert ((grads.mean(0) - dense).abs() <= tol).all()
