@@ -38,6 +38,7 @@ from babydistill.stores.logits import (
     read_attrs,
     read_marker,
     remove_marker,
+    repair_metadata,
     window_order,
     write_chunk,
 )
@@ -563,6 +564,10 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
             what = ", ".join(diff) if existing.get("format") == FORMAT else "not a logit store"
             raise ValueError(f"{out} was made from other inputs ({what}); rerun `babydistill cache CONFIG --force` "
                              f"to rebuild it")
+        else:
+            for repaired in repair_metadata(out, existing):  # chunk files untouched: their checksums say the rest
+                print(f"cache: rewrote {out / repaired.split(':')[0].split(' ')[0]} from the store's header "
+                      f"({repaired})", flush=True)
         for leftover in out.rglob("*.partial"):  # half-written files of a killed capture
             leftover.unlink()
         ranges = chunk_ranges(store_id["num_windows"], cfg.chunk_windows)

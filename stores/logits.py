@@ -132,13 +132,9 @@ def targets_are_complete(attrs: dict) -> bool:
     return attrs["mode"] in ("sample", "hybrid")
 
 
-def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.Group:
-    """Create the group and its empty arrays; ``attrs`` is the store's identity (``pipeline.cache.store_identity``:
-    at least num_windows, seq_len, slots, chunk_windows, logp_dtype and temperatures)."""
+def array_shapes(attrs: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Each array's (shape, dtype), as the store's header (its group attributes) fixes them."""
     num_windows, seq_len, slots = attrs["num_windows"], attrs["seq_len"], attrs["slots"]
-    chunk = min(attrs["chunk_windows"], max(1, num_windows))
-    group = zarr.open_group(store=str(path), mode="a")
-    compressor = BloscCodec(**(codec or CODEC))
     shapes = {"ids": ((num_windows, seq_len, slots), "uint16"),
               "logp": ((num_windows, seq_len, slots), attrs["logp_dtype"]),
               "c_T": ((num_windows, seq_len, len(attrs["temperatures"])), "float32"),
@@ -146,12 +142,73 @@ def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.
               "window_ids": ((num_windows,), "uint32")}
     if attrs.get("tail_logp"):
         shapes["tail_logp"] = ((num_windows, seq_len, slots - attrs["k"]), attrs["logp_dtype"])
-    for name, (shape, dtype) in shapes.items():
-        group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), compressors=compressor,
-                           fill_value=0, overwrite=True)
+    return shapes
+
+
+def _create_arrays(group: zarr.Group, attrs: dict, codec: dict, names: tuple[str, ...] | None = None) -> None:
+    chunk = min(attrs["chunk_windows"], max(1, attrs["num_windows"]))
+    for name, (shape, dtype) in array_shapes(attrs).items():
+        if names is None or name in names:
+            group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
+                               compressors=BloscCodec(**codec), fill_value=0, overwrite=True)
+
+
+def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.Group:
+    """Create the group and its empty arrays; ``attrs`` is the store's identity (``pipeline.cache.store_identity``:
+    at least num_windows, seq_len, slots, chunk_windows, logp_dtype and temperatures)."""
+    group = zarr.open_group(store=str(path), mode="a")
+    _create_arrays(group, attrs, codec or CODEC)
     group.attrs.update({"format": FORMAT, **attrs, "codec": codec or CODEC})
     group.require_group(DONE_DIR)
     return group
+
+
+# The parts of an array's zarr.json that decide how its chunk files decode.
+_METADATA_KEYS = ("zarr_format", "node_type", "shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value",
+                  "codecs")
+
+
+def expected_metadata(attrs: dict) -> dict[str, dict]:
+    """Each array's zarr.json as ``create_store`` writes it for this header (made in a scratch folder)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        _create_arrays(zarr.open_group(store=scratch, mode="a"), attrs, attrs.get("codec") or CODEC)
+        return {name: json.loads((Path(scratch) / name / "zarr.json").read_text(encoding="utf-8"))
+                for name in array_shapes(attrs)}
+
+
+def metadata_problems(path: Path, attrs: dict) -> list[str]:
+    """Every array whose zarr.json is missing, unreadable or differs from what the header fixes (shape, dtype,
+    chunk shape, codecs), one line each: ``logp/zarr.json: data_type int16, expected float16``."""
+    problems = []
+    for name, expected in expected_metadata(attrs).items():
+        file = Path(path) / name / "zarr.json"
+        try:
+            found = json.loads(file.read_text(encoding="utf-8"))
+            if not isinstance(found, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{name}/zarr.json {'is missing' if isinstance(exc, OSError) else 'is not valid JSON'}")
+            continue
+        for key in _METADATA_KEYS:
+            if found.get(key) != expected[key]:
+                problems.append(f"{name}/zarr.json: {key} {json.dumps(found.get(key))}, expected "
+                                f"{json.dumps(expected[key])}")
+                break
+    return problems
+
+
+def repair_metadata(path: Path, attrs: dict) -> list[str]:
+    """Rewrite every array's zarr.json that ``metadata_problems`` finds, from the header; chunk files are left
+    alone (their done markers' checksums then say which chunks are intact). Returns the problems repaired."""
+    problems = metadata_problems(path, attrs)
+    expected = expected_metadata(attrs)
+    for problem in problems:
+        name = problem.split("/")[0]
+        (Path(path) / name).mkdir(exist_ok=True)
+        (Path(path) / name / "zarr.json").write_text(json.dumps(expected[name], indent=2), encoding="utf-8")
+    return problems
 
 
 def lock_path(path: Path) -> Path:
@@ -328,6 +385,12 @@ def incomplete_reason(path: Path, *, checksum: bool = True, markers: list[dict |
     attrs = read_attrs(path)
     if attrs is None or attrs.get("format") != FORMAT:
         return "no logit store"
+    try:
+        broken = metadata_problems(path, attrs)
+    except (KeyError, TypeError, ValueError) as exc:  # a header edited past reading
+        return f"its header (zarr.json) is damaged ({type(exc).__name__}: {exc}); only --force rebuilds it"
+    if broken:
+        return f"array metadata changed: {broken[0]}" + (f" (and {len(broken) - 1} more)" if len(broken) > 1 else "")
     ranges = chunk_ranges(attrs["num_windows"], attrs["chunk_windows"])
     if markers is not None and len(markers) != len(ranges):
         return f"it has {len(ranges)} chunks, not the {len(markers)} it had a moment ago (rewritten while read?)"
@@ -455,8 +518,14 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
 
     try:
         group, attrs = open_store(path)
+        broken = metadata_problems(path, attrs)
     except LogitStoreError as exc:
         return [str(exc)]
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"{path}/zarr.json: the store's header is damaged ({type(exc).__name__}: {exc}); rebuild it with "
+                f"`babydistill cache CONFIG --force`"]
+    if broken:
+        return [f"{path}/{problem}; `babydistill cache CONFIG` rewrites it from the store's header" for problem in broken]
     problems = []
     tokens = None
     if tokens_path is not None:

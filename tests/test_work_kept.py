@@ -138,3 +138,85 @@ def test_an_exported_model_whose_weights_changed_is_refused_by_every_loader(tiny
     (copy / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match=r"model.safetensors \(100 bytes"):
         load_model(copy)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A whole tiny run (1 teacher, its store, 1 student, evaluations, report): copy it before changing it."""
+    root = tmp_path_factory.mktemp("finished")
+    write_corpus(root / "corpus", num_files=3, paragraphs=60)
+    path = write_config(root, {"train": {"max_steps": 4, "save_every": 4, "log_every": 4},
+                               "teachers": {"count": 1}, "cache": {"mode": "hybrid", "k": 4, "samples": 6,
+                                                                   "temperatures": [1.0]},
+                               "distill": {"students": 1}})
+    assert main(["run", str(path)]) == 0
+    return root
+
+
+def _copy_run(finished_run: Path, tmp_path: Path) -> tuple[Path, Path]:
+    shutil.copytree(finished_run, tmp_path / "r")
+    path = tmp_path / "r" / "tiny.yaml"
+    raw = path.read_text().replace(str(finished_run), str(tmp_path / "r"))
+    path.write_text(raw)
+    return path, load_config(path).run_path
+
+
+@pytest.mark.parametrize("edit", ["data_type", "shape", "chunk_shape", "deleted", "not json"])
+def test_edited_array_metadata_is_refused_by_the_reader_and_repaired_by_cache(finished_run, tmp_path, capsys, edit):
+    path, run = _copy_run(finished_run, tmp_path)
+    meta_file = run / "logits.zarr" / "logp" / "zarr.json"
+    original = meta_file.read_text()
+    meta = json.loads(original)
+    if edit == "data_type":
+        meta["data_type"] = "int16"
+    elif edit == "shape":
+        meta["shape"][0] = 400
+    elif edit == "chunk_shape":
+        meta["chunk_grid"]["configuration"]["chunk_shape"][0] += 1
+    meta_file.write_text("{not json" if edit == "not json" else json.dumps(meta))
+    if edit == "deleted":
+        meta_file.unlink()
+    capsys.readouterr()
+    assert main(["store", "verify", str(run / "logits.zarr")]) != 0
+    out = capsys.readouterr()
+    assert "logp/zarr.json" in out.out + out.err and "Traceback" not in out.err
+    assert main(["distill", str(path), "--seed", "1", "--name", "s9"]) == 2
+    line = _error(capsys)
+    assert "logp/zarr.json" in line and "babydistill cache CONFIG" in line, line
+    assert not (run / "students" / "s9").exists()
+    assert main(["status", str(path)]) == 0
+    assert "array metadata changed" in capsys.readouterr().out
+    assert main(["cache", str(path)]) == 0
+    assert "rewrote" in capsys.readouterr().out
+    assert json.loads(meta_file.read_text()) == json.loads(original)
+    assert main(["store", "verify", str(run / "logits.zarr")]) == 0
+    assert main(["distill", str(path), "--seed", "1", "--name", "s9"]) == 0
+
+
+def test_a_finished_model_whose_weights_changed_is_refused_until_force_which_keeps_it(finished_run, tmp_path,
+                                                                                      capsys):
+    path, run = _copy_run(finished_run, tmp_path)
+    weights = run / "teachers" / "t1" / "model.safetensors"
+    _flip_byte(weights)
+    damaged = weights.read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    line = _error(capsys)
+    assert "teacher t1" in line and "model.safetensors (crc32" in line and "--force" in line, line
+    assert main(["status", str(path)]) == 0
+    assert "damaged" in capsys.readouterr().out
+    assert main(["teacher", str(path), "--seed", "1", "--force"]) == 0
+    out = capsys.readouterr().out
+    aside = [p for p in (run / "teachers").iterdir() if p.name.startswith("t1.aside-")]
+    assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == damaged and str(aside[0]) in out
+
+
+def test_a_finished_model_without_its_marker_is_not_retrained_over(finished_run, tmp_path, capsys):
+    path, run = _copy_run(finished_run, tmp_path)
+    (run / "students" / "s1" / "stage.json").unlink()
+    weights = (run / "students" / "s1" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(path)]) == 2
+    line = _error(capsys)
+    assert "student s1" in line and "no stage marker" in line and "--force" in line, line
+    assert (run / "students" / "s1" / "model.safetensors").read_bytes() == weights

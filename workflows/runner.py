@@ -84,6 +84,9 @@ class Stage:
     waiting_for: str | None = None
     in_place: bool = False
     incomplete: Callable[[Path], str | None] | None = None
+    damaged: Callable[[Path], str | None] | None = None
+    """Why a finished output cannot be trusted and is not rebuilt without being asked (a trained model whose
+    files changed after export), or None."""
     is_file: bool = False
     store: bool = False
     """The output is a Zarr store: its marker is a zarr node (``_stage/zarr.json``)."""
@@ -142,10 +145,15 @@ def output_fingerprint(out: Path, is_file: bool = False) -> str | None:
 
 
 def stage_status(stage: Stage) -> tuple[str, str]:
-    """(state, why): state is done | stale | incomplete | partial | waiting | todo."""
+    """(state, why): state is done | stale | damaged | unmarked | incomplete | partial | waiting | todo."""
     if stage.fingerprint is None:
         return "waiting", f"run {stage.waiting_for} first"
     record = read_marker(stage.marker) if stage.out.exists() else None
+    if record is None and stage.recipe is not None and stage.out.is_dir() and any(stage.out.iterdir()):
+        return "unmarked", (f"it has no stage marker ({stage.marker.name}: deleted, or made elsewhere); "
+                            f"`{stage.command} --force` rebuilds it (the folder is moved aside, not deleted)")
+    if record is not None and stage.damaged is not None and (why := stage.damaged(stage.out)):
+        return "damaged", f"{why}; `{stage.command} --force` rebuilds it (the folder is moved aside, not deleted)"
     if record is not None:
         if record.get("fingerprint") not in (stage.fingerprint, *stage.earlier_fingerprints):
             rebuild = f"`{stage.command}`" if stage.derived else f"`{stage.command} --force`"
@@ -160,6 +168,17 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     if stage.in_place and stage.out.exists():
         return "partial", "interrupted; the unfinished chunks will be redone"
     return "todo", "not run yet"
+
+
+def model_damage(model_dir: Path) -> str | None:
+    """Why a trained model's files cannot be trusted (they differ from its checksums.json), or None."""
+    from babydistill.pipeline.model import check_model_files
+
+    try:
+        check_model_files(model_dir)
+    except ValueError as exc:
+        return str(exc).split("; rebuild it")[0]
+    return None
 
 
 def recipe(config: Config, sections: tuple[str, ...], **inputs: Any) -> dict:
@@ -178,7 +197,7 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
 def move_aside(path: Path) -> Path:
     """Rename ``path`` to ``<name>.aside-YYYYmmdd-HHMMSS`` beside it (never deleted) and return the new path."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = path.name[:-len(".partial")] if path.name.endswith(".partial") else path.name
+    base = next((path.name[:-len(end)] for end in (".partial", ".old") if path.name.endswith(end)), path.name)
     target = path.with_name(f"{base}.aside-{stamp}")
     for n in range(1, 1000):
         if not target.exists():
@@ -241,7 +260,7 @@ def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None,
     if state == "done" and not force:
         say(f"[skip] {stage.name}: up to date ({stage.out})")
         return False
-    if state == "stale" and not (force or stage.derived):
+    if state in ("stale", "unmarked", "damaged") and not (force or stage.derived):
         raise StageError(f"{stage.name}: {stage.out} exists but {why}")
 
     if is_rank_zero():
@@ -296,6 +315,8 @@ def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None,
             if stage.out.exists():
                 stage.out.rename(old)
             stage.work.rename(stage.out)
+            if old.exists() and not stage.derived:  # what --force replaced: kept, named
+                say(f"[note] {stage.name}: the output it replaced is in {move_aside(old)}")
             _remove(old)
         else:
             if stage.store:
@@ -407,7 +428,7 @@ def teacher_stage(config: Config, seed: int, name: str | None = None, resume: An
         train_teacher(config, config.tokens_path, config.tokenizer_path, work, seed=seed, resume=resume)
 
     return Stage(f"teacher {name}", config.teacher_path(name), fp, build,
-                 f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting,
+                 f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting, damaged=model_damage,
                  recipe=recipe(config, ("model", "train", "teachers"), seed=seed, tokens=up), resume=resume)
 
 
@@ -470,7 +491,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
 
     command = f"babydistill distill CONFIG --seed {seed} --name {name}" + (" --online" if online else "")
     return Stage(f"student {name}", config.student_path(name), fp, build, command,
-                 waiting_for=", ".join(missing) or None, resume=resume,
+                 waiting_for=", ".join(missing) or None, resume=resume, damaged=model_damage,
                  recipe=recipe(trained, ("model", "train", "distill"), seed=seed, source=source))
 
 
