@@ -25,6 +25,7 @@ from babydistill.pipeline.cache import (
     capture_logits,
     compute_chunk,
     ensemble_logp,
+    format_fidelity,
     gradient_fidelity,
     sample_targets,
 )
@@ -318,6 +319,14 @@ def test_sample_store_verifies(tiny_run, teachers, tmp_path):
     summary = capture(tiny_run, teachers, tmp_path / "s.zarr", cfg)
     assert summary["slots"] == 16 and verify_store(tmp_path / "s.zarr", tiny_run.tokens_path) == []
     assert summary["fidelity"]["residual_mass"]["max"] < 2e-3
+    # The unbiased store's bias estimate is labelled with its noise floor and rarely clears it; top-k's always does.
+    gradient = summary["fidelity"]["gradient"]
+    assert gradient["noise_floor_rel"]["mean"] > 0 and gradient["bias_above_floor"] < 0.1
+    assert "cannot be told from 0" in gradient["note"]
+    text = format_fidelity(summary["fidelity"])
+    assert "bias noise floor" in text and "unbiased by construction" in text
+    topk = capture(tiny_run, teachers, tmp_path / "t.zarr", dataclasses.replace(CFG, chunk_windows=128))
+    assert topk["fidelity"]["gradient"]["bias_above_floor"] > 0.9
 
 
 # --- parallel and resumable -------------------------------------------------------------------
