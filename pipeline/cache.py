@@ -25,6 +25,7 @@ import torch
 from babydistill.pipeline.config import CacheConfig, earlier_value, identity
 from babydistill.pipeline.model import ensemble_logits, load_teachers
 from babydistill.pipeline.tokenizer import tokenizer_hash
+from babydistill.stores.checksum import unsealed
 from babydistill.stores.logits import (
     FORMAT,
     FORMAT_VERSION,
@@ -39,6 +40,7 @@ from babydistill.stores.logits import (
     read_marker,
     remove_marker,
     repair_metadata,
+    update_header,
     window_order,
     write_chunk,
 )
@@ -575,6 +577,9 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
     lock = acquire_lock(out)
     try:
         existing = read_attrs(out)
+        if existing is None and (out / "zarr.json").is_file() or existing is not None and unsealed(existing) is None:
+            raise ValueError(f"{out}/zarr.json: the store's header is unreadable or changed after it was written; "
+                             f"rebuild the store with `babydistill cache CONFIG --force` (the old one is moved aside)")
         if existing is None:
             create_store(out, store_id)
         elif existing.get("format") != FORMAT or (diff := _differences(existing, store_id)):
@@ -613,7 +618,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
         report = fidelity_report(out, len(ranges), cfg.mode)
         import zarr
 
-        zarr.open_group(store=str(out), mode="r+").attrs.update({"fidelity": report})
+        update_header(zarr.open_group(store=str(out), mode="r+"), {"fidelity": report})
         print(format_fidelity(report), flush=True)
         computed = sum(stop - start for _, start, stop, _ in todo) * tokens.seq_len
         return {

@@ -424,12 +424,18 @@ def checked_meta(folder: Path) -> dict:
     """A checkpoint's meta.json, after checking it and every file it lists against the checksums written with
     them (checkpoints written before checksums have none to check). Raises ChecksumError on a change."""
     meta_bytes = (folder / "meta.json").read_bytes()
-    complete = (folder / COMPLETE).read_text(encoding="utf-8").strip()
-    if complete.startswith("{"):
-        recorded = json.loads(complete).get("meta_crc32")
-        if recorded is not None and f"{crc32(meta_bytes):08x}" != recorded:
+    complete = (folder / COMPLETE).read_text(encoding="utf-8", errors="replace").strip()
+    if not complete.isdigit():  # a bare step number: written before checksums, nothing to check
+        try:
+            sealed_by = json.loads(complete)
+            recorded, step = sealed_by["meta_crc32"], sealed_by["step"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ChecksumError(f"{COMPLETE} changed after it was written ({type(exc).__name__})") from None
+        if f"{crc32(meta_bytes):08x}" != recorded:
             raise ChecksumError(f"meta.json changed after it was written (crc32 {crc32(meta_bytes):08x}, "
                                 f"{recorded} written)")
+        if json.loads(meta_bytes).get("step") != step:
+            raise ChecksumError(f"{COMPLETE} names step {step}, meta.json another")
     meta = json.loads(meta_bytes)
     changed = changed_files(folder, meta.get("files", {}))
     if changed:

@@ -5,6 +5,7 @@ ISA-L's implementation (the ``isal`` package) gives the same numbers as ``zlib.c
 cache), which keeps the reader's check of every chunk it reads under 3% of its throughput; stores written
 with either one read and verify with the other.
 """
+import json
 from pathlib import Path
 
 try:
@@ -12,7 +13,7 @@ try:
 except ImportError:  # a platform without an isal wheel: same values, slower
     from zlib import crc32
 
-__all__ = ["crc32", "file_crc32", "file_records", "changed_files"]
+__all__ = ["crc32", "file_crc32", "file_records", "changed_files", "sealed", "unsealed"]
 
 
 def file_crc32(path: Path) -> int:
@@ -43,3 +44,25 @@ def changed_files(folder: Path, records: dict[str, dict]) -> list[str]:
         elif f"{crc32(data):08x}" != record["crc32"]:
             changed.append(f"{name} (crc32 {crc32(data):08x}, {record['crc32']} written)")
     return changed
+
+
+SEAL = "record_crc32"
+
+
+def _record_crc(record: dict) -> str:
+    body = {key: value for key, value in record.items() if key != SEAL}
+    return f"{crc32(json.dumps(body, sort_keys=True, default=str).encode()):08x}"
+
+
+def sealed(record: dict) -> dict:
+    """``record`` with the crc32 of its own JSON (``record_crc32``): a marker that knows when it was changed."""
+    return {**record, SEAL: _record_crc(record)}
+
+
+def unsealed(record: dict | None) -> dict | None:
+    """``record`` when its seal matches (or it has none: written before seals), else None."""
+    if not isinstance(record, dict):
+        return None
+    if SEAL in record and record[SEAL] != _record_crc(record):
+        return None
+    return record

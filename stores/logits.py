@@ -69,7 +69,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from babydistill.stores.checksum import file_crc32
+from babydistill.stores.checksum import SEAL, file_crc32, sealed, unsealed
 
 FORMAT = "babydistill.logits"
 FORMAT_VERSION = 2
@@ -158,9 +158,16 @@ def create_store(path: Path, attrs: dict, *, codec: dict | None = None) -> zarr.
     at least num_windows, seq_len, slots, chunk_windows, logp_dtype and temperatures)."""
     group = zarr.open_group(store=str(path), mode="a")
     _create_arrays(group, attrs, codec or CODEC)
-    group.attrs.update({"format": FORMAT, **attrs, "codec": codec or CODEC})
+    update_header(group, {"format": FORMAT, **attrs, "codec": codec or CODEC})
     group.require_group(DONE_DIR)
     return group
+
+
+def update_header(group: zarr.Group, values: dict) -> None:
+    """Set header keys (the group attributes) and seal the header again (``stores.checksum.sealed``), so that
+    every reader can tell a header changed after it was written."""
+    header = {key: value for key, value in dict(group.attrs).items() if key != SEAL}
+    group.attrs.put(sealed({**header, **values}))
 
 
 # The parts of an array's zarr.json that decide how its chunk files decode.
@@ -169,19 +176,26 @@ _METADATA_KEYS = ("zarr_format", "node_type", "shape", "data_type", "chunk_grid"
 
 
 def expected_metadata(attrs: dict) -> dict[str, dict]:
-    """Each array's zarr.json as ``create_store`` writes it for this header (made in a scratch folder)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as scratch:
-        _create_arrays(zarr.open_group(store=scratch, mode="a"), attrs, attrs.get("codec") or CODEC)
-        return {name: json.loads((Path(scratch) / name / "zarr.json").read_text(encoding="utf-8"))
-                for name in array_shapes(attrs)}
+    """Each array's zarr.json as ``create_store`` writes it for this header (made in memory)."""
+    store = zarr.storage.MemoryStore()
+    _create_arrays(zarr.open_group(store=store, mode="a"), attrs, attrs.get("codec") or CODEC)
+    return {name: json.loads(store._store_dict[f"{name}/zarr.json"].to_bytes()) for name in array_shapes(attrs)}
 
 
 def metadata_problems(path: Path, attrs: dict) -> list[str]:
     """Every array whose zarr.json is missing, unreadable or differs from what the header fixes (shape, dtype,
     chunk shape, codecs), one line each: ``logp/zarr.json: data_type int16, expected float16``."""
     problems = []
+    node_file = Path(path) / DONE_DIR / "zarr.json"
+    # The done markers' parent node: read by plain zarr, not by babydistill (which reads the markers). Stores of
+    # the layout before marker nodes (_done/N.json) have none until a cache run migrates them.
+    if node_file.is_file() or any((Path(path) / DONE_DIR).glob("*/zarr.json")):
+        try:
+            node = json.loads(node_file.read_text(encoding="utf-8"))
+            if node.get("zarr_format") != 3 or node.get("node_type") != "group":
+                raise ValueError("not a zarr v3 group node")
+        except (OSError, ValueError, AttributeError):
+            problems.append(f"{DONE_DIR}/zarr.json is not the zarr group node it was written as")
     for name, expected in expected_metadata(attrs).items():
         file = Path(path) / name / "zarr.json"
         try:
@@ -206,6 +220,9 @@ def repair_metadata(path: Path, attrs: dict) -> list[str]:
     expected = expected_metadata(attrs)
     for problem in problems:
         name = problem.split("/")[0]
+        if name == DONE_DIR:
+            (Path(path) / DONE_DIR / "zarr.json").write_text(node_json({}), encoding="utf-8")
+            continue
         (Path(path) / name).mkdir(exist_ok=True)
         (Path(path) / name / "zarr.json").write_text(json.dumps(expected[name], indent=2), encoding="utf-8")
     return problems
@@ -263,8 +280,14 @@ def read_attrs(path: Path) -> dict | None:
 
 def open_store(path: Path) -> tuple[zarr.Group, dict]:
     attrs = read_attrs(path)
+    if attrs is None and (Path(path) / "zarr.json").is_file():
+        raise LogitStoreError(f"{path}/zarr.json: the store's header is unreadable; rebuild the store with "
+                              f"`babydistill cache CONFIG --force` (the old one is moved aside)")
     if attrs is None:
         raise LogitStoreError(f"{path}: no logit store; run `babydistill cache CONFIG` first")
+    if unsealed(attrs) is None:
+        raise LogitStoreError(f"{path}/zarr.json: the store's header changed after it was written; rebuild the store "
+                              f"with `babydistill cache CONFIG --force` (the old one is moved aside)")
     if attrs.get("format") != FORMAT:
         raise LogitStoreError(f"{path}: not a babydistill logit store (format {attrs.get('format')!r})")
     if attrs.get("format_version") != FORMAT_VERSION:
@@ -333,13 +356,13 @@ def _write_marker(path: Path, chunk: int, marker: dict) -> None:
     final = marker_path(path, chunk)
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_suffix(".json.partial")
-    partial.write_text(node_json(marker), encoding="utf-8")
+    partial.write_text(node_json(sealed(marker)), encoding="utf-8")
     partial.replace(final)
 
 
 def read_marker(path: Path, chunk: int) -> dict | None:
-    try:
-        return json.loads(marker_path(path, chunk).read_text(encoding="utf-8"))["attributes"]
+    try:  # a marker changed after it was written (its seal) is no marker: the chunk is redone
+        return unsealed(json.loads(marker_path(path, chunk).read_text(encoding="utf-8"))["attributes"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:
@@ -385,6 +408,8 @@ def incomplete_reason(path: Path, *, checksum: bool = True, markers: list[dict |
     attrs = read_attrs(path)
     if attrs is None or attrs.get("format") != FORMAT:
         return "no logit store"
+    if unsealed(attrs) is None:
+        return "its header (zarr.json) changed after it was written; only --force rebuilds it"
     try:
         broken = metadata_problems(path, attrs)
     except (KeyError, TypeError, ValueError) as exc:  # a header edited past reading

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from babydistill.pipeline.config import Config, identity, model_name, parse_model_name
+from babydistill.stores.checksum import changed_files, file_records, sealed, unsealed
 from babydistill.workflows.console import stage_output, status_line
 
 MARKER = "stage.json"
@@ -84,6 +85,9 @@ class Stage:
     waiting_for: str | None = None
     in_place: bool = False
     incomplete: Callable[[Path], str | None] | None = None
+    rebuilt_when_damaged: bool = False
+    """A stage that remakes its output in seconds, the same each time (prepare, tokenizer, tokenize, evaluate):
+    an output whose files changed is rebuilt, not refused."""
     damaged: Callable[[Path], str | None] | None = None
     """Why a finished output cannot be trusted and is not rebuilt without being asked (a trained model whose
     files changed after export), or None."""
@@ -120,15 +124,17 @@ def marker_in(out: Path) -> Path:
 
 
 def read_marker(path: Path) -> dict | None:
+    """A stage marker's record; None when there is none, or it was changed after it was written (its seal)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return unsealed(record.get("attributes") if path.name == "zarr.json" else record)
+    except (OSError, ValueError, AttributeError):
         return None
-    return record.get("attributes") if path.name == "zarr.json" else record
 
 
 def write_marker(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    record = sealed(record)
     if path.name == "zarr.json":
         from babydistill.stores.logits import node_json
 
@@ -144,6 +150,31 @@ def output_fingerprint(out: Path, is_file: bool = False) -> str | None:
     return record.get("fingerprint") if record else None
 
 
+# Not part of a stage's recorded files: markers, what other stages write into the folder, checkpoints (their own
+# checksums), logs. The logit cache keeps per-chunk checksums of its own and records none here.
+_UNRECORDED = {MARKER, PARTIAL_MARKER, "eval.json", "eval.json.stage.json"}
+_UNRECORDED_DIRS = {"trainer_state", "_stage", "logs"}
+
+
+def output_files(root: Path) -> list[str]:
+    """The files of a finished folder output that its stage marker records (size and crc32)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in _UNRECORDED
+                  and not _UNRECORDED_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def _changed_outputs(stage: Stage, record: dict) -> str | None:
+    """Why a finished output's files differ from what its marker recorded, or None."""
+    base = stage.out.parent if stage.is_file else stage.out
+    changed = changed_files(base, record.get("files") or {})
+    if not changed and not stage.is_file and record.get("files") is not None:
+        added = set(output_files(stage.out)) - set(record["files"])
+        changed = [f"{name} (not written by the stage)" for name in sorted(added)]
+    if changed:
+        return f"{', '.join(changed[:2])}" + (f" and {len(changed) - 2} more" if len(changed) > 2 else "") + \
+            " changed after the stage finished"
+    return stage.damaged(stage.out) if stage.damaged is not None else None
+
+
 def stage_status(stage: Stage) -> tuple[str, str]:
     """(state, why): state is done | stale | damaged | unmarked | incomplete | partial | waiting | todo."""
     if stage.fingerprint is None:
@@ -152,7 +183,10 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     if record is None and stage.recipe is not None and stage.out.is_dir() and any(stage.out.iterdir()):
         return "unmarked", (f"it has no stage marker ({stage.marker.name}: deleted, or made elsewhere); "
                             f"`{stage.command} --force` rebuilds it (the folder is moved aside, not deleted)")
-    if record is not None and stage.damaged is not None and (why := stage.damaged(stage.out)):
+    if record is not None and record.get("fingerprint") in (stage.fingerprint, *stage.earlier_fingerprints) \
+            and (why := _changed_outputs(stage, record)):
+        if stage.rebuilt_when_damaged or stage.derived:
+            return "incomplete", f"{why}; it is rebuilt"
         return "damaged", f"{why}; `{stage.command} --force` rebuilds it (the folder is moved aside, not deleted)"
     if record is not None:
         if record.get("fingerprint") not in (stage.fingerprint, *stage.earlier_fingerprints):
@@ -308,6 +342,10 @@ def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None,
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "command": stage.command}
         if isinstance(result, dict):
             record["result"] = result
+        if stage.is_file:
+            record["files"] = file_records(stage.out.parent, [stage.out.name])
+        elif not stage.in_place:
+            record["files"] = file_records(stage.work, output_files(stage.work))
         if not (stage.in_place or stage.is_file):
             (stage.work / PARTIAL_MARKER).unlink(missing_ok=True)
             write_marker(stage.work / (STORE_MARKER if stage.store else MARKER), record)
@@ -315,7 +353,7 @@ def run_stage(stage: Stage, *, force: bool = False, log_dir: Path | None = None,
             if stage.out.exists():
                 stage.out.rename(old)
             stage.work.rename(stage.out)
-            if old.exists() and not stage.derived:  # what --force replaced: kept, named
+            if old.exists() and not (stage.derived or stage.rebuilt_when_damaged):  # what --force replaced: kept
                 say(f"[note] {stage.name}: the output it replaced is in {move_aside(old)}")
             _remove(old)
         else:
@@ -388,7 +426,7 @@ def prepare_stage(config: Config) -> Stage:
     earlier = fingerprint("prepare", str(config.corpus_path.resolve()), *recipe, _corpus_listing(config.corpus_path))
     return Stage("prepare", config.data_path, fp,
                  lambda work: _summary_prepare(prepare_corpus(data, config.corpus_path, work)),
-                 "babydistill prepare CONFIG", earlier_fingerprints=(earlier,))
+                 "babydistill prepare CONFIG", earlier_fingerprints=(earlier,), rebuilt_when_damaged=True)
 
 
 def _summary_prepare(manifest: dict) -> dict:
@@ -403,7 +441,8 @@ def tokenizer_stage(config: Config) -> Stage:
     def build(work: Path):
         train_tokenizer(config.tokenizer, config.data_path / "train", work)
 
-    return Stage("tokenizer", config.tokenizer_path, fp, build, "babydistill tokenizer CONFIG", waiting_for=waiting)
+    return Stage("tokenizer", config.tokenizer_path, fp, build, "babydistill tokenizer CONFIG", waiting_for=waiting,
+                 rebuilt_when_damaged=True)
 
 
 def tokenize_stage(config: Config) -> Stage:
@@ -414,7 +453,8 @@ def tokenize_stage(config: Config) -> Stage:
     fp = fingerprint("tokenize", config.data.seq_len, up) if up else None
     return Stage("tokenize", config.tokens_path, fp,
                  lambda work: tokenize_corpus(config.data, config.data_path, config.tokenizer_path, work),
-                 "babydistill tokenize CONFIG", waiting_for=waiting, incomplete=incomplete_reason, store=True)
+                 "babydistill tokenize CONFIG", waiting_for=waiting, incomplete=incomplete_reason, store=True,
+                 rebuilt_when_damaged=True)
 
 
 def teacher_stage(config: Config, seed: int, name: str | None = None, resume: Any = False) -> Stage:
@@ -514,7 +554,7 @@ def evaluate_stage(config: Config, model_dir: Path) -> Stage:
         return {"loss": result["loss"], "blimp_overall": result["blimp"]["overall"]}
 
     return Stage(f"evaluate {model_dir.name}", out, fp, build, f"babydistill evaluate CONFIG --model {model_dir}",
-                 waiting_for=", ".join(missing) or None, is_file=True)
+                 waiting_for=", ".join(missing) or None, is_file=True, rebuilt_when_damaged=True)
 
 
 def model_dirs(config: Config) -> list[Path]:

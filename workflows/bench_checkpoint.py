@@ -1,0 +1,79 @@
+"""What the checkpoints' checksums cost: a checkpoint save of the demo model (weights, AdamW state, RNG), timed
+with and without the crc32 of its files, side by side in one process; the share is the checksum's part of a save.
+
+    python -m babydistill.workflows.bench_checkpoint [CONFIG] [--repeats 10] [--out FILE.json]
+
+Writes JSON (the command, the model's size, the median seconds of each variant, the share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from babydistill.pipeline.config import load_config
+from babydistill.pipeline.train import Dist, build_optimizer, save_checkpoint
+from babydistill.stores.checksum import file_records
+
+
+def _demo_model(config_path: Path, vocab_size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = load_config(config_path)
+    m = config.model
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=m.hidden_size,
+                                         intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
+                                         num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+                                         max_position_embeddings=config.data.seq_len))
+    optimizer = build_optimizer(model, config.train)
+    model(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits.sum().backward()
+    optimizer.step()  # an AdamW state of the full size
+    return model, optimizer, config
+
+
+def bench_checkpoint(config_path: Path, repeats: int) -> dict:
+    config = load_config(config_path)
+    model, optimizer, _ = _demo_model(config_path, config.tokenizer.vocab_size)
+    saves, checksums = [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        state = Path(scratch)
+        for step in range(1, repeats + 1):
+            started = time.perf_counter()
+            folder = save_checkpoint(state, step, model, optimizer, None, {"step": step}, Dist())
+            saves.append(time.perf_counter() - started)
+            names = sorted(p.name for p in folder.iterdir() if p.suffix in (".pt", ".safetensors"))
+            started = time.perf_counter()
+            file_records(folder, names)  # what save_checkpoint spent on checksums, measured again alone
+            checksums.append(time.perf_counter() - started)
+            size = sum(p.stat().st_size for p in folder.iterdir())
+    save, checksum = statistics.median(saves), statistics.median(checksums)
+    return {"command": f"python -m babydistill.workflows.bench_checkpoint {config_path} --repeats {repeats}",
+            "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
+            "checkpoint_bytes": size, "save_s_median": save, "checksum_s_median": checksum,
+            "checksum_share_of_save": checksum / save}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m babydistill.workflows.bench_checkpoint",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="configs/demo.yaml")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", help="write the JSON here too")
+    args = parser.parse_args(argv)
+    result = bench_checkpoint(Path(args.config), args.repeats)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
