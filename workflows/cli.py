@@ -193,6 +193,14 @@ def cmd_bench(args):
         from babydistill.workflows.bench_loader import bench_loader
 
         bench_loader(out, quick=args.quick)
+    elif args.what == "gpu":
+        from babydistill.workflows.bench_gpu import bench_gpu
+
+        bench_gpu(out)
+    elif args.what == "precision":
+        from babydistill.workflows.bench_precision import bench_precision
+
+        bench_precision(Path(args.config), out)
     else:
         from babydistill.workflows.bench_step import bench_step
 
@@ -352,12 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a logits.zarr folder")
     p.add_argument("--tokens", help="verify: also check the hashes against this tokens.zarr (default: none)")
 
-    p = sub.add_parser("bench", help="benchmarks that write JSON (ratios measured side by side)")
-    p.add_argument("what", choices=["kernels", "loader", "step"])
+    p = sub.add_parser("bench", help="benchmarks that write JSON (ratios measured side by side)",
+                       description="kernels: the loss kernels (CPU; CUDA when present). loader: the store reader and "
+                                   "capture. step: one training step per mode. precision: how far a bf16 teacher "
+                                   "forward moves the stored targets (needs the config's teachers). gpu: every GPU "
+                                   "path checked and measured on the first CUDA device, in at most ~8 minutes on an "
+                                   "H100 (exit 2 without CUDA); see the README's GPU section.")
+    p.add_argument("what", choices=["kernels", "loader", "step", "precision", "gpu"])
     p.add_argument("--out", help="JSON file to write (default: print only)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look (default: off)")
     p.add_argument("--mode", default="all", help="bench step: ce | offline | online | all (default: all)")
-    p.add_argument("--config", default="configs/demo.yaml", help="bench step: the model config (default: configs/demo.yaml)")
+    p.add_argument("--config", default="configs/demo.yaml",
+                   help="bench step / precision: the run's config (default: configs/demo.yaml)")
 
     _add_study_verb(sub)
     _add_sweep_verb(sub)
