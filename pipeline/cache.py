@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from babydistill.pipeline.config import CacheConfig, earlier_value, identity
 from babydistill.pipeline import devices
+from babydistill.pipeline.config import CacheConfig, earlier_value, identity
 from babydistill.pipeline.model import autocast_context, ensemble_logits, load_teachers
 from babydistill.pipeline.tokenizer import tokenizer_hash
 from babydistill.stores.logits import (

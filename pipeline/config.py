@@ -421,6 +421,7 @@ class EvalConfig:
 SWEEP_SECTIONS = ("distill", "train")
 """The sections a sweep searches over: the student's training. Everything else is fixed by the run's store."""
 SWEEP_FIXED_KEYS = {"distill.students", "distill.seeds", "distill.online_students", "train.seed", "train.device",
+                    "train.compile",
                     "train.num_threads", "train.eval_every", "train.eval_windows", "train.log_every",
                     "train.save_every", "train.keep_checkpoints", "train.keep_best"}
 """Keys of those sections that are not a student's hyperparameters: which students the run trains, how the

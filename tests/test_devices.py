@@ -13,7 +13,13 @@ import torch
 
 from babydistill.pipeline import devices
 from babydistill.pipeline.cache import compute_chunk
-from babydistill.pipeline.train import TrainingError, build_optimizer, compile_model, compile_problem, to_device
+from babydistill.pipeline.train import (
+    TrainingError,
+    build_optimizer,
+    compile_model,
+    compile_problem,
+    to_device,
+)
 from babydistill.stores.tokens import TokenStore
 from babydistill.workflows.cli import main
 from tests.test_cache import _spec, teachers  # noqa: F401  (the session fixture)
@@ -217,3 +223,25 @@ def test_compile_really_compiles():
     compiled = compile_model(model, True)
     assert compiled is not model and compiled._orig_mod is model
     torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_chunk_writer_keeps_order_and_surfaces_a_failed_write():
+    import time
+
+    from babydistill.pipeline.cache import _ChunkWriter
+
+    writer, events = _ChunkWriter(), []
+
+    def slow():
+        time.sleep(0.05)
+        events.append("first")
+        return 0.5
+
+    assert writer.submit(slow) == 0.0  # returns at once: the write runs while the caller computes
+    assert events == []
+    assert writer.submit(lambda: events.append("second") or 0.25) == 0.5  # waited for the first, got its time
+    assert writer.wait() == 0.25 and events == ["first", "second"]
+    writer.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a failed write (disk full, ...) fails the next task or the flush
+        writer.wait()
+    assert writer.wait() == 0.0
