@@ -1,13 +1,15 @@
 """`babydistill bench gpu`: measure and check every GPU path on the first CUDA device, in one command.
 
-Parts, in order (``GPU_PLAN``; about 5-8 minutes on one H100-class GPU):
+Parts, in order (``gpu_plan``; sized for at most 8 minutes on one H100-class GPU, not yet timed on one: the JSON's
+``part_seconds`` records each part):
   checks    the compiled Triton kernel against the float64 reference over the whole grid (workflows/gpu_checks.py)
   loss      fused sparse loss vs F.cross_entropy vs a logits clone() (bf16 logits), and fused-linear vs Liger-Kernel's
             fused-linear cross entropy (when installed) vs materialised logits: forward+backward ms, peak extra MB
-  step      `bench step` at configs/small-16m.yaml sizes: CE / offline / online student step
-  capture   the capture's tokens/s with two teachers on one GPU and on every visible GPU, and the teachers'
-            forward's share of the capture's time
-  pipeline  every stage on CUDA, a few steps each
+  pipeline  every stage on CUDA, a few steps each, of configs/small-16m.yaml on a share of the corpus, into a
+            throwaway run folder that the next two parts use
+  step      `bench step` on that run: CE / offline / online student step (ms, tokens/s, peak memory)
+  capture   the capture's tokens/s with the run's two teachers on one GPU and on every visible GPU, and the
+            teachers' forward's share of the capture's time
 It writes one JSON (GPU, driver, CUDA / torch / triton versions, commit, command) and prints a one-screen
 summary with each goal's measured value. Without CUDA it says so in one line and exits 2. ``plan_on_cpu``
 gives the same parts at tiny sizes for the CPU (tests/test_bench_gpu.py runs them through the interpreter).
