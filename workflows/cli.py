@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="kernels: the loss kernels (CPU; CUDA when present). loader: the store reader and "
                                    "capture. step: one training step per mode. precision: how far a bf16 teacher "
                                    "forward moves the stored targets (needs the config's teachers). gpu: every GPU "
-                                   "path checked and measured on the first CUDA device, in at most ~8 minutes on an "
-                                   "H100 (exit 2 without CUDA); see the README's GPU section.")
+                                   "path checked and measured on the first CUDA device, sized for at most 8 minutes on "
+                                   "one H100, not yet timed on one (exit 2 without CUDA); see the README's GPU section.")
     p.add_argument("what", choices=["kernels", "loader", "step", "precision", "gpu"])
     p.add_argument("--out", help="JSON file to write (default: print only)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look (default: off)")
