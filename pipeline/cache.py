@@ -575,10 +575,16 @@ def _run_tasks(spec: CaptureTask, todo: list[tuple[int, int, int, list]], worker
 
     try:
         if scheduler is None and workers == 1:
-            for chunk, start, stop, rows in todo:
-                timings.append(dask.delayed(capture_chunk)(spec, chunk, start, stop, rows)
-                               .compute(scheduler="synchronous"))
-                advance(start, stop)
+            try:
+                for chunk, start, stop, rows in todo:
+                    timings.append(dask.delayed(capture_chunk)(spec, chunk, start, stop, rows)
+                                   .compute(scheduler="synchronous"))
+                    advance(start, stop)
+            except BaseException:
+                # The chunk before the failed one is whole: let its write finish while the store is still locked.
+                with contextlib.suppress(Exception):
+                    flush_writes()
+                raise
             timings.append({"write_s": flush_writes()})
             return timings
         from dask.distributed import Client, LocalCluster, as_completed

@@ -245,3 +245,32 @@ def test_the_chunk_writer_keeps_order_and_surfaces_a_failed_write():
     with pytest.raises(ZeroDivisionError):  # a failed write (disk full, ...) fails the next task or the flush
         writer.wait()
     assert writer.wait() == 0.0
+
+
+def test_a_failed_chunk_lets_the_previous_chunks_write_finish(tiny_run, teachers, tmp_path, monkeypatch):  # noqa: F811
+    import time
+
+    from babydistill.pipeline import cache
+    from babydistill.pipeline.config import CacheConfig
+    from babydistill.stores.logits import read_marker
+
+    real = cache.compute_chunk
+
+    def failing(spec, chunk, *args, **kwargs):
+        if chunk == 1:
+            raise RuntimeError("teacher forward failed")
+        return real(spec, chunk, *args, **kwargs)
+
+    def slow_write(*args):
+        time.sleep(0.3)  # still writing when chunk 1 fails
+        return real_write(*args)
+
+    real_write = cache._write
+    monkeypatch.setattr(cache, "compute_chunk", failing)
+    monkeypatch.setattr(cache, "_write", slow_write)
+    out = tmp_path / "l.zarr"
+    with pytest.raises(RuntimeError, match="teacher forward failed"):
+        cache.capture_logits(CacheConfig(mode="topk", k=4, chunk_windows=4, fidelity_positions=0, device="cpu"),
+                             tiny_run.tokens_path, tiny_run.tokenizer_path, teachers, out)
+    assert read_marker(out, 0) is not None  # chunk 0 was handed to the writer before chunk 1 failed: it is done
+    assert read_marker(out, 1) is None
