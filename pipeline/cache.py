@@ -11,6 +11,7 @@ marked done whose files are intact. The store schema is documented in ``stores/l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -22,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from babydistill.pipeline import devices
 from babydistill.pipeline.config import CacheConfig, earlier_value, identity
-from babydistill.pipeline.model import ensemble_logits, load_teachers
+from babydistill.pipeline.model import autocast_context, ensemble_logits, load_teachers
 from babydistill.pipeline.tokenizer import tokenizer_hash
 from babydistill.stores.checksum import unsealed
 from babydistill.stores.logits import (
@@ -139,9 +141,9 @@ def target_differences(attrs: dict, cfg: CacheConfig) -> list[str]:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_teachers(teachers: tuple[tuple[str, str], ...]) -> list[torch.nn.Module]:
-    """Teachers of this process, loaded once (keyed by path and weight hash)."""
-    return load_teachers([Path(path) for path, _ in teachers])
+def _load_teachers(teachers: tuple[tuple[str, str], ...], device: str = "cpu") -> list[torch.nn.Module]:
+    """Teachers of this process on ``device``, loaded once (keyed by path, weight hash and device)."""
+    return load_teachers([Path(path) for path, _ in teachers], device=torch.device(device))
 
 
 @functools.lru_cache(maxsize=2)
@@ -175,14 +177,14 @@ def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: t
     probs = (logp_NV if draw_logp is None else draw_logp).exp()
     head = None
     if head_ids is not None:
-        head = torch.zeros(num_rows, vocab, dtype=torch.bool).scatter_(1, head_ids, True)
+        head = torch.zeros(num_rows, vocab, dtype=torch.bool, device=logp_NV.device).scatter_(1, head_ids, True)
         probs = probs.masked_fill(head, 0.0)
         # A row whose tail underflowed to 0 draws uniformly; its weights are 0 (r = 0) and become padding.
         probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, (~head).to(probs.dtype))
     draws = torch.multinomial(probs, samples, replacement=True, generator=generator)
-    counts = torch.zeros(num_rows, vocab, dtype=torch.int32).scatter_add_(
+    counts = torch.zeros(num_rows, vocab, dtype=torch.int32, device=logp_NV.device).scatter_add_(
         1, draws, torch.ones_like(draws, dtype=torch.int32))
-    key = counts * (vocab + 1) + (vocab - torch.arange(vocab, dtype=torch.int32))
+    key = counts * (vocab + 1) + (vocab - torch.arange(vocab, dtype=torch.int32, device=logp_NV.device))
     if head is None:
         ids = key.topk(slots, dim=-1).indices
         picked = counts.gather(1, ids).double()
@@ -297,6 +299,10 @@ class ChunkSpec:
     """Mode hybrid: also the tail draws' exact log-probabilities (array ``tail_logp``)."""
     draw_sets: int = field(default=1, kw_only=True)
     """Mode hybrid: independent tail draw sets, one after the other in the slots (see stores/logits.py)."""
+    device: str = field(default="cpu", kw_only=True)
+    """``cache.device``, resolved in the process that runs the task (a dask worker sees its own GPU as cuda:0)."""
+    precision: str = field(default="fp32", kw_only=True)
+    """``cache.precision`` of the teachers' forward (resolved with the device)."""
 
 
 @dataclass(frozen=True)
@@ -308,79 +314,186 @@ class CaptureTask(ChunkSpec):
     num_windows: int
 
 
-def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidelity_rows: list[tuple[int, int]]):
+def chunk_device(spec: ChunkSpec) -> tuple[torch.device, torch.dtype | None]:
+    """This process's device and teacher autocast dtype for ``spec`` (in a dask worker: its own GPU, cuda:0)."""
+    device = devices.resolve_device(spec.device, "cache.device")
+    return device, devices.resolve_precision(spec.precision, device, "cache.precision", without_bf16=None)
+
+
+class _ForwardClock:
+    """GPU (CUDA events, no host sync until read) or wall time spent in the teachers' forward passes."""
+
+    def __init__(self, device: torch.device):
+        self.cuda, self.pairs, self.seconds = device.type == "cuda", [], 0.0
+
+    @contextlib.contextmanager
+    def measure(self):
+        if not self.cuda:
+            started = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - started
+            return
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        yield
+        end.record()
+        self.pairs.append((begin, end))
+
+    def total(self) -> float:
+        return self.seconds + sum(b.elapsed_time(e) for b, e in self.pairs) / 1000.0
+
+
+def _generators(spec: ChunkSpec, chunk: int, device: torch.device) -> tuple[torch.Generator, torch.Generator, list]:
+    """The chunk's draw stream, the fidelity redraws' own stream (on the host: those rows are few) and one
+    stream per extra draw set, so the stored targets do not depend on where the fidelity rows fall and set 0
+    is what a one-set store holds, bit for bit."""
+    def seeded(*key, where=device):
+        return torch.Generator(device=where).manual_seed(int(np.random.SeedSequence([spec.seed, chunk, *key])
+                                                             .generate_state(1)[0]))
+
+    generator = seeded()
+    return generator, seeded(1, where="cpu"), [generator] + [seeded(2, s) for s in range(1, spec.draw_sets)]
+
+
+def _batch_targets(spec: ChunkSpec, teachers, x_BS: torch.Tensor, amp_dtype, clock: _ForwardClock,
+                   set_generators: list, set_slots: int) -> dict[str, torch.Tensor]:
+    """One teacher batch on its device: the ensemble (fp32) and its sparse targets, c_T, the dense rows' LSE."""
+    with torch.inference_mode():
+        with clock.measure(), autocast_context(x_BS.device, amp_dtype):
+            logits = [teacher(input_ids=x_BS).logits for teacher in teachers]
+        logits = [z.float() for z in logits]
+        # The dense log-softmax is never materialised in topk mode: logp = zbar - LSE(zbar) on the k ids.
+        zbar_BSV = ensemble_logits(logits, spec.ensemble)
+        lse_BS = torch.logsumexp(zbar_BSV, dim=-1)
+        c_T = torch.stack([torch.logsumexp(zbar_BSV / t, dim=-1) - lse_BS / t if t != 1.0
+                           else lse_BS.new_zeros(lse_BS.shape) for t in spec.temperatures], dim=-1)
+        zbar_NV = zbar_BSV.reshape(-1, zbar_BSV.shape[-1])
+        out = {"zbar": zbar_BSV, "lse": lse_BS, "c_T": c_T}
+        if spec.mode == "topk":
+            top_NK, out["ids"] = zbar_NV.topk(spec.slots, dim=-1, sorted=True)
+            out["logp"] = top_NK - lse_BS.reshape(-1, 1)
+            return out
+        logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
+        # With tail_logp, draw from the teacher as stored (rounded to logp_dtype), so that the stored probability
+        # of each draw is the one it was drawn with (the control variate divides by it); the head and the tail's
+        # mass r come from the unrounded values all the same.
+        draw_logp = logp_NV.to(getattr(torch, spec.logp_dtype)).float() if spec.tail_logp else None
+        head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
+        sets = [sample_targets(logp_NV, spec.samples, set_slots, set_generator, head, draw_logp)
+                for set_generator in set_generators]
+        out["ids"] = torch.cat([sets[0][0]] + [set_ids[:, spec.k:] for set_ids, _ in sets[1:]], dim=1)
+        out["logp"] = torch.cat([sets[0][1]] + [set_logp[:, spec.k:] for _, set_logp in sets[1:]], dim=1)
+        if spec.tail_logp:
+            tail_ids = out["ids"][:, spec.k:]
+            out["tail_logp"] = torch.where(out["logp"][:, spec.k:] > PAD_LOGP / 2,
+                                           draw_logp.gather(1, tail_ids).double(), PAD_LOGP)
+    return out
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A device tensor's copy on the host, started without waiting (pinned memory on CUDA): it runs while
+    the next batch's forward does; read it only after ``torch.cuda.synchronize``."""
+    return tensor.to("cpu", non_blocking=True) if tensor.device.type == "cuda" else tensor
+
+
+def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidelity_rows: list[tuple[int, int]],
+                  stats: dict | None = None):
     """Sparse targets of one chunk of windows [n, seq_len + 1]: (arrays, fidelity per sampled position).
 
-    ``spec`` may also be a dict of ChunkSpec's fields (as the tests build it)."""
+    ``spec`` may also be a dict of ChunkSpec's fields (as the tests build it). ``stats``, when given, gets the
+    device, the precision and the seconds of the teachers' forward passes (GPU time on CUDA)."""
     if isinstance(spec, dict):
         spec = ChunkSpec(**spec)
-    torch.set_num_threads(spec.threads)
-    teachers = _load_teachers(tuple(map(tuple, spec.teachers)))
-    np_dtype = np.dtype(spec.logp_dtype)
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([spec.seed, chunk]).generate_state(1)[0]))
-    # The fidelity redraws have their own stream, so the stored targets do not depend on where they fall.
-    fidelity_generator = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([spec.seed, chunk, 1]).generate_state(1)[0]))
-    # Draw sets after the first have a stream each, so set 0 is what a one-set store holds, bit for bit.
-    set_generators = [generator] + [torch.Generator().manual_seed(
-        int(np.random.SeedSequence([spec.seed, chunk, 2, s]).generate_state(1)[0])) for s in range(1, spec.draw_sets)]
+    device, amp_dtype = chunk_device(spec)
+    if device.type == "cpu":
+        torch.set_num_threads(spec.threads)
+    teachers = _load_teachers(tuple(map(tuple, spec.teachers)), str(device))
+    generator, fidelity_generator, set_generators = _generators(spec, chunk, device)
     inputs = torch.from_numpy(windows[:, :-1])
     set_slots = draw_set_slots(spec.k, spec.slots, spec.draw_sets)
-    parts: dict[str, list[np.ndarray]] = {"ids": [], "logp": [], "c_T": [], **({"tail_logp": []} if spec.tail_logp else {})}
-    fidelity = []
+    names = ["ids", "logp", "c_T"] + (["tail_logp"] if spec.tail_logp else [])
+    host: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    dense_rows, clock = [], _ForwardClock(device)
     for b in range(0, len(inputs), spec.batch_size):
         x_BS = inputs[b:b + spec.batch_size]
-        with torch.inference_mode():
-            logits = [teacher(input_ids=x_BS).logits.float() for teacher in teachers]
-            # The dense log-softmax is never materialised in topk mode: logp = zbar - LSE(zbar) on the k ids.
-            zbar_BSV = ensemble_logits(logits, spec.ensemble)
-            lse_BS = torch.logsumexp(zbar_BSV, dim=-1)
-            c_T = torch.stack([torch.logsumexp(zbar_BSV / t, dim=-1) - lse_BS / t if t != 1.0
-                               else lse_BS.new_zeros(lse_BS.shape) for t in spec.temperatures], dim=-1)
-            zbar_NV = zbar_BSV.reshape(-1, zbar_BSV.shape[-1])
-            if spec.mode == "topk":
-                top_NK, ids_NK = zbar_NV.topk(spec.slots, dim=-1, sorted=True)
-                logp_NK = top_NK - lse_BS.reshape(-1, 1)
-            else:
-                logp_NV = zbar_NV - lse_BS.reshape(-1, 1)
-                # With tail_logp, draw from the teacher as stored (rounded to logp_dtype), so that the stored
-                # probability of each draw is the one it was drawn with (the control variate divides by it);
-                # the head and the tail's mass r come from the unrounded values all the same.
-                draw_logp = logp_NV.to(getattr(torch, spec.logp_dtype)).float() if spec.tail_logp else None
-                head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
-                sets = [sample_targets(logp_NV, spec.samples, set_slots, set_generator, head, draw_logp)
-                        for set_generator in set_generators]
-                ids_NK = torch.cat([sets[0][0]] + [set_ids[:, spec.k:] for set_ids, _ in sets[1:]], dim=1)
-                logp_NK = torch.cat([sets[0][1]] + [set_logp[:, spec.k:] for _, set_logp in sets[1:]], dim=1)
-                if spec.tail_logp:
-                    tail_ids = ids_NK[:, spec.k:]
-                    parts["tail_logp"].append(torch.where(
-                        logp_NK[:, spec.k:] > PAD_LOGP / 2, draw_logp.gather(1, tail_ids).double(), PAD_LOGP)
-                        .numpy().astype(np_dtype).reshape(*x_BS.shape, -1))
-        shape = (*x_BS.shape, spec.slots)
-        ids = ids_NK.numpy().astype(np.uint16).reshape(shape)
-        logp = logp_NK.numpy().astype(np_dtype).reshape(shape)
-        parts["ids"].append(ids)
-        parts["logp"].append(logp)
-        parts["c_T"].append(c_T.numpy().astype(np.float32))
+        x_BS = x_BS.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x_BS
+        out = _batch_targets(spec, teachers, x_BS, amp_dtype, clock, set_generators, set_slots)
+        for name in names:
+            host[name].append(_to_host(out[name]))
         for w, s in fidelity_rows:
             if b <= w < b + len(x_BS):
-                dense = (zbar_BSV[w - b, s] - lse_BS[w - b, s]).numpy()
-                # Fidelity of what one epoch reads: the head and the first draw set.
-                row_ids, row_logp = ids[w - b, s, :set_slots].astype(np.int64), logp[w - b, s, :set_slots]
-                row = fidelity_row(dense, row_ids, row_logp, spec.mode)
-                grad = gradient_fidelity(torch.from_numpy(dense), row_ids, row_logp, spec.mode,
-                                         spec.k, spec.samples, fidelity_generator)
-                fidelity.append([w, s, *row, *grad])
-    arrays = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+                dense_rows.append((w, s, (out["zbar"][w - b, s] - out["lse"][w - b, s]).cpu()))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seq_len, np_dtype = inputs.shape[1], np.dtype(spec.logp_dtype)
+    arrays = {"ids": torch.cat(host["ids"]).numpy().astype(np.uint16).reshape(-1, seq_len, spec.slots),
+              "logp": torch.cat(host["logp"]).numpy().astype(np_dtype).reshape(-1, seq_len, spec.slots),
+              "c_T": torch.cat(host["c_T"]).numpy().astype(np.float32)}
+    if spec.tail_logp:
+        arrays["tail_logp"] = torch.cat(host["tail_logp"]).numpy().astype(np_dtype).reshape(-1, seq_len,
+                                                                                             spec.slots - spec.k)
+    fidelity = []
+    for w, s, dense in dense_rows:
+        # Fidelity of what one epoch reads: the head and the first draw set.
+        row_ids, row_logp = arrays["ids"][w, s, :set_slots].astype(np.int64), arrays["logp"][w, s, :set_slots]
+        row = fidelity_row(dense.numpy(), row_ids, row_logp, spec.mode)
+        grad = gradient_fidelity(dense, row_ids, row_logp, spec.mode, spec.k, spec.samples, fidelity_generator)
+        fidelity.append([w, s, *row, *grad])
     arrays["tokens"] = windows.astype(np.uint16)
+    if stats is not None:
+        stats.update({"device": device.type, "precision": devices.precision_name(amp_dtype),
+                      "forward_s": clock.total()})
     return arrays, fidelity
 
 
-def capture_chunk(spec: CaptureTask, chunk: int, start: int, stop: int, fidelity_rows: list[tuple[int, int]]) -> dict:
-    """One task: compute chunk ``chunk`` (store rows start..stop-1), write it, then its done marker.
+class _ChunkWriter:
+    """Writes this process's chunks on a thread of its own, one at a time: a task hands its chunk over and
+    returns, so the chunk's compression and write run while the next task's teachers run. A task waits for
+    the write before it (at most one chunk waits in memory); the stage waits for the last (`flush_writes`).
+    A chunk is marked done only once written, so a process killed with a write pending redoes that chunk."""
 
-    Returns the seconds spent computing (teachers, ensemble, sparse targets) and writing.
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.pending = ThreadPoolExecutor(1, thread_name_prefix="cache-write"), None
+
+    def submit(self, fn, *args) -> float:
+        """Start ``fn(*args)`` after the previous write; returns the previous write's seconds (0 if none)."""
+        previous = self.wait()
+        self.pending = self.pool.submit(fn, *args)
+        return previous
+
+    def wait(self) -> float:
+        """Wait for the pending write (re-raising its error); its seconds, or 0."""
+        pending, self.pending = self.pending, None
+        return pending.result() if pending is not None else 0.0
+
+
+@functools.lru_cache(maxsize=1)
+def _chunk_writer() -> _ChunkWriter:
+    return _ChunkWriter()
+
+
+def flush_writes() -> float:
+    """Wait for this process's pending chunk write; returns its seconds (dask: ``client.run(flush_writes)``)."""
+    return _chunk_writer().wait()
+
+
+def _write(out: str, chunk: int, start: int, arrays: dict, marker: dict) -> float:
+    import zarr
+
+    started = time.perf_counter()
+    group = zarr.open_group(store=out, mode="r+")
+    write_chunk(Path(out), group, chunk, start, arrays, marker)
+    return time.perf_counter() - started
+
+
+def capture_chunk(spec: CaptureTask, chunk: int, start: int, stop: int, fidelity_rows: list[tuple[int, int]]) -> dict:
+    """One task: compute chunk ``chunk`` (store rows start..stop-1) and hand it to this process's writer, which
+    writes it, then its done marker, while the next task computes (`_ChunkWriter`).
+
+    Returns the seconds spent computing (teachers, ensemble, sparse targets), in the teachers' forward passes
+    (GPU time on CUDA), waiting for the previous write and that write's own seconds.
     """
     import zarr
 
@@ -388,12 +501,14 @@ def capture_chunk(spec: CaptureTask, chunk: int, start: int, stop: int, fidelity
     started, started_cpu = time.perf_counter(), time.process_time()
     window_ids = window_order(spec.num_windows, spec.order, spec.seed)[start:stop]
     windows = _token_store(spec.tokens).windows("train", window_ids)
-    arrays, fidelity = compute_chunk(spec, chunk, windows, [(w - start, s) for w, s in fidelity_rows])
+    stats: dict = {}
+    arrays, fidelity = compute_chunk(spec, chunk, windows, [(w - start, s) for w, s in fidelity_rows], stats)
     arrays["window_ids"] = window_ids.astype(np.uint32)
     computed, computed_cpu = time.perf_counter(), time.process_time()
-    group = zarr.open_group(store=spec.out, mode="r+")
-    write_chunk(Path(spec.out), group, chunk, start, arrays, {"fidelity": fidelity})
-    return {"chunk": chunk, "compute_s": computed - started, "write_s": time.perf_counter() - computed,
+    marker = {"fidelity": fidelity, "device": stats["device"], "precision": stats["precision"]}
+    previous_write_s = _chunk_writer().submit(_write, spec.out, chunk, start, arrays, marker)
+    return {"chunk": chunk, "compute_s": computed - started, "forward_s": stats["forward_s"],
+            "write_wait_s": time.perf_counter() - computed, "write_s": previous_write_s,
             "compute_cpu_s": computed_cpu - started_cpu, "write_cpu_s": time.process_time() - computed_cpu}
 
 
@@ -468,8 +583,9 @@ def format_fidelity(report: dict) -> str:
 
 
 def _run_tasks(spec: CaptureTask, todo: list[tuple[int, int, int, list]], workers: int, scheduler: str | None,
-               seq_len: int) -> list[dict]:
-    """Run the chunk tasks with a progress bar over chunks (tokens/s, ETA); returns their timings."""
+               seq_len: int, gpus: list[str] | None = None) -> list[dict]:
+    """Run the chunk tasks with a progress bar over chunks (tokens/s, ETA); returns their timings, the last
+    pending write's as ``{"write_s": ...}`` entries. ``gpus``: a local cluster of one worker per GPU."""
     import dask
     from tqdm import tqdm
 
@@ -484,15 +600,24 @@ def _run_tasks(spec: CaptureTask, todo: list[tuple[int, int, int, list]], worker
 
     try:
         if scheduler is None and workers == 1:
-            for chunk, start, stop, rows in todo:
-                timings.append(dask.delayed(capture_chunk)(spec, chunk, start, stop, rows)
-                               .compute(scheduler="synchronous"))
-                advance(start, stop)
+            try:
+                for chunk, start, stop, rows in todo:
+                    timings.append(dask.delayed(capture_chunk)(spec, chunk, start, stop, rows)
+                                   .compute(scheduler="synchronous"))
+                    advance(start, stop)
+            except BaseException:
+                # The chunk before the failed one is whole: let its write finish while the store is still locked.
+                with contextlib.suppress(Exception):
+                    flush_writes()
+                raise
+            timings.append({"write_s": flush_writes()})
             return timings
         from dask.distributed import Client, LocalCluster, as_completed
 
         cluster = None
-        if scheduler is None:
+        if gpus:
+            cluster = devices.gpu_cluster(gpus)
+        elif scheduler is None:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None, silence_logs=40)
         client = Client(scheduler or cluster)
@@ -501,6 +626,7 @@ def _run_tasks(spec: CaptureTask, todo: list[tuple[int, int, int, list]], worker
             for future in as_completed(futures):
                 timings.append(future.result())  # re-raises a task's error here
                 advance(*futures[future][1:3])
+            timings += [{"write_s": seconds} for seconds in client.run(flush_writes).values()]
             return timings
         finally:
             client.close()
@@ -510,8 +636,23 @@ def _run_tasks(spec: CaptureTask, todo: list[tuple[int, int, int, list]], worker
         bar.close()
 
 
+def _device_problems(cfg: CacheConfig, workers: int, scheduler: str | None) -> list[str]:
+    """A device or precision this host lacks, or more workers than GPUs. With ``scheduler``, each worker
+    resolves ``cache.device`` itself, on the GPU its process was given."""
+    if scheduler is not None:
+        return []
+    try:
+        device = devices.resolve_device(cfg.device, "cache.device")
+        devices.resolve_precision(cfg.precision, device, "cache.precision", without_bf16=None)
+        if device.type == "cuda" and workers > 1:
+            devices.check_gpu_workers(workers)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
 def _input_problems(cfg: CacheConfig, tokens: TokenStore, tokenizer_dir: Path, teacher_dirs: list[Path],
-                    workers: int) -> list[str]:
+                    workers: int, scheduler: str | None = None) -> list[str]:
     """Everything wrong with a capture's inputs, so that one error lists it all."""
     problems = [] if teacher_dirs else ["no teachers given"]
     problems += check_teachers(teacher_dirs, tokens)
@@ -526,9 +667,26 @@ def _input_problems(cfg: CacheConfig, tokens: TokenStore, tokenizer_dir: Path, t
         problems.append(f"cache.samples = {cfg.samples} must be in 1..{vocab} (the vocab size)")
     if workers < 1:
         problems.append(f"workers must be >= 1, got {workers}")
+    problems += _device_problems(cfg, workers, scheduler)
     if tokens.num_windows("train") == 0:
         problems.append(f"{tokens.path} has no training windows")
     return problems
+
+
+def _local_gpus(cfg: CacheConfig, workers: int, scheduler: str | None) -> list[str] | None:
+    """The GPUs of a local multi-worker capture on CUDA (one worker each), else None."""
+    if scheduler is not None or workers == 1:
+        return None
+    device = devices.resolve_device(cfg.device, "cache.device")
+    return devices.check_gpu_workers(workers) if device.type == "cuda" else None
+
+
+def capture_record(out: Path, num_chunks: int) -> dict:
+    """Which device kinds and teacher precisions the store's chunks were captured with (a store resumed
+    elsewhere may mix them; its identity does not depend on them: see ``CacheConfig.precision``)."""
+    markers = [read_marker(out, i) or {} for i in range(num_chunks)]
+    return {"devices": sorted({m.get("device", "cpu") for m in markers if m}),
+            "precisions": sorted({m.get("precision", "fp32") for m in markers if m})}
 
 
 def _chunks_to_do(out: Path, ranges: list[tuple[int, int]], positions: np.ndarray) -> list[tuple[int, int, int, list]]:
@@ -566,7 +724,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
     tokens_path, tokenizer_dir, out = Path(tokens_path), Path(tokenizer_dir), Path(out)
     teacher_dirs = [Path(d) for d in teacher_dirs]
     tokens = TokenStore(tokens_path)
-    problems = _input_problems(cfg, tokens, tokenizer_dir, teacher_dirs, workers)
+    problems = _input_problems(cfg, tokens, tokenizer_dir, teacher_dirs, workers, scheduler)
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -602,7 +760,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
             slots=store_id["slots"], temperatures=store_id["temperatures"], ensemble=cfg.ensemble,
             logp_dtype=cfg.logp_dtype, batch_size=cfg.batch_size, seed=cfg.seed,
             threads=1 if remote else max(1, torch.get_num_threads()), tail_logp=cfg.tail_logp,
-            draw_sets=cfg.draw_sets,
+            draw_sets=cfg.draw_sets, device=cfg.device, precision=cfg.precision,
             out=str(out.resolve()), tokens=str(tokens_path.resolve()), order=cfg.order,
             num_windows=store_id["num_windows"])
 
@@ -611,23 +769,28 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
         print(f"cache: {len(ranges)} chunks of {cfg.chunk_windows} windows, {len(ranges) - len(todo)} already done, "
               f"{len(teachers)} teacher(s), mode {cfg.mode}, "
               + (f"scheduler {scheduler}" if scheduler else f"{workers} worker(s)"), flush=True)
-        timings = _run_tasks(spec, todo, workers, scheduler, tokens.seq_len) if todo else []
+        gpus = _local_gpus(cfg, workers, scheduler)
+        timings = _run_tasks(spec, todo, workers, scheduler, tokens.seq_len, gpus) if todo else []
         seconds = time.time() - started
 
         # --- summary
         report = fidelity_report(out, len(ranges), cfg.mode)
         import zarr
 
-        update_header(zarr.open_group(store=str(out), mode="r+"), {"fidelity": report})
+        capture = capture_record(out, len(ranges))
+        update_header(zarr.open_group(store=str(out), mode="r+"), {"fidelity": report, "capture": capture})
         print(format_fidelity(report), flush=True)
         computed = sum(stop - start for _, start, stop, _ in todo) * tokens.seq_len
         return {
             "out": str(out), "mode": cfg.mode, "slots": store_id["slots"], "num_windows": store_id["num_windows"],
             "num_chunks": len(ranges), "chunks_computed": len(todo), "chunks_skipped": len(ranges) - len(todo),
             "seconds": round(seconds, 3), "tokens_per_s": computed / seconds if computed else None,
-            **{f"task_{key}": sum(t[key] for t in timings)
-               for key in ("compute_s", "write_s", "compute_cpu_s", "write_cpu_s")},
-            "workers": workers, "scheduler": scheduler, "fidelity": report,
+            **{f"task_{key}": sum(t.get(key, 0.0) for t in timings)
+               for key in ("compute_s", "compute_cpu_s", "write_cpu_s")},
+            "task_write_s": sum(t.get("write_s", 0.0) for t in timings),
+            "task_forward_s": sum(t.get("forward_s", 0.0) for t in timings),
+            "task_write_wait_s": sum(t.get("write_wait_s", 0.0) for t in timings),
+            "workers": workers, "scheduler": scheduler, "gpus": gpus, "capture": capture, "fidelity": report,
         }
     finally:
         lock.unlink(missing_ok=True)

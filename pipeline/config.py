@@ -184,6 +184,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto = bf16 autocast on CUDA when supported (else fp16), fp32 on CPU."""
     device: str = "auto"
+    compile: bool = field(default=False, metadata=EXECUTION_ONLY)
+    """torch.compile the model for training (CUDA: fewer, fused kernels). Execution-only: the same model and
+    math, rounded in another order, as with more threads; refused in one line where this torch cannot compile."""
     num_threads: int | None = field(default=None, metadata=EXECUTION_ONLY)
     """torch.set_num_threads on CPU; None = torch's default."""
     keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
@@ -272,7 +275,16 @@ class CacheConfig:
     batch_size: int = field(default=16, metadata=EXECUTION_ONLY)
     """Windows per teacher forward pass."""
     workers: int = field(default=1, metadata=EXECUTION_ONLY)
-    """Dask workers (1 = synchronous scheduler)."""
+    """Dask workers (1 = synchronous scheduler). On CUDA one worker per GPU, each seeing its GPU alone; more
+    workers than visible GPUs is refused."""
+    device: str = field(default="auto", metadata=EXECUTION_ONLY)
+    """Where the teachers run: auto (CUDA when available), cpu, cuda. The ensemble, log-softmax, top-k and draws run
+    in fp32 on the same device; only the sparse targets cross to the host."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=EXECUTION_ONLY)
+    """The teachers' forward: auto = bf16 autocast on CUDA (fp32 on a GPU without bf16), fp32 on the CPU.
+    Execution-only: a bf16 store counts as the same store as an fp32 one (the store records which it was, per
+    chunk); measured at the demo size, bf16 moves the stored targets far less than the draws' own noise
+    (docs/benchmarks/precision.json, `python -m babydistill.workflows.bench_precision`)."""
     logp_dtype: Literal["float16", "float32"] = "float16"
     fidelity_positions: int = field(default=2048, metadata=EXECUTION_ONLY)
     """Positions sampled for the capture-time fidelity report. Execution-only: it picks what the capture
@@ -409,6 +421,7 @@ class EvalConfig:
 SWEEP_SECTIONS = ("distill", "train")
 """The sections a sweep searches over: the student's training. Everything else is fixed by the run's store."""
 SWEEP_FIXED_KEYS = {"distill.students", "distill.seeds", "distill.online_students", "train.seed", "train.device",
+                    "train.compile",
                     "train.num_threads", "train.eval_every", "train.eval_windows", "train.log_every",
                     "train.save_every", "train.keep_checkpoints", "train.keep_best"}
 """Keys of those sections that are not a student's hyperparameters: which students the run trains, how the

@@ -31,7 +31,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None) -> to
     hf_config = AutoConfig.from_pretrained(str(path))
     heads = getattr(hf_config, "num_attention_heads", 1)
     attention = attention_implementation(heads, getattr(hf_config, "num_key_value_heads", None) or heads, device)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attention)
+    return model.to(device) if device is not None else model
 
 
 def check_model_files(path: str | Path) -> None:
@@ -91,8 +92,10 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
 # --- teachers -------------------------------------------------------------------------------------
 
 
-def load_teachers(teacher_dirs: list[Path], vocab_size: int | None = None) -> list[torch.nn.Module]:
-    """The teachers of an ensemble, frozen in eval mode; ``vocab_size``, when given, is the run's and must match.
+def load_teachers(teacher_dirs: list[Path], vocab_size: int | None = None, device: torch.device | None = None
+                  ) -> list[torch.nn.Module]:
+    """The teachers of an ensemble on ``device`` (default the CPU), frozen in eval mode; ``vocab_size``, when
+    given, is the run's and must match.
 
     The cache stage (once per worker process) and the online student (once per run) load them here.
     """
@@ -100,7 +103,7 @@ def load_teachers(teacher_dirs: list[Path], vocab_size: int | None = None) -> li
     for path in map(Path, teacher_dirs):
         if not (path / "config.json").is_file():
             raise ValueError(f"{path}: not a teacher checkpoint; run `babydistill teacher CONFIG --name {path.name}`")
-        teacher = load_model(path)
+        teacher = load_model(path, device)
         if vocab_size is not None and teacher.config.vocab_size != vocab_size:
             raise ValueError(f"{path} has vocab {teacher.config.vocab_size}, the run's tokens {vocab_size}")
         teachers.append(teacher.eval().requires_grad_(False))

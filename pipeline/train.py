@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -56,6 +57,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from babydistill.pipeline import devices
 from babydistill.pipeline.config import Config, TrainConfig, save_config
 from babydistill.pipeline.evaluate import heldout_ce_totals
 from babydistill.pipeline.model import autocast_context
@@ -157,14 +159,10 @@ class Dist:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train.device={name}: CUDA is not available here; use train.device=auto or cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
+    try:
+        return devices.resolve_device(name, "train.device", local_rank)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
 
 
 def setup_distributed(device: torch.device) -> Dist:
@@ -180,14 +178,38 @@ def setup_distributed(device: torch.device) -> Dist:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainingError("train.precision=fp16 needs CUDA; use train.precision=auto (fp32 on CPU) or bf16")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The autocast dtype, or None for plain fp32 (auto: bf16 on CUDA, fp16 on a GPU without bf16, fp32 on CPU)."""
+    try:
+        return devices.resolve_precision(precision, device, "train.precision")
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
+
+
+def compile_model(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``train.compile`` asks for it; refused in one line where this torch cannot
+    compile (no C++ compiler on the CPU, an unsupported Python, ...)."""
+    if not enabled:
+        return model
+    problem = compile_problem()
+    if problem:
+        raise TrainingError(f"train.compile=true: {problem}; set train.compile=false")
+    return torch.compile(model)
+
+
+def compile_problem() -> str | None:
+    """Why torch.compile cannot run here, or None."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    if sys.platform == "win32":
+        return "torch.compile is not supported on Windows by this torch"
+    try:
+        importlib.import_module("torch._dynamo")
+        importlib.import_module("torch._inductor")
+    except ImportError as exc:
+        return f"torch {torch.__version__} cannot compile ({exc})"
+    if not torch.cuda.is_available() and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "g++")):
+        return "torch.compile on the CPU needs a C++ compiler (cc/gcc/clang), and none is on PATH"
+    return None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -201,7 +223,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if head is not None:
         groups.append({"params": [head], "weight_decay": cfg.weight_decay, "lr_scale": cfg.head_lr_scale})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # On CUDA the fused AdamW (one kernel for every parameter) is what a GPU user expects; it is not on the CPU.
+    fused = all(p.device.type == "cuda" for p in params) or None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
 def _head_lr_scale(param_groups: list[dict]) -> float:
@@ -218,6 +242,13 @@ def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch on ``device``; on CUDA through pinned host memory, so the copies do not wait for the GPU."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch],
                    loss_fn: LossFn, *, device: torch.device, amp_dtype: torch.dtype | None,
                    scaler: torch.amp.GradScaler | None, max_grad_norm: float
@@ -231,7 +262,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
     loss_sum = torch.zeros((), device=device)
     metric_sums: dict[str, torch.Tensor] = {}
     for m, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         sync = m == num_micro - 1 or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if sync else model.no_sync()):
             with autocast_context(device, amp_dtype):
@@ -838,10 +869,10 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
     meta, resumed_from = restore(resume, out_dir, plan, model, optimizer, scaler)
     _prepare_out_dir(out_dir, meta, run_config, ddp)
     start_step, loop = _loop_start(meta, resumed_from, plan)
-    train_model = model
+    train_model = compile_model(model, cfg.compile)  # shares the parameters: checkpoints save `model`
     if ddp.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[plan.device.index] if plan.device.type == "cuda" else None)
+            train_model, device_ids=[plan.device.index] if plan.device.type == "cuda" else None)
     log = _metrics_log(run_config, out_dir, plan, start_step, extra_meta)
 
     # --- loop ---

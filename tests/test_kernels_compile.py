@@ -32,7 +32,7 @@ from babydistill.kernels import triton_kernel as tk
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 results = []
 for arch in (90, 80):
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "fp16"):
         for uniform, control in ((False, False), (True, False), (False, True)):
             signature = {
                 "logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "labels_ptr": "*i64", "ids_ptr": "*i64",

@@ -102,9 +102,9 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
 def _online_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, scratch: Path
                   ) -> tuple[BatchSource, LossFn]:
     """The paper's released method: the teachers run every step, dense full-vocabulary KL + CE."""
-    from babydistill.pipeline.distill import load_teachers, online_loss
+    from babydistill.pipeline.distill import online_loss, online_teachers
 
-    teachers = load_teachers(_teacher_dirs(config, tokens, scratch), tokens.vocab_size)
+    teachers = online_teachers(_teacher_dirs(config, tokens, scratch), tokens.vocab_size, config.train.device)
     return TokenWindows(tokens, "train", seed=config.train.seed), online_loss(config.distill, teachers,
                                                                               config.cache.ensemble)
 

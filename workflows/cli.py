@@ -29,6 +29,26 @@ def _config(args):
     return load_config(args.config, overrides)
 
 
+def _check_devices(config, *, cache: bool = False, train: bool = False, workers: int | None = None,
+                   scheduler: str | None = None) -> None:
+    """Refuse, before anything is written, a device, precision, GPU count or train.compile this host lacks."""
+    from babydistill.pipeline import devices
+
+    if cache and scheduler is None:
+        device = devices.resolve_device(config.cache.device, "cache.device")
+        devices.resolve_precision(config.cache.precision, device, "cache.precision", without_bf16=None)
+        workers = config.cache.workers if workers is None else workers
+        if device.type == "cuda" and workers > 1:
+            devices.check_gpu_workers(workers)
+    if train:
+        from babydistill.pipeline.train import compile_problem
+
+        device = devices.resolve_device(config.train.device, "train.device")
+        devices.resolve_precision(config.train.precision, device, "train.precision")
+        if config.train.compile and (problem := compile_problem()):
+            raise ValueError(f"train.compile=true: {problem}; set train.compile=false")
+
+
 def _logs(config):
     """Each stage's messages also go to RUN_DIR/logs/<stage>.log (workflows/console.py)."""
     return config.run_path / "logs"
@@ -67,6 +87,7 @@ def cmd_teacher(args):
     from babydistill.workflows.runner import run_stage, teacher_stage
 
     config = _config(args)
+    _check_devices(config, train=True)
     seed = args.seed if args.seed is not None else config.teachers.resolved_seeds()[0]
     run_stage(teacher_stage(config, seed, args.name, resume=_resume_value(args.resume)), force=args.force,
               log_dir=_logs(config))
@@ -85,6 +106,7 @@ def cmd_cache(args):
     if args.workers is not None:
         overrides.append(f"cache.workers={args.workers}")
     config = load_config(args.config, overrides)
+    _check_devices(config, cache=True, scheduler=args.scheduler)
     run_stage(cache_stage(config, _names(args.teachers), scheduler=args.scheduler), force=args.force,
               log_dir=_logs(config))
 
@@ -93,6 +115,7 @@ def cmd_distill(args):
     from babydistill.workflows.runner import run_stage, student_stage
 
     config = _config(args)
+    _check_devices(config, train=True)
     seed = args.seed if args.seed is not None else 1
     stage = student_stage(config, seed, args.name, resume=_resume_value(args.resume), online=args.online,
                           teacher_names=_names(args.teachers))
@@ -121,7 +144,9 @@ def cmd_report(args):
 def cmd_run(args):
     from babydistill.workflows.runner import run_all
 
-    run_all(_config(args), force=args.force)
+    config = _config(args)
+    _check_devices(config, train=True, cache=True)
+    run_all(config, force=args.force)
 
 
 def cmd_status(args):
@@ -168,6 +193,14 @@ def cmd_bench(args):
         from babydistill.workflows.bench_loader import bench_loader
 
         bench_loader(out, quick=args.quick)
+    elif args.what == "gpu":
+        from babydistill.workflows.bench_gpu import bench_gpu
+
+        bench_gpu(out)
+    elif args.what == "precision":
+        from babydistill.workflows.bench_precision import bench_precision
+
+        bench_precision(Path(args.config), out)
     else:
         from babydistill.workflows.bench_step import bench_step
 
@@ -327,12 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a logits.zarr folder")
     p.add_argument("--tokens", help="verify: also check the hashes against this tokens.zarr (default: none)")
 
-    p = sub.add_parser("bench", help="benchmarks that write JSON (ratios measured side by side)")
-    p.add_argument("what", choices=["kernels", "loader", "step"])
+    p = sub.add_parser("bench", help="benchmarks that write JSON (ratios measured side by side)",
+                       description="kernels: the loss kernels (CPU; CUDA when present). loader: the store reader and "
+                                   "capture. step: one training step per mode. precision: how far a bf16 teacher "
+                                   "forward moves the stored targets (needs the config's teachers). gpu: every GPU "
+                                   "path checked and measured on the first CUDA device, sized for at most 8 minutes on "
+                                   "one H100, not yet timed on one (exit 2 without CUDA); see the README's GPU section.")
+    p.add_argument("what", choices=["kernels", "loader", "step", "precision", "gpu"])
     p.add_argument("--out", help="JSON file to write (default: print only)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look (default: off)")
     p.add_argument("--mode", default="all", help="bench step: ce | offline | online | all (default: all)")
-    p.add_argument("--config", default="configs/demo.yaml", help="bench step: the model config (default: configs/demo.yaml)")
+    p.add_argument("--config", default="configs/demo.yaml",
+                   help="bench step / precision: the run's config (default: configs/demo.yaml)")
 
     _add_study_verb(sub)
     _add_sweep_verb(sub)
