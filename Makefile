@@ -58,7 +58,7 @@ lock: install
 	$(BIN)/python -m pip install --quiet "$(UV_PIN)"
 	echo "$(firstword $(TORCH_CPU))" > $(VENV)/torch-pin.txt
 	UV_PYTHON_DOWNLOADS=never $(BIN)/uv pip compile pyproject.toml --extra dev --extra trackers --universal \
-		--python-version 3.11 --upgrade --no-header --quiet -c $(VENV)/torch-pin.txt -o $(VENV)/lock-raw.txt
+		--python-version 3.11 --upgrade --quiet -c $(VENV)/torch-pin.txt -o $(VENV)/lock-raw.txt
 	$(BIN)/python tools/lockfile.py filter $(VENV)/lock-raw.txt $(LOCK)
 
 lint: install
