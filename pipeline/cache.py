@@ -27,7 +27,6 @@ from babydistill.pipeline import devices
 from babydistill.pipeline.config import CacheConfig, earlier_value, identity
 from babydistill.pipeline.model import autocast_context, ensemble_logits, load_teachers
 from babydistill.pipeline.tokenizer import tokenizer_hash
-from babydistill.stores.checksum import unsealed
 from babydistill.stores.logits import (
     FORMAT,
     FORMAT_VERSION,
@@ -37,6 +36,7 @@ from babydistill.stores.logits import (
     chunk_ranges,
     create_store,
     draw_set_slots,
+    header_problem,
     migrate_markers,
     read_attrs,
     read_marker,
@@ -734,10 +734,10 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
     out.mkdir(parents=True, exist_ok=True)
     lock = acquire_lock(out)
     try:
+        if problem := header_problem(out):
+            raise ValueError(f"{problem}; rebuild the store with `babydistill cache CONFIG --force` (the old one is "
+                             f"moved aside)")
         existing = read_attrs(out)
-        if existing is None and (out / "zarr.json").is_file() or existing is not None and unsealed(existing) is None:
-            raise ValueError(f"{out}/zarr.json: the store's header is unreadable or changed after it was written; "
-                             f"rebuild the store with `babydistill cache CONFIG --force` (the old one is moved aside)")
         if existing is None:
             create_store(out, store_id)
         elif existing.get("format") != FORMAT or (diff := _differences(existing, store_id)):

@@ -480,16 +480,22 @@ def write_model_checksums(out_dir: Path, names: list[str]) -> None:
                                            encoding="utf-8")
 
 
-def _move_into(folder: Path, aside: Path) -> Path:
-    """Move ``folder`` into ``aside/`` under its own name (``-1``, ``-2`` ... when taken); never deleted."""
-    target = aside / folder.name
+def move_to_free_name(path: Path, target: Path) -> Path:
+    """Move ``path`` to ``target``, or ``target-1``, ``target-2`` ... when taken (never over anything); returns
+    where it went."""
+    free = target
     for n in range(1, 1000):
-        if not target.exists():
+        if not free.exists():
             break
-        target = aside / f"{folder.name}-{n}"
-    aside.mkdir(parents=True, exist_ok=True)
-    os.replace(folder, target)
-    return target
+        free = target.with_name(f"{target.name}-{n}")
+    free.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, free)
+    return free
+
+
+def _move_into(folder: Path, aside: Path) -> Path:
+    """Move ``folder`` into ``aside/`` under its own name; never deleted."""
+    return move_to_free_name(folder, aside / folder.name)
 
 
 def prune_checkpoints(state_dir: Path, keep: int, best_step: int | None) -> None:

@@ -278,16 +278,24 @@ def read_attrs(path: Path) -> dict | None:
     return meta.get("attributes", {})
 
 
-def open_store(path: Path) -> tuple[zarr.Group, dict]:
+def header_problem(path: Path) -> str | None:
+    """Why the store's header (its zarr.json) cannot be trusted: unreadable, or changed after it was written
+    (its seal); None when it is fine or there is no store."""
     attrs = read_attrs(path)
     if attrs is None and (Path(path) / "zarr.json").is_file():
-        raise LogitStoreError(f"{path}/zarr.json: the store's header is unreadable; rebuild the store with "
-                              f"`babydistill cache CONFIG --force` (the old one is moved aside)")
+        return f"{path}/zarr.json: the store's header is unreadable"
+    if attrs is not None and unsealed(attrs) is None:
+        return f"{path}/zarr.json: the store's header changed after it was written"
+    return None
+
+
+def open_store(path: Path) -> tuple[zarr.Group, dict]:
+    if problem := header_problem(path):
+        raise LogitStoreError(f"{problem}; rebuild the store with `babydistill cache CONFIG --force` (the old one "
+                              f"is moved aside)")
+    attrs = read_attrs(path)
     if attrs is None:
         raise LogitStoreError(f"{path}: no logit store; run `babydistill cache CONFIG` first")
-    if unsealed(attrs) is None:
-        raise LogitStoreError(f"{path}/zarr.json: the store's header changed after it was written; rebuild the store "
-                              f"with `babydistill cache CONFIG --force` (the old one is moved aside)")
     if attrs.get("format") != FORMAT:
         raise LogitStoreError(f"{path}: not a babydistill logit store (format {attrs.get('format')!r})")
     if attrs.get("format_version") != FORMAT_VERSION:
@@ -405,11 +413,11 @@ def incomplete_reason(path: Path, *, checksum: bool = True, markers: list[dict |
     store incomplete (and `babydistill cache` rewrites that chunk). It reads the whole store once; see the
     README for its cost. ``markers``: every chunk's done marker (`read_markers`) if the caller has them.
     """
+    if problem := header_problem(path):
+        return f"{problem}; only --force rebuilds it"
     attrs = read_attrs(path)
     if attrs is None or attrs.get("format") != FORMAT:
         return "no logit store"
-    if unsealed(attrs) is None:
-        return "its header (zarr.json) changed after it was written; only --force rebuilds it"
     try:
         broken = metadata_problems(path, attrs)
     except (KeyError, TypeError, ValueError) as exc:  # a header edited past reading

@@ -88,9 +88,6 @@ class Stage:
     rebuilt_when_damaged: bool = False
     """A stage that remakes its output in seconds, the same each time (prepare, tokenizer, tokenize, evaluate):
     an output whose files changed is rebuilt, not refused."""
-    damaged: Callable[[Path], str | None] | None = None
-    """Why a finished output cannot be trusted and is not rebuilt without being asked (a trained model whose
-    files changed after export), or None."""
     is_file: bool = False
     store: bool = False
     """The output is a Zarr store: its marker is a zarr node (``_stage/zarr.json``)."""
@@ -172,7 +169,7 @@ def _changed_outputs(stage: Stage, record: dict) -> str | None:
     if changed:
         return f"{', '.join(changed[:2])}" + (f" and {len(changed) - 2} more" if len(changed) > 2 else "") + \
             " changed after the stage finished"
-    return stage.damaged(stage.out) if stage.damaged is not None else None
+    return None
 
 
 def stage_status(stage: Stage) -> tuple[str, str]:
@@ -204,17 +201,6 @@ def stage_status(stage: Stage) -> tuple[str, str]:
     return "todo", "not run yet"
 
 
-def model_damage(model_dir: Path) -> str | None:
-    """Why a trained model's files cannot be trusted (they differ from its checksums.json), or None."""
-    from babydistill.pipeline.model import check_model_files
-
-    try:
-        check_model_files(model_dir)
-    except ValueError as exc:
-        return str(exc).split("; rebuild it")[0]
-    return None
-
-
 def recipe(config: Config, sections: tuple[str, ...], **inputs: Any) -> dict:
     """``{"train.lr": 0.003, ..., "input.tokens": "ab12..."}``: what a stage is made from, key by key."""
     flat = {f"{name}.{key}": value for name in sections for key, value in identity(getattr(config, name)).items()}
@@ -230,15 +216,10 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
 
 def move_aside(path: Path) -> Path:
     """Rename ``path`` to ``<name>.aside-YYYYmmdd-HHMMSS`` beside it (never deleted) and return the new path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    from babydistill.pipeline.train import move_to_free_name
+
     base = next((path.name[:-len(end)] for end in (".partial", ".old") if path.name.endswith(end)), path.name)
-    target = path.with_name(f"{base}.aside-{stamp}")
-    for n in range(1, 1000):
-        if not target.exists():
-            break
-        target = path.with_name(f"{base}.aside-{stamp}-{n}")
-    path.rename(target)
-    return target
+    return move_to_free_name(path, path.with_name(f"{base}.aside-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def _keep_or_refuse_partial(stage: Stage, partial: dict) -> None:
@@ -468,7 +449,7 @@ def teacher_stage(config: Config, seed: int, name: str | None = None, resume: An
         train_teacher(config, config.tokens_path, config.tokenizer_path, work, seed=seed, resume=resume)
 
     return Stage(f"teacher {name}", config.teacher_path(name), fp, build,
-                 f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting, damaged=model_damage,
+                 f"babydistill teacher CONFIG --seed {seed} --name {name}", waiting_for=waiting,
                  recipe=recipe(config, ("model", "train", "teachers"), seed=seed, tokens=up), resume=resume)
 
 
@@ -531,7 +512,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
 
     command = f"babydistill distill CONFIG --seed {seed} --name {name}" + (" --online" if online else "")
     return Stage(f"student {name}", config.student_path(name), fp, build, command,
-                 waiting_for=", ".join(missing) or None, resume=resume, damaged=model_damage,
+                 waiting_for=", ".join(missing) or None, resume=resume,
                  recipe=recipe(trained, ("model", "train", "distill"), seed=seed, source=source))
 
 
