@@ -10,7 +10,7 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from babydistill.workflows import bench_gpu, gpu_checks  # noqa: E402
+from babydistill.workflows.benchmarks import bench_gpu, gpu_checks  # noqa: E402
 from babydistill.workflows.cli import main  # noqa: E402
 from tests.conftest import write_config, write_corpus  # noqa: E402
 

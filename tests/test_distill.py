@@ -459,7 +459,7 @@ def test_online_student_trains_through_the_cli(distill_run, tmp_path, capsys):
 def test_bench_step_times_the_configs_targets_not_another_store(distill_run, tmp_path, capsys):
     from babydistill.pipeline.cache import target_differences
     from babydistill.stores.logits import read_attrs
-    from babydistill.workflows.bench_step import bench_step
+    from babydistill.workflows.benchmarks.bench_step import bench_step
 
     attrs = read_attrs(distill_run.logits_path)  # top-8, float32
     assert target_differences(attrs, distill_run.cache) == []

@@ -17,9 +17,9 @@ import yaml
 
 from babydistill.pipeline.cache import capture_logits
 from babydistill.pipeline.config import load_config
-from babydistill.pipeline.sweep import config_point, open_existing, prepare_study, run_sweep
 from babydistill.pipeline.teacher import train_teacher
 from babydistill.workflows.cli import main
+from babydistill.workflows.experiments.sweep import config_point, open_existing, prepare_study, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"distill.alpha": {"low": 0.1, "high": 0.9}, "train.lr": {"low": 1e-4, "high": 1e-2, "log": True},
@@ -187,7 +187,7 @@ def test_a_hopeless_trial_is_pruned_and_recorded_as_pruned(sweep_run):
     assert hopeless.intermediate_values[2] > good.intermediate_values[2]
     folder = root / "run/sweeps/prune/trial-0001"
     assert (folder / "metrics.jsonl").is_file() and not (folder / "model.safetensors").exists()
-    from babydistill.pipeline.sweep_report import write_sweep_report
+    from babydistill.workflows.experiments.sweep_report import write_sweep_report
 
     report = write_sweep_report(open_existing(config, "prune")[0], config, folder.parent, config_path=str(path),
                                 command="x").read_text()
@@ -250,7 +250,7 @@ def test_workers_start_one_by_one_while_a_trial_waits():
     import threading
     from types import SimpleNamespace
 
-    from babydistill.pipeline.sweep import _start_one_by_one
+    from babydistill.workflows.experiments.sweep import _start_one_by_one
 
     states = ["WAITING"]
     seen = []

@@ -124,7 +124,7 @@ def test_too_few_windows_for_one_global_batch(tiny_run, tmp_path):
 
 
 def test_bench_step_ce_writes_json(tiny_run, tmp_path):
-    from babydistill.workflows.bench_step import bench_step
+    from babydistill.workflows.benchmarks.bench_step import bench_step
 
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(json.dumps(tiny_run.to_dict()))  # JSON is YAML
@@ -139,7 +139,7 @@ def test_bench_step_ce_writes_json(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_bench_step_builds_a_temporary_run_when_tokens_are_missing(tiny_config_path):
-    from babydistill.workflows.bench_step import bench_step
+    from babydistill.workflows.benchmarks.bench_step import bench_step
 
     report = bench_step(tiny_config_path, None, mode="all", steps=1, warmup=0)
     assert report["temporary_run"] is True and set(report["modes"]) == {"ce", "offline", "online"}

@@ -186,29 +186,29 @@ def cmd_store(args):
 def cmd_bench(args):
     out = Path(args.out) if args.out else None
     if args.what == "kernels":
-        from babydistill.workflows.bench_kernels import bench_kernels
+        from babydistill.workflows.benchmarks.bench_kernels import bench_kernels
 
         bench_kernels(out, quick=args.quick)
     elif args.what == "loader":
-        from babydistill.workflows.bench_loader import bench_loader
+        from babydistill.workflows.benchmarks.bench_loader import bench_loader
 
         bench_loader(out, quick=args.quick)
     elif args.what == "gpu":
-        from babydistill.workflows.bench_gpu import bench_gpu
+        from babydistill.workflows.benchmarks.bench_gpu import bench_gpu
 
         bench_gpu(out)
     elif args.what == "precision":
-        from babydistill.workflows.bench_precision import bench_precision
+        from babydistill.workflows.benchmarks.bench_precision import bench_precision
 
         bench_precision(Path(args.config), out)
     else:
-        from babydistill.workflows.bench_step import bench_step
+        from babydistill.workflows.benchmarks.bench_step import bench_step
 
         bench_step(Path(args.config), out, mode=args.mode)
 
 
 def cmd_study(args):
-    from babydistill.workflows.study import (
+    from babydistill.workflows.experiments.study import (
         collect_results,
         load_study,
         run_study,
@@ -231,8 +231,8 @@ def cmd_study(args):
 
 
 def cmd_sweep(args):
-    from babydistill.pipeline.sweep import open_existing, run_sweep
-    from babydistill.pipeline.sweep_report import write_sweep_report
+    from babydistill.workflows.experiments.sweep import open_existing, run_sweep
+    from babydistill.workflows.experiments.sweep_report import write_sweep_report
 
     config = _config(args)
     if not args.report:

@@ -13,7 +13,7 @@ timed interleaved, one step each in turn, so that noise on a shared machine hits
 The run's ``tokens.zarr`` is used when it exists; otherwise prepare, tokenizer and tokenize run
 into a temporary run folder first (removed afterwards) and the result says so.
 
-    python -m babydistill.workflows.bench_step configs/demo.yaml --mode ce --out bench_step.json
+    python -m babydistill.workflows.benchmarks.bench_step configs/demo.yaml --mode ce --out bench_step.json
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def bench_step(config_path: Path, out: Path | None = None, mode: str = "ce", ste
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m babydistill.workflows.bench_step", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m babydistill.workflows.benchmarks.bench_step", description=__doc__.splitlines()[0])
     p.add_argument("config", help="the run's YAML config (e.g. configs/demo.yaml)")
     p.add_argument("--mode", default="ce", help=f"{' | '.join(MODES)} | all (default: ce)")
     p.add_argument("--out", help="JSON file to write (default: print only)")

@@ -12,7 +12,7 @@ N = 4096, V = 16000: temperature 1 and 2 with every tail mode (bucket, renorm, u
 F.cross_entropy in the same runs. On CUDA, when present: Triton vs
 reference vs F.cross_entropy, ms, GB/s against a measured device-to-device copy, max_memory_allocated.
 
-    python -m babydistill.workflows.bench_kernels --out FILE.json [--quick]
+    python -m babydistill.workflows.benchmarks.bench_kernels --out FILE.json [--quick]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def memory_probe(kind: str, provider: str, sizes: list[int], temperature: float 
 
 def measure_memory(kind: str, provider: str, sizes: list[int], temperature: float = 1.0,
                    tail: str = "bucket") -> float | None:
-    code = ("import json, sys; from babydistill.workflows.bench_kernels import memory_probe; "
+    code = ("import json, sys; from babydistill.workflows.benchmarks.bench_kernels import memory_probe; "
             f"print('MEM ' + json.dumps(memory_probe({kind!r}, {provider!r}, {sizes!r}, {temperature!r}, {tail!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():

@@ -1,7 +1,7 @@
 """What the checkpoints' checksums cost: a checkpoint save of the demo model (weights, AdamW state, RNG), timed
 with and without the crc32 of its files, side by side in one process; the share is the checksum's part of a save.
 
-    python -m babydistill.workflows.bench_checkpoint [CONFIG] [--repeats 10] [--out FILE.json]
+    python -m babydistill.workflows.benchmarks.bench_checkpoint [CONFIG] [--repeats 10] [--out FILE.json]
 
 Writes JSON (the command, the checkpoint's size, the median seconds of a save, of its checksums, and of a
 crc32 of the same bytes already in memory: the floor any full-content checksum has).
@@ -59,7 +59,7 @@ def bench_checkpoint(config_path: Path, repeats: int) -> dict:
             crc32(data)  # the floor: the crc32 of bytes already in memory, without reading the files back
             in_memory.append(time.perf_counter() - started)
     save, checksum, floor = statistics.median(saves), statistics.median(checksums), statistics.median(in_memory)
-    return {"command": f"python -m babydistill.workflows.bench_checkpoint {config_path} --repeats {repeats}",
+    return {"command": f"python -m babydistill.workflows.benchmarks.bench_checkpoint {config_path} --repeats {repeats}",
             "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
             "checkpoint_bytes": size, "save_s_median": save, "checksum_s_median": checksum,
             "checksum_share_of_save": checksum / save, "crc32_in_memory_s_median": floor,
@@ -68,7 +68,7 @@ def bench_checkpoint(config_path: Path, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m babydistill.workflows.bench_checkpoint",
+    parser = argparse.ArgumentParser(prog="python -m babydistill.workflows.benchmarks.bench_checkpoint",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default="configs/demo.yaml")
     parser.add_argument("--repeats", type=int, default=10)

@@ -2,7 +2,7 @@
 
 Parts, in order (``gpu_plan``; sized for at most 8 minutes on one H100-class GPU, not yet timed on one: the JSON's
 ``part_seconds`` records each part):
-  checks    the compiled Triton kernel against the float64 reference over the whole grid (workflows/gpu_checks.py)
+  checks    the compiled Triton kernel against the float64 reference over the whole grid (workflows/benchmarks/gpu_checks.py)
   loss      fused sparse loss vs F.cross_entropy vs a logits clone() (bf16 logits), and fused-linear vs Liger-Kernel's
             fused-linear cross entropy (when installed) vs materialised logits: forward+backward ms, peak extra MB
   pipeline  every stage on CUDA, a few steps each, of configs/small-16m.yaml on a share of the corpus, into a
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from babydistill.pipeline.config import PROJECT_ROOT, load_config
-from babydistill.workflows import gpu_checks
+from babydistill.workflows.benchmarks import gpu_checks
 
 REPO = PROJECT_ROOT
 
@@ -88,7 +88,7 @@ def _sync(device: str) -> None:
 def timed(fns: dict, runs: int, device: str) -> dict:
     """Median ms of each function (one warm-up), the functions taking turns, and the peak memory each allocates
     beyond what was allocated before it (MB, CUDA; None on the CPU)."""
-    from babydistill.workflows.bench_kernels import median_times
+    from babydistill.workflows.benchmarks.bench_kernels import median_times
 
     result = {name: {"ms": seconds * 1e3} for name, seconds in median_times(fns, runs, device).items()}
     for name, fn in fns.items():
@@ -110,7 +110,7 @@ def timed(fns: dict, runs: int, device: str) -> dict:
 def _loss_fns(N: int, V: int, k: int, device: str) -> dict:
     """Forward+backward of each provider on the same bf16 logits."""
     from babydistill.kernels import losses
-    from babydistill.workflows.bench_kernels import make_inputs
+    from babydistill.workflows.benchmarks.bench_kernels import make_inputs
 
     logits, labels, ids, target_logp = make_inputs(N, V, k, device=device)
     logits = logits.to(torch.bfloat16)
@@ -132,7 +132,7 @@ def _loss_fns(N: int, V: int, k: int, device: str) -> dict:
 def _linear_fns(N: int, H: int, V: int, k: int, device: str) -> dict:
     """Fused-linear sparse loss, materialised logits + CE, and Liger's fused-linear CE when installed (bf16)."""
     from babydistill.kernels import losses
-    from babydistill.workflows.bench_kernels import make_inputs
+    from babydistill.workflows.benchmarks.bench_kernels import make_inputs
 
     g = torch.Generator(device=device).manual_seed(1)
     hidden = torch.randn(N, H, generator=g, device=device).to(torch.bfloat16)
@@ -209,7 +209,7 @@ def part_pipeline(plan: Plan, run_dir: Path, progress) -> dict:
 
 def part_step(plan: Plan, run_dir: Path, progress) -> dict:
     """`bench step` on the pipeline's run: its tokens, teachers and store."""
-    from babydistill.workflows.bench_step import bench_step
+    from babydistill.workflows.benchmarks.bench_step import bench_step
 
     report = bench_step(plan.config, None, mode="all", steps=plan.step_steps, warmup=plan.step_warmup,
                         overrides=_overrides(plan, run_dir))

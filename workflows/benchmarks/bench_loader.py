@@ -11,7 +11,7 @@ then measures:
   ids sorted and delta-coded) with their fidelity KL against float16 storage;
 - reader tokens/s (the training loop's reader, in-process, one epoch) vs the demo student's CE training tokens/s.
 
-Run: ``python -m babydistill.workflows.bench_loader --out bench_loader.json`` (a few minutes on 2 CPU cores).
+Run: ``python -m babydistill.workflows.benchmarks.bench_loader --out bench_loader.json`` (a few minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
     reader that skips it, alternated ``rounds`` times (side by side, so machine load hits both alike; which
     one goes first alternates too, so neither always runs on a cache the other warmed); the best of each. The first epoch's time includes building the reader (which parses every chunk's done
     marker once), so it is a reader's whole cost up to then. Run on a store:
-    ``python -m babydistill.workflows.bench_loader --check-overhead STORE TOKENS``."""
+    ``python -m babydistill.workflows.benchmarks.bench_loader --check-overhead STORE TOKENS``."""
     from babydistill.stores.checksum import crc32
     from babydistill.stores.logits import incomplete_reason, read_markers, store_info
     from babydistill.stores.reader import LogitStoreReader
@@ -264,7 +264,7 @@ def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
 
     from babydistill.pipeline.train import resolve_device, resolve_precision
     from babydistill.stores.tokens import TokenStore
-    from babydistill.workflows.bench_step import _time_modes
+    from babydistill.workflows.benchmarks.bench_step import _time_modes
 
     device = resolve_device(config.train.device)
     with tempfile.TemporaryDirectory(prefix="bench_loader_step_") as scratch:
@@ -333,7 +333,7 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
         student_tps = _student_tokens_per_s(config)
         check_overhead = reader_check_overhead(topk_store, config.tokens_path, config.train.batch_size)
         result = {
-            "command": "python -m babydistill.workflows.bench_loader --out FILE.json" + (" --quick" if quick else ""),
+            "command": "python -m babydistill.workflows.benchmarks.bench_loader --out FILE.json" + (" --quick" if quick else ""),
             "config": _display_path(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
             "torch_threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
             "load_average_start": [round(x, 1) for x in load_average],
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         for path in (store, tokens):
             if not path.is_dir():
                 parser.exit(2, f"bench_loader: error: {path} is not a store folder; make it with `babydistill run CONFIG`\n")
-        result = {"command": "python -m babydistill.workflows.bench_loader --check-overhead STORE TOKENS",
+        result = {"command": "python -m babydistill.workflows.benchmarks.bench_loader --check-overhead STORE TOKENS",
                   "store": _display_path(store), **reader_check_overhead(store, tokens, batch_size=16)}
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

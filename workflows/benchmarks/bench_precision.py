@@ -12,7 +12,7 @@ windows of a run with its teachers, per position, fp32 capture vs bf16 capture o
 and, for scale, what the store does anyway: the float16 rounding of the stored logp (max over the same ids) and
 the KL of the draws' target (hybrid k + S, as the capture reports as fidelity) from the dense teacher.
 
-    python -m babydistill.workflows.bench_precision configs/demo.yaml --out docs/benchmarks/precision.json
+    python -m babydistill.workflows.benchmarks.bench_precision configs/demo.yaml --out docs/benchmarks/precision.json
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def bench_precision(config_path: Path, out: Path | None = None, *, windows: int 
             parts.setdefault(name, []).append(values)
     table = {name: np.concatenate(values) for name, values in parts.items()}
     report = {
-        "command": " ".join(["python -m babydistill.workflows.bench_precision", str(config_path)]
+        "command": " ".join(["python -m babydistill.workflows.benchmarks.bench_precision", str(config_path)]
                             + (["--out", str(out)] if out else [])),
         "config": str(config_path), "teachers": [str(d) for d in dirs], "windows": len(ids),
         "positions": int(len(table["kl_ensemble"])), "vocab_size": tokens.vocab_size, "k": k, "samples": samples,
@@ -124,7 +124,7 @@ def _commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m babydistill.workflows.bench_precision",
+    p = argparse.ArgumentParser(prog="python -m babydistill.workflows.benchmarks.bench_precision",
                                 description=__doc__.splitlines()[0])
     p.add_argument("config", help="the run's YAML config (its tokens.zarr and teachers must exist)")
     p.add_argument("--out", help="JSON file to write (default: print only)")
