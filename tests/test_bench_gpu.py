@@ -61,7 +61,7 @@ def test_the_plan_runs_on_the_cpu(tmp_path, monkeypatch, request):
     out = tmp_path / "gpu.json"
     result = bench_gpu.run_plan(plan, out, "test")
     saved = json.loads(out.read_text())
-    assert saved["environment"]["command"] == "test" and saved["environment"]["torch"] == torch.__version__
+    assert saved["environment"]["command"] == "test" and saved["machine"]["versions"]["torch"] == torch.__version__
     checks = saved["checks"]
     assert checks["cases"] == gpu_checks.num_checks() == 333 and checks["failed"] == 0, checks["failures"]
     (row,) = saved["loss"]["sizes"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ import torch
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.train import Dist, build_optimizer, save_checkpoint
 from babydistill.stores.checksum import crc32, file_records
+from babydistill.workflows.benchmarks import machine
 
 
 def _demo_model(config_path: Path, vocab_size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
@@ -40,6 +40,7 @@ def _demo_model(config_path: Path, vocab_size: int) -> tuple[torch.nn.Module, to
 
 
 def bench_checkpoint(config_path: Path, repeats: int) -> dict:
+    started_run = machine.start()
     config = load_config(config_path)
     model, optimizer, _ = _demo_model(config_path, config.tokenizer.vocab_size)
     saves, checksums, in_memory = [], [], []
@@ -60,11 +61,11 @@ def bench_checkpoint(config_path: Path, repeats: int) -> dict:
             in_memory.append(time.perf_counter() - started)
     save, checksum, floor = statistics.median(saves), statistics.median(checksums), statistics.median(in_memory)
     return {"command": f"python -m babydistill.workflows.benchmarks.bench_checkpoint {config_path} --repeats {repeats}",
-            "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
             "checkpoint_bytes": size, "save_s_median": save, "checksum_s_median": checksum,
             "checksum_share_of_save": checksum / save, "crc32_in_memory_s_median": floor,
             "crc32_in_memory_share_of_save": floor / save,
-            "save_bytes_per_s": size / save, "crc32_bytes_per_s": len(data) / floor}
+            "save_bytes_per_s": size / save, "crc32_bytes_per_s": len(data) / floor,
+            "machine": machine.finish(started_run)}
 
 
 def main(argv: list[str] | None = None) -> int:

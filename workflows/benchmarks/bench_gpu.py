@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from babydistill.pipeline.config import PROJECT_ROOT, load_config
-from babydistill.workflows.benchmarks import gpu_checks
+from babydistill.workflows.benchmarks import gpu_checks, machine
 
 REPO = PROJECT_ROOT
 
@@ -246,29 +245,15 @@ def part_capture(plan: Plan, run_dir: Path, progress) -> dict:
 
 
 def environment(plan: Plan, command: str) -> dict:
-    """The GPU, driver, CUDA / torch / triton versions, commit and command of this measurement."""
-    env = {"device": plan.device, "command": command, "torch": torch.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "machine": platform.machine(), "commit": _git("rev-parse", "HEAD"),
-           "dirty": bool(_git("status", "--porcelain")), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
+    """The device, GPU, driver and CUDA build of this measurement, and its command (the machine, load, commit and
+    library versions are in the result's "machine" record)."""
+    env = {"device": plan.device, "command": command, "cuda": torch.version.cuda}
     if plan.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), gpus=plan.gpus,
                    capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                    driver=_nvidia_smi("driver_version"))
     return env
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _nvidia_smi(query: str) -> str | None:
@@ -343,6 +328,7 @@ def run_plan(plan: Plan, out: Path | None, command: str) -> dict:
 
     N, V, k, H = plan.check_shape
     total = gpu_checks.num_checks() + len(plan.loss_sizes) + 1 + 1 + 2
+    started = machine.start()
     result = {"environment": environment(plan, command), "plan": dataclasses.asdict(plan)}
     with tqdm(total=total, desc="bench gpu", unit="step", mininterval=1.0, leave=False) as bar, \
             tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
@@ -358,6 +344,7 @@ def run_plan(plan: Plan, out: Path | None, command: str) -> dict:
             seconds[name] = round(time.perf_counter() - started, 1)
     result["part_seconds"] = seconds
     result["goals"] = goals(result)
+    result["machine"] = machine.finish(started)
     print("\n".join(summary_lines(result)), flush=True)
     if out is not None:
         out = Path(out)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from babydistill.workflows.benchmarks import machine
 
 K = 32
 CPU_SIZES = [(N, V) for N in (4096, 8192) for V in (8000, 16000, 32000)]
@@ -260,7 +260,12 @@ def bench_cuda(sizes, runs: int) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Kernel benchmark ({result['machine']}, {result['threads']} threads, torch {result['torch']})", ""]
+    m = result["machine"]
+    lines = [f"# Kernel benchmark ({m['cpu_model']}, {m['logical_cores']} logical cores, {result['threads']} threads, "
+             f"torch {m['versions']['torch']})", "",
+             f"{m['date_utc']}, commit {m['commit'][:12] if m['commit'] else 'unknown'}"
+             f"{' (dirty tree)' if m['dirty'] else ''}, load average {m['load_average_start']} at the start and "
+             f"{m['load_average_end']} at the end; `{m['command']}`", ""]
     lines += ["## CPU, fp32, k = 32 (forward+backward, median seconds; extra = peak RSS above inputs)", "",
               "| N | V | logits MB | fused s | fused inplace s | reference s | F.cross_entropy s | clone s | "
               "fused / CE | fused / clone | fused extra MB | fused extra beyond grad | inplace extra | "
@@ -311,16 +316,16 @@ def markdown(result: dict) -> str:
 def bench_kernels(out: Path | None = None, quick: bool = False) -> dict:
     """Run the kernel benchmark; write JSON to ``out`` and a Markdown table beside it (``out`` with .md)."""
     runs = 5 if quick else 7
-    result = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "quick": quick, "load_average": os.getloadavg()}
-    print(f"bench kernels: {result['threads']} threads, load average {result['load_average']}", flush=True)
+    started = machine.start()
+    result = {"threads": torch.get_num_threads(), "quick": quick}
+    print(f"bench kernels: {result['threads']} threads, load average {started['load_average_start']}", flush=True)
     result["cpu"] = bench_cpu(QUICK_SIZES if quick else CPU_SIZES, runs)
     result["linear"] = bench_linear(QUICK_LINEAR_SIZE if quick else LINEAR_SIZE, runs)
     result["variants"] = bench_variants(QUICK_VARIANT_SIZE if quick else VARIANT_SIZE, runs)
     if torch.cuda.is_available():
         result["cuda_device"] = torch.cuda.get_device_name()
         result["cuda"] = bench_cuda([(4096, 16000), (8192, 32000)] if not quick else [(1024, 16000)], runs)
-    result["load_average_end"] = os.getloadavg()
+    result["machine"] = machine.finish(started)
     table = markdown(result)
     print(table)
     if out is not None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from babydistill.pipeline.config import PROJECT_ROOT, load_config, model_name
+from babydistill.workflows.benchmarks import machine
 
 DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 
@@ -253,8 +253,7 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
             "crc32_s_per_epoch": round(crc_seconds, 5),
             "crc32_GB_per_s": {"isal": round(sum(map(len, contents)) / crc_seconds / 1e9, 1),
                                "zlib": round(sum(map(len, contents)) / zlib_seconds / 1e9, 1)},
-            "crc32_share_of_unchecked_epoch": round(crc_seconds / min(u[1] for u in unchecked), 4),
-            "load_average": [round(x, 1) for x in os.getloadavg()]}
+            "crc32_share_of_unchecked_epoch": round(crc_seconds / min(u[1] for u in unchecked), 4)}
 
 
 def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
@@ -302,68 +301,72 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
     """
     max_train_words = max_train_words or (40000 if quick else 60000)
     teacher_steps = teacher_steps or (8 if quick else 40)
-    from babydistill.pipeline.cache import capture_logits
-    from babydistill.stores.logits import store_info
-
+    started = machine.start()
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
-        # --- setup
-        started, load_average = time.perf_counter(), os.getloadavg()
-        config = _make_run(Path(config_path), work, max_train_words)
-        teachers = [_train_teacher(config, seed, teacher_steps, work / model_name("teacher", seed)) for seed in (1, 2)]
-        setup_s = time.perf_counter() - started
-        topk_cfg = dataclasses.replace(config.cache, mode="topk", k=32, workers=1)
-        sample_cfg = dataclasses.replace(config.cache, mode="sample", samples=64, workers=1)
-
-        # --- capture overhead (bare forward first, so both runs see warm caches)
-        forward_s, forward_cpu_s = _bare_forward_seconds(teachers, config.tokens_path, config.cache.batch_size)
-        topk_store = work / "topk.zarr"
-        shutil.rmtree(topk_store, ignore_errors=True)
-        topk = capture_logits(topk_cfg, config.tokens_path, config.tokenizer_path, teachers, topk_store)
-        sample_store = work / "sample.zarr"
-        shutil.rmtree(sample_store, ignore_errors=True)
-        sample = capture_logits(sample_cfg, config.tokens_path, config.tokenizer_path, teachers, sample_store)
-        topk_info, sample_info = store_info(topk_store), store_info(sample_store)
-
-        # --- sizes, codecs, encodings, throughput
-        codecs = _codec_table(topk_store)
-        encodings = _encodings(topk_store, teachers, config.tokens_path)
-        reader_tps = _reader_tokens_per_s(topk_store, config.tokens_path, config.train.batch_size,
-                                          config.data.seq_len)
-        student_tps = _student_tokens_per_s(config)
-        check_overhead = reader_check_overhead(topk_store, config.tokens_path, config.train.batch_size)
         result = {
             "command": "python -m babydistill.workflows.benchmarks.bench_loader --out FILE.json" + (" --quick" if quick else ""),
             "config": _display_path(config_path), "max_train_words": max_train_words, "teacher_steps": teacher_steps,
-            "torch_threads": torch.get_num_threads(), "setup_s": round(setup_s, 1),
-            "load_average_start": [round(x, 1) for x in load_average],
-            "load_average_end": [round(x, 1) for x in os.getloadavg()],
-            "num_windows": topk_info["num_windows"], "num_tokens": topk_info["num_tokens"],
-            "vocab_size": topk_info["vocab_size"],
-            "capture": _capture_summary(topk, sample, forward_s, forward_cpu_s),
-            "size": {
-                "topk_k32_bytes_per_token": topk_info["bytes_per_token"],
-                "topk_k32_vs_dense_fp16": topk_info["compression_vs_dense_fp16"],
-                "sample_s64_bytes_per_token": sample_info["bytes_per_token"],
-                "sample_s64_slots": sample_info["slots"],
-                "dense_fp16_bytes_per_token": 2 * topk_info["vocab_size"],
-                "goal": "<= 64 bytes/token at k = 32, fidelity KL within 1e-4 nats of float16 storage",
-                "codecs": codecs, "encodings": encodings,
-            },
-            "fidelity": {"topk": topk["fidelity"], "sample": sample["fidelity"]},
-            "throughput": {
-                "reader_tokens_per_s_1_worker": reader_tps, "student_train_tokens_per_s": student_tps,
-                "ratio": reader_tps / student_tps, "goal": ">= 20x", "reader_crc_check": check_overhead,
-                "student_step": "CE step of the config's model via bench step's ce mode (pipeline.train.optimizer_step, "
-                                f"{config.train.num_threads or torch.get_num_threads()} threads)",
-            },
+            "torch_threads": torch.get_num_threads(),
+            **_measure(Path(config_path), work, max_train_words, teacher_steps),
         }
     finally:
         if work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    result["machine"] = machine.finish(started)
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
+
+
+def _measure(config_path: Path, work: Path, max_train_words: int, teacher_steps: int) -> dict:
+    """Two teachers trained in ``work``, a top-k and a sampled store captured from them, then measured."""
+    from babydistill.pipeline.cache import capture_logits
+    from babydistill.stores.logits import store_info
+
+    started = time.perf_counter()
+    config = _make_run(config_path, work, max_train_words)
+    teachers = [_train_teacher(config, seed, teacher_steps, work / model_name("teacher", seed)) for seed in (1, 2)]
+    setup_s = time.perf_counter() - started
+    topk_cfg = dataclasses.replace(config.cache, mode="topk", k=32, workers=1)
+    sample_cfg = dataclasses.replace(config.cache, mode="sample", samples=64, workers=1)
+
+    # capture overhead (bare forward first, so both runs see warm caches)
+    forward_s, forward_cpu_s = _bare_forward_seconds(teachers, config.tokens_path, config.cache.batch_size)
+    topk_store, sample_store = work / "topk.zarr", work / "sample.zarr"
+    shutil.rmtree(topk_store, ignore_errors=True)
+    topk = capture_logits(topk_cfg, config.tokens_path, config.tokenizer_path, teachers, topk_store)
+    shutil.rmtree(sample_store, ignore_errors=True)
+    sample = capture_logits(sample_cfg, config.tokens_path, config.tokenizer_path, teachers, sample_store)
+    topk_info, sample_info = store_info(topk_store), store_info(sample_store)
+
+    # sizes, codecs, encodings, throughput
+    codecs = _codec_table(topk_store)
+    encodings = _encodings(topk_store, teachers, config.tokens_path)
+    reader_tps = _reader_tokens_per_s(topk_store, config.tokens_path, config.train.batch_size, config.data.seq_len)
+    student_tps = _student_tokens_per_s(config)
+    check_overhead = reader_check_overhead(topk_store, config.tokens_path, config.train.batch_size)
+    return {
+        "setup_s": round(setup_s, 1), "num_windows": topk_info["num_windows"], "num_tokens": topk_info["num_tokens"],
+        "vocab_size": topk_info["vocab_size"],
+        "capture": _capture_summary(topk, sample, forward_s, forward_cpu_s),
+        "size": {
+            "topk_k32_bytes_per_token": topk_info["bytes_per_token"],
+            "topk_k32_vs_dense_fp16": topk_info["compression_vs_dense_fp16"],
+            "sample_s64_bytes_per_token": sample_info["bytes_per_token"],
+            "sample_s64_slots": sample_info["slots"],
+            "dense_fp16_bytes_per_token": 2 * topk_info["vocab_size"],
+            "goal": "<= 64 bytes/token at k = 32, fidelity KL within 1e-4 nats of float16 storage",
+            "codecs": codecs, "encodings": encodings,
+        },
+        "fidelity": {"topk": topk["fidelity"], "sample": sample["fidelity"]},
+        "throughput": {
+            "reader_tokens_per_s_1_worker": reader_tps, "student_train_tokens_per_s": student_tps,
+            "ratio": reader_tps / student_tps, "goal": ">= 20x", "reader_crc_check": check_overhead,
+            "student_step": "CE step of the config's model via bench step's ce mode (pipeline.train.optimizer_step, "
+                            f"{config.train.num_threads or torch.get_num_threads()} threads)",
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -384,8 +387,10 @@ def main(argv: list[str] | None = None) -> None:
         for path in (store, tokens):
             if not path.is_dir():
                 parser.exit(2, f"bench_loader: error: {path} is not a store folder; make it with `babydistill run CONFIG`\n")
+        started = machine.start()
         result = {"command": "python -m babydistill.workflows.benchmarks.bench_loader --check-overhead STORE TOKENS",
                   "store": _display_path(store), **reader_check_overhead(store, tokens, batch_size=16)}
+        result["machine"] = machine.finish(started)
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         print(json.dumps(result, indent=2))

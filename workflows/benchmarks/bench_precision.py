@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from babydistill.pipeline.cache import sample_targets
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.model import autocast_context, ensemble_logits, load_teachers
 from babydistill.stores.tokens import TokenStore
+from babydistill.workflows.benchmarks import machine
 
 
 def _stats(values: np.ndarray) -> dict:
@@ -69,6 +68,7 @@ def bench_precision(config_path: Path, out: Path | None = None, *, windows: int 
     """fp32 vs bf16 teacher forward over the first ``windows`` training windows of the config's run."""
     from babydistill.workflows.runner import default_teacher_names
 
+    started = machine.start()
     config = load_config(config_path, overrides)
     dirs = teacher_dirs or [config.teacher_path(n) for n in default_teacher_names(config)]
     missing = [str(d) for d in dirs if not (d / "model.safetensors").is_file()]
@@ -93,12 +93,12 @@ def bench_precision(config_path: Path, out: Path | None = None, *, windows: int 
                             + (["--out", str(out)] if out else [])),
         "config": str(config_path), "teachers": [str(d) for d in dirs], "windows": len(ids),
         "positions": int(len(table["kl_ensemble"])), "vocab_size": tokens.vocab_size, "k": k, "samples": samples,
-        "device": "cpu (bf16 autocast)", "torch": torch.__version__, "machine": platform.machine(),
-        "commit": _commit(), **{name: _stats(values) for name, values in table.items()},
+        "device": "cpu (bf16 autocast)", **{name: _stats(values) for name, values in table.items()},
         "note": ("head_overlap: share of the fp32 top-k ids that bf16 also puts in its top k; max_abs_dlogp: over "
                  "the fp32 top-k ids; kl_ensemble: KL(fp32 || bf16) of the dense ensemble, nats; float16_rounding: "
                  "what storing logp as float16 does to the same values anyway; draws_kl: KL(hybrid k + S target || "
                  "dense fp32 teacher), the noise a sampled store carries by design"),
+        "machine": machine.finish(started),
     }
     print(format_report(report), flush=True)
     if out is not None:
@@ -113,14 +113,6 @@ def format_report(report: dict) -> str:
         s = report[name]
         lines.append(f"  {name:<17} mean {s['mean']:.3e}  p50 {s['p50']:.3e}  p99 {s['p99']:.3e}  max {s['max']:.3e}")
     return "\n".join(lines)
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

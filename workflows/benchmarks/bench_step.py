@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -33,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 
 from babydistill.pipeline.config import Config, load_config, model_name
 from babydistill.pipeline.model import build_model, count_parameters
@@ -47,8 +45,9 @@ from babydistill.pipeline.train import (
     resolve_device,
     resolve_precision,
 )
-from babydistill.stores.logits import read_attrs
+from babydistill.stores.logits import read_attrs, store_info
 from babydistill.stores.tokens import TokenStore
+from babydistill.workflows.benchmarks import machine
 
 # --- modes -------------------------------------------------------------------------------
 
@@ -212,9 +211,9 @@ def _time_modes(config: Config, tokens: TokenStore, modes: list[str], steps: int
                          "tokens_per_second": round(tokens_per_step / median, 1),
                          "final_loss": round(runs[mode].loss, 4), "step_peak_extra_mb": memory[mode]}
         if mode == "offline":
-            attrs = runs[mode].batches.attrs
-            results[mode]["store"] = {key: attrs.get(key) for key in ("mode", "k", "samples", "slots")}
-            results[mode]["store"]["tail_logp"] = bool(attrs.get("tail_logp", False))  # absent from older stores
+            info = store_info(runs[mode].batches.path)
+            results[mode]["store"] = {key: info[key] for key in ("mode", "k", "samples", "slots")}
+            results[mode]["store"]["tail_logp"] = "tail_logp" in info["arrays"]
         if device.type == "cuda":
             results[mode]["cuda_peak_mb"] = memory[mode + "_cuda"]
     return results
@@ -234,6 +233,7 @@ def bench_step(config_path: Path, out: Path | None = None, mode: str = "ce", ste
         problems.append(f"warmup must be >= 0, got {warmup}")
     if problems:
         raise ValueError("; ".join(problems))
+    started = machine.start()
     config = load_config(config_path, overrides)
     cfg = config.train
     if cfg.num_threads is not None:
@@ -257,8 +257,7 @@ def bench_step(config_path: Path, out: Path | None = None, mode: str = "ce", ste
         "num_threads": torch.get_num_threads(), "params": params, "seq_len": tokens.seq_len,
         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "steps": steps, "warmup": warmup,
         "temporary_run": temporary, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
-        "modes": results, "ratios": ratios,
+        "modes": results, "ratios": ratios, "machine": machine.finish(started),
     }
     for name, r in results.items():
         print(f"bench step {name}: {r['median_step_ms']:.1f} ms/step, {r['tokens_per_second']:,.0f} tok/s "
