@@ -328,7 +328,7 @@ def run_plan(plan: Plan, out: Path | None, command: str) -> dict:
 
     N, V, k, H = plan.check_shape
     total = gpu_checks.num_checks() + len(plan.loss_sizes) + 1 + 1 + 2
-    started = machine.start()
+    run_started = machine.start()
     result = {"environment": environment(plan, command), "plan": dataclasses.asdict(plan)}
     with tqdm(total=total, desc="bench gpu", unit="step", mininterval=1.0, leave=False) as bar, \
             tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
@@ -344,7 +344,7 @@ def run_plan(plan: Plan, out: Path | None, command: str) -> dict:
             seconds[name] = round(time.perf_counter() - started, 1)
     result["part_seconds"] = seconds
     result["goals"] = goals(result)
-    result["machine"] = machine.finish(started)
+    result["machine"] = machine.finish(run_started)
     print("\n".join(summary_lines(result)), flush=True)
     if out is not None:
         out = Path(out)
