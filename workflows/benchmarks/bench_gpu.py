@@ -290,9 +290,10 @@ def goals(result: dict) -> dict:
 
 
 def summary_lines(result: dict) -> list[str]:
-    env, checks = result["environment"], result["checks"]
+    env, checks, versions = result["environment"], result["checks"], result["machine"]["versions"]
     lines = [f"bench gpu: {env.get('gpu', env['device'])} (driver {env.get('driver')}, CUDA {env['cuda']}, "
-             f"torch {env['torch']}, triton {env['triton']}, commit {(env['commit'] or '?')[:10]})",
+             f"torch {versions['torch']}, triton {versions['triton']}, "
+             f"commit {(result['machine']['commit'] or '?')[:10]})",
              f"  kernel checks: {checks['cases'] - checks['failed']}/{checks['cases']} within tolerance"]
     for row in result["loss"]["sizes"]:
         liger = row["linear"].get("liger_fused_linear_ce")
