@@ -12,13 +12,9 @@ from conftest import write_config, write_corpus
 
 from babydistill.pipeline.config import load_config
 from babydistill.workflows.cli import _config, build_parser, main
-from babydistill.workflows.experiments.study import (
-    arm_units,
-    load_study,
-    paired_ci,
-    teacher_units,
-    unit_commands,
-)
+from babydistill.workflows.experiments.study_spec import load_study
+from babydistill.workflows.experiments.study_stats import paired_ci
+from babydistill.workflows.experiments.study_units import arm_units, teacher_units, unit_commands
 
 ONLINE = {"name": "online", "online": True}
 OFFLINE = {"name": "topk4", "set": ["cache.k=4", "distill.alpha=0.3"]}

@@ -208,14 +208,10 @@ def cmd_bench(args):
 
 
 def cmd_study(args):
-    from babydistill.workflows.experiments.study import (
-        collect_results,
-        load_study,
-        run_study,
-        select,
-        study_command,
-        write_study_report,
-    )
+    from babydistill.workflows.experiments.study_execute import run_study
+    from babydistill.workflows.experiments.study_report import study_command, write_study_report
+    from babydistill.workflows.experiments.study_results import collect_results
+    from babydistill.workflows.experiments.study_spec import load_study, select
 
     study = load_study(args.study)
     try:

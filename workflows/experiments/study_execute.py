@@ -1,0 +1,238 @@
+"""`babydistill study` running: the shared stages, the symlinked arm runs, the stores, then the models, in this
+process or in a pool of `babydistill` subprocesses (``--jobs``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from babydistill.workflows.experiments.study_spec import SHARED_LINKS, Arm, Study, StudyError
+from babydistill.workflows.experiments.study_units import (
+    Unit,
+    arm_units,
+    refuse_stale,
+    run_in_study,
+    teacher_units,
+    unit_commands,
+    unit_done,
+)
+from babydistill.workflows.runner import (
+    cache_stage,
+    default_teacher_names,
+    prepare_stage,
+    stage_status,
+    teacher_stage,
+    tokenize_stage,
+    tokenizer_stage,
+)
+
+
+@contextlib.contextmanager
+def _logged(log: Path):
+    """Send this process's prints (stdout and stderr, tracebacks included) to ``log``, appended."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc()
+            raise
+
+
+def _symlink(link: Path, target: Path) -> None:
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink():
+        if os.readlink(link) == relative:
+            return
+        link.unlink()
+    elif link.exists():
+        raise StudyError(f"{link} exists and is not a symlink to {target}; move it away so that the study can link it")
+    link.symlink_to(relative, target_is_directory=target.is_dir())
+
+
+def link_arm(study: Study, arm: Arm) -> None:
+    """The arm's run dir, its shared inputs linked to the base run's."""
+    arm.run_path.mkdir(parents=True, exist_ok=True)
+    for name in SHARED_LINKS:
+        _symlink(arm.run_path / name, study.base.run_path / name)
+
+
+def link_teacher(study: Study, name: str) -> Path:
+    """``study/teachers/NAME/``: the teacher's files (not its evaluation), where its study evaluation goes."""
+    source, view = study.base.teacher_path(name), study.teacher_view(name)
+    view.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.is_file() and not file.name.startswith("eval.json"):
+            _symlink(view / file.name, file)
+    return view
+
+
+def _run_in_process(unit: Unit) -> None:
+    try:
+        with _logged(unit.log):
+            if unit.arm is not None:
+                run_in_study(unit.student())
+            run_in_study(unit.evaluation(), rebuild_stale=True)
+    except ValueError as exc:
+        raise StudyError(f"{unit.label}: {' '.join(str(exc).split())} (log: {unit.log})") from None
+
+
+def _run_subprocess(study: Study, unit: Unit, num_threads: int) -> None:
+    if unit.arm is not None:
+        refuse_stale(unit.student())
+    commands = unit_commands(study, unit, num_threads)
+    if stage_status(unit.evaluation())[0] == "stale":
+        commands[-1].append("--force")  # an evaluation is cheap to redo and derived from the model alone
+    unit.log.parent.mkdir(parents=True, exist_ok=True)
+    with unit.log.open("a", encoding="utf-8") as log:
+        for argv in commands:
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(['babydistill', *argv])}\n")
+            log.flush()
+            code = subprocess.run([sys.executable, "-m", "babydistill.workflows", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            if code != 0:
+                raise StudyError(f"{unit.label}: `babydistill {argv[0]}` failed with exit status {code}; "
+                                 f"see {unit.log}")
+
+
+def _unit_line(unit: Unit, seconds: float | None) -> str:
+    e = json.loads((unit.model_dir / "eval.json").read_text(encoding="utf-8"))
+    took = "up to date" if seconds is None else f"{seconds:.0f} s"
+    return (f"{unit.label}: test CE {e['loss']['test']['ce']:.4f}, val CE {e['loss']['validation']['ce']:.4f}, "
+            f"BLiMP {100 * e['blimp']['overall']:.1f}% ({took})")
+
+
+def _capture(arm: Arm, bar) -> None:
+    from babydistill.stores.logits import store_info
+
+    stage = cache_stage(arm.config)
+    log = arm.run_path / "logs" / "cache.log"
+    started = time.time()
+    try:
+        with _logged(log):
+            ran = run_in_study(stage)
+    except ValueError as exc:
+        raise StudyError(f"{arm.name} cache: {' '.join(str(exc).split())} (log: {log})") from None
+    took = f"{time.time() - started:.0f} s" if ran else "up to date"
+    bar.write(f"{arm.name} cache: {store_info(stage.out)['bytes_per_token']:.1f} bytes/token ({took})")
+    if ran:
+        bar.update(1)
+
+
+def _available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1) -> None:
+    """Shared stages, teacher evaluations, then arm by arm: the store (offline) and one student per seed.
+
+    ``jobs`` > 1 captures the stores first, then trains and evaluates up to ``jobs`` models at once,
+    each in a `babydistill` subprocess with ``train.num_threads = cores // jobs``.
+    """
+    from tqdm import tqdm
+
+    if jobs < 1:
+        raise StudyError(f"--jobs: must be >= 1, got {jobs}")
+    for warning in study.warnings:
+        print(f"babydistill: warning: {warning}", file=sys.stderr)
+
+    # --- shared stages, in the base run (skipped when done)
+    shared_log = study.root / "logs" / "shared.log"
+    thunks = [lambda: prepare_stage(study.base), lambda: tokenizer_stage(study.base),
+              lambda: tokenize_stage(study.base)]
+    thunks += [lambda seed=seed: teacher_stage(study.base, seed, resume="auto")
+               for seed in study.base.teachers.resolved_seeds()]
+    for thunk in thunks:
+        stage = thunk()
+        if stage_status(stage)[0] == "done":
+            continue
+        print(f"shared stage {stage.name}: running (log: {shared_log})", flush=True)
+        try:
+            with _logged(shared_log):
+                run_in_study(stage)
+        except ValueError as exc:
+            raise StudyError(f"{' '.join(str(exc).split())} (log: {shared_log})") from None
+    for name in default_teacher_names(study.base):
+        link_teacher(study, name)
+    for arm in arms:
+        link_arm(study, arm)
+
+    # --- the units
+    offline = [a for a in arms if not a.online]
+    teachers = teacher_units(study)
+    per_arm = {a.name: arm_units(a, seeds) for a in arms}
+    units = teachers + [u for a in arms for u in per_arm[a.name]]
+    # the bar counts finished work as done from the start, so that its rate and ETA are those of the work left
+    num_done = sum(stage_status(cache_stage(a.config))[0] == "done" for a in offline) + sum(map(unit_done, units))
+    bar = tqdm(total=len(offline) + len(units), initial=num_done, unit="unit", desc="study", smoothing=0,
+               dynamic_ncols=True)
+    try:
+        if jobs == 1:
+            for unit in teachers:
+                _finish_in_process(unit, bar)
+            for arm in arms:  # arm by arm, so that a partial study has complete arms
+                if not arm.online:
+                    _capture(arm, bar)
+                for unit in per_arm[arm.name]:
+                    _finish_in_process(unit, bar)
+        else:
+            for arm in offline:  # the students need their stores
+                _capture(arm, bar)
+            num_threads = max(1, _available_cores() // jobs)
+            _run_pool(study, units, jobs, num_threads, bar)
+    finally:
+        bar.close()
+
+
+def _finish_in_process(unit: Unit, bar) -> None:
+    if unit_done(unit):
+        bar.write(_unit_line(unit, None))
+        return
+    started = time.time()
+    _run_in_process(unit)
+    bar.write(_unit_line(unit, time.time() - started))
+    bar.update(1)
+
+
+def _run_pool(study: Study, units: list[Unit], jobs: int, num_threads: int, bar) -> None:
+    todo = []
+    for unit in units:
+        if unit_done(unit):
+            bar.write(_unit_line(unit, None))
+        else:
+            todo.append(unit)
+    failures = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        started = time.time()
+        futures = {pool.submit(_timed, _run_subprocess, study, unit, num_threads): unit for unit in todo}
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            try:
+                seconds = future.result()
+            except StudyError as exc:
+                failures.append(str(exc))
+                for other in futures:
+                    other.cancel()  # the ones not started; the running ones finish
+                continue
+            bar.write(_unit_line(futures[future], seconds))
+            bar.update(1)
+    if failures:
+        more = f" ({len(failures) - 1} more failed; see their logs)" if len(failures) > 1 else ""
+        raise StudyError(failures[0] + more + f"; stopped after {time.time() - started:.0f} s")
+
+
+def _timed(fn, *args) -> float:
+    started = time.time()
+    fn(*args)
+    return time.time() - started
