@@ -19,7 +19,8 @@ from babydistill.pipeline.cache import capture_logits
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.teacher import train_teacher
 from babydistill.workflows.cli import main
-from babydistill.workflows.experiments.sweep import config_point, open_existing, prepare_study, run_sweep
+from babydistill.workflows.experiments.sweep import open_existing, prepare_study, run_sweep
+from babydistill.workflows.experiments.sweep_optuna import config_point
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = {"distill.alpha": {"low": 0.1, "high": 0.9}, "train.lr": {"low": 1e-4, "high": 1e-2, "log": True},

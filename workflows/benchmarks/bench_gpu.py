@@ -331,8 +331,10 @@ def run_plan(plan: Plan, out: Path | None, command: str) -> dict:
     total = gpu_checks.num_checks() + len(plan.loss_sizes) + 1 + 1 + 2
     run_started = machine.start()
     result = {"environment": environment(plan, command), "plan": dataclasses.asdict(plan)}
-    with tqdm(total=total, desc="bench gpu", unit="step", mininterval=1.0, leave=False) as bar, \
-            tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
+    with (
+        tqdm(total=total, desc="bench gpu", unit="step", mininterval=1.0, leave=False) as bar,
+        tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp,
+    ):
         run_dir, seconds = Path(tmp) / "run", {}
         parts = {"checks": lambda: gpu_checks.run_checks(plan.device, N, V, k, H, bar.update),
                  "loss": lambda: part_loss(plan, bar.update),

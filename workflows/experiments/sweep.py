@@ -19,13 +19,14 @@ retried once with the same parameters, and the retry takes over the trial's fold
 from its last checkpoint. A sweep stops when ``trials`` trials are completed or pruned; completed
 and pruned trials are never run again. A trial that raises (e.g. a NaN loss at a high learning
 rate) is recorded as failed and does not count.
+
+This module is the stage (its checks, the study it opens, the workers it starts); sweep_optuna holds the
+Optuna side, sweep_trial one trial and the worker loop, sweep_report the report.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import multiprocessing
 import os
 import re
@@ -33,285 +34,25 @@ import shutil
 import socket
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from babydistill.pipeline.config import (
-    Config,
-    ConfigError,
-    SweepConfig,
-    config_from_dict,
-    identity,
-    save_config,
+from babydistill.pipeline.config import Config, ConfigError, save_config
+from babydistill.workflows.experiments.sweep_optuna import (
+    STUDY_FILE,
+    SweepError,
+    check_space,
+    config_point,
+    default_storage_url,
+    load_study,
+    num_counted,
+    open_storage,
+    signature,
+    state_counts,
 )
-from babydistill.pipeline.train import STATE_DIR
+from babydistill.workflows.experiments.sweep_trial import TrialJob, run_worker, worker_process
 
-COUNTED = ("COMPLETE", "PRUNED")
-"""Trial states that count towards ``trials``."""
-STUDY_FILE = "study.db"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class SweepError(ValueError):
-    """The sweep cannot run as asked (no store, a storage Optuna cannot open, a changed study, ...)."""
-
-
-# --- the search space ---------------------------------------------------------------------------
-
-
-def _with_values(config: Config, values: dict) -> Config:
-    """``config`` with ``section.key: value`` applied, validated like a loaded config."""
-    raw = config.to_dict()
-    for key, value in values.items():
-        section, name = key.split(".", 1)
-        raw[section][name] = value
-    return config_from_dict(raw)
-
-
-def check_space(config: Config) -> None:
-    """Every end of every range and every choice must give a valid run config (e.g. a temperature other
-    than 1 with a sampled store is refused here, naming the key, rather than in trial 7)."""
-    for key, spec in config.sweep.space.items():
-        values = spec["choices"] if "choices" in spec else [spec["low"], spec["high"]]
-        for value in values:
-            try:
-                _with_values(config, {key: value})
-            except ConfigError as exc:
-                raise ConfigError(f"sweep.space.{key}: {value!r} gives an invalid run config ({exc})") from None
-
-
-def suggest(trial, space: dict[str, dict]) -> dict:
-    """The trial's parameters, drawn by Optuna's sampler from ``space`` (names are the config keys)."""
-    params = {}
-    for key, spec in space.items():
-        if "choices" in spec:
-            params[key] = trial.suggest_categorical(key, spec["choices"])
-        elif isinstance(spec["low"], int):
-            params[key] = trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=spec["log"])
-        else:
-            params[key] = trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"), log=spec["log"])
-    return params
-
-
-def config_point(config: Config) -> dict | None:
-    """The config's own values of the space's keys, or None when one of them lies outside the space."""
-    point = {}
-    for key, spec in config.sweep.space.items():
-        section, name = key.split(".", 1)
-        value = getattr(getattr(config, section), name)
-        inside = value in spec["choices"] if "choices" in spec else spec["low"] <= value <= spec["high"]
-        if not inside:
-            return None
-        point[key] = value
-    return point
-
-
-def signature(config: Config, store_attrs: dict) -> dict:
-    """What makes trials comparable: a study made with another signature cannot be continued."""
-    varied = {section: identity(getattr(config, section)) for section in SIGNED_SECTIONS}
-    return {"space": config.sweep.space, "objective": config.sweep.objective, "student_seed": config.sweep.student_seed,
-            "config": _digest(varied), "store": _digest(store_attrs)}
-
-
-SIGNED_SECTIONS = ("data", "tokenizer", "model", "train", "distill")  # their identity fields (config.EXECUTION_ONLY)
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# --- storage and study ----------------------------------------------------------------------------
-
-
-def default_storage_url(sweep_dir: Path) -> str:
-    return f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}"
-
-
-def open_storage(url: str, heartbeat_seconds: int):
-    """An Optuna RDB storage with heartbeats; a stale trial is retried once, inheriting its reported values."""
-    import optuna
-
-    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None  # writers queue, not fail
-    try:
-        with warnings.catch_warnings():  # heartbeats and the retry callback are marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-                grace_period=3 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=1, inherit_intermediate_values=True))
-    except Exception as exc:  # the URL's scheme, driver, host or file: Optuna/SQLAlchemy raise many kinds
-        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-        raise SweepError(f"--storage {url}: Optuna cannot open it ({why}); give an RDB URL such as "
-                         f"sqlite:////abs/path/study.db or postgresql://user:pass@host/db") from None
-
-
-def make_sampler(cfg: SweepConfig, offset: int = 0):
-    """``offset`` shifts the seed: a resumed sweep or a second worker must not redraw the same random trials."""
-    import optuna
-
-    if cfg.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=cfg.seed + offset)
-    return optuna.samplers.TPESampler(seed=cfg.seed + offset, n_startup_trials=cfg.startup_trials)
-
-
-def make_pruner(cfg: SweepConfig, eval_every: int):
-    import optuna
-
-    min_steps = cfg.min_steps or eval_every
-    if cfg.pruner == "hyperband":  # max_resource "auto": the first completed trial's last step
-        return optuna.pruners.HyperbandPruner(min_resource=min_steps, reduction_factor=cfg.reduction_factor)
-    if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials // 2 or 1, n_warmup_steps=min_steps)
-    return optuna.pruners.NopPruner()
-
-
-def load_study(config: Config, name: str, storage, *, create: bool):
-    import optuna
-
-    cfg = config.sweep
-    kwargs = dict(study_name=name, storage=storage, sampler=make_sampler(cfg),
-                  pruner=make_pruner(cfg, config.train.eval_every or 1))
-    if create:
-        return optuna.create_study(direction="minimize", load_if_exists=True, **kwargs)
-    return optuna.load_study(**kwargs)
-
-
-def _counts(study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-def num_counted(study) -> int:
-    counts = _counts(study)
-    return sum(counts.get(s, 0) for s in COUNTED)
-
-
-# --- one trial ------------------------------------------------------------------------------------
-
-
-def trial_dir(sweep_dir: Path, number: int) -> Path:
-    return sweep_dir / f"trial-{number:04d}"
-
-
-@dataclass
-class TrialJob:
-    """Everything a worker needs (picklable: it crosses to worker processes and dask tasks)."""
-
-    config: Config
-    name: str
-    storage_url: str
-    sweep_dir: Path
-    trials: int
-    num_threads: int | None = None
-    """train.num_threads for this worker's trials (None = the config's)."""
-    worker: int = 0
-
-
-def _objective(job: TrialJob, trial) -> float:
-    import optuna
-
-    from babydistill.pipeline.distill import train_student
-    from babydistill.pipeline.train import TrainingError
-
-    study = trial.study
-    # Two workers can start a trial at the same moment when one slot is left: the later one steps back.
-    earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number
-               and t.state.name in (*COUNTED, "RUNNING")]
-    if len(earlier) >= job.trials:
-        trial.set_user_attr("surplus", True)
-        raise SurplusTrial(f"the sweep already has {job.trials} trials")
-
-    params = suggest(trial, job.config.sweep.space)
-    config = _with_values(job.config, params)
-    if job.num_threads is not None:
-        config.train.num_threads = job.num_threads
-    out = trial_dir(job.sweep_dir, trial.number)
-    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(frozen)
-    if history and not out.exists() and trial_dir(job.sweep_dir, history[-1]).exists():
-        # The retry of a trial whose process died: it takes the folder over and resumes from its checkpoint.
-        os.replace(trial_dir(job.sweep_dir, history[-1]), out)
-        trial.set_user_attr("resumed_from_trial", history[-1])
-    out.mkdir(parents=True, exist_ok=True)
-    trial.set_user_attr("dir", out.name)
-    trial.set_user_attr("host", socket.gethostname())
-
-    def on_validation(step: int, val_loss: float) -> None:
-        trial.report(val_loss, step)
-        trial.set_user_attr("steps", step)
-        if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (validation CE {val_loss:.4f})")
-
-    try:
-        with (out / "train.log").open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log), \
-                contextlib.redirect_stderr(log):
-            train_student(config, config.tokens_path, config.tokenizer_path, config.logits_path, out,
-                          seed=config.sweep.student_seed, resume="auto", on_validation=on_validation)
-    except (optuna.TrialPruned, TrainingError):
-        # A finished trial is never resumed: its checkpoints only take disk (pruned and failed alike).
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-        raise
-    except KeyboardInterrupt:
-        # Optuna records the trial as failed; queue its retry now, as for a dead process, so that the next
-        # run resumes it from its checkpoint instead of losing it.
-        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)(study, frozen)
-        raise
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-    summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
-    trial.set_user_attr("steps", summary["num_steps"])
-    return summary["final_val_loss"]
-
-
-class SurplusTrial(Exception):
-    """A trial started after the sweep already had its count (recorded as failed, marked surplus)."""
-
-
-def run_worker(job: TrialJob, on_trial=None) -> int:
-    """Run trials until the study has ``job.trials`` completed or pruned ones (counting those running).
-
-    Returns how many trials this worker ran. ``on_trial(study, frozen_trial)`` is called after each.
-    """
-    import optuna
-
-    from babydistill.pipeline.train import TrainingError
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    storage = open_storage(job.storage_url, job.config.sweep.heartbeat_seconds)
-    study = load_study(job.config, job.name, storage, create=False)
-    study.sampler = make_sampler(job.config.sweep, offset=len(study.trials) + 1000 * job.worker)
-    ran, failures, last = 0, 0, []
-
-    def record(study, frozen) -> None:
-        last[:] = [frozen]
-        if on_trial is not None:
-            on_trial(study, frozen)
-
-    while True:
-        counts = _counts(study)
-        # A waiting trial (the retry of a dead one) is run first by Optuna, whatever the count.
-        if sum(counts.get(s, 0) for s in (*COUNTED, "RUNNING")) >= job.trials and not counts.get("WAITING"):
-            return ran
-        if failures >= job.trials:
-            raise SweepError(f"{failures} trials in a row failed in this worker; see {job.sweep_dir}/trial-*/train.log")
-        study.optimize(lambda trial: _objective(job, trial), n_trials=1, catch=(TrainingError, SurplusTrial),
-                       callbacks=[record])
-        ran += 1
-        failed = last and last[0].state.name == "FAIL" and not last[0].user_attrs.get("surplus")
-        failures = failures + 1 if failed else 0
-
-
-def _worker_process(job: TrialJob, log_path: Path) -> None:
-    """A spawned worker process: its own log, then the trial loop."""
-    with log_path.open("a", encoding="utf-8") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        run_worker(job)
-
-
-# --- progress -------------------------------------------------------------------------------------
 
 
 def _fmt(value) -> str:
@@ -335,9 +76,9 @@ def trial_line(study, t) -> str:
                                                  if t.intermediate_values else None)
     complete = [x for x in study.get_trials(deepcopy=False) if x.state.name == "COMPLETE"]
     best = min(complete, key=lambda x: x.value) if complete else None
-    return (f"trial {t.number} {state} | {params} | val {value:.4f}" if value is not None else
-            f"trial {t.number} {state} | {params} | val -") + \
-        (f" | best {best.value:.4f} (trial {best.number})" if best else " | best -")
+    val = f"{value:.4f}" if value is not None else "-"
+    best_text = f"{best.value:.4f} (trial {best.number})" if best else "-"
+    return f"trial {t.number} {state} | {params} | val {val} | best {best_text}"
 
 
 class Progress:
@@ -360,9 +101,6 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-# --- the stage ------------------------------------------------------------------------------------
 
 
 def check_inputs(config: Config, logits_path: Path) -> dict:
@@ -398,8 +136,9 @@ def prepare_study(config: Config, name: str, *, storage_url: str | None = None, 
     sign = signature(config, attrs)
     if storage_url is not None:
         storage = open_storage(storage_url, config.sweep.heartbeat_seconds)  # a bad URL fails before any write
-    exists = storage_url is not None and name in optuna.get_all_study_names(storage) or \
-        storage_url is None and (sweep_dir / STUDY_FILE).is_file()
+        exists = name in optuna.get_all_study_names(storage)
+    else:
+        exists = (sweep_dir / STUDY_FILE).is_file()
     if exists and force:
         if storage_url is not None:
             optuna.delete_study(study_name=name, storage=storage)
@@ -514,7 +253,7 @@ def run_sweep(config: Config, name: str, *, trials: int | None = None, workers: 
     finally:
         if client is not None:
             client.close()
-    counts = _counts(study)
+    counts = state_counts(study)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     best = min(complete, key=lambda t: t.value) if complete else None
     print(f"sweep {name}: {num_counted(study)}/{trials} trials done (" + ", ".join(
@@ -529,11 +268,11 @@ def _start_one_by_one(starts: list, study, timeout: float = 120.0) -> list:
     of a dead one) to two workers asking at the same moment, and both then train it in the same folder."""
     started = []
     for i, start in enumerate(starts):
-        waiting = _counts(study).get("WAITING", 0)
+        waiting = state_counts(study).get("WAITING", 0)
         started.append(start())
         deadline = time.time() + timeout
         while (waiting and i < len(starts) - 1 and time.time() < deadline
-               and _counts(study).get("WAITING", 0) >= waiting):
+               and state_counts(study).get("WAITING", 0) >= waiting):
             time.sleep(0.5)
     return started
 
@@ -543,7 +282,7 @@ def _run_processes(job: TrialJob, workers: int, study, progress: Progress) -> No
     logs = job.sweep_dir / "logs"
     logs.mkdir(exist_ok=True)
     ctx = multiprocessing.get_context("spawn")  # no forked torch / sqlite state
-    procs = [ctx.Process(target=_worker_process, args=(replace(job, worker=i), logs / f"worker-{i}.log"))
+    procs = [ctx.Process(target=worker_process, args=(replace(job, worker=i), logs / f"worker-{i}.log"))
              for i in range(workers)]
     _start_one_by_one([p.start for p in procs], study)
     try:

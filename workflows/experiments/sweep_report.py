@@ -128,8 +128,8 @@ def write_sweep_report(study, config: Config, out_dir: Path, *, config_path: str
               "| trial | state | " + " | ".join(f"`{k}`" for k in keys) + " | val CE | steps | seconds |",
               "| --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- | --- |"]
     for t in results["trials"]:
-        state = t["state"] + (" (surplus)" if t["surplus"] else "") + \
-            (f" (resumes trial {t['resumed_from_trial']})" if t["resumed_from_trial"] is not None else "")
+        state = (t["state"] + (" (surplus)" if t["surplus"] else "")
+                 + (f" (resumes trial {t['resumed_from_trial']})" if t["resumed_from_trial"] is not None else ""))
         params = " | ".join(_arg(t["params"][k]) if k in t["params"] else "-" for k in keys)
         mark = "**" if best and t["number"] == best["number"] else ""
         lines.append(f"| {mark}{t['number']}{mark} | {state} | {params} | {_cell(t['last_value'], '.4f')} | "
