@@ -2,7 +2,7 @@
 minimises the tail noise? Exact optimum vs estimates over 60 redraws of 24 tail draws, on 512 validation
 positions of the cpu-experiment teachers, for a trained student and for early checkpoints.
 
-    .venv/bin/python docs/results/offline-study/control_beta.py [CHECKPOINT_DIR ...]   (from the repo root)
+    .venv/bin/python analysis/offline-study/control_beta.py [CHECKPOINT_DIR ...]   (from the repo root)
 
 A CHECKPOINT_DIR is a training checkpoint (``<student>.partial/trainer_state/step-NNNNNN``, holding
 ``model.pt``); a run keeps its two newest there until it finishes. The figures in the offline-study README

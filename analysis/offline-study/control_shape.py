@@ -6,7 +6,7 @@ batch); beta q^gamma (a tempered student); a per-row power law fitted on the exa
 the 8 head ids, extrapolated to the tail); q_tail rescaled per row to the stored tail mass r. Each with its
 best batch beta. Reported as root-mean-square noise over the dense gradient's norm, as control_variate.py.
 
-    .venv/bin/python docs/results/offline-study/control_shape.py    (from the repo root, after the study's seq arms)
+    .venv/bin/python analysis/offline-study/control_shape.py    (from the repo root, after the study's seq arms)
 
 Writes control_shape.json beside this file; the README of the offline study quotes it.
 """

@@ -17,7 +17,7 @@ teachers; root-mean-square noise over the dense gradient's norm, as control_vari
 - the measured sequence-normalisation arms whose draws keep their probabilities (results.json): their gap to
   online-seq against this noise, a straight-line fit, and what the other arms' line predicted for 32 + 64.
 
-    .venv/bin/python docs/results/offline-study/store_designs.py   (from the repo root, after the online-seq arm)
+    .venv/bin/python analysis/offline-study/store_designs.py   (from the repo root, after the online-seq arm)
 
 Writes store_designs.json beside this file; the README of the offline study quotes it.
 """
@@ -31,6 +31,9 @@ from validation_positions import RUN, logp_of, teacher_positions
 from babydistill.pipeline.model import load_model
 from babydistill.stores.logits import store_info
 from babydistill.stores.tokens import TokenStore
+
+# the study's per-seed numbers (its --report-only output) stay with its report in docs/
+STUDY_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "offline-study" / "results.json"
 
 torch.set_num_threads(2)
 windows, picked, p = teacher_positions(256)
@@ -165,7 +168,7 @@ result["bytes"] = {
     "head_entry_top32": {name: round(top32[name] / 32, 2) for name in ("ids", "logp")},
     "draws_of_the_8+12_store": round(12 * sum(per_draw.values()), 1)}
 # the measured sequence-normalisation arms with their probabilities: gap to online-seq against the computed noise
-study = json.loads(Path(__file__).with_name("results.json").read_text())
+study = json.loads(STUDY_RESULTS.read_text())
 arms = {arm["name"]: arm["per_seed"] for arm in study["arms"]}
 
 

@@ -7,7 +7,7 @@ seeds), next to the arm's test CE minus that online arm's (mean over seeds). The
 reported the same way (one ratio per matrix, the median over matrices), to show that the inflation is the
 output layer's.
 
-    .venv/bin/python docs/results/offline-study/adam_second_moment.py   (from the repo root, after the study)
+    .venv/bin/python analysis/offline-study/adam_second_moment.py   (from the repo root, after the study)
 
 Writes adam_second_moment.json beside this file; the README of the offline study quotes it.
 """
@@ -16,8 +16,11 @@ from pathlib import Path
 
 import torch
 
+# the study's per-seed numbers (its --report-only output) stay with its report in docs/
+STUDY_RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "offline-study" / "results.json"
+
 STUDY = Path("runs/cpu-experiment/study")
-RESULTS = json.loads(Path(__file__).with_name("results.json").read_text())
+RESULTS = json.loads(STUDY_RESULTS.read_text())
 SEEDS = (1, 2, 3)
 
 

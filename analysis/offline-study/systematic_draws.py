@@ -1,7 +1,7 @@
 """Independent (multinomial) vs systematic tail draws of a hybrid store: the distillation gradient's bias
 and spread at a uniform student (as in the fidelity report), on 64 positions of the cpu-experiment teachers.
 
-    .venv/bin/python docs/results/offline-study/systematic_draws.py    (from the repo root, after make experiment)
+    .venv/bin/python analysis/offline-study/systematic_draws.py    (from the repo root, after make experiment)
 
 The offline-study README quotes its output: systematic draws reduce the spread by 2-7% only.
 """

@@ -2,7 +2,7 @@
 computed exactly (no simulation), at the students that matter, on 256 validation positions of the
 cpu-experiment teachers.
 
-    .venv/bin/python docs/results/offline-study/control_variate.py    (from the repo root, after the study's online-seq arm)
+    .venv/bin/python analysis/offline-study/control_variate.py    (from the repo root, after the study's online-seq arm)
 
 A hybrid store's tail is S draws j_s from pi = p_tail / r; the target's tail estimate is
 (r/S) sum_s e_{j_s}. Its noise (the gradient's, since the student gradient is q - target) has
