@@ -85,7 +85,7 @@ def test_two_process_student_with_the_tail_control_variate_matches_one_process(d
     compute what one process with their global batch computes."""
     import shutil
 
-    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.capture import capture_logits
     from babydistill.pipeline.distill import train_student
 
     run = tmp_path / "run"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from babydistill.pipeline.cache import capture_logits
+from babydistill.pipeline.capture import capture_logits
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.distill import train_student
 from babydistill.pipeline.teacher import train_teacher

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from babydistill.pipeline.cache import store_identity
+from babydistill.pipeline.capture import store_identity
 from babydistill.pipeline.config import EXECUTION_ONLY, SECTIONS, Config, identity, load_config
 from babydistill.workflows.runner import MARKER, model_dirs, pipeline_stages, write_marker
 

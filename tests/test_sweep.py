@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from babydistill.pipeline.cache import capture_logits
+from babydistill.pipeline.capture import capture_logits
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.sweep import config_point, open_existing, prepare_study, run_sweep
 from babydistill.pipeline.teacher import train_teacher

@@ -359,7 +359,7 @@ def _corpus_listing(corpus: Path) -> list:
 def _corpus_content(corpus: Path) -> list:
     """Every corpus file's name (relative to the corpus), size and sha256: what the corpus holds, wherever it
     lies and whatever its mtimes, so that a run directory moved or copied with its corpus stays up to date."""
-    from babydistill.stores.tokens import file_sha256
+    from babydistill.stores.files import file_sha256
 
     if not corpus.is_dir():
         return ["missing"]
@@ -371,7 +371,7 @@ def build_token_run(config: Config) -> Config:
     """prepare, tokenizer and tokenize straight into ``config.run_dir``, without stage markers: the tokens that a
     benchmark or a test needs in a throwaway run of its own (a real run goes through the stages). Returns ``config``."""
     from babydistill.pipeline.prepare import prepare_corpus
-    from babydistill.pipeline.tokenize import tokenize_corpus
+    from babydistill.pipeline.encode import tokenize_corpus
     from babydistill.pipeline.tokenizer import train_tokenizer
 
     prepare_corpus(config.data, config.corpus_path, config.data_path)
@@ -427,7 +427,7 @@ def tokenizer_stage(config: Config) -> Stage:
 
 
 def tokenize_stage(config: Config) -> Stage:
-    from babydistill.pipeline.tokenize import tokenize_corpus
+    from babydistill.pipeline.encode import tokenize_corpus
     from babydistill.stores.tokens import incomplete_reason
 
     up, waiting = _upstream(config.tokenizer_path, "`babydistill tokenizer CONFIG`")
@@ -464,7 +464,7 @@ def default_teacher_names(config: Config) -> list[str]:
 
 
 def cache_stage(config: Config, teacher_names: list[str] | None = None, scheduler: str | None = None) -> Stage:
-    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.capture import capture_logits
     from babydistill.stores.logits import incomplete_reason
 
     names = teacher_names or default_teacher_names(config)
