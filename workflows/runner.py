@@ -370,8 +370,8 @@ def _corpus_content(corpus: Path) -> list:
 def build_token_run(config: Config) -> Config:
     """prepare, tokenizer and tokenize straight into ``config.run_dir``, without stage markers: the tokens that a
     benchmark or a test needs in a throwaway run of its own (a real run goes through the stages). Returns ``config``."""
-    from babydistill.pipeline.prepare import prepare_corpus
     from babydistill.pipeline.encode import tokenize_corpus
+    from babydistill.pipeline.prepare import prepare_corpus
     from babydistill.pipeline.tokenizer import train_tokenizer
 
     prepare_corpus(config.data, config.corpus_path, config.data_path)
