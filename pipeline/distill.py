@@ -77,8 +77,9 @@ def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
 def _spaced(start: int, stop: int, device: torch.device) -> torch.Tensor:
     """Up to CONTROL_ROWS row indices of start..stop-1, evenly spaced, on ``device``."""
     count = min(CONTROL_ROWS, stop - start)
-    return torch.linspace(start, stop - 1, count, device=device).long() if count > 0 else \
-        torch.zeros(0, dtype=torch.long, device=device)
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.linspace(start, stop - 1, count, device=device).long()
 
 
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,

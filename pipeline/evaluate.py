@@ -158,8 +158,8 @@ def completion_logprobs(model, tokenizer, texts: list[str], starts: list[int], b
         logits_BTV = model(input_ids=input_ids_BT.to(device), attention_mask=mask_BT.long().to(device),
                            position_ids=position_ids_BT.to(device)).logits.float()
         # position t predicts token t+1; padded targets and tokens before the completion are left out
-        logp_BT = logits_BTV[:, :-1].gather(-1, input_ids_BT[:, 1:, None].to(device)).squeeze(-1) \
-            - torch.logsumexp(logits_BTV[:, :-1], dim=-1)
+        logp_BT = (logits_BTV[:, :-1].gather(-1, input_ids_BT[:, 1:, None].to(device)).squeeze(-1)
+                   - torch.logsumexp(logits_BTV[:, :-1], dim=-1))
         logp_BT = logp_BT.double().cpu() * scored_BT[:, 1:]
         out[rows] = logp_BT.sum(dim=1)
     return out
