@@ -106,3 +106,31 @@ def test_draw_sets_enter_the_identity_only_when_more_than_one():
 
     assert "draw_sets" not in identity(CacheConfig())
     assert identity(CacheConfig(draw_sets=6))["draw_sets"] == 6
+
+
+# Today's fingerprint and recipe digest of every stage of the fixed run below (finished upstream markers, the
+# conftest corpus): a change to how a stage is hashed would make every user's finished stage look changed.
+PINNED = {
+    "prepare": ["25a101dd6ec4adf5", None],
+    "tokenizer": ["db7d33df20647a6d", None],
+    "tokenize": ["4fd799f4af916c78", None],
+    "teacher t1": ["e106484ecbbaa109", "5c98b28bbb4d32f6"],
+    "teacher t2": ["41ebcaebe21ddffc", "2873769a461eb498"],
+    "cache": ["253aa3df66d3988f", None],
+    "student s1": ["48fcb59b987ba198", "3a8bc257458a503e"],
+    "student o1": ["32f9e5ba7214f571", "15f6f7431ce20d0c"],
+    "evaluate t1": ["3988d25c626f1db1", None],
+    "evaluate t2": ["9cde4480fb9b30a3", None],
+    "evaluate s1": ["bbc77524d14fcf9b", None],
+    "evaluate o1": ["351d05c063bc01c6", None],
+    "report": ["669d0335c64375d2", None],
+}
+
+
+def test_the_fingerprints_and_recipes_of_finished_stages_do_not_change(run_config):
+    from babydistill.stores.files import json_digest
+
+    stages = [thunk() for thunk in pipeline_stages(run_config)]
+    found = {stage.name: [stage.fingerprint, json_digest(stage.recipe) if stage.recipe else None]
+             for stage in stages}
+    assert found == PINNED
