@@ -10,7 +10,8 @@ import pytest
 
 from babydistill.pipeline.cache import store_identity
 from babydistill.pipeline.config import EXECUTION_ONLY, SECTIONS, Config, identity, load_config
-from babydistill.workflows.runner import MARKER, model_dirs, pipeline_stages, write_marker
+from babydistill.workflows.markers import MARKER, write_marker
+from babydistill.workflows.runner import model_dirs, pipeline_stages
 
 
 def finished_run(config: Config) -> Config:
@@ -116,7 +117,7 @@ PINNED = {
     "tokenize": ["4fd799f4af916c78", None],
     "teacher t1": ["e106484ecbbaa109", "5c98b28bbb4d32f6"],
     "teacher t2": ["41ebcaebe21ddffc", "2873769a461eb498"],
-    "cache": ["253aa3df66d3988f", None],
+    "capture": ["253aa3df66d3988f", None],  # named "cache" when pinned: the name is not in the hash
     "student s1": ["48fcb59b987ba198", "3a8bc257458a503e"],
     "student o1": ["32f9e5ba7214f571", "15f6f7431ce20d0c"],
     "evaluate t1": ["3988d25c626f1db1", None],
