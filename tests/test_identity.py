@@ -135,3 +135,14 @@ def test_the_fingerprints_and_recipes_of_finished_stages_do_not_change(run_confi
     found = {stage.name: [stage.fingerprint, json_digest(stage.recipe) if stage.recipe else None]
              for stage in stages}
     assert found == PINNED
+
+
+def test_the_stage_map_gives_the_sections_hashed_elsewhere():
+    """What a training checkpoint, a sweep's signature and a study's shared stages hash, from the one map."""
+    from babydistill.pipeline.stages import STAGE_SECTIONS, sections_of
+
+    assert set(STAGE_SECTIONS["checkpoint"]) == {"model", "tokenizer", "data"}  # pipeline/train.py
+    assert sections_of("prepare", "tokenizer", "student") == ("data", "tokenizer", "model", "train", "distill")
+    shared = tuple(s for s in sections_of("prepare", "tokenizer", "tokenize", "teacher") if s != "train")
+    assert shared == ("data", "tokenizer", "model", "teachers")  # workflows/study.py's SHARED_SECTIONS
+    assert set(sections_of(*STAGE_SECTIONS)) <= set(SECTIONS)

@@ -163,7 +163,7 @@ def capture_stage(config: Config, teacher_names: list[str] | None = None, schedu
 
     def build(work: Path):
         return capture_logits(config.cache, config.tokens_path, config.tokenizer_path, teacher_dirs, work,
-                              workers=config.cache.workers, scheduler=scheduler)
+                              scheduler=scheduler)
 
     return Stage("capture", config.logits_path, fp, build,
                  f"babydistill capture CONFIG --teachers {','.join(names)}",
