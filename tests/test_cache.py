@@ -401,7 +401,8 @@ def flip_byte(file: Path) -> None:
 
 def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_store, tiny_run, teachers, tmp_path,
                                                                          capsys):
-    from babydistill.workflows.runner import STORE_MARKER, Stage, run_stage, stage_status, write_marker
+    from babydistill.workflows.markers import STORE_MARKER, write_marker
+    from babydistill.workflows.stage import Stage, run_stage, stage_status
 
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)

@@ -242,12 +242,12 @@ def test_a_run_moved_with_its_corpus_stays_up_to_date(tmp_path, capsys):
     import shutil
 
     from babydistill.pipeline.config import identity
+    from babydistill.workflows.markers import write_marker
     from babydistill.workflows.runner import (
         _corpus_listing,
         fingerprint,
         prepare_stage,
         stage_status,
-        write_marker,
     )
 
     first = tmp_path / "first"
@@ -394,7 +394,7 @@ def test_a_damaged_token_chunk_is_named_refused_and_rebuilt_by_tokenize(tiny_con
 def test_a_stale_stage_names_its_own_rebuild_command_and_a_stale_report_is_rebuilt(tmp_path):
     """`run --force` would rebuild every stage, so a stale one names the command that rebuilds it alone;
     the report (made from the other outputs in seconds) is rebuilt when stale, without asking."""
-    from babydistill.workflows.runner import Stage, StageError, run_stage, stage_status
+    from babydistill.workflows.stage import Stage, StageError, run_stage, stage_status
 
     def stage(name: str, fingerprint: str, derived: bool = False) -> Stage:
         return Stage(name, tmp_path / name, fingerprint, lambda work: (work / "out.txt").write_text(fingerprint),

@@ -40,13 +40,12 @@ import numpy as np
 import yaml
 
 from babydistill.pipeline.config import Config, load_config, model_name
+from babydistill.workflows.markers import read_marker
 from babydistill.workflows.runner import (
     Stage,
-    cache_stage,
     default_teacher_names,
     evaluate_stage,
     prepare_stage,
-    read_marker,
     run_stage,
     stage_status,
     student_stage,
@@ -54,6 +53,7 @@ from babydistill.workflows.runner import (
     tokenize_stage,
     tokenizer_stage,
 )
+from babydistill.workflows.runner import capture_stage as cache_stage
 
 SHARED_SECTIONS = ("data", "tokenizer", "model", "teachers")
 """Sections that the shared stages (the base run) fix: neither the study nor an arm may change them."""
