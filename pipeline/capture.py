@@ -314,7 +314,7 @@ def _summary(out: Path, cfg: CacheConfig, store_id: dict, ranges: list, todo: li
 
 
 def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, teacher_dirs: list[Path], out: Path,
-                   *, workers: int | None = None, scheduler: str | None = None) -> dict:
+                   *, scheduler: str | None = None) -> dict:
     """Capture the ensemble's sparse targets for every training window into ``out`` (resumable in place).
 
     Returns the summary, including the fidelity report (also saved in the store's header).
@@ -325,7 +325,7 @@ def capture_logits(cfg: CacheConfig, tokens_path: Path, tokenizer_dir: Path, tea
     ...                          [Path("runs/demo/teachers/t1"), Path("runs/demo/teachers/t2")],
     ...                          Path("runs/demo/logits.zarr"))  # doctest: +SKIP
     """
-    workers = cfg.workers if workers is None else workers
+    workers = cfg.workers
     tokens_path, tokenizer_dir, out = Path(tokens_path), Path(tokenizer_dir), Path(out)
     teacher_dirs = [Path(d) for d in teacher_dirs]
     tokens = TokenStore(tokens_path)

@@ -328,7 +328,7 @@ def test_sample_store_verifies(tiny_run, teachers, tmp_path):
 
 
 def test_two_worker_cluster_equals_synchronous(topk_store, tiny_run, teachers, tmp_path):
-    summary = capture(tiny_run, teachers, tmp_path / "w2.zarr", workers=2)
+    summary = capture(tiny_run, teachers, tmp_path / "w2.zarr", dataclasses.replace(CFG, workers=2))
     assert summary["workers"] == 2 and summary["chunks_computed"] == NUM_CHUNKS
     assert_same_store(topk_store[0], tmp_path / "w2.zarr")
 
