@@ -26,7 +26,9 @@ from babydistill.pipeline import devices
 from babydistill.pipeline.config import SEQUENCE_CACHE_DEFAULTS, Config, DistillConfig
 from babydistill.pipeline.model import build_model, ensemble_logits, load_teachers
 from babydistill.pipeline.tokenizer import tokenizer_hash
-from babydistill.pipeline.train import Batch, TokenWindows, TrainingError, resolve_device, train_loop
+from babydistill.pipeline.training.loop import train_loop
+from babydistill.pipeline.training.runtime import TrainingError, resolve_device
+from babydistill.pipeline.training.windows import Batch, TokenWindows
 from babydistill.stores.logits import targets_are_complete
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore

@@ -14,7 +14,7 @@ import pytest
 from test_distill import distill_run  # noqa: F401  (module fixture)
 from test_train import assert_same_weights, metric_lines, run_teacher, with_train
 
-from babydistill.pipeline.train import STATE_DIR, complete_checkpoints
+from babydistill.pipeline.training.checkpoint import STATE_DIR, complete_checkpoints
 
 HELPER = Path(__file__).with_name("_train_run.py")
 

@@ -216,7 +216,7 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
 
 def move_aside(path: Path) -> Path:
     """Rename ``path`` to ``<name>.aside-YYYYmmdd-HHMMSS`` beside it (never deleted) and return the new path."""
-    from babydistill.pipeline.train import move_to_free_name
+    from babydistill.pipeline.training.checkpoint import move_to_free_name
 
     base = next((path.name[:-len(end)] for end in (".partial", ".old") if path.name.endswith(end)), path.name)
     return move_to_free_name(path, path.with_name(f"{base}.aside-{time.strftime('%Y%m%d-%H%M%S')}"))
