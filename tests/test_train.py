@@ -47,6 +47,15 @@ def metric_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_metrics(got: Path, want: Path, atol: float) -> None:
+    """The same records of metrics.jsonl (kind and step), with the same losses up to ``atol``."""
+    got_lines, want_lines = metric_lines(got), metric_lines(want)
+    assert [(r["kind"], r["step"]) for r in got_lines] == [(r["kind"], r["step"]) for r in want_lines]
+    for got_record, want_record in zip(got_lines, want_lines):
+        key = "loss" if got_record["kind"] == "train" else "val_loss"
+        assert got_record[key] == pytest.approx(want_record[key], abs=atol), (got_record, want_record)
+
+
 def steps_of(state_dir: Path) -> list[str]:
     return [p.name for p in complete_checkpoints(state_dir)]
 
