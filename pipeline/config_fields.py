@@ -1,5 +1,5 @@
-"""What a config field is: the error a bad value raises, the check of a value against its field's type, and the
-field metadata that decides which fields make a stage's identity.
+"""What a config field is: the error a bad value raises, the check of a value against its field's type,
+and the field metadata that decides which fields make a stage's identity.
 
 A stage's fingerprint (workflows/runner.py), a logit store's identity (pipeline/cache.py) and a
 training checkpoint's fingerprint (pipeline/training/loop.py) are built from the sections a stage reads,

@@ -1,5 +1,5 @@
-"""The config's sections, one dataclass per stage (``data``, ``tokenizer``, ``model``, ``train``, ``teachers``,
-``cache``, ``distill``, ``eval``, ``sweep``), each checking its own keys on construction.
+"""The config's sections, one dataclass per stage (``data``, ``tokenizer``, ``model``, ``train``,
+``teachers``, ``cache``, ``distill``, ``eval``, ``sweep``), each checking its own keys on construction.
 
 Checks across sections (``cache.k`` against the vocabulary, ...) are ``Config``'s, in ``pipeline/config.py``,
 which also loads a YAML file into these sections; import the sections from there.

@@ -265,8 +265,9 @@ def save_best(state_dir: Path, step: int, raw_model) -> None:
 
 
 def no_readable_checkpoint(state_dir: Path) -> TrainingError:
-    """The refusal to start over on top of checkpoints that could not be read: that is for the user to decide."""
-    return TrainingError(f"no readable checkpoint in {state_dir} (unreadable ones are in {state_dir / UNREADABLE}); "
+    """The refusal to start over on top of checkpoints that could not be read: the user decides that."""
+    aside = state_dir / UNREADABLE
+    return TrainingError(f"no readable checkpoint in {state_dir} (unreadable ones are in {aside}); "
                          f"pass --force to start over, which discards them")
 
 

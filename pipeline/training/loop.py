@@ -107,9 +107,9 @@ def plan_run(config: Config, batches: BatchSource, tokens: TokenStore) -> RunPla
 
 @dataclass
 class Run:
-    """One run's fixed parts, from the first step to the export: what the steps, the saves and the export read."""
+    """One run's fixed parts, from the first step to the export: what the steps, saves and export read."""
     config: Config
-    """The resolved config: ``train.seed`` is this run's seed (run_config.json and every checkpoint's meta)."""
+    """The resolved config: ``train.seed`` is this run's seed (run_config.json, every checkpoint's meta)."""
     plan: RunPlan
     out_dir: Path
     tokens: TokenStore
@@ -257,11 +257,11 @@ def train_loop(config: Config, model: torch.nn.Module, batches: BatchSource, los
         t0 = time.perf_counter()
         lr = lr_at(step, cfg, plan.num_steps)
         set_lr(run.optimizer, lr)
-        micro = micro_batches(batches, epoch, step_in_epoch, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                              rank=ddp.rank, world_size=ddp.world_size)
-        loss, metrics, grad_norm = optimizer_step(train_model, run.optimizer, micro, loss_fn, device=plan.device,
-                                                  amp_dtype=plan.amp_dtype, scaler=run.scaler,
-                                                  max_grad_norm=cfg.max_grad_norm)
+        micro = micro_batches(batches, epoch, step_in_epoch, batch_size=cfg.batch_size,
+                              grad_accum=cfg.grad_accum, rank=ddp.rank, world_size=ddp.world_size)
+        loss, metrics, grad_norm = optimizer_step(train_model, run.optimizer, micro, loss_fn,
+                                                  device=plan.device, amp_dtype=plan.amp_dtype,
+                                                  scaler=run.scaler, max_grad_norm=cfg.max_grad_norm)
         losses = _synced_losses(loss, metrics, step, run.state_dir, ddp)
         step += 1
         log.step_done(sum(b["input_ids"].numel() for b in micro) * ddp.world_size, time.perf_counter() - t0)

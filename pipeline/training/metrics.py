@@ -31,8 +31,8 @@ def format_log_line(step: int, num_steps: int, loss: float, metrics: dict[str, f
 
 
 def reset_metrics_file(path: Path, length: int | None) -> None:
-    """Empty metrics.jsonl for a fresh start (``length`` None), or cut it back to the ``length`` bytes a resumed
-    checkpoint saw (the lines after it are redone)."""
+    """Empty metrics.jsonl for a fresh start (``length`` None), or cut it back to the ``length`` bytes a
+    resumed checkpoint saw (the lines after it are redone)."""
     if length is None:
         path.write_text("", encoding="utf-8")
     elif path.exists():

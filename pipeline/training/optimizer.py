@@ -43,6 +43,6 @@ def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """``lr`` for every group, times the group's ``lr_scale`` (the output layer's, ``train.head_lr_scale``)."""
+    """``lr`` for every group, times the group's ``lr_scale`` (the output layer's: train.head_lr_scale)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

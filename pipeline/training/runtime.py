@@ -1,8 +1,8 @@
 """Where a training run runs: its device and precision, its processes (DDP under torchrun) and torch.compile.
 
-Named ``runtime`` rather than ``setup`` (the name of a setuptools script to every Python reader) or ``devices``
-(``pipeline/devices.py`` resolves device and precision names for every stage that runs a model; this module
-wraps it for the ``train.*`` keys and adds what only training has: processes and compilation).
+Named ``runtime`` rather than ``setup`` (the name of a setuptools script to every Python reader) or
+``devices`` (``pipeline/devices.py`` resolves device and precision names for every stage that runs a model;
+this module wraps it for the ``train.*`` keys and adds what only training has: processes and compilation).
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def compile_problem() -> str | None:
     return None
 
 
-def parallel_model(model: torch.nn.Module, *, compiled: bool, device: torch.device, ddp: Dist) -> torch.nn.Module:
+def parallel_model(model: torch.nn.Module, *, compiled: bool, device: torch.device,
+                   ddp: Dist) -> torch.nn.Module:
     """The module the steps run: ``model`` compiled and/or wrapped in DDP as asked. It shares the parameters
     of ``model``, which is what checkpoints save."""
     train_model = compile_model(model, compiled)

@@ -1,4 +1,4 @@
-"""The loop's data: where windows come from, which ones an optimizer step reads, and how they reach the device.
+"""The loop's data: where windows come from, which ones an optimizer step reads, how they reach the device.
 
 Global batch (DDP): one optimizer step consumes ``G = batch_size x grad_accum x world_size``
 windows, positions ``[step_in_epoch * G, (step_in_epoch + 1) * G)`` of the epoch's order.
@@ -75,7 +75,7 @@ class TokenWindows:
 
 
 def ce_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean next-token cross-entropy over the batch's tokens (computed in fp32): the loss of TokenWindows' labels."""
+    """Mean next-token cross-entropy over the batch's tokens (computed in fp32): TokenWindows' loss."""
     logits_BTV = model(input_ids=batch["input_ids"]).logits
     loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), batch["labels"].flatten())
     return loss, {"ce": loss.detach()}
