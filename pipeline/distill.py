@@ -7,7 +7,7 @@ so the ``N x vocab`` student logits are never materialised. No teacher is loaded
 Online (``--online``, the paper's released method): the teachers are loaded and run every step,
 their logits averaged (``cache.ensemble``), and the loss is the full-vocabulary KL + CE.
 
-Both go through the teachers' training loop (``pipeline.train.train_loop``): same optimizer,
+Both go through the teachers' training loop (``pipeline.training.loop.train_loop``): same optimizer,
 schedule, checkpoints, exact resume, DDP and logging; only the batches and the loss differ.
 """
 
@@ -26,7 +26,9 @@ from babydistill.pipeline import devices
 from babydistill.pipeline.config import SEQUENCE_CACHE_DEFAULTS, Config, DistillConfig
 from babydistill.pipeline.model import build_model, ensemble_logits, load_teachers
 from babydistill.pipeline.tokenizer import tokenizer_hash
-from babydistill.pipeline.train import Batch, TokenWindows, TrainingError, resolve_device, train_loop
+from babydistill.pipeline.training.loop import train_loop
+from babydistill.pipeline.training.runtime import TrainingError, resolve_device
+from babydistill.pipeline.training.windows import Batch, TokenWindows
 from babydistill.stores.header import LogitStoreHeader, temperature_refusal
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
@@ -273,7 +275,7 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
     """Train one student into ``out_dir`` (the runner renames it when done); returns ``out_dir``.
 
     ``resume`` as for teachers: False, True (must), "auto", or a checkpoint folder. ``on_validation(step,
-    val_loss)``: see :func:`pipeline.train.train_loop` (a sweep's pruner).
+    val_loss)``: see :func:`pipeline.training.loop.train_loop` (a sweep's pruner).
     """
     tokens_path, tokenizer_dir = Path(tokens_path), Path(tokenizer_dir)
     if not (tokens_path / "zarr.json").is_file():

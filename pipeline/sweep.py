@@ -44,7 +44,7 @@ from babydistill.pipeline.config import (
     identity,
     save_config,
 )
-from babydistill.pipeline.train import STATE_DIR
+from babydistill.pipeline.training.checkpoint import STATE_DIR
 
 COUNTED = ("COMPLETE", "PRUNED")
 """Trial states that count towards ``trials``."""
@@ -214,7 +214,7 @@ def _objective(job: TrialJob, trial) -> float:
     import optuna
 
     from babydistill.pipeline.distill import train_student
-    from babydistill.pipeline.train import TrainingError
+    from babydistill.pipeline.training.runtime import TrainingError
 
     study = trial.study
     # Two workers can start a trial at the same moment when one slot is left: the later one steps back.
@@ -277,7 +277,7 @@ def run_worker(job: TrialJob, on_trial=None) -> int:
     """
     import optuna
 
-    from babydistill.pipeline.train import TrainingError
+    from babydistill.pipeline.training.runtime import TrainingError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -13,13 +13,9 @@ import torch
 
 from babydistill.pipeline import devices
 from babydistill.pipeline.capture_chunk import compute_chunk
-from babydistill.pipeline.train import (
-    TrainingError,
-    build_optimizer,
-    compile_model,
-    compile_problem,
-    to_device,
-)
+from babydistill.pipeline.training.optimizer import build_optimizer
+from babydistill.pipeline.training.runtime import TrainingError, compile_model, compile_problem
+from babydistill.pipeline.training.windows import to_device
 from babydistill.stores.tokens import TokenStore
 from babydistill.workflows.cli import main
 from tests.test_cache import _spec, teachers  # noqa: F401  (the session fixture)

@@ -29,7 +29,7 @@ from babydistill.pipeline.distill import (
 )
 from babydistill.pipeline.model import build_model
 from babydistill.pipeline.teacher import train_teacher
-from babydistill.pipeline.train import TrainingError
+from babydistill.pipeline.training.runtime import TrainingError
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
 from babydistill.workflows.cli import main

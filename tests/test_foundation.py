@@ -119,24 +119,24 @@ def test_cleaning_normalises_whitespace_and_keeps_documents():
     assert clean_documents(text) == ["One two\nthree", "Four five"]
 
 
-def _babylm_2024(root: Path) -> Path:
-    write_corpus(root / "train_10M", num_files=2)
-    for p in (root / "train_10M").glob("*.txt"):
+def _babylm(root: Path, train: str, held_out: dict[str, str]) -> Path:
+    """A BabyLM-style corpus: ``train/*.train`` and the held-out files (path under ``root``: text)."""
+    write_corpus(root / train, num_files=2)
+    for p in (root / train).glob("*.txt"):
         p.rename(p.with_suffix(".train"))
-    (root / "dev").mkdir()
-    (root / "dev" / "childes.dev").write_text("A dev line.\n\nAnother dev paragraph.\n")
-    (root / "test").mkdir()
-    (root / "test" / "childes.test").write_text("Hidden test.\n")
+    for name, text in held_out.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
     return root
+
+
+def _babylm_2024(root: Path) -> Path:
+    return _babylm(root, "train_10M", {"dev/childes.dev": "A dev line.\n\nAnother dev paragraph.\n",
+                                       "test/childes.test": "Hidden test.\n"})
 
 
 def _babylm_2023(root: Path) -> Path:
-    write_corpus(root / "babylm_10M", num_files=2)
-    for p in (root / "babylm_10M").glob("*.txt"):
-        p.rename(p.with_suffix(".train"))
-    (root / "babylm_dev").mkdir()
-    (root / "babylm_dev" / "bnc.dev").write_text("A dev line.\n")
-    return root
+    return _babylm(root, "babylm_10M", {"babylm_dev/bnc.dev": "A dev line.\n"})
 
 
 def _presplit(root: Path) -> Path:

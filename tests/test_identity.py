@@ -141,7 +141,7 @@ def test_the_stage_map_gives_the_sections_hashed_elsewhere():
     """What a training checkpoint, a sweep's signature and a study's shared stages hash, from the one map."""
     from babydistill.pipeline.stages import STAGE_SECTIONS, sections_of
 
-    assert set(STAGE_SECTIONS["checkpoint"]) == {"model", "tokenizer", "data"}  # pipeline/train.py
+    assert set(STAGE_SECTIONS["checkpoint"]) == {"model", "tokenizer", "data"}  # pipeline/training/loop.py
     assert sections_of("prepare", "tokenizer", "student") == ("data", "tokenizer", "model", "train", "distill")
     shared = tuple(s for s in sections_of("prepare", "tokenizer", "tokenize", "teacher") if s != "train")
     assert shared == ("data", "tokenizer", "model", "teachers")  # workflows/study.py's SHARED_SECTIONS

@@ -50,7 +50,7 @@ def test_run_goes_end_to_end_then_skips_everything(tmp_path, capsys):
 def test_run_keeps_garbled_checkpoints_and_refuses_a_fresh_start_without_force(tmp_path, capsys, monkeypatch):
     """`run` resumes with --resume auto: when every checkpoint of an interrupted teacher is unreadable they are
     moved aside (never deleted), `run` stops with one line naming --force, and --force starts over."""
-    import babydistill.pipeline.train as train_module
+    import babydistill.pipeline.training.checkpoint as train_module
 
     write_corpus(tmp_path / "corpus", num_files=3, paragraphs=60)
     path = write_config(tmp_path, {"train": {"max_steps": 8, "save_every": 4, "log_every": 4}})

@@ -262,7 +262,7 @@ def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
     attention choice and ``optimizer_step``, data fetching included), median of ``steps``."""
     import tempfile
 
-    from babydistill.pipeline.train import resolve_device, resolve_precision
+    from babydistill.pipeline.training.runtime import resolve_device, resolve_precision
     from babydistill.stores.tokens import TokenStore
     from babydistill.workflows.bench_step import _time_modes
 

@@ -37,16 +37,10 @@ import transformers
 
 from babydistill.pipeline.config import Config, load_config, model_name
 from babydistill.pipeline.model import build_model, count_parameters
-from babydistill.pipeline.train import (
-    BatchSource,
-    LossFn,
-    TokenWindows,
-    build_optimizer,
-    ce_loss,
-    optimizer_step,
-    resolve_device,
-    resolve_precision,
-)
+from babydistill.pipeline.training.loop import optimizer_step
+from babydistill.pipeline.training.optimizer import build_optimizer
+from babydistill.pipeline.training.runtime import resolve_device, resolve_precision
+from babydistill.pipeline.training.windows import BatchSource, LossFn, TokenWindows, ce_loss
 from babydistill.stores.logits import read_attrs
 from babydistill.stores.tokens import TokenStore
 

@@ -41,7 +41,7 @@ def _check_devices(config, *, capture: bool = False, train: bool = False, schedu
         if device.type == "cuda" and config.cache.workers > 1:
             devices.check_gpu_workers(config.cache.workers)
     if train:
-        from babydistill.pipeline.train import compile_problem
+        from babydistill.pipeline.training.runtime import compile_problem
 
         device = devices.resolve_device(config.train.device, "train.device")
         devices.resolve_precision(config.train.precision, device, "train.precision")

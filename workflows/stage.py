@@ -22,7 +22,7 @@ prepare, tokenizer, tokenize and report hold nothing a rerun does not redo in se
 What a fingerprint hashes comes from one declaration: every field of the config sections a stage
 reads, except those ``pipeline.config`` marks ``EXECUTION_ONLY`` (see ``pipeline.config.identity``).
 
-Resume: the training stages take ``resume`` as ``pipeline.train.train_loop`` does, default False
+Resume: the training stages take ``resume`` as ``pipeline.training.loop.train_loop`` does, default False
 everywhere (a stage verb without ``--resume`` refuses to continue checkpoints it did not ask for).
 ``run`` and ``study`` pass "auto": they exist to pick up where an interrupted run stopped, and a
 partial folder is kept only when it was made from the same inputs (its fingerprint).
@@ -98,7 +98,7 @@ class Stage:
     """The config keys and inputs (``input.*``) the fingerprint hashes, flat: recorded in a partial folder so
     that a change can be named key by key."""
     resume: Any = False
-    """A training stage's resume request (``pipeline.train.train_loop``): False, True, "auto" or a path."""
+    """A training stage's resume request (``pipeline.training.loop.train_loop``): False, True, "auto" or a path."""
     earlier_fingerprints: tuple[str, ...] = ()
     """What an earlier version of this stage's fingerprint gave for the same inputs: an output recording one
     of these is up to date too, so that changing how a fingerprint is made does not make finished runs stale."""
@@ -151,7 +151,7 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
 
 def move_aside(path: Path) -> Path:
     """Rename ``path`` to ``<name>.aside-YYYYmmdd-HHMMSS`` beside it (never deleted) and return the new path."""
-    from babydistill.pipeline.train import move_to_free_name
+    from babydistill.pipeline.training.checkpoint import move_to_free_name
 
     base = next((path.name[:-len(end)] for end in (".partial", ".old") if path.name.endswith(end)), path.name)
     return move_to_free_name(path, path.with_name(f"{base}.aside-{time.strftime('%Y%m%d-%H%M%S')}"))
