@@ -1,6 +1,6 @@
 """The autograd Function both row kernels plug into, and the choice between them.
 
-A row kernel (``kernels.cpu.loss_and_grad`` or ``kernels.triton_kernel.loss_and_grad``, one contract)
+A row kernel (``kernels.torch_rows.loss_and_grad`` or ``kernels.triton_kernel.loss_and_grad``, one contract)
 computes per-row CE and KL and writes the weighted gradient in the forward pass; `SparseDistillRows`
 turns that into a differentiable loss whose backward only scales the saved gradient.
 """
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from babydistill.kernels import cpu
+from babydistill.kernels import torch_rows
 
 
 def row_kernel(impl: str):
-    """The per-row ``loss_and_grad`` of an implementation: the chunked CPU path's, or the Triton kernel's
-    (imported on first use: triton is optional)."""
+    """The per-row ``loss_and_grad`` of an implementation ("triton", "torch"): the Triton kernel's (imported on
+    first use: triton is optional) or the chunked torch path's."""
     if impl == "triton":
         from babydistill.kernels import triton_kernel
         return triton_kernel.loss_and_grad
-    return cpu.loss_and_grad
+    return torch_rows.loss_and_grad
 
 
 def rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, *gradients):
@@ -39,7 +39,7 @@ def saved_gradients(ctx, refusal: str) -> tuple:
 
 
 class SparseDistillRows(torch.autograd.Function):
-    """loss = sum_rows w_ce * CE + w_kl * KL, gradient computed in forward by ``row_fn`` (`kernels.cpu.loss_and_grad`
+    """loss = sum_rows w_ce * CE + w_kl * KL, gradient computed in forward by ``row_fn`` (`kernels.torch_rows.loss_and_grad`
     or the Triton kernel's, which share one contract).
 
     Returns (loss, ce_row, kl_row); the per-row terms are not differentiable. With ``inplace`` the

@@ -1,6 +1,6 @@
 """Fused LM head + sparse-distillation loss: logits = hidden @ W^T in row chunks, never N x V at once.
 
-For each chunk of rows: logits_c = h_c @ W^T, the row kernel (CPU path or Triton) writes its gradient g_c
+For each chunk of rows: logits_c = h_c @ W^T, the row kernel (torch path or Triton) writes its gradient g_c
 over logits_c, then grad_h_c = g_c @ W and grad_W += g_c^T h_c (accumulated in fp32). Extra memory: one
 logits chunk, grad_h [N, H] and an fp32 grad_W [V, H].
 """

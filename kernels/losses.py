@@ -1,13 +1,13 @@
 """The distillation loss: `sparse_distill_loss`, `fused_linear_sparse_distill_loss`, `dense_distill_loss`.
 
-Dispatch: the Triton kernel for CUDA tensors, the chunked CPU path otherwise (also the fallback on a GPU
+Dispatch: the Triton kernel for CUDA tensors, the chunked torch path otherwise (also the fallback on a GPU
 without triton: it is device-agnostic PyTorch); ``impl=`` forces one
 ("triton" on CPU tensors runs the kernel through the interpreter when TRITON_INTERPRET=1 was set before
 triton was imported), and the module-level ``_override_impl`` lets tests force a path everywhere.
 ``kernels.reference.sparse_distill_loss`` is the dense spec (same signature), never the production path.
 
-Files: ``targets.py`` (the teacher target at T, shared by both row kernels), ``cpu.py`` (the chunked CPU
-row kernel), ``triton_kernel.py`` (the Triton row kernel), ``autograd.py`` (the autograd Function both
+Files: ``targets.py`` (the teacher target at T, shared by both row kernels), ``torch_rows.py`` (the chunked
+torch row kernel), ``triton_kernel.py`` (the Triton row kernel), ``autograd.py`` (the autograd Function both
 plug into, and the pick between them), ``fused_linear.py`` (LM head + loss in row chunks), ``dense.py``
 (the full-vocabulary loss of online distillation), ``reference.py`` (the spec).
 """
@@ -21,14 +21,17 @@ from babydistill.kernels.targets import prepare_control, prepare_targets
 
 __all__ = ["sparse_distill_loss", "fused_linear_sparse_distill_loss", "dense_distill_loss"]
 
-IMPLS = ("triton", "cpu", "reference")
+IMPLS = ("triton", "torch", "reference")
+# Other names ``impl=`` accepts: "cpu" is what the torch path was called before it was known to serve GPUs too
+# (the DESIGN contract's ``impl="cpu"``).
+IMPL_ALIASES = {"cpu": "torch"}
 _override_impl: str | None = None  # tests set this to force a path; an explicit impl= still wins
 
 
 def _have_triton() -> bool:
     try:
         import triton  # noqa: F401
-    except ImportError:  # the chunked torch path ("cpu") runs on any device
+    except ImportError:  # the chunked torch path runs on any device
         return False
     return True
 
@@ -37,9 +40,10 @@ def _resolve_impl(impl: str | None, device: torch.device) -> str:
     if impl is None:
         impl = _override_impl
     if impl is None:
-        impl = "triton" if device.type == "cuda" and _have_triton() else "cpu"
+        impl = "triton" if device.type == "cuda" and _have_triton() else "torch"
+    impl = IMPL_ALIASES.get(impl, impl)
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+        raise ValueError(f"impl must be one of {IMPLS} (or {', '.join(IMPL_ALIASES)}) or None, got {impl!r}")
     return impl
 
 
@@ -68,7 +72,7 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     normalization : "token" | "sequence" (KL / num_sequences, CE per token) | "sum".
     c_T : [N] per-row correction LSE(zbar/T) - LSE(zbar)/T, or None: then the T = 1 residual is taken
         as spread evenly over the V - k other tokens (approximate at T != 1 unless the residual is 0).
-    impl : None (auto), "triton", "cpu" or "reference".
+    impl : None (auto), "triton", "torch" (alias "cpu") or "reference".
     control : [N, k] control-variate coefficients (>= 0; 0 on padding) or None: the KL's gradient gains
         (a * q_K - (sum_K a q) q) / T; the loss value does not change (see `kernels.reference`).
     inplace : write the gradient over the logits buffer (saves N x V memory). Safe only when nothing

@@ -1,5 +1,5 @@
 """The sparse teacher target at temperature T, from the stored T = 1 log-probabilities: the first step of
-both row kernels (the chunked CPU path in `kernels.cpu` and the Triton kernel), computed on [N, k] only."""
+both row kernels (the chunked torch path in `kernels.torch_rows` and the Triton kernel), computed on [N, k] only."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def prepare_control(control, target_logp):
     """Control-variate coefficients [N, k] fp32 for the row kernels (see `kernels.reference`), or None.
 
     Padding entries take the coefficient of the entry their id points at (`prepare_targets` points them
-    at the row's first real id), so that the CPU kernel's K columns, written once per entry, agree; the
+    at the row's first real id), so that the torch kernel's K columns, written once per entry, agree; the
     kernels leave padding out of the sum of a * q.
     """
     if control is None:

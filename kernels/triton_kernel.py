@@ -201,7 +201,7 @@ def sparse_distill_kernel(
 
 def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature: float, uniform: bool,
                   grad, ignore_index: int = -100, control=None):
-    """Same contract as `kernels.cpu.loss_and_grad`: per-row CE and KL, gradient written into ``grad``."""
+    """Same contract as `kernels.torch_rows.loss_and_grad`: per-row CE and KL, gradient written into ``grad``."""
     N, V = logits.shape
     K = ids.shape[1]
     assert logits.stride(1) == 1 and grad.stride(1) == 1

@@ -223,7 +223,7 @@ def _interpreted_triton() -> bool:
 
 # The interpreter evaluates masked-off lanes too (-inf * 0 there): numpy warns, the stored values are unaffected.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("impl", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not _interpreted_triton(), reason="needs triton with TRITON_INTERPRET=1 (the interpreter's numbers)"))])
 def test_kernel_matches_the_recorded_one(impl):
     actual = _kernel_case(impl)

@@ -1,4 +1,5 @@
-"""The chunked CPU row kernel of the sparse-distillation loss (see `kernels.reference` for the spec).
+"""The chunked torch row kernel of the sparse-distillation loss (see `kernels.reference` for the spec): impl "torch"
+(alias "cpu", its name before). Device-agnostic PyTorch: the path on the CPU, and on a GPU without triton.
 
 Rows go through in chunks of about 2 MB of fp32 logits (cache-sized). For each chunk: one row maximum m;
 softmax(z) and softmax(z/T) (each subtracts that same maximum, the max of z/T being m/T), the two
@@ -24,8 +25,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-
-from babydistill.kernels.targets import prepare_targets  # noqa: F401  (kernels.cpu.prepare_targets: its place before)
 
 CHUNK_BYTES = 1 << 21  # fp32 bytes of logits per chunk (per thread; about 32 rows at V = 16000)
 
