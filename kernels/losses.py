@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from babydistill.kernels import autograd, dense, reference
-from babydistill.kernels.targets import prepare_control, prepare_targets
+from babydistill.kernels.targets import RowProblem, prepare_control, prepare_targets
 
 __all__ = ["sparse_distill_loss", "fused_linear_sparse_distill_loss", "dense_distill_loss"]
 
@@ -54,6 +54,18 @@ def _weights(labels, alpha, temperature, normalization, num_sequences, ignore_in
     w_ce = valid.to(torch.float32) * (alpha * ce_scale)
     w_kl = valid.to(torch.float32) * ((1 - alpha) * T * T * kl_scale)
     return w_ce, w_kl, ce_scale, kl_scale
+
+
+def _row_problem(labels, target_ids, target_logp, vocab_size, *, alpha, temperature, tail, normalization, c_T,
+                 num_sequences, ignore_index, control) -> tuple[RowProblem, torch.Tensor, torch.Tensor]:
+    """The row kernels' problem of a call (checked arguments), and the CE and KL normalisers."""
+    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, vocab_size, temperature, tail, c_T)
+    w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
+                                              ignore_index)
+    problem = RowProblem(labels=labels.to(torch.int64), ids=ids, logp_K=logp_K, r_T=r_T, num_tail=num_tail,
+                         w_ce=w_ce, w_kl=w_kl, control=prepare_control(control, target_logp),
+                         temperature=float(temperature), uniform=tail == "uniform", ignore_index=ignore_index)
+    return problem, ce_scale, kl_scale
 
 
 def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
@@ -99,14 +111,12 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
             logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
             normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
             control=control)
-    V = logits.shape[1]
-    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
-    w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
-                                              ignore_index)
-    loss, ce_row, kl_row = autograd.SparseDistillRows.apply(
-        logits.contiguous(), labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", inplace, ignore_index, autograd.row_kernel(impl),
-        prepare_control(control, target_logp))
+    problem, ce_scale, kl_scale = _row_problem(
+        labels, target_ids, target_logp, logits.shape[1], alpha=alpha, temperature=temperature, tail=tail,
+        normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
+        control=control)
+    loss, ce_row, kl_row = autograd.SparseDistillRows.apply(logits.contiguous(), problem, inplace,
+                                                            autograd.row_kernel(impl))
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 
@@ -135,13 +145,12 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
             hidden @ lm_head_weight.T, labels, target_ids, target_logp, alpha=alpha, temperature=temperature,
             tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
             ignore_index=ignore_index, control=control)
-    V = lm_head_weight.shape[0]
-    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
-    w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
-                                              ignore_index)
-    loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(
-        hidden, lm_head_weight, labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", ignore_index, impl, chunk_rows, prepare_control(control, target_logp))
+    problem, ce_scale, kl_scale = _row_problem(
+        labels, target_ids, target_logp, lm_head_weight.shape[0], alpha=alpha, temperature=temperature,
+        tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
+        control=control)
+    loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(hidden, lm_head_weight, problem, impl,
+                                                                       chunk_rows)
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 

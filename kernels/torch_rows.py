@@ -1,5 +1,5 @@
-"""The chunked torch row kernel of the sparse-distillation loss (see `kernels.reference` for the spec): impl "torch"
-(alias "cpu", its name before). Device-agnostic PyTorch: the path on the CPU, and on a GPU without triton.
+"""The chunked torch row kernel of the sparse-distillation loss (see `kernels.reference` for the spec): impl
+"torch" (alias "cpu", its name before). Device-agnostic PyTorch: the path on the CPU, and on a GPU without triton.
 
 Rows go through in chunks of about 2 MB of fp32 logits (cache-sized). For each chunk: one row maximum m;
 softmax(z) and softmax(z/T) (each subtracts that same maximum, the max of z/T being m/T), the two
@@ -25,6 +25,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from babydistill.kernels.targets import RowProblem
 
 CHUNK_BYTES = 1 << 21  # fp32 bytes of logits per chunk (per thread; about 32 rows at V = 16000)
 
@@ -112,16 +114,16 @@ def _chunk_loss_and_grad(x, idx, p_K, l_K, pad_K, y, wc, wk, r, nt, G, T: float,
     return ce, kl
 
 
-def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature: float, uniform: bool,
-                  grad, ignore_index: int = -100, chunk_rows: int | None = None, control=None):
+def loss_and_grad(logits, problem: RowProblem, grad, chunk_rows: int | None = None):
     """Per-row CE and KL (fp32, 0 for ignored rows) and the weighted gradient written into ``grad``.
 
-    ``grad`` may be ``logits`` itself (each chunk is read before it is written). w_ce / w_kl are [N]
-    fp32 loss weights (0 for ignored rows). ``control``: [N, k] fp32 control-variate coefficients (0 on
-    padding) or None; see `kernels.reference`.
+    ``grad`` may be ``logits`` itself (each chunk is read before it is written).
     """
+    labels, ids, logp_K, r_T, num_tail = problem.labels, problem.ids, problem.logp_K, problem.r_T, problem.num_tail
+    w_ce, w_kl, control, uniform = problem.w_ce, problem.w_kl, problem.control, problem.uniform
+    ignore_index = problem.ignore_index
     N, V = logits.shape
-    T = float(temperature)
+    T = problem.temperature
     if chunk_rows is None:
         chunk_bytes = CHUNK_BYTES if logits.device.type == "cpu" else 1 << 28  # torch fallback on a GPU
         chunk_rows = max(1, min(N, chunk_bytes // (4 * V)))
