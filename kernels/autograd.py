@@ -15,8 +15,8 @@ from babydistill.kernels.targets import RowProblem
 
 
 def row_kernel(impl: str):
-    """The per-row ``loss_and_grad`` of an implementation ("triton", "torch"): the Triton kernel's (imported on
-    first use: triton is optional) or the chunked torch path's."""
+    """The per-row ``loss_and_grad`` of an implementation ("triton", "torch"): the Triton kernel's
+    (imported on first use: triton is optional) or the chunked torch path's."""
     if impl == "triton":
         from babydistill.kernels import triton_kernel
         return triton_kernel.loss_and_grad
@@ -24,9 +24,9 @@ def row_kernel(impl: str):
 
 
 def rows_loss(ctx, problem: RowProblem, ce_row, kl_row, *gradients):
-    """The end of a forward that formed its input gradients itself: (loss, ce_row, kl_row), the loss over rows
-    weighted by ``problem``'s w_ce and w_kl, with ``gradients`` saved for a backward that may run once (it scales
-    them in place)."""
+    """The end of a forward that formed its input gradients itself: (loss, ce_row, kl_row), the loss over
+    rows weighted by ``problem``'s w_ce and w_kl, with ``gradients`` saved for a backward that may run once
+    (it scales them in place)."""
     ctx.save_for_backward(*gradients)
     ctx.mark_non_differentiable(ce_row, kl_row)
     ctx.used = False

@@ -1,4 +1,5 @@
-"""Full-vocabulary distillation (the online baseline: teachers run every step, dense logits), in row chunks."""
+"""Full-vocabulary distillation (the online baseline: teachers run every step, dense logits), in row
+chunks."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import torch
 from babydistill.kernels.autograd import row_kernel, rows_loss, saved_gradients
 from babydistill.kernels.targets import RowProblem
 
-CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}  # fp32 bytes of one logits chunk (64 MB: GEMMs stay efficient)
+# fp32 bytes of one logits chunk (64 MB on the CPU: GEMMs stay efficient)
+CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
 class FusedLinearSparseDistill(torch.autograd.Function):

@@ -147,8 +147,8 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
             ignore_index=ignore_index, control=control)
     problem, ce_scale, kl_scale = _row_problem(
         labels, target_ids, target_logp, lm_head_weight.shape[0], alpha=alpha, temperature=temperature,
-        tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
-        control=control)
+        tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
+        ignore_index=ignore_index, control=control)
     loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(hidden, lm_head_weight, problem, impl,
                                                                        chunk_rows)
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale

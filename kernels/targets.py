@@ -69,9 +69,9 @@ PER_ROW = ("labels", "ids", "logp_K", "r_T", "num_tail", "w_ce", "w_kl", "contro
 class RowProblem:
     """What a row kernel gets besides the logits: the targets of each row, its loss weights and the options.
 
-    Built once by `kernels.losses`, passed as it is through the autograd Function (and the fused LM head's row
-    chunks, `rows`) to the row kernel (`kernels.torch_rows.loss_and_grad`, `kernels.triton_kernel.loss_and_grad`),
-    whose launch unpacks it into the Triton kernel's arguments.
+    Built once by `kernels.losses`, passed as it is through the autograd Function (and the fused LM head's
+    row chunks, `rows`) to the row kernel (`kernels.torch_rows.loss_and_grad`,
+    `kernels.triton_kernel.loss_and_grad`, whose launch unpacks it into the Triton kernel's arguments).
     """
 
     labels: torch.Tensor    # [N] int64; rows equal to ignore_index count in neither CE nor KL
