@@ -85,6 +85,11 @@ def sequence_cache_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "cache": {**SEQUENCE_CACHE_DEFAULTS, **(cache or {})}}
 
 
+def _in_run(relative: str) -> property:
+    """A path inside the run directory: ``RUN_DIR/relative``."""
+    return property(lambda config: config.run_path / relative, doc=f"RUN_DIR/{relative}")
+
+
 @dataclass
 class Config:
     run_dir: str = "runs/default"
@@ -123,31 +128,18 @@ class Config:
     def corpus_path(self) -> Path:
         return Path(self.data.corpus) if self.data.corpus else BUNDLED_CORPUS
 
-    @property
-    def data_path(self) -> Path:
-        return self.run_path / "data"
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.run_path / "tokenizer"
-
-    @property
-    def tokens_path(self) -> Path:
-        return self.run_path / "tokens.zarr"
-
-    @property
-    def logits_path(self) -> Path:
-        return self.run_path / "logits.zarr"
+    # Where each stage's output lies in the run directory (one place, so every stage agrees).
+    data_path = _in_run("data")
+    tokenizer_path = _in_run("tokenizer")
+    tokens_path = _in_run("tokens.zarr")
+    logits_path = _in_run("logits.zarr")
+    report_path = _in_run("report")
 
     def teacher_path(self, name: str) -> Path:
         return self.run_path / "teachers" / name
 
     def student_path(self, name: str) -> Path:
         return self.run_path / "students" / name
-
-    @property
-    def report_path(self) -> Path:
-        return self.run_path / "report"
 
     def sweep_path(self, name: str) -> Path:
         return self.run_path / "sweeps" / name

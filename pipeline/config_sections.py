@@ -10,20 +10,28 @@ from __future__ import annotations
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from babydistill.pipeline.config_fields import ADDED_LATER, EXECUTION_ONLY, added_later, check, coerce
 
 UINT16_VOCAB_LIMIT = 65536  # token ids are stored as uint16
 
 
-def _check_seeds(seeds: list[int] | None, count: int, key: str, count_key: str) -> None:
-    check(seeds is None or len(seeds) == count, key, f"must list {count_key} ({count}) seeds, got {seeds}")
+class _NamedBySeed:
+    """A section of models named by seed (teachers t1, t2; students s1, s2): its ``seeds``, or 1..N when it lists
+    none, N being its field ``COUNT_FIELD``."""
 
+    SECTION: ClassVar[str]
+    COUNT_FIELD: ClassVar[str]
 
-def _seeds_or_default(seeds: list[int] | None, count: int) -> list[int]:
-    """The seeds a config lists, or 1..count when it lists none."""
-    return list(seeds) if seeds is not None else list(range(1, count + 1))
+    def _check_seeds(self) -> None:
+        count = getattr(self, self.COUNT_FIELD)
+        check(self.seeds is None or len(self.seeds) == count, f"{self.SECTION}.seeds",
+              f"must list {self.SECTION}.{self.COUNT_FIELD} ({count}) seeds, got {self.seeds}")
+
+    def resolved_seeds(self) -> list[int]:
+        count = getattr(self, self.COUNT_FIELD)
+        return list(self.seeds) if self.seeds is not None else list(range(1, count + 1))
 
 
 @dataclass
@@ -166,7 +174,8 @@ class TrainConfig:
 
 
 @dataclass
-class TeachersConfig:
+class TeachersConfig(_NamedBySeed):
+    SECTION, COUNT_FIELD = "teachers", "count"
     count: int = field(default=2, metadata=EXECUTION_ONLY)
     """Teachers in the ensemble (the paper: 2). Which teachers form the ensemble is the cache's identity."""
     seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
@@ -174,10 +183,7 @@ class TeachersConfig:
 
     def __post_init__(self):
         check(self.count >= 1, "teachers.count", f"must be >= 1, got {self.count}")
-        _check_seeds(self.seeds, self.count, "teachers.seeds", "teachers.count")
-
-    def resolved_seeds(self) -> list[int]:
-        return _seeds_or_default(self.seeds, self.count)
+        self._check_seeds()
 
 
 @dataclass
@@ -257,7 +263,8 @@ class CacheConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(_NamedBySeed):
+    SECTION, COUNT_FIELD = "distill", "students"
     alpha: float = 0.5
     """Weight of the CE term; 1 - alpha weighs the KL term."""
     temperature: float = 1.0
@@ -294,10 +301,7 @@ class DistillConfig:
         check(self.head_lr_scale is None or self.head_lr_scale > 0, "distill.head_lr_scale",
               f"must be > 0 (or null: train.head_lr_scale), got {self.head_lr_scale}")
         check(self.online_students >= 0, "distill.online_students", f"must be >= 0, got {self.online_students}")
-        _check_seeds(self.seeds, self.students, "distill.seeds", "distill.students")
-
-    def resolved_seeds(self) -> list[int]:
-        return _seeds_or_default(self.seeds, self.students)
+        self._check_seeds()
 
 
 @dataclass

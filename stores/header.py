@@ -38,22 +38,38 @@ def temperature_refusal(mode: str, temperature: float) -> str | None:
     return None
 
 
+def _check_format(attrs: dict, where: str, kind: str, expected: tuple[str, int], fix: str) -> None:
+    """HeaderError unless ``attrs`` are the header of a ``kind`` store of this format and version."""
+    if attrs.get("format") != expected[0]:
+        raise HeaderError(f"{where}: not a babydistill {kind} store (format {attrs.get('format')!r})")
+    if attrs.get("format_version") != expected[1]:
+        raise HeaderError(f"{where}: {kind} store format version {attrs.get('format_version')}, this babydistill "
+                          f"reads {expected[1]}{fix}")
+
+
 @dataclass(frozen=True)
-class LogitStoreHeader:
+class MadeFromTokens:
+    """What both stores record of the token windows they hold: a logit store is read only with the token store
+    (and tokenizer) it was made from."""
+
+    seq_len: int
+    vocab_size: int
+    tokenizer_hash: str
+    tokens_hash: str
+    windows_hash: str
+
+
+@dataclass(frozen=True)
+class LogitStoreHeader(MadeFromTokens):
     """The header of ``logits.zarr`` (its group attributes), typed. ``identity`` keeps every key as recorded, for
     comparing a store with what a config would capture."""
 
     mode: str
     slots: int
-    vocab_size: int
-    seq_len: int
     num_windows: int
     chunk_windows: int
     temperatures: tuple[float, ...]
     logp_dtype: str
-    tokenizer_hash: str
-    tokens_hash: str
-    windows_hash: str
     k: int | None = None
     samples: int | None = None
     order: str = "shuffled"
@@ -71,12 +87,8 @@ class LogitStoreHeader:
     def from_attrs(cls, attrs: dict, where: str) -> LogitStoreHeader:
         """The header of the store at ``where`` from its attributes; HeaderError when it is not a logit store of
         this format version."""
-        if attrs.get("format") != LOGITS_FORMAT:
-            raise HeaderError(f"{where}: not a babydistill logit store (format {attrs.get('format')!r})")
-        if attrs.get("format_version") != LOGITS_FORMAT_VERSION:
-            raise HeaderError(f"{where}: logit store format version {attrs.get('format_version')}, this babydistill "
-                              f"reads {LOGITS_FORMAT_VERSION} (rows in a global shuffle, for well-mixed batches); "
-                              f"{REBUILD_STORE}")
+        _check_format(attrs, where, "logit", (LOGITS_FORMAT, LOGITS_FORMAT_VERSION),
+                      f" (rows in a global shuffle, for well-mixed batches); {REBUILD_STORE}")
         return cls.from_identity(attrs, where)
 
     @classmethod
@@ -151,14 +163,9 @@ class LogitStoreHeader:
 
 
 @dataclass(frozen=True)
-class TokenStoreHeader:
+class TokenStoreHeader(MadeFromTokens):
     """The header of ``tokens.zarr`` (its group attributes), typed."""
 
-    seq_len: int
-    vocab_size: int
-    tokenizer_hash: str
-    tokens_hash: str
-    windows_hash: str
     splits: dict
     corpus_hashes: dict | None = None
     bos_id: int | None = None
@@ -168,11 +175,8 @@ class TokenStoreHeader:
 
     @classmethod
     def from_attrs(cls, attrs: dict, where: str) -> TokenStoreHeader:
-        if attrs.get("format") != TOKENS_FORMAT:
-            raise HeaderError(f"{where}: not a babydistill token store (format {attrs.get('format')!r})")
-        if attrs.get("format_version") != TOKENS_FORMAT_VERSION:
-            raise HeaderError(f"{where}: token store format version {attrs.get('format_version')}, this babydistill "
-                              f"reads {TOKENS_FORMAT_VERSION}; re-run `babydistill tokenize CONFIG --force`")
+        _check_format(attrs, where, "token", (TOKENS_FORMAT, TOKENS_FORMAT_VERSION),
+                      "; re-run `babydistill tokenize CONFIG --force`")
         known = {f.name for f in dataclasses.fields(cls)}
         try:
             return cls(**{key: value for key, value in attrs.items() if key in known})
