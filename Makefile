@@ -14,7 +14,7 @@ UV_PIN    := uv==0.13.9
 STAMP  := $(VENV)/.installed
 INSTALL = $(BIN)/python -m pip install -qq -c $(LOCK) -e ".[dev,trackers]"
 
-.PHONY: demo test test-latest lock install lint bench clean-venv experiment offline-study sweep-demo
+.PHONY: demo test test-latest lock install lint bench clean-venv experiment offline-study sweep-demo docs
 
 # The project installs with -qq: errors still print, setuptools' notice that comes with every editable install
 # does not. One environment for demo and test: the dev tools and the experiment trackers (TensorBoard, MLflow,
@@ -35,8 +35,20 @@ install: $(STAMP)
 demo: install
 	$(BIN)/babydistill run configs/demo.yaml
 
+# mkdocs-material prints its end-of-life notice (May 2027; docs/development.md, 'The docs') on every build:
+# said once there, not in every `make test`.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+# The docs build first, with --strict: a broken link, a missing anchor or a page left out of mkdocs.yml's nav
+# fails the suite before pytest starts (a few seconds).
 test: install
+	$(MKDOCS) build --strict --quiet
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+# The docs site (mkdocs.yml; the pages are docs/*.md) into site/; open site/index.html, or serve it live
+# with `.venv/bin/mkdocs serve`.
+docs: install
+	$(MKDOCS) build --strict
 
 # The canary: a throwaway environment with the newest versions pyproject.toml allows (torch stays the platform's
 # CPU pin: a newer one is a multi-GB CUDA build here), then the whole suite. Run it before `make lock`, and
@@ -50,6 +62,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install --quiet "$(firstword $(TORCH_CPU))"
 	$(LATEST)/bin/python -m pip install -qq -e ".[dev,trackers]"
 	$(LATEST)/bin/python tools/lockfile.py diff $(LOCK)
+	NO_MKDOCS_2_WARNING=1 $(LATEST)/bin/mkdocs build --strict --quiet --site-dir $(LATEST)/site
 	TRITON_INTERPRET=1 $(LATEST)/bin/python -m pytest -q
 
 # Move the lock forward: resolve the newest versions pyproject.toml allows (for Python 3.11+, every platform),

@@ -1,10 +1,11 @@
-"""Full-vocabulary distillation (the online baseline: teachers run every step, dense logits), in row chunks."""
+"""Full-vocabulary distillation (the online baseline: teachers run every step, dense logits), in row
+chunks."""
 
 from __future__ import annotations
 
 import torch
 
-from babydistill.kernels import cpu
+from babydistill.kernels import torch_rows
 
 
 class DenseDistill(torch.autograd.Function):
@@ -18,7 +19,7 @@ class DenseDistill(torch.autograd.Function):
     def forward(ctx, logits, labels, teacher_logits, w_ce, w_kl, temperature, ignore_index):
         N, V = logits.shape
         T = float(temperature)
-        chunk_bytes = cpu.CHUNK_BYTES if logits.device.type == "cpu" else 1 << 27
+        chunk_bytes = torch_rows.CHUNK_BYTES if logits.device.type == "cpu" else 1 << 27
         C = max(1, min(N, chunk_bytes // (4 * V)))
         grad = torch.empty_like(logits)
         ce_row = torch.empty(N, dtype=torch.float32, device=logits.device)

@@ -1,6 +1,6 @@
 """Fused LM head + sparse-distillation loss: logits = hidden @ W^T in row chunks, never N x V at once.
 
-For each chunk of rows: logits_c = h_c @ W^T, the row kernel (CPU path or Triton) writes its gradient g_c
+For each chunk of rows: logits_c = h_c @ W^T, the row kernel (torch path or Triton) writes its gradient g_c
 over logits_c, then grad_h_c = g_c @ W and grad_W += g_c^T h_c (accumulated in fp32). Extra memory: one
 logits chunk, grad_h [N, H] and an fp32 grad_W [V, H].
 """
@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from babydistill.kernels.autograd import row_kernel, rows_loss, saved_gradients
+from babydistill.kernels.targets import RowProblem
 
-CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}  # fp32 bytes of one logits chunk (64 MB: GEMMs stay efficient)
+# fp32 bytes of one logits chunk (64 MB on the CPU: GEMMs stay efficient)
+CHUNK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 28}
 
 
 class FusedLinearSparseDistill(torch.autograd.Function):
@@ -21,8 +23,7 @@ class FusedLinearSparseDistill(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature, uniform,
-                ignore_index, impl, chunk_rows, control=None):
+    def forward(ctx, hidden, weight, problem: RowProblem, impl: str, chunk_rows: int | None):
         N, H = hidden.shape
         V = weight.shape[0]
         row_fn = row_kernel(impl)
@@ -41,21 +42,18 @@ class FusedLinearSparseDistill(torch.autograd.Function):
                 b = min(a + C, N)
                 h = h_all[a:b]
                 logits = torch.matmul(h, W.T, out=logits_buf[: b - a])  # [C, V], becomes its own gradient
-                ce_row[a:b], kl_row[a:b] = row_fn(
-                    logits, labels[a:b], ids[a:b], logp_K[a:b], r_T[a:b], num_tail[a:b], w_ce[a:b],
-                    w_kl[a:b], temperature, uniform, logits, ignore_index,
-                    control=None if control is None else control[a:b])
+                ce_row[a:b], kl_row[a:b] = row_fn(logits, problem.rows(a, b), logits)
                 torch.matmul(logits, W, out=grad_h[a:b])
                 if logits.dtype == torch.float32 and h.dtype == torch.float32:
                     grad_W.addmm_(logits.T, h)
                 else:
                     grad_W += (logits.T @ h).float()
         ctx.weight_dtype = weight.dtype
-        return rows_loss(ctx, w_ce, ce_row, w_kl, kl_row, grad_h, grad_W)
+        return rows_loss(ctx, problem, ce_row, kl_row, grad_h, grad_W)
 
     @staticmethod
     def backward(ctx, grad_loss, _ce, _kl):
         grad_h, grad_W = saved_gradients(ctx, "fused_linear_sparse_distill_loss: backward may run only once")
         grad_h.mul_(grad_loss.to(grad_h.dtype))
         grad_W = (grad_W * grad_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return (grad_h, grad_W) + (None,) * 13
+        return grad_h, grad_W, None, None, None

@@ -1,13 +1,13 @@
 """The distillation loss: `sparse_distill_loss`, `fused_linear_sparse_distill_loss`, `dense_distill_loss`.
 
-Dispatch: the Triton kernel for CUDA tensors, the chunked CPU path otherwise (also the fallback on a GPU
+Dispatch: the Triton kernel for CUDA tensors, the chunked torch path otherwise (also the fallback on a GPU
 without triton: it is device-agnostic PyTorch); ``impl=`` forces one
 ("triton" on CPU tensors runs the kernel through the interpreter when TRITON_INTERPRET=1 was set before
 triton was imported), and the module-level ``_override_impl`` lets tests force a path everywhere.
 ``kernels.reference.sparse_distill_loss`` is the dense spec (same signature), never the production path.
 
-Files: ``targets.py`` (the teacher target at T, shared by both row kernels), ``cpu.py`` (the chunked CPU
-row kernel), ``triton_kernel.py`` (the Triton row kernel), ``autograd.py`` (the autograd Function both
+Files: ``targets.py`` (the teacher target at T, shared by both row kernels), ``torch_rows.py`` (the chunked
+torch row kernel), ``triton_kernel.py`` (the Triton row kernel), ``autograd.py`` (the autograd Function both
 plug into, and the pick between them), ``fused_linear.py`` (LM head + loss in row chunks), ``dense.py``
 (the full-vocabulary loss of online distillation), ``reference.py`` (the spec).
 """
@@ -17,18 +17,21 @@ from __future__ import annotations
 import torch
 
 from babydistill.kernels import autograd, dense, reference
-from babydistill.kernels.targets import prepare_control, prepare_targets
+from babydistill.kernels.targets import RowProblem, prepare_control, prepare_targets
 
 __all__ = ["sparse_distill_loss", "fused_linear_sparse_distill_loss", "dense_distill_loss"]
 
-IMPLS = ("triton", "cpu", "reference")
+IMPLS = ("triton", "torch", "reference")
+# Other names ``impl=`` accepts: "cpu" is what the torch path was called before it was known to serve GPUs too
+# (the DESIGN contract's ``impl="cpu"``).
+IMPL_ALIASES = {"cpu": "torch"}
 _override_impl: str | None = None  # tests set this to force a path; an explicit impl= still wins
 
 
 def _have_triton() -> bool:
     try:
         import triton  # noqa: F401
-    except ImportError:  # the chunked torch path ("cpu") runs on any device
+    except ImportError:  # the chunked torch path runs on any device
         return False
     return True
 
@@ -37,9 +40,10 @@ def _resolve_impl(impl: str | None, device: torch.device) -> str:
     if impl is None:
         impl = _override_impl
     if impl is None:
-        impl = "triton" if device.type == "cuda" and _have_triton() else "cpu"
+        impl = "triton" if device.type == "cuda" and _have_triton() else "torch"
+    impl = IMPL_ALIASES.get(impl, impl)
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+        raise ValueError(f"impl must be one of {IMPLS} (or {', '.join(IMPL_ALIASES)}) or None, got {impl!r}")
     return impl
 
 
@@ -50,6 +54,18 @@ def _weights(labels, alpha, temperature, normalization, num_sequences, ignore_in
     w_ce = valid.to(torch.float32) * (alpha * ce_scale)
     w_kl = valid.to(torch.float32) * ((1 - alpha) * T * T * kl_scale)
     return w_ce, w_kl, ce_scale, kl_scale
+
+
+def _row_problem(labels, target_ids, target_logp, vocab_size, *, alpha, temperature, tail, normalization, c_T,
+                 num_sequences, ignore_index, control) -> tuple[RowProblem, torch.Tensor, torch.Tensor]:
+    """The row kernels' problem of a call (checked arguments), and the CE and KL normalisers."""
+    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, vocab_size, temperature, tail, c_T)
+    w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
+                                              ignore_index)
+    problem = RowProblem(labels=labels.to(torch.int64), ids=ids, logp_K=logp_K, r_T=r_T, num_tail=num_tail,
+                         w_ce=w_ce, w_kl=w_kl, control=prepare_control(control, target_logp),
+                         temperature=float(temperature), uniform=tail == "uniform", ignore_index=ignore_index)
+    return problem, ce_scale, kl_scale
 
 
 def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
@@ -68,7 +84,7 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     normalization : "token" | "sequence" (KL / num_sequences, CE per token) | "sum".
     c_T : [N] per-row correction LSE(zbar/T) - LSE(zbar)/T, or None: then the T = 1 residual is taken
         as spread evenly over the V - k other tokens (approximate at T != 1 unless the residual is 0).
-    impl : None (auto), "triton", "cpu" or "reference".
+    impl : None (auto), "triton", "torch" (alias "cpu") or "reference".
     control : [N, k] control-variate coefficients (>= 0; 0 on padding) or None: the KL's gradient gains
         (a * q_K - (sum_K a q) q) / T; the loss value does not change (see `kernels.reference`).
     inplace : write the gradient over the logits buffer (saves N x V memory). Safe only when nothing
@@ -95,14 +111,12 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
             logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
             normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
             control=control)
-    V = logits.shape[1]
-    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
-    w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
-                                              ignore_index)
-    loss, ce_row, kl_row = autograd.SparseDistillRows.apply(
-        logits.contiguous(), labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", inplace, ignore_index, autograd.row_kernel(impl),
-        prepare_control(control, target_logp))
+    problem, ce_scale, kl_scale = _row_problem(
+        labels, target_ids, target_logp, logits.shape[1], alpha=alpha, temperature=temperature, tail=tail,
+        normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
+        control=control)
+    loss, ce_row, kl_row = autograd.SparseDistillRows.apply(logits.contiguous(), problem, inplace,
+                                                            autograd.row_kernel(impl))
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 
@@ -131,13 +145,12 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
             hidden @ lm_head_weight.T, labels, target_ids, target_logp, alpha=alpha, temperature=temperature,
             tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
             ignore_index=ignore_index, control=control)
-    V = lm_head_weight.shape[0]
-    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, V, temperature, tail, c_T)
-    w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
-                                              ignore_index)
-    loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(
-        hidden, lm_head_weight, labels.to(torch.int64), ids, logp_K, r_T, num_tail, w_ce, w_kl,
-        float(temperature), tail == "uniform", ignore_index, impl, chunk_rows, prepare_control(control, target_logp))
+    problem, ce_scale, kl_scale = _row_problem(
+        labels, target_ids, target_logp, lm_head_weight.shape[0], alpha=alpha, temperature=temperature,
+        tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
+        ignore_index=ignore_index, control=control)
+    loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(hidden, lm_head_weight, problem, impl,
+                                                                       chunk_rows)
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
 
 

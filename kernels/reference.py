@@ -131,29 +131,14 @@ def ids_as_int64(target_ids: torch.Tensor) -> torch.Tensor:
     return target_ids.to(torch.int64)
 
 
-def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
-                        normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None,
-                        control=None):
-    """Dense reference of `kernels.losses.sparse_distill_loss` (``impl`` is accepted and ignored).
-
-    Returns (loss, ce, kl); ce and kl are detached. Computes in ``logits.dtype``.
-    """
-    check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
-               normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
-               control=control)
+def _dense_teacher(logits, ids, l_K, real, T: float, c_T):
+    """The teacher at temperature T, densely (``logits`` give the shape, dtype and device): membership of K
+    [N, V], tail tokens per row [N], the probabilities on K [N, V] (0 elsewhere) and the tail mass r_T [N]."""
     N, V = logits.shape
-    T = float(temperature)
     dtype = logits.dtype
-    ids = ids_as_int64(target_ids)
-    l_K = target_logp.to(dtype)
-    real = l_K > float("-inf")                                     # padding entries have no effect
-
-    # Membership of K and the teacher's T = 1 probabilities on it, densely.
-    in_K = torch.zeros(N, V, dtype=torch.int32, device=logits.device).scatter_add(1, ids, real.to(torch.int32)) > 0
+    in_K = torch.zeros(N, V, dtype=torch.int32, device=logits.device).scatter_add(1, ids, real.int()) > 0
     num_tail = V - in_K.sum(1)                                     # [N]
     p1_dense = torch.zeros(N, V, dtype=dtype, device=logits.device).scatter_add(1, ids, l_K.exp())
-
-    # Teacher at temperature T, on K and in the tail.
     if c_T is not None or T == 1.0:
         c = c_T.to(dtype) if c_T is not None else torch.zeros(N, dtype=dtype, device=logits.device)
         logp_T_dense = torch.where(in_K, p1_dense.log() / T - c[:, None], float("-inf"))
@@ -168,10 +153,12 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
         full_logp_T = torch.log_softmax(full_p1.log() / T, dim=1)  # log 0 = -inf tokens stay at 0
         p_T_dense = torch.where(in_K, full_logp_T.exp(), 0)
         r_T = (1 - p_T_dense.sum(1)).clamp(0, 1)
-    r_T = torch.where(num_tail > 0, r_T, 0)
+    return in_K, num_tail, p_T_dense, torch.where(num_tail > 0, r_T, 0)
 
-    # Student, and the KL of the chosen tail mode.
-    logq_T = torch.log_softmax(logits / T, dim=1)
+
+def _kl(logq_T, in_K, num_tail, p_T_dense, r_T, tail: str):
+    """Per-row KL(teacher || student) at T under the tail mode ``tail``, from the student's
+    log-probabilities."""
     if tail == "renorm":
         p = p_T_dense / p_T_dense.sum(1, keepdim=True)
         kl = (torch.xlogy(p, p) - p * torch.where(p > 0, logq_T, 0)).sum(1)
@@ -184,7 +171,27 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
         kl_K = (torch.xlogy(p, p) - p * torch.where(in_K, logq_T, 0)).sum(1)
         logQ_T = torch.logsumexp(logq_T.masked_fill(in_K, float("-inf")), dim=1)
         kl = kl_K + torch.where(r_T > 0, r_T * (r_T.log() - logQ_T), 0)
+    return kl
 
+
+def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
+                        normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None,
+                        control=None):
+    """Dense reference of `kernels.losses.sparse_distill_loss` (``impl`` is accepted and ignored).
+
+    Returns (loss, ce, kl); ce and kl are detached. Computes in ``logits.dtype``.
+    """
+    check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
+               normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
+               control=control)
+    T = float(temperature)
+    dtype = logits.dtype
+    ids = ids_as_int64(target_ids)
+    l_K = target_logp.to(dtype)
+    real = l_K > float("-inf")                                     # padding entries have no effect
+    in_K, num_tail, p_T_dense, r_T = _dense_teacher(logits, ids, l_K, real, T, c_T)
+    logq_T = torch.log_softmax(logits / T, dim=1)
+    kl = _kl(logq_T, in_K, num_tail, p_T_dense, r_T, tail)
     if control is not None:
         # Gradient only: sum_K a_j q_j has gradient (a * q_K - (sum_K a q) q) / T w.r.t. z; its value is taken
         # away again, so the KL reported is the plain estimate.

@@ -1,7 +1,10 @@
 """The sparse teacher target at temperature T, from the stored T = 1 log-probabilities: the first step of
-both row kernels (the chunked CPU path in `kernels.cpu` and the Triton kernel), computed on [N, k] only."""
+both row kernels (the chunked torch path in `kernels.torch_rows` and the Triton kernel), computed on [N, k]
+only; and `RowProblem`, all that a row kernel gets besides the logits."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -48,7 +51,7 @@ def prepare_control(control, target_logp):
     """Control-variate coefficients [N, k] fp32 for the row kernels (see `kernels.reference`), or None.
 
     Padding entries take the coefficient of the entry their id points at (`prepare_targets` points them
-    at the row's first real id), so that the CPU kernel's K columns, written once per entry, agree; the
+    at the row's first real id), so that the torch kernel's K columns, written once per entry, agree; the
     kernels leave padding out of the sum of a * q.
     """
     if control is None:
@@ -57,3 +60,33 @@ def prepare_control(control, target_logp):
     real = target_logp > float("-inf")
     first_real = a.gather(1, real.to(torch.uint8).argmax(1, keepdim=True))
     return torch.where(real, a, first_real).contiguous()
+
+
+PER_ROW = ("labels", "ids", "logp_K", "r_T", "num_tail", "w_ce", "w_kl", "control")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowProblem:
+    """What a row kernel gets besides the logits: the targets of each row, its loss weights and the options.
+
+    Built once by `kernels.losses`, passed as it is through the autograd Function (and the fused LM head's
+    row chunks, `rows`) to the row kernel (`kernels.torch_rows.loss_and_grad`,
+    `kernels.triton_kernel.loss_and_grad`, whose launch unpacks it into the Triton kernel's arguments).
+    """
+
+    labels: torch.Tensor    # [N] int64; rows equal to ignore_index count in neither CE nor KL
+    ids: torch.Tensor       # [N, k] int64 teacher ids (padding points at the row's first real id)
+    logp_K: torch.Tensor    # [N, k] fp32 teacher log-probabilities at T on K (-inf: padding)
+    r_T: torch.Tensor       # [N] fp32 teacher tail mass at T (0 for renorm)
+    num_tail: torch.Tensor  # [N] fp32 tail tokens: V minus the real entries of K
+    w_ce: torch.Tensor      # [N] fp32 CE weight: alpha * CE normaliser (0 for ignored rows)
+    w_kl: torch.Tensor      # [N] fp32 KL weight: (1 - alpha) T^2 * KL normaliser (0 for ignored rows)
+    control: torch.Tensor | None  # [N, k] fp32 control-variate coefficients (`prepare_control`) or None
+    temperature: float
+    uniform: bool           # the uniform tail; otherwise the bucket tail (renorm: a bucket with r_T = 0)
+    ignore_index: int
+
+    def rows(self, start: int, stop: int) -> RowProblem:
+        """The problem of rows start..stop-1 (views of the same tensors)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[start:stop] for name in PER_ROW
+                                            if getattr(self, name) is not None})

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from babydistill.kernels.targets import RowProblem
+
 BLOCK_V = 2048
 BLOCK_K = 64
 BLOCK_F = 64      # columns per step of the exact-tail fallback (a BLOCK_F x BLOCK_K compare tile)
@@ -199,23 +201,24 @@ def sparse_distill_kernel(
         tl.store(g_row + idk, g.to(grad_ptr.dtype.element_ty), mask=kmask & (lp > float("-inf")))
 
 
-def loss_and_grad(logits, labels, ids, logp_K, r_T, num_tail, w_ce, w_kl, temperature: float, uniform: bool,
-                  grad, ignore_index: int = -100, control=None):
-    """Same contract as `kernels.cpu.loss_and_grad`: per-row CE and KL, gradient written into ``grad``."""
+def loss_and_grad(logits, problem: RowProblem, grad):
+    """Same contract as `kernels.torch_rows.loss_and_grad`: per-row CE and KL, the gradient written into
+    ``grad``; ``problem`` unpacked into the kernel's arguments."""
     N, V = logits.shape
-    K = ids.shape[1]
+    K = problem.ids.shape[1]
     assert logits.stride(1) == 1 and grad.stride(1) == 1
     ce_row = torch.empty(N, dtype=torch.float32, device=logits.device)
     kl_row = torch.empty(N, dtype=torch.float32, device=logits.device)
     stash = torch.empty(N, K, dtype=torch.float32, device=logits.device)
     if N == 0:
         return ce_row, kl_row
+    p = problem
     sparse_distill_kernel[(N,)](
-        logits, grad, labels.contiguous(), ids.contiguous(), logp_K.contiguous(), stash,
-        stash if control is None else control.contiguous(),
-        r_T.contiguous(), num_tail.contiguous(), w_ce.contiguous(), w_kl.contiguous(), ce_row, kl_row,
-        V, K, logits.stride(0), grad.stride(0), 1.0 / float(temperature), ignore_index, EXACT_TAIL_BELOW,
-        UNIFORM=uniform, BUCKET=(not uniform), HAS_CONTROL=control is not None, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F,
-        num_warps=NUM_WARPS,
+        logits, grad, p.labels.contiguous(), p.ids.contiguous(), p.logp_K.contiguous(), stash,
+        stash if p.control is None else p.control.contiguous(),  # (not read without a control variate)
+        p.r_T.contiguous(), p.num_tail.contiguous(), p.w_ce.contiguous(), p.w_kl.contiguous(), ce_row, kl_row,
+        V, K, logits.stride(0), grad.stride(0), 1.0 / p.temperature, p.ignore_index, EXACT_TAIL_BELOW,
+        UNIFORM=p.uniform, BUCKET=not p.uniform, HAS_CONTROL=p.control is not None, BLOCK_V=BLOCK_V,
+        BLOCK_K=BLOCK_K, BLOCK_F=BLOCK_F, num_warps=NUM_WARPS,
     )
     return ce_row, kl_row

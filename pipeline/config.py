@@ -7,310 +7,63 @@ one-line message that names the key, e.g. ``train.lr: must be > 0, got -1``.
 
 Any value can be overridden with ``--set section.key=value`` (the value is parsed as YAML,
 so ``--set cache.temperatures=[1,2,4]`` works).
+
+This module holds the whole (``Config``: the checks across sections and the paths every stage shares), the
+loading and the model names; the sections are in ``pipeline/config_sections.py`` and what a field is (its
+checks, and whether it counts in a stage's identity) in ``pipeline/config_fields.py``. Import all of them
+from here.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+
+from babydistill.pipeline.config_fields import (
+    ADDED_LATER,
+    EXECUTION_ONLY,
+    ConfigError,
+    added_later,
+    check,
+    coerce,
+    earlier_value,
+    identity,
+)
+from babydistill.pipeline.config_sections import (
+    UINT16_VOCAB_LIMIT,
+    CacheConfig,
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    ModelConfig,
+    SweepConfig,
+    TeachersConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+from babydistill.stores.files import json_digest
+from babydistill.stores.header import temperature_refusal
+
+__all__ = [
+    "ADDED_LATER", "BUNDLED_BLIMP", "BUNDLED_CORPUS", "EXECUTION_ONLY", "PROJECT_ROOT", "SECTIONS",
+    "SEQUENCE_CACHE_DEFAULTS", "UINT16_VOCAB_LIMIT", "CacheConfig", "Config", "ConfigError", "DataConfig",
+    "DistillConfig", "EvalConfig", "ModelConfig", "SweepConfig", "TeachersConfig", "TokenizerConfig",
+    "TrainConfig", "added_later", "apply_overrides", "config_from_dict", "earlier_value", "identity",
+    "load_config", "model_name", "parse_model_name", "save_config", "sequence_cache_defaults",
+]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_CORPUS = PROJECT_ROOT / "data" / "corpus"
 BUNDLED_BLIMP = PROJECT_ROOT / "data" / "blimp.zip"
-UINT16_VOCAB_LIMIT = 65536  # token ids are stored as uint16
 
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
-# --- stage identity ---------------------------------------------------------------------
-# A stage's fingerprint (workflows/runner.py), a logit store's identity (pipeline/cache.py) and a
-# training checkpoint's fingerprint (pipeline/train.py) are built from the sections a stage reads,
-# field by field. Every field counts, except the few marked with this metadata, so a new field
-# cannot be left out of a fingerprint by accident: leaving one out is a decision, written here.
-
-EXECUTION_ONLY = {"execution_only": True}
-"""Field metadata: the field changes how a stage runs (threads, batch of a forward pass, logging and
-checkpoint cadence) or which stages a run has (how many students), not what one stage computes."""
-
-
-ADDED_LATER = {"left_out_at_default": True}
-"""Field metadata: a key added after runs were made; left out of fingerprints while at its default, so
-that adding it does not make every finished stage stale."""
-
-
-def added_later(earlier_value: Any) -> dict:
-    """Field metadata: a key added after runs were made, whose default is not what those runs did
-    (``earlier_value``); left out of fingerprints while it has that earlier value, so that finished
-    stages stay done when it does, and go stale when the new default changes what they compute."""
-    return {"left_out_at": earlier_value}
-
-
-def earlier_value(f: dataclasses.Field) -> Any:
-    """What a key added later (``ADDED_LATER``, ``added_later``) meant before it existed: it is left out of
-    fingerprints at this value, so an identity without it has it. ``dataclasses.MISSING`` for other keys."""
-    if "left_out_at" in f.metadata:
-        return f.metadata["left_out_at"]
-    if f.metadata.get("left_out_at_default"):
-        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return dataclasses.MISSING
-
-
-def identity(section: Any) -> dict[str, Any]:
-    """The fields of a config section that fix what its stages compute, in declaration order."""
-    return {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(section)
-            if not f.metadata.get("execution_only")
-            and not ((earlier := earlier_value(f)) is not dataclasses.MISSING and getattr(section, f.name) == earlier)}
-
-
-# --- stage sections ---------------------------------------------------------------------
-
-
-@dataclass
-class DataConfig:
-    corpus: str | None = None
-    """Corpus folder (BabyLM 2024/2023 layout, train/validation/test folders, or *.txt); None = bundled."""
-    seq_len: int = 128
-    """Tokens per training window (the model sees seq_len inputs and predicts seq_len labels)."""
-    validation_fraction: float = 0.05
-    """Share of each training source's words (its tail, whole paragraphs) held out for validation,
-    when the corpus has no validation folder of its own."""
-    test_fraction: float = 0.05
-    """Share held out for test, only when the corpus has no test (or dev) folder."""
-    max_train_words: int | None = None
-    """Keep about this many training words, the same share from the head of every source
-    (quick runs and demos); None = all."""
-
-    def __post_init__(self):
-        _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
-        _check(0.0 < self.validation_fraction < 0.5, "data.validation_fraction",
-               f"must be in (0, 0.5), got {self.validation_fraction}")
-        _check(0.0 <= self.test_fraction < 0.5, "data.test_fraction",
-               f"must be in [0, 0.5), got {self.test_fraction}")
-        _check(self.max_train_words is None or self.max_train_words >= 1, "data.max_train_words",
-               f"must be >= 1, got {self.max_train_words}")
-
-
-@dataclass
-class TokenizerConfig:
-    vocab_size: int = 16000
-    """BPE vocabulary size including the special tokens (16000 in the paper)."""
-    min_frequency: int = 2
-    """A merge must occur at least this often in the train split."""
-
-    def __post_init__(self):
-        _check(self.vocab_size >= 300, "tokenizer.vocab_size",
-               f"must be >= 300 (256 bytes + specials + merges), got {self.vocab_size}")
-        _check(self.vocab_size <= UINT16_VOCAB_LIMIT, "tokenizer.vocab_size",
-               f"must be <= {UINT16_VOCAB_LIMIT} because token ids are stored as uint16, got {self.vocab_size}")
-        _check(self.min_frequency >= 1, "tokenizer.min_frequency", f"must be >= 1, got {self.min_frequency}")
-
-
-@dataclass
-class ModelConfig:
-    hidden_size: int = 256
-    intermediate_size: int = 1024
-    num_layers: int = 8
-    num_heads: int = 8
-    num_kv_heads: int = 8
-    """Grouped-query attention: key/value heads (must divide num_heads)."""
-    tie_embeddings: bool = False
-    """The paper unties the input embedding and the LM head."""
-    rope_theta: float = 10000.0
-    max_position_embeddings: int | None = None
-    """None = data.seq_len (checked to be >= seq_len when set)."""
-
-    def __post_init__(self):
-        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            _check(getattr(self, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
-        _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
-               f"must divide model.hidden_size ({self.hidden_size}), got {self.num_heads}")
-        _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads",
-               f"must divide model.num_heads ({self.num_heads}), got {self.num_kv_heads}")
-        _check(self.rope_theta > 0, "model.rope_theta", f"must be > 0, got {self.rope_theta}")
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 7e-4
-    epochs: int = 8
-    batch_size: int = 32
-    """Windows per optimizer step per process, before accumulation (global batch = batch_size x grad_accum)."""
-    grad_accum: int = 4
-    warmup_steps: int = 600
-    weight_decay: float = 5.0
-    """As published (sic): the paper's config has weight_decay 5."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    head_lr_scale: float = field(default=1.0, metadata=ADDED_LATER)
-    """The output layer's (lm_head's; with ``model.tie_embeddings`` the shared matrix's) learning rate, as a
-    multiple of ``lr``; AdamW's decoupled weight decay of that layer scales with it. At 4, under
-    ``distill.normalization: sequence``, online and offline students of the CPU study both gained about
-    0.01 nats (docs/results/offline-study, "What the tail noise does to the optimizer");
-    ``distill.head_lr_scale`` sets it for the students alone."""
-    min_lr_ratio: float = 0.0
-    """Cosine decays to lr x min_lr_ratio."""
-    seed: int = 0
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (smoke runs); None = epochs x steps per epoch."""
-    save_every: int = field(default=500, metadata=EXECUTION_ONLY)
-    """Checkpoint every this many optimizer steps (and at every epoch end)."""
-    log_every: int = field(default=10, metadata=EXECUTION_ONLY)
-    eval_every: int | None = None
-    """Validation loss every this many steps, besides every epoch end."""
-    eval_windows: int | None = None
-    """Cap on validation windows used during training (None = all)."""
-    keep_best: bool = False
-    """Export the best-by-validation weights instead of the final ones."""
-    random_offset: bool = False
-    """Shift each window by a random offset every epoch, like the paper's dataset (teachers only:
-    the offline cache fixes the windows)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto = bf16 autocast on CUDA when supported (else fp16), fp32 on CPU."""
-    device: str = "auto"
-    compile: bool = field(default=False, metadata=EXECUTION_ONLY)
-    """torch.compile the model for training (CUDA: fewer, fused kernels). Execution-only: the same model and
-    math, rounded in another order, as with more threads; refused in one line where this torch cannot compile."""
-    num_threads: int | None = field(default=None, metadata=EXECUTION_ONLY)
-    """torch.set_num_threads on CPU; None = torch's default."""
-    keep_checkpoints: int = field(default=2, metadata=EXECUTION_ONLY)
-    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list, metadata=EXECUTION_ONLY)
-    """Experiment trackers that get the metrics.jsonl records too (pipeline/trackers.py; each needs its
-    extra, e.g. pip install -e ".[tensorboard]"); metrics.jsonl is always written."""
-
-    def __post_init__(self):
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(len(set(self.trackers)) == len(self.trackers), "train.trackers",
-               f"lists a tracker twice: {self.trackers}")
-        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas",
-               f"must be two numbers in [0, 1), got {self.betas}")
-        _check(self.eps > 0, "train.eps", f"must be > 0, got {self.eps}")
-        _check(self.max_grad_norm > 0, "train.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _check(self.head_lr_scale > 0, "train.head_lr_scale", f"must be > 0, got {self.head_lr_scale}")
-        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
-        _check(self.save_every >= 1, "train.save_every", f"must be >= 1, got {self.save_every}")
-        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
-        _check(self.eval_every is None or self.eval_every >= 1, "train.eval_every",
-               f"must be >= 1, got {self.eval_every}")
-        _check(self.eval_windows is None or self.eval_windows >= 1, "train.eval_windows",
-               f"must be >= 1, got {self.eval_windows}")
-        _check(self.keep_checkpoints >= 2, "train.keep_checkpoints",
-               f"must be >= 2 (the newest may still be writing), got {self.keep_checkpoints}")
-
-
-@dataclass
-class TeachersConfig:
-    count: int = field(default=2, metadata=EXECUTION_ONLY)
-    """Teachers in the ensemble (the paper: 2). Which teachers form the ensemble is the cache's identity."""
-    seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
-    """Teacher seeds; None = 1..count. Teacher i is named t<seed>."""
-
-    def __post_init__(self):
-        _check(self.count >= 1, "teachers.count", f"must be >= 1, got {self.count}")
-        _check(self.seeds is None or len(self.seeds) == self.count, "teachers.seeds",
-               f"must list teachers.count ({self.count}) seeds, got {self.seeds}")
-
-    def resolved_seeds(self) -> list[int]:
-        return list(self.seeds) if self.seeds is not None else list(range(1, self.count + 1))
-
-
-@dataclass
-class CacheConfig:
-    mode: Literal["topk", "sample", "hybrid"] = "hybrid"
-    """hybrid = the top k exactly plus draws from the rest (unbiased; T = 1 only); topk = the k most probable
-    ids (biased: the tail's shape is lost; any T); sample = ids drawn from the ensemble (unbiased; T = 1 only).
-    See stores/logits.py. Default chosen by docs/results/offline-study/ (hybrid k = 8, S = 12 with the draws'
-    probabilities, ``tail_logp``, 60 bytes per token: under sequence normalisation its students, with the
-    student's tail as a control variate, beat those of 24 plain draws at the same bytes by 0.007 nats
-    [0.003, 0.010] on validation; under token normalisation every unbiased store matched online
-    distillation; top-32 fell behind under both, 0.02 and 0.10 nats, at 83 bytes). Under sequence normalisation
-    the default k and samples are bigger: ``SEQUENCE_CACHE_DEFAULTS``."""
-    k: int = 8
-    """Top-k ids kept per position (modes topk and hybrid). 32 when ``distill.normalization`` is sequence and a
-    config file leaves it out (``SEQUENCE_CACHE_DEFAULTS``)."""
-    samples: int = 12
-    """Draws per position from the ensemble (mode sample) or from its tail beyond the top k (mode hybrid). 64
-    when ``distill.normalization`` is sequence and a config file leaves it out (``SEQUENCE_CACHE_DEFAULTS``)."""
-    tail_logp: bool = field(default=True, metadata=added_later(False))
-    """Mode hybrid: also keep each tail draw's exact teacher log-probability (array ``tail_logp``), which lets
-    the student use a control variate on the tail (``distill.control_variate``); about 1.5 bytes per draw.
-    The other modes have no tail draws: for them it is false whatever the config says."""
-    draw_sets: int = field(default=1, metadata=ADDED_LATER)
-    """Mode hybrid: independent sets of ``samples`` tail draws per position; the student reads set
-    epoch mod draw_sets, so each of the first draw_sets epochs sees fresh draws. The tail's bytes grow
-    with it. Measured no better than 1 (docs/results/offline-study, arms ``hybrid8-*x6-*``): what
-    counts is the draws one step reads, not how many a position gets over training."""
-    order: Literal["shuffled", "corpus"] = "shuffled"
-    """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming
-    reader) or corpus order (poorly mixed; kept to measure the difference)."""
-    temperatures: list[float] = field(default_factory=lambda: [1.0])
-    """Capture temperatures: the store keeps the exact correction c_T for each (mode topk: add the
-    distillation temperatures you will use; sampled modes serve T = 1 only)."""
-    ensemble: Literal["logits", "probs"] = "logits"
-    """logits = mean of raw logits (the paper); probs = mean of probabilities."""
-    chunk_windows: int = 64
-    """Windows per Zarr chunk (one capture task each)."""
-    batch_size: int = field(default=16, metadata=EXECUTION_ONLY)
-    """Windows per teacher forward pass."""
-    workers: int = field(default=1, metadata=EXECUTION_ONLY)
-    """Dask workers (1 = synchronous scheduler). On CUDA one worker per GPU, each seeing its GPU alone; more
-    workers than visible GPUs is refused."""
-    device: str = field(default="auto", metadata=EXECUTION_ONLY)
-    """Where the teachers run: auto (CUDA when available), cpu, cuda. The ensemble, log-softmax, top-k and draws run
-    in fp32 on the same device; only the sparse targets cross to the host."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata=EXECUTION_ONLY)
-    """The teachers' forward: auto = bf16 autocast on CUDA (fp32 on a GPU without bf16), fp32 on the CPU.
-    Execution-only: a bf16 store counts as the same store as an fp32 one (the store records which it was, per
-    chunk); measured at the demo size, bf16 moves the stored targets far less than the draws' own noise
-    (docs/benchmarks/precision.json, `python -m babydistill.workflows.bench_precision`)."""
-    logp_dtype: Literal["float16", "float32"] = "float16"
-    fidelity_positions: int = field(default=2048, metadata=EXECUTION_ONLY)
-    """Positions sampled for the capture-time fidelity report. Execution-only: it picks what the capture
-    reports on, not the targets students read."""
-    seed: int = 0
-    """Seed for sampled targets and the fidelity sample."""
-
-    def __post_init__(self):
-        _check(self.mode in ("topk", "sample", "hybrid"), "cache.mode",
-               f"must be topk, sample or hybrid, got {self.mode!r}")
-        _check(self.order in ("shuffled", "corpus"), "cache.order", f"must be shuffled or corpus, got {self.order!r}")
-        _check(self.k >= 1, "cache.k", f"must be >= 1, got {self.k}")
-        _check(self.samples >= 1, "cache.samples", f"must be >= 1, got {self.samples}")
-        _check(self.draw_sets >= 1, "cache.draw_sets", f"must be >= 1, got {self.draw_sets}")
-        if self.mode != "hybrid":
-            _check(self.draw_sets == 1, "cache.draw_sets",
-                   f"only mode hybrid has tail draws to repeat; got {self.draw_sets} with mode {self.mode}")
-            self.tail_logp = False  # no tail draws: unused, and so left out of the store's fingerprint
-        _check(len(self.temperatures) >= 1 and all(t > 0 for t in self.temperatures), "cache.temperatures",
-               f"must be a non-empty list of temperatures > 0, got {self.temperatures}")
-        _check(self.chunk_windows >= 1, "cache.chunk_windows", f"must be >= 1, got {self.chunk_windows}")
-        _check(self.batch_size >= 1, "cache.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.workers >= 1, "cache.workers", f"must be >= 1, got {self.workers}")
-        _check(self.fidelity_positions >= 0, "cache.fidelity_positions",
-               f"must be >= 0, got {self.fidelity_positions}")
-
+# --- the whole config -------------------------------------------------------------------
 
 SEQUENCE_CACHE_DEFAULTS = {"k": 32, "samples": 64}
 """``cache.k`` and ``cache.samples`` of a config file that sets ``distill.normalization: sequence`` and leaves them
@@ -332,185 +85,9 @@ def sequence_cache_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "cache": {**SEQUENCE_CACHE_DEFAULTS, **(cache or {})}}
 
 
-@dataclass
-class DistillConfig:
-    alpha: float = 0.5
-    """Weight of the CE term; 1 - alpha weighs the KL term."""
-    temperature: float = 1.0
-    tail: Literal["bucket", "renorm", "uniform"] = "bucket"
-    normalization: Literal["token", "sequence", "sum"] = "token"
-    """token = CE and KL averaged over tokens; sequence = the paper's released trainer (KL batchmean). A config file
-    that sets sequence and leaves out ``cache.k`` / ``cache.samples`` gets a bigger store: ``SEQUENCE_CACHE_DEFAULTS``."""
-    use_exact_c_T: bool = True
-    """Use the store's exact temperature correction when the temperature was captured."""
-    control_variate: Literal["auto", "required", "never"] = field(default="auto", metadata=ADDED_LATER)
-    """Offline students from a hybrid store with ``tail_logp``: use the student's own tail as a control
-    variate for the sampled tail (unbiased, far less noisy once the student nears the teacher; see
-    `pipeline.distill.control_coefficients`). auto = when the store has it; required = refuse a store without it; never."""
-    control_min_beta: float = field(default=0.0, metadata=ADDED_LATER)
-    """A control-variate coefficient estimated below this is used as 0 (plain draws). Early in training the
-    estimate overshoots the optimum, which is near 0 there, but 0.2 was measured no better than 0
-    (docs/results/offline-study)."""
-    head_lr_scale: float | None = field(default=None, metadata=ADDED_LATER)
-    """The students' ``train.head_lr_scale`` (their output layer's learning rate as a multiple of ``train.lr``),
-    leaving the teachers' as it is; None = ``train.head_lr_scale``."""
-    students: int = field(default=1, metadata=EXECUTION_ONLY)
-    """Offline students distilled from the one cache."""
-    seeds: list[int] | None = field(default=None, metadata=EXECUTION_ONLY)
-    """Student seeds; None = 1..students. Student i is named s<seed>."""
-    online_students: int = field(default=0, metadata=EXECUTION_ONLY)
-    """Students distilled online (teachers run every step: the paper's released method), named o<seed>."""
-
-    def __post_init__(self):
-        _check(0.0 <= self.alpha <= 1.0, "distill.alpha", f"must be in [0, 1], got {self.alpha}")
-        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
-        _check(self.students >= 0, "distill.students", f"must be >= 0, got {self.students}")
-        _check(0.0 <= self.control_min_beta <= 1.0, "distill.control_min_beta",
-               f"must be in [0, 1], got {self.control_min_beta}")
-        _check(self.head_lr_scale is None or self.head_lr_scale > 0, "distill.head_lr_scale",
-               f"must be > 0 (or null: train.head_lr_scale), got {self.head_lr_scale}")
-        _check(self.online_students >= 0, "distill.online_students", f"must be >= 0, got {self.online_students}")
-        _check(self.seeds is None or len(self.seeds) == self.students, "distill.seeds",
-               f"must list distill.students ({self.students}) seeds, got {self.seeds}")
-
-    def resolved_seeds(self) -> list[int]:
-        return list(self.seeds) if self.seeds is not None else list(range(1, self.students + 1))
-
-
-@dataclass
-class EvalConfig:
-    blimp: str | None = None
-    """BLiMP folder of *.jsonl or a zip of them; None = the bundled copy."""
-    max_pairs_per_paradigm: int | None = None
-    """Seeded subset of pairs per paradigm (None = all 1000)."""
-    batch_size: int = field(default=64, metadata=EXECUTION_ONLY)
-    max_windows: int | None = None
-    """Cap on validation/test windows for the loss evaluation (None = all)."""
-    seed: int = 0
-    zero_shot: list[dict[str, str]] = field(default_factory=list, metadata=ADDED_LATER)
-    """BabyLM zero-shot suites from local files, scored as the BabyLM evaluation pipeline 2025 does
-    (pipeline/zero_shot.py): a list of ``{task, path}`` (task: blimp, ewok or entity_tracking; path: a
-    *.jsonl file or a folder of them), with an optional ``name`` (default: the task) that keys the
-    results and the report column; give it when a task appears twice (BLiMP and its supplement)."""
-
-    def __post_init__(self):
-        from babydistill.pipeline.zero_shot import (
-            TASKS,  # not at the top: zero_shot imports nothing from here
-        )
-
-        names = []
-        for i, entry in enumerate(self.zero_shot):
-            key = f"eval.zero_shot[{i}]"
-            unknown = sorted(set(entry) - {"task", "path", "name"})
-            _check(not unknown, f"{key}.{unknown[0] if unknown else ''}", "unknown key (known keys: name, path, task)")
-            _check("task" in entry and "path" in entry, key,
-                   f"needs `task` and `path`, e.g. {{task: blimp, path: evaluation_data/blimp_filtered}}; got {entry}")
-            _check(entry["task"] in TASKS, f"{key}.task", f"must be one of {', '.join(TASKS)}; got {entry['task']!r}")
-            _check(entry["path"] != "", f"{key}.path", "must not be empty")
-            name = entry.get("name", entry["task"])
-            _check(name not in names, key, f"a second suite named {name!r}; give each a distinct `name` "
-                                           f"(e.g. name: supplement)")
-            names.append(name)
-        _check(self.max_pairs_per_paradigm is None or self.max_pairs_per_paradigm >= 1,
-               "eval.max_pairs_per_paradigm", f"must be >= 1, got {self.max_pairs_per_paradigm}")
-        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.max_windows is None or self.max_windows >= 1, "eval.max_windows",
-               f"must be >= 1, got {self.max_windows}")
-
-
-SWEEP_SECTIONS = ("distill", "train")
-"""The sections a sweep searches over: the student's training. Everything else is fixed by the run's store."""
-SWEEP_FIXED_KEYS = {"distill.students", "distill.seeds", "distill.online_students", "train.seed", "train.device",
-                    "train.compile",
-                    "train.num_threads", "train.eval_every", "train.eval_windows", "train.log_every",
-                    "train.save_every", "train.keep_checkpoints", "train.keep_best"}
-"""Keys of those sections that are not a student's hyperparameters: which students the run trains, how the
-trial is measured (the objective must be the same for every trial), and how it runs."""
-SWEEP_SPEC_KEYS = ("low", "high", "log", "step", "choices")
-
-
-@dataclass
-class SweepConfig:
-    """`babydistill sweep`: Optuna over student hyperparameters, trials trained from the run's store."""
-
-    space: dict[str, dict] = field(default_factory=dict)
-    """The search space, ``section.key: spec`` over ``distill.*`` and ``train.*`` keys. A spec is a range
-    ``{low: L, high: H}`` (``log: true`` for a log scale, ``step: S`` for a grid; an int key gives ints) or
-    ``{choices: [...]}``."""
-    trials: int = 16
-    """Trials to finish (completed or pruned); the command-line --trials overrides it."""
-    objective: str = "validation"
-    """What is minimised: validation = the trial's validation CE at its last step (train.eval_windows
-    windows). The test split is never used to choose."""
-    sampler: Literal["tpe", "random"] = "tpe"
-    """tpe = Optuna's TPESampler (with the Hyperband pruner, the BOHB of the paper); random = RandomSampler."""
-    startup_trials: int = 10
-    """TPE samples at random for this many trials before it models the results."""
-    pruner: Literal["hyperband", "median", "none"] = "hyperband"
-    """hyperband = HyperbandPruner; median = MedianPruner; none = every trial runs to the end."""
-    min_steps: int | None = None
-    """Hyperband's min_resource and the median pruner's warm-up, in optimizer steps; None = train.eval_every."""
-    reduction_factor: int = 3
-    """Hyperband's reduction factor: about 1 trial in this many goes on at each rung."""
-    student_seed: int = 1
-    """Every trial trains with this seed (1, like the default student s1), so trials differ only by their
-    parameters."""
-    seed: int = 0
-    """The sampler's seed (one worker: the same parameters in the same order)."""
-    heartbeat_seconds: int = 10
-    """A running trial writes a heartbeat this often; one silent for 3x as long is marked failed (its process
-    died) and retried once, resuming from its checkpoints."""
-
-    def __post_init__(self):
-        _check(self.trials >= 1, "sweep.trials", f"must be >= 1, got {self.trials}")
-        _check(self.objective != "test", "sweep.objective",
-               "the test split is never used to choose (it would no longer measure the chosen student); use validation")
-        _check(self.objective == "validation", "sweep.objective", f"must be validation, got {self.objective!r}")
-        _check(self.startup_trials >= 0, "sweep.startup_trials", f"must be >= 0, got {self.startup_trials}")
-        _check(self.min_steps is None or self.min_steps >= 1, "sweep.min_steps", f"must be >= 1, got {self.min_steps}")
-        _check(self.reduction_factor >= 2, "sweep.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
-        _check(self.heartbeat_seconds >= 1, "sweep.heartbeat_seconds", f"must be >= 1, got {self.heartbeat_seconds}")
-        self.space = {key: _check_space_entry(key, spec) for key, spec in self.space.items()}
-
-
-def _check_space_entry(key: str, spec: Any) -> dict:
-    """The spec with its values coerced to the key's type; one line naming ``sweep.space.<key>`` for a key the
-    sweep cannot search or a spec that is empty or malformed."""
-    name = f"sweep.space.{key}"
-    section, _, field_name = key.partition(".")
-    _check(section != "cache", name, "changes the store, and every trial trains from the run's one store; "
-                                     "compare stores with `babydistill study` (or capture another store in another run)")
-    _check(section in SWEEP_SECTIONS and "." not in field_name, name,
-           f"a sweep searches over student keys only ({', '.join(s + '.*' for s in SWEEP_SECTIONS)})")
-    hints = typing.get_type_hints({"distill": DistillConfig, "train": TrainConfig}[section])
-    _check(field_name in hints, name, f"unknown key (known keys: {', '.join(sorted(hints))})")
-    _check(key not in SWEEP_FIXED_KEYS, name, "is not a student hyperparameter (it fixes which students run, how a "
-                                               "trial is measured or how it runs); set it in the config instead")
-    _check(isinstance(spec, dict) and spec, name, f"must be {{low: L, high: H}} or {{choices: [...]}}, got {spec!r}")
-    for k in spec:
-        _check(k in SWEEP_SPEC_KEYS, f"{name}.{k}", f"unknown key (known keys: {', '.join(SWEEP_SPEC_KEYS)})")
-    if "choices" in spec:
-        _check(not set(spec) - {"choices"}, name, "choices cannot be combined with low/high/log/step")
-        choices = spec["choices"]
-        _check(isinstance(choices, list) and len(choices) >= 1, name, f"choices must be a non-empty list, got {choices!r}")
-        choices = [_coerce(c, hints[field_name], f"{name}.choices[{i}]") for i, c in enumerate(choices)]
-        _check(len({json.dumps(c) for c in choices}) == len(choices), name, f"choices repeat a value: {choices}")
-        return {"choices": choices}
-    annotation = hints[field_name]
-    non_none = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    numeric = non_none[0] in (int, float)
-    _check(numeric, name, "is not a number: give {choices: [...]} (e.g. {choices: [true, false]})")
-    _check("low" in spec and "high" in spec, name, f"a range needs low and high, got {spec}")
-    low, high = (_coerce(spec[b], non_none[0], f"{name}.{b}") for b in ("low", "high"))
-    _check(low < high, name, f"empty range: low ({low}) must be < high ({high})")
-    log = spec.get("log", False)
-    _check(isinstance(log, bool), f"{name}.log", f"must be true or false, got {log!r}")
-    _check(not log or low > 0, name, f"log scale needs low > 0, got {low}")
-    out = {"low": low, "high": high, "log": log}
-    if "step" in spec:
-        out["step"] = _coerce(spec["step"], non_none[0], f"{name}.step")
-        _check(out["step"] > 0 and not log, f"{name}.step", f"must be > 0 and without log: true, got {out['step']}")
-    return out
+def _in_run(relative: str) -> property:
+    """A path inside the run directory: ``RUN_DIR/relative``."""
+    return property(lambda config: config.run_path / relative, doc=f"RUN_DIR/{relative}")
 
 
 @dataclass
@@ -528,19 +105,19 @@ class Config:
 
     def __post_init__(self):
         mpe = self.model.max_position_embeddings
-        _check(mpe is None or mpe >= self.data.seq_len, "model.max_position_embeddings",
-               f"must be >= data.seq_len ({self.data.seq_len}), got {mpe}")
+        check(mpe is None or mpe >= self.data.seq_len, "model.max_position_embeddings",
+              f"must be >= data.seq_len ({self.data.seq_len}), got {mpe}")
         vocab, cache = self.tokenizer.vocab_size, self.cache
         if cache.mode in ("topk", "hybrid"):
             limit = vocab - 1 if cache.mode == "hybrid" else vocab  # hybrid needs a tail to sample from
-            _check(cache.k <= limit, "cache.k",
-                   f"must be in 1..{limit} for mode {cache.mode} at vocab {vocab}, got {cache.k}")
+            check(cache.k <= limit, "cache.k",
+                  f"must be in 1..{limit} for mode {cache.mode} at vocab {vocab}, got {cache.k}")
         if cache.mode in ("sample", "hybrid"):
-            _check(cache.samples <= vocab, "cache.samples",
-                   f"must be in 1..{vocab} (the vocab size), got {cache.samples}")
-            _check(self.distill.temperature == 1.0, "distill.temperature",
-                   f"must be 1 with cache.mode {cache.mode}: sampled weights are teacher probabilities at T = 1 only "
-                   f"(got {self.distill.temperature}); use cache.mode topk for other temperatures")
+            check(cache.samples <= vocab, "cache.samples",
+                  f"must be in 1..{vocab} (the vocab size), got {cache.samples}")
+        refusal = temperature_refusal(cache.mode, self.distill.temperature)
+        check(refusal is None, "distill.temperature",
+              f"must be 1 with cache.mode {cache.mode}: {refusal}; use cache.mode topk for other temperatures")
 
     # --- derived paths (one place, so every stage agrees) ---
     @property
@@ -551,31 +128,18 @@ class Config:
     def corpus_path(self) -> Path:
         return Path(self.data.corpus) if self.data.corpus else BUNDLED_CORPUS
 
-    @property
-    def data_path(self) -> Path:
-        return self.run_path / "data"
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.run_path / "tokenizer"
-
-    @property
-    def tokens_path(self) -> Path:
-        return self.run_path / "tokens.zarr"
-
-    @property
-    def logits_path(self) -> Path:
-        return self.run_path / "logits.zarr"
+    # Where each stage's output lies in the run directory (one place, so every stage agrees).
+    data_path = _in_run("data")
+    tokenizer_path = _in_run("tokenizer")
+    tokens_path = _in_run("tokens.zarr")
+    logits_path = _in_run("logits.zarr")
+    report_path = _in_run("report")
 
     def teacher_path(self, name: str) -> Path:
         return self.run_path / "teachers" / name
 
     def student_path(self, name: str) -> Path:
         return self.run_path / "students" / name
-
-    @property
-    def report_path(self) -> Path:
-        return self.run_path / "report"
 
     def sweep_path(self, name: str) -> Path:
         return self.run_path / "sweeps" / name
@@ -598,7 +162,7 @@ class Config:
                 if not value:
                     continue
             payload[name] = value
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(payload)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -626,60 +190,19 @@ def parse_model_name(name: str) -> tuple[str, int] | None:
 # --- loading ----------------------------------------------------------------------------
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key)
-    if origin is Literal:
-        _check(value in args, key, f"must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is dict:
-        _check(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
-        if args[1] is dict:  # sweep.space: its entries are checked by the section itself
-            return dict(value)
-        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
-        return float(value)
-    if annotation is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
-        return value
-    if annotation is bool:
-        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
-        return value
-    if annotation is str:
-        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), key,
-               f"must be a string, got {value!r}")
-        return str(value)
-    raise AssertionError(f"unsupported annotation {annotation} for {key}")
-
-
 def _build_section(cls: type, values: Any, section: str):
-    _check(isinstance(values, dict), section, f"must be a mapping of keys to values, got {values!r}")
+    check(isinstance(values, dict), section, f"must be a mapping of keys to values, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             raise ConfigError(f"{section}.{key}: unknown key (known keys: {', '.join(sorted(known))})")
-    kwargs = {key: _coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()}
+    kwargs = {key: coerce(value, hints[key], f"{section}.{key}") for key, value in values.items()}
     return cls(**kwargs)
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    _check(isinstance(raw, dict), "config", "must be a YAML mapping")
+    check(isinstance(raw, dict), "config", "must be a YAML mapping")
     for key in raw:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown key (known top-level keys: {', '.join(SECTIONS)})")
@@ -690,7 +213,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build_section(annotation, value if value is not None else {}, name)
         else:
-            kwargs[name] = _coerce(value, annotation, name)
+            kwargs[name] = coerce(value, annotation, name)
     return Config(**kwargs)
 
 
@@ -708,7 +231,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-            _check(isinstance(node, dict), dotted, "is not a section")
+            check(isinstance(node, dict), dotted, "is not a section")
         node[parts[-1]] = value
     return raw
 

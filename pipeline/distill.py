@@ -7,7 +7,7 @@ so the ``N x vocab`` student logits are never materialised. No teacher is loaded
 Online (``--online``, the paper's released method): the teachers are loaded and run every step,
 their logits averaged (``cache.ensemble``), and the loss is the full-vocabulary KL + CE.
 
-Both go through the teachers' training loop (``pipeline.train.train_loop``): same optimizer,
+Both go through the teachers' training loop (``pipeline.training.loop.train_loop``): same optimizer,
 schedule, checkpoints, exact resume, DDP and logging; only the batches and the loss differ.
 """
 
@@ -26,8 +26,10 @@ from babydistill.pipeline import devices
 from babydistill.pipeline.config import SEQUENCE_CACHE_DEFAULTS, Config, DistillConfig
 from babydistill.pipeline.model import build_model, ensemble_logits, load_teachers
 from babydistill.pipeline.tokenizer import tokenizer_hash
-from babydistill.pipeline.train import Batch, TokenWindows, TrainingError, resolve_device, train_loop
-from babydistill.stores.logits import targets_are_complete
+from babydistill.pipeline.training.loop import train_loop
+from babydistill.pipeline.training.runtime import TrainingError, resolve_device
+from babydistill.pipeline.training.windows import Batch, TokenWindows
+from babydistill.stores.header import LogitStoreHeader, temperature_refusal
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
 
@@ -77,8 +79,9 @@ def control_beta(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp:
 def _spaced(start: int, stop: int, device: torch.device) -> torch.Tensor:
     """Up to CONTROL_ROWS row indices of start..stop-1, evenly spaced, on ``device``."""
     count = min(CONTROL_ROWS, stop - start)
-    return torch.linspace(start, stop - 1, count, device=device).long() if count > 0 else \
-        torch.zeros(0, dtype=torch.long, device=device)
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.linspace(start, stop - 1, count, device=device).long()
 
 
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
@@ -195,73 +198,66 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
     """The store as a batch source, checked against this run; whether exact c_T is used; the tail mode.
     (Whether the tail control variate is used: `use_control_variate`.)"""
     if not (Path(logits_path) / "zarr.json").is_file():
-        raise TrainingError(f"{logits_path}: no logit store; run `babydistill cache CONFIG` first")
+        raise TrainingError(f"{logits_path}: no logit store; run `babydistill capture CONFIG` first")
     dcfg = config.distill
     reader = LogitStoreReader(logits_path, tokens_path, tokenizer_dir, seed=seed, temperature=dcfg.temperature,
                               tail_logp=dcfg.control_variate != "never")
-    attrs = reader.attrs
-    if int(attrs["seq_len"]) != config.data.seq_len:
-        raise TrainingError(f"{logits_path} holds windows of {attrs['seq_len']} tokens but data.seq_len is "
-                            f"{config.data.seq_len}; rebuild it with `babydistill cache CONFIG --force`")
-    if targets_are_complete(attrs):
-        # Sampled weights estimate p at T = 1; p^(1/T) cannot be recovered from them.
-        if dcfg.temperature != 1.0:
-            raise TrainingError(f"{logits_path} holds {attrs['mode']} targets, which serve distill.temperature 1 "
-                                f"only (got {dcfg.temperature}); set distill.temperature=1 or rebuild the store "
-                                f"with `babydistill cache CONFIG --force --set cache.mode=topk`")
-        controlled = use_control_variate(dcfg, attrs, logits_path)
-        if dcfg.normalization == "sequence" and thinner_than_sequence_default(attrs, controlled):
-            k, samples = SEQUENCE_CACHE_DEFAULTS["k"], SEQUENCE_CACHE_DEFAULTS["samples"]
-            # a store that has the probabilities and is big enough lacks only the control variate
-            only_unused = attrs.get("tail_logp") and not thinner_than_sequence_default(attrs, True)
-            fix = ("set distill.control_variate=auto" if only_unused else
-                   f"capture the sequence default: `babydistill cache CONFIG --force --set cache.mode=hybrid "
-                   f"--set cache.k={k} --set cache.samples={samples} --set cache.tail_logp=true`")
-            warnings.warn(f"{logits_path} holds {describe_targets(attrs, controlled)}: under distill.normalization="
-                          f"sequence the KL carries the draws' noise (at the CPU study's scale, students from 8 draws "
-                          f"without their probabilities fell 0.048 nats behind online ones, from 8 ids + 12 draws with "
-                          f"them 0.014, from 32 + 64 0.004: docs/results/offline-study); {fix}", stacklevel=2)
+    header = reader.header
+    if header.seq_len != config.data.seq_len:
+        raise TrainingError(f"{logits_path} holds windows of {header.seq_len} tokens but data.seq_len is "
+                            f"{config.data.seq_len}; rebuild it with `babydistill capture CONFIG --force`")
+    if refusal := temperature_refusal(header.mode, dcfg.temperature):
+        raise TrainingError(f"{logits_path} holds {refusal}; set distill.temperature=1 or rebuild the store with "
+                            f"`babydistill capture CONFIG --force --set cache.mode=topk`")
+    if header.targets_are_complete:
+        controlled = use_control_variate(dcfg, header, logits_path)
+        if dcfg.normalization == "sequence" and thinner_than_sequence_default(header, controlled):
+            warn_sequence_noise(header, controlled, logits_path)
         # Their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail.
         return reader, False, "renorm"
     use_c_T = dcfg.use_exact_c_T and reader.c_T_column is not None
     if not use_c_T and dcfg.temperature != 1.0:
         reason = ("distill.use_exact_c_T is false" if not dcfg.use_exact_c_T else
-                  f"temperature {dcfg.temperature} was not captured (store has {attrs['temperatures']})")
+                  f"temperature {dcfg.temperature} was not captured (store has {list(header.temperatures)})")
         warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation", stacklevel=2)
     return reader, use_c_T, dcfg.tail
 
 
-def thinner_than_sequence_default(attrs: dict, controlled: bool) -> bool:
+def warn_sequence_noise(header: LogitStoreHeader, controlled: bool, logits_path: Path) -> None:
+    """Under sequence normalisation the KL carries the draws' noise: say so, with the measured cost and the fix."""
+    k, samples = SEQUENCE_CACHE_DEFAULTS["k"], SEQUENCE_CACHE_DEFAULTS["samples"]
+    # a store that has the probabilities and is big enough lacks only the control variate
+    only_unused = header.tail_logp and not thinner_than_sequence_default(header, True)
+    fix = ("set distill.control_variate=auto" if only_unused else
+           f"capture the sequence default: `babydistill capture CONFIG --force --set cache.mode=hybrid "
+           f"--set cache.k={k} --set cache.samples={samples} --set cache.tail_logp=true`")
+    warnings.warn(f"{logits_path} holds {header.describe_targets(controlled)}: under distill.normalization="
+                  f"sequence the KL carries the draws' noise (at the CPU study's scale, students from 8 draws "
+                  f"without their probabilities fell 0.048 nats behind online ones, from 8 ids + 12 draws with "
+                  f"them 0.014, from 32 + 64 0.004: docs/results/offline-study); {fix}", stacklevel=3)
+
+
+def thinner_than_sequence_default(header: LogitStoreHeader, controlled: bool) -> bool:
     """Whether a sampled store's targets are noisier than ``SEQUENCE_CACHE_DEFAULTS`` (fewer exact ids or draws, or
     draws the student cannot use a control variate on)."""
-    k = int(attrs.get("k", 0)) if attrs.get("mode") == "hybrid" else 0
-    return (not controlled or k < SEQUENCE_CACHE_DEFAULTS["k"]
-            or int(attrs.get("samples", 0)) < SEQUENCE_CACHE_DEFAULTS["samples"])
+    return (not controlled or header.head < SEQUENCE_CACHE_DEFAULTS["k"]
+            or int(header.samples or 0) < SEQUENCE_CACHE_DEFAULTS["samples"])
 
 
-def describe_targets(attrs: dict, controlled: bool) -> str:
-    """'hybrid targets of 8 exact ids + 12 draws', with what keeps the student from a control variate on them when
-    not ``controlled``."""
-    ids = f"{attrs.get('k')} exact ids + " if attrs.get("mode") == "hybrid" else ""
-    plain = ("" if controlled else " with their probabilities unused (distill.control_variate=never)"
-             if attrs.get("tail_logp") else " without their probabilities")
-    return f"{attrs.get('mode')} targets of {ids}{attrs.get('samples')} draws{plain}"
-
-
-def use_control_variate(dcfg: DistillConfig, attrs: dict, logits_path: Path) -> bool:
+def use_control_variate(dcfg: DistillConfig, header: LogitStoreHeader, logits_path: Path) -> bool:
     """Whether the student uses the tail control variate (``distill.control_variate``) with this store."""
-    has = bool(attrs.get("tail_logp"))
-    if dcfg.control_variate == "required" and not has:
-        raise TrainingError(f"{logits_path} holds no tail probabilities (mode {attrs['mode']}, no tail_logp), which "
-                            f"distill.control_variate=required needs; rebuild it with `babydistill cache CONFIG --force "
-                            f"--set cache.mode=hybrid --set cache.tail_logp=true` or set distill.control_variate=auto")
-    return has and dcfg.control_variate != "never"
+    if dcfg.control_variate == "required" and not header.tail_logp:
+        raise TrainingError(f"{logits_path} holds no tail probabilities (mode {header.mode}, no tail_logp), which "
+                            f"distill.control_variate=required needs; rebuild it with `babydistill capture CONFIG "
+                            f"--force --set cache.mode=hybrid --set cache.tail_logp=true` or set "
+                            f"distill.control_variate=auto")
+    return header.tail_logp and dcfg.control_variate != "never"
 
 
 def store_loss(dcfg: DistillConfig, reader: LogitStoreReader, use_c_T: bool, tail: str, logits_path: Path):
     """The offline loss for this store (`open_offline_source`'s results), with the control variate if used."""
-    control = use_control_variate(dcfg, reader.attrs, logits_path)
-    return offline_loss(dcfg, use_c_T, tail, int(reader.attrs["k"]) if control else None), control
+    control = use_control_variate(dcfg, reader.header, logits_path)
+    return offline_loss(dcfg, use_c_T, tail, reader.header.k if control else None), control
 
 
 def student_config(config: Config) -> Config:
@@ -279,7 +275,7 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
     """Train one student into ``out_dir`` (the runner renames it when done); returns ``out_dir``.
 
     ``resume`` as for teachers: False, True (must), "auto", or a checkpoint folder. ``on_validation(step,
-    val_loss)``: see :func:`pipeline.train.train_loop` (a sweep's pruner).
+    val_loss)``: see :func:`pipeline.training.loop.train_loop` (a sweep's pruner).
     """
     tokens_path, tokenizer_dir = Path(tokens_path), Path(tokenizer_dir)
     if not (tokens_path / "zarr.json").is_file():
@@ -303,8 +299,8 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
         batches, use_c_T, tail = open_offline_source(config, tokens_path, tokenizer_dir, logits_path, seed)
         loss_fn, control = store_loss(dcfg, batches, use_c_T, tail, logits_path)
         meta = {"stage": "student", "online": False, "logits": str(logits_path), "exact_c_T": use_c_T,
-                "tail": tail, "store_mode": batches.attrs["mode"], "store_order": batches.attrs["order"],
-                "store_teachers": batches.attrs.get("teachers"), "control_variate": control}
+                "tail": tail, "store_mode": batches.header.mode, "store_order": batches.header.order,
+                "store_teachers": list(batches.header.teachers), "control_variate": control}
 
     config = student_config(config)
     model = build_model(config, tokens, seed)

@@ -48,6 +48,7 @@ from babydistill.pipeline import zero_shot
 from babydistill.pipeline.config import BUNDLED_BLIMP, EvalConfig
 from babydistill.pipeline.model import autocast_context, load_model
 from babydistill.pipeline.tokenizer import load_tokenizer, tokenizer_hash
+from babydistill.stores.files import atomic_write_json
 from babydistill.stores.tokens import TokenStore
 
 FORMAT = "babydistill.eval"
@@ -157,8 +158,8 @@ def completion_logprobs(model, tokenizer, texts: list[str], starts: list[int], b
         logits_BTV = model(input_ids=input_ids_BT.to(device), attention_mask=mask_BT.long().to(device),
                            position_ids=position_ids_BT.to(device)).logits.float()
         # position t predicts token t+1; padded targets and tokens before the completion are left out
-        logp_BT = logits_BTV[:, :-1].gather(-1, input_ids_BT[:, 1:, None].to(device)).squeeze(-1) \
-            - torch.logsumexp(logits_BTV[:, :-1], dim=-1)
+        logp_BT = (logits_BTV[:, :-1].gather(-1, input_ids_BT[:, 1:, None].to(device)).squeeze(-1)
+                   - torch.logsumexp(logits_BTV[:, :-1], dim=-1))
         logp_BT = logp_BT.double().cpu() * scored_BT[:, 1:]
         out[rows] = logp_BT.sum(dim=1)
     return out
@@ -277,12 +278,6 @@ def check_model(model_dir: Path, store: TokenStore, tokenizer_dir: Path) -> str:
     return run_hash
 
 
-def _write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenizer_dir: Path, *,
                    out: Path | None = None) -> dict:
     """Validation/test loss and BLiMP of the checkpoint in ``model_dir``; writes ``out`` (default MODEL/eval.json)."""
@@ -337,7 +332,7 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenize
     }
     if suites:
         result["zero_shot"] = zero_shot_acc
-    _write_json_atomic(result, out)
+    atomic_write_json(out, result)
     suites_text = "".join(f", {name} {100 * r['overall']:.1f}%" for name, r in zero_shot_acc.items())
     print(f"{model_dir}: val CE {loss['validation']['ce']:.4f}, test CE {loss['test']['ce']:.4f}, "
           f"BLiMP {100 * blimp['overall']:.1f}% on {len(pairs)} pairs{suites_text} "

@@ -65,9 +65,9 @@ def llama_config(config: Config, tokens: TokenStore) -> LlamaConfig:
         max_position_embeddings=model.max_position_embeddings or tokens.seq_len,
         rope_theta=model.rope_theta,
         tie_word_embeddings=model.tie_embeddings,
-        bos_token_id=tokens.attrs["bos_id"],
-        eos_token_id=tokens.attrs["eod_id"],
-        pad_token_id=tokens.attrs["pad_id"],
+        bos_token_id=tokens.header.bos_id,
+        eos_token_id=tokens.header.eod_id,
+        pad_token_id=tokens.header.pad_id,
         attention_dropout=0.0,
     )
 

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 from babydistill.pipeline.config import Config, parse_model_name  # noqa: E402
 from babydistill.pipeline.evaluate import FIELDS  # noqa: E402
+from babydistill.stores.files import atomic_write_text
 
 GROUPS = ("teachers", "offline students", "online students")
 _GROUP_STYLE = {"teachers": "-", "offline students": "--", "online students": ":"}
@@ -294,7 +295,5 @@ def write_report(config: Config, out_dir: Path) -> Path:
         lines += ["![BLiMP by field](blimp_fields.png)", "", "![test CE per model](test_ce.png)", ""]
 
     path = out_dir / "report.md"
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "\n".join(lines))
     return path

@@ -1,7 +1,7 @@
 """Stage `teacher`: a Llama trained from scratch with plain CE on the run's training windows.
 
 ``train_teacher`` checks its inputs, builds the model and the window source, and hands them to
-the shared loop (:mod:`pipeline.train`), which writes the Hugging Face checkpoint, metrics and
+the shared loop (:mod:`pipeline.training.loop`), which writes the Hugging Face checkpoint, metrics and
 resume state into ``out_dir``. The CLI passes ``run_dir/teachers/NAME.partial`` and renames it
 when this returns; nothing here renames anything.
 """
@@ -13,7 +13,9 @@ from pathlib import Path
 from babydistill.pipeline.config import Config
 from babydistill.pipeline.model import build_model
 from babydistill.pipeline.tokenizer import tokenizer_hash
-from babydistill.pipeline.train import TokenWindows, TrainingError, ce_loss, train_loop
+from babydistill.pipeline.training.loop import train_loop
+from babydistill.pipeline.training.runtime import TrainingError
+from babydistill.pipeline.training.windows import TokenWindows, ce_loss
 from babydistill.stores.tokens import TokenStore
 
 

@@ -20,20 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from babydistill.stores.checksum import crc32
+from babydistill.stores.chunks import read_bytes_or_none, recorded_file_problem
 from babydistill.stores.logits import (
     chunk_file,
     chunk_ranges,
     decode_chunk,
-    draw_set_columns,
-    draw_sets,
     incomplete_reason,
     open_store,
     read_markers,
 )
 
-REBUILD = "rebuild it with `babydistill cache CONFIG --force`"
-REPAIR = "re-run `babydistill cache CONFIG` to rewrite it"
+REBUILD = "rebuild it with `babydistill capture CONFIG --force`"
+REPAIR = "re-run `babydistill capture CONFIG` to rewrite it"
 STORED = ("tokens", "ids", "logp", "window_ids")
 
 
@@ -65,29 +63,29 @@ class LogitStoreReader:
         self.path, self.tokens_path = Path(path), Path(tokens_path)
         if shuffle_buffer_chunks < 1:
             raise ValueError(f"shuffle_buffer_chunks must be >= 1, got {shuffle_buffer_chunks}")
-        _, attrs = open_store(self.path)
-        self.num_windows, self.chunk_windows = int(attrs["num_windows"]), int(attrs["chunk_windows"])
+        _, header = open_store(self.path)
+        self.header = header
+        self.num_windows, self.chunk_windows = header.num_windows, header.chunk_windows
         self.ranges = chunk_ranges(self.num_windows, self.chunk_windows)
         # Each chunk's done marker is parsed once, here, and kept: it records the sizes and crc32s that every
         # read of the chunk's files is checked against (the bytes are checked chunk by chunk, as read).
         markers = read_markers(self.path, len(self.ranges))
         reason = incomplete_reason(self.path, checksum=False, markers=markers)
         if reason:
-            raise ValueError(f"{self.path} is incomplete ({reason}); finish it with `babydistill cache CONFIG`")
+            raise ValueError(f"{self.path} is incomplete ({reason}); finish it with `babydistill capture CONFIG`")
         tokens = TokenStore(self.tokens_path)
         for key in ("tokenizer_hash", "tokens_hash", "windows_hash"):
-            if attrs[key] != tokens.attrs[key]:
+            ours, theirs = getattr(header, key), getattr(tokens.header, key)
+            if ours != theirs:
                 raise ValueError(f"{self.path} was made from other tokens than {self.tokens_path} ({key} "
-                                 f"{attrs[key][:12]} vs {tokens.attrs[key][:12]}); {REBUILD}")
-        if tokenizer_dir is not None and tokenizer_file_hash(tokenizer_dir) != attrs["tokenizer_hash"]:
+                                 f"{ours[:12]} vs {theirs[:12]}); {REBUILD}")
+        if tokenizer_dir is not None and tokenizer_file_hash(tokenizer_dir) != header.tokenizer_hash:
             tok = Path(tokenizer_dir) / "tokenizer.json"
             raise ValueError(f"{self.path} was made with another tokenizer than {tok}; {REBUILD}")
-        self.attrs = attrs
         # A student without the control variate has no use for the tail draws' probabilities: not decoded then.
-        self.tail_logp = tail_logp and bool(attrs.get("tail_logp"))
+        self.tail_logp = tail_logp and header.tail_logp
         self.seed, self.shuffle_buffer_chunks = seed, shuffle_buffer_chunks
-        self.c_T_column = next((i for i, t in enumerate(attrs["temperatures"])
-                                if temperature is not None and abs(t - temperature) < 1e-9), None)
+        self.c_T_column = header.temperature_column(temperature)
         self._epoch: int | None = None
         self._order = np.zeros(0, dtype=np.int64)
         self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
@@ -129,16 +127,11 @@ class LogitStoreReader:
         """The bytes of array ``name``'s chunk file, refused unless they have the size and crc32 its done
         marker recorded. Read once, checked, then decoded; `python -m babydistill.workflows.bench_loader --check-overhead` measures the cost."""
         rel = self._chunk_file(chunk, name)
-        try:
-            data = (self.path / rel).read_bytes()
-        except OSError:
-            data = None
+        data = read_bytes_or_none(self.path / rel)
         info = self._recorded[chunk].get(rel)
-        if data is None:
-            why = f"{rel} is missing"
-        elif info is None or len(data) != info["bytes"] or crc32(data) != info["crc32"]:
-            why = f"{rel} changed since it was written (crc32)"
-        else:
+        if info is None:
+            why = f"{rel} is not among the files its chunk's done marker records"
+        elif not (why := recorded_file_problem(rel, data, crc=info["crc32"], size=info["bytes"])):
             return data
         start, stop = self.ranges[chunk]
         raise ValueError(f"{self.path}: chunk {chunk} (rows {start}-{stop - 1}) {why}; {REPAIR}")
@@ -163,8 +156,8 @@ class LogitStoreReader:
         if self._epoch != epoch:
             self._order, self._epoch = self.order(epoch), epoch
         arrays = self.rows(self._order[np.asarray(positions, dtype=np.int64)])
-        if draw_sets(self.attrs) > 1:
-            cols, k = draw_set_columns(self.attrs, epoch), self.attrs["k"]
+        if self.header.draw_sets > 1:
+            cols, k = self.header.draw_set_columns(epoch), self.header.k
             arrays["ids"], arrays["logp"] = arrays["ids"][..., cols], arrays["logp"][..., cols]
             if "tail_logp" in arrays:
                 arrays["tail_logp"] = arrays["tail_logp"][..., cols[k:] - k]

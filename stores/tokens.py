@@ -33,9 +33,10 @@ import numpy as np
 import zarr
 
 from babydistill.stores.checksum import file_crc32
+from babydistill.stores.files import file_sha256
+from babydistill.stores.header import TOKENS_FORMAT, TOKENS_FORMAT_VERSION, HeaderError, TokenStoreHeader
 
-FORMAT = "babydistill.tokens"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = TOKENS_FORMAT, TOKENS_FORMAT_VERSION
 _STREAM_CHUNK = 1 << 20
 REBUILD = "rebuild it with `babydistill tokenize CONFIG`"
 
@@ -48,15 +49,6 @@ def window_starts(num_tokens: int, seq_len: int) -> np.ndarray:
     """Non-overlapping windows of seq_len predictions (neighbours share one boundary token)."""
     num_windows = max(0, (num_tokens - 1) // seq_len)
     return np.arange(num_windows, dtype=np.int64) * seq_len
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 4 MB blocks (model weights can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_file_hash(tokenizer_dir: Path) -> str | None:
@@ -134,7 +126,7 @@ def verify_token_store(path: Path) -> list[str]:
         store = TokenStore(path)
     except TokenStoreError as exc:
         return [str(exc)]
-    crcs = store.attrs.get("chunk_crc32")
+    crcs = store.header.chunk_crc32
     if crcs is None:
         try:
             digest = "".join(_hash_arrays(store.group[f"{split}/tokens"][:], store.group[f"{split}/windows"][:],
@@ -161,47 +153,45 @@ class TokenStore:
         if not (self.path / "zarr.json").is_file():
             raise TokenStoreError(f"{self.path}: no token store; run `babydistill tokenize CONFIG` first")
         self.group = zarr.open_group(store=str(self.path), mode="r")
-        self.attrs = dict(self.group.attrs)
-        if self.attrs.get("format") != FORMAT:
-            raise TokenStoreError(f"{self.path}: not a babydistill token store (format {self.attrs.get('format')!r})")
-        if self.attrs.get("format_version") != FORMAT_VERSION:
-            raise TokenStoreError(f"{self.path}: token store format version {self.attrs.get('format_version')}, "
-                                  f"this babydistill reads {FORMAT_VERSION}; re-run `babydistill tokenize CONFIG --force`")
+        try:
+            self.header = TokenStoreHeader.from_attrs(dict(self.group.attrs), str(self.path))
+        except HeaderError as exc:
+            raise TokenStoreError(str(exc)) from None
         self._streams: dict[str, np.ndarray] = {}
         self._starts: dict[str, np.ndarray] = {}
 
     @property
     def seq_len(self) -> int:
-        return int(self.attrs["seq_len"])
+        return int(self.header.seq_len)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.attrs["vocab_size"])
+        return int(self.header.vocab_size)
 
     @property
     def tokenizer_hash(self) -> str:
-        return self.attrs["tokenizer_hash"]
+        return self.header.tokenizer_hash
 
     @property
     def tokens_hash(self) -> str:
-        return self.attrs["tokens_hash"]
+        return self.header.tokens_hash
 
     @property
     def windows_hash(self) -> str:
-        return self.attrs["windows_hash"]
+        return self.header.windows_hash
 
     @cached_property
     def splits(self) -> list[str]:
-        return list(self.attrs["splits"])
+        return list(self.header.splits)
 
     def _check_split(self, split: str) -> None:
-        if split not in self.attrs["splits"]:
+        if split not in self.header.splits:
             raise TokenStoreError(f"{self.path}: no split {split!r} (has {', '.join(self.splits)})")
 
     def _read(self, name: str) -> np.ndarray:
         """Array ``name`` whole, after checking its chunk files against their recorded crc32."""
-        for rel in _chunk_files(self.group, name) if "chunk_crc32" in self.attrs else []:
-            why = _file_problem(self.path, rel, self.attrs["chunk_crc32"].get(rel))
+        for rel in _chunk_files(self.group, name) if self.header.chunk_crc32 is not None else []:
+            why = _file_problem(self.path, rel, self.header.chunk_crc32.get(rel))
             if why:
                 raise TokenStoreError(f"{self.path}: {why}; {REBUILD}")
         return self.group[name][:]
@@ -220,7 +210,7 @@ class TokenStore:
 
     def num_windows(self, split: str) -> int:
         self._check_split(split)
-        return int(self.attrs["splits"][split]["num_windows"])
+        return self.header.num_windows(split)
 
     def windows(self, split: str, indices, offsets=None) -> np.ndarray:
         """Windows ``indices`` of ``split`` as int64 [n, seq_len + 1].

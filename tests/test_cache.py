@@ -21,25 +21,20 @@ import torch
 import zarr
 from transformers import AutoModelForCausalLM
 
-from babydistill.pipeline.cache import (
-    capture_logits,
-    compute_chunk,
-    ensemble_logp,
-    format_fidelity,
-    gradient_fidelity,
-    sample_targets,
-)
+from babydistill.pipeline.capture import capture_logits
+from babydistill.pipeline.capture_chunk import compute_chunk
+from babydistill.pipeline.capture_targets import ensemble_logp, sample_targets
 from babydistill.pipeline.config import CacheConfig, ConfigError, load_config
+from babydistill.pipeline.fidelity import format_fidelity, gradient_fidelity
 from babydistill.pipeline.model import build_model, load_model
 from babydistill.stores.logits import (
     ARRAYS,
     PAD_LOGP,
     LogitStoreError,
-    array_names,
     chunk_files,
-    draw_set_columns,
     incomplete_reason,
     lock_path,
+    read_header,
     store_info,
     verify_store,
     write_chunk,
@@ -108,7 +103,7 @@ def test_capture_layout_and_attrs(topk_store, tiny_run, teachers):
     assert [t["path"] for t in attrs["teachers"]] == [str(t.resolve()) for t in teachers]
     assert all(len(t["sha256"]) == 64 for t in attrs["teachers"])
     for key in ("tokenizer_hash", "tokens_hash", "windows_hash"):
-        assert attrs[key] == tokens.attrs[key]
+        assert attrs[key] == getattr(tokens.header, key)
     assert attrs["fidelity"]["positions"] == 64 and summary["fidelity"] == attrs["fidelity"]
     assert attrs["fidelity"]["kl_nats"]["bucket"]["max"] < 1e-4  # only float16 rounding
     assert summary["chunks_computed"] == NUM_CHUNKS and incomplete_reason(out) is None
@@ -333,7 +328,7 @@ def test_sample_store_verifies(tiny_run, teachers, tmp_path):
 
 
 def test_two_worker_cluster_equals_synchronous(topk_store, tiny_run, teachers, tmp_path):
-    summary = capture(tiny_run, teachers, tmp_path / "w2.zarr", workers=2)
+    summary = capture(tiny_run, teachers, tmp_path / "w2.zarr", dataclasses.replace(CFG, workers=2))
     assert summary["workers"] == 2 and summary["chunks_computed"] == NUM_CHUNKS
     assert_same_store(topk_store[0], tmp_path / "w2.zarr")
 
@@ -341,7 +336,7 @@ def test_two_worker_cluster_equals_synchronous(topk_store, tiny_run, teachers, t
 _KILLABLE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import babydistill.pipeline.cache as cache
+    import babydistill.pipeline.capture as cache
     from babydistill.pipeline.config import CacheConfig
     run = cache.capture_chunk
     cache.capture_chunk = lambda *a: (time.sleep(0.4), run(*a))[1]  # slow, so the kill lands partway
@@ -406,7 +401,8 @@ def flip_byte(file: Path) -> None:
 
 def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_store, tiny_run, teachers, tmp_path,
                                                                          capsys):
-    from babydistill.workflows.runner import STORE_MARKER, Stage, run_stage, stage_status, write_marker
+    from babydistill.workflows.markers import STORE_MARKER, write_marker
+    from babydistill.workflows.stage import Stage, run_stage, stage_status
 
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)
@@ -420,7 +416,7 @@ def test_a_changed_byte_is_named_by_verify_and_rewritten_by_cache_and_run(topk_s
     assert "5 of 14 chunks" in incomplete_reason(out) and incomplete_reason(out, checksum=False) is None
     # `run` and `cache` go through run_stage: a finished stage with a changed byte is not up to date.
     write_marker(out / STORE_MARKER, {"fingerprint": "fp"})
-    stage = Stage("cache", out, "fp", lambda work: capture(tiny_run, teachers, work), "babydistill cache CONFIG",
+    stage = Stage("cache", out, "fp", lambda work: capture(tiny_run, teachers, work), "babydistill capture CONFIG",
                   in_place=True, incomplete=incomplete_reason, store=True)
     assert stage_status(stage)[0] == "incomplete"
     capsys.readouterr()
@@ -484,7 +480,7 @@ def test_a_chunk_write_that_fails_is_not_marked_done_and_the_next_run_finishes(t
     monkeypatch.setattr(local, "_put", disk_full)
     with pytest.raises(LogitStoreError, match=r"logits.zarr: writing chunk 5 failed \(No space left on device: "
                                               r".*logp.*\); it is not marked done: free space and re-run "
-                                              r"`babydistill cache CONFIG`") as err:
+                                              r"`babydistill capture CONFIG`") as err:
         capture(tiny_run, teachers, out)
     assert "\n" not in str(err.value) and not lock_path(out).exists()
     assert [p.split(":")[0] for p in verify_store(out)] == ["chunk 5 (rows 160-191)"]
@@ -524,7 +520,7 @@ def test_store_from_other_inputs_is_refused_and_left_intact(topk_store, tiny_run
     out = tmp_path / "logits.zarr"
     shutil.copytree(topk_store[0], out)
     with pytest.raises(ValueError, match=r"other inputs \(k, slots\).*--force"):
-        capture(tiny_run, teachers, out, k=4)
+        capture(tiny_run, teachers, out, dataclasses.replace(CFG, k=4))
     with pytest.raises(ValueError, match=r"other inputs \(teachers\).*--force"):
         capture(tiny_run, teachers[::-1], out)
     assert incomplete_reason(out) is None and not lock_path(out).exists()
@@ -572,7 +568,7 @@ def test_draw_sets_hold_independent_tail_draws_and_each_epoch_reads_its_own(tiny
         batch = source.batch(epoch, positions)
         rows = source.order(epoch)[positions]
         cols = np.r_[0:4, 4 + 6 * (epoch % 3):10 + 6 * (epoch % 3)]  # the head, then set epoch mod 3
-        np.testing.assert_array_equal(draw_set_columns(g3.attrs.asdict(), epoch), cols)
+        np.testing.assert_array_equal(read_header(triple).draw_set_columns(epoch), cols)
         np.testing.assert_array_equal(batch["target_ids"].numpy(), ids[rows][..., cols])
         np.testing.assert_array_equal(batch["target_logp"].numpy(), logp[rows][..., cols].astype(np.float32))
         np.testing.assert_array_equal(batch["tail_logp"].numpy(), tail_logp[rows][..., cols[4:] - 4].astype(np.float32))
@@ -580,7 +576,7 @@ def test_draw_sets_hold_independent_tail_draws_and_each_epoch_reads_its_own(tiny
     broken = tmp_path / "broken.zarr"
     shutil.copytree(triple, broken)
     group = zarr.open_group(str(broken), mode="r+")
-    chunk = {name: group[name][0:64] for name in array_names(dict(group.attrs))}
+    chunk = {name: group[name][0:64] for name in read_header(broken).array_names}
     chunk["ids"][0, 0, 11] = chunk["ids"][0, 0, 10]  # a repeat within draw set 1, with a marker that matches it
     write_chunk(broken, group, 0, 0, chunk)
     assert verify_store(broken) == ["chunk 0 (rows 0-63): repeated ids within a position"]
@@ -614,7 +610,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused(tiny_run, teachers, tmp_pa
 
 def test_k_larger_than_the_vocab_is_refused(tiny_run, teachers, tmp_path):
     with pytest.raises(ValueError, match="cache.k = 100000 is larger than the vocab size"):
-        capture(tiny_run, teachers, tmp_path / "out.zarr", k=100000)
+        capture(tiny_run, teachers, tmp_path / "out.zarr", dataclasses.replace(CFG, k=100000))
 
 
 @pytest.mark.parametrize("override, message", [

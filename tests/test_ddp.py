@@ -12,48 +12,17 @@ from pathlib import Path
 
 import pytest
 from test_distill import distill_run  # noqa: F401  (module fixture)
-from test_train import assert_same_weights, metric_lines, run_teacher, with_train
+from test_train import assert_same_metrics, assert_same_weights, run_teacher, with_train
 
-from babydistill.pipeline.train import STATE_DIR, complete_checkpoints
+from babydistill.pipeline.training.checkpoint import STATE_DIR, complete_checkpoints
 
 HELPER = Path(__file__).with_name("_train_run.py")
-
-
-@pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_run, tmp_path):
-    # global batch 8 windows: 1 process x 8, and 2 processes x 4
-    single = run_teacher(with_train(tiny_run, batch_size=8, max_steps=6, save_every=3, eval_every=3,
-                                    num_threads=1), tmp_path / "single")
-    config = with_train(tiny_run, batch_size=4, max_steps=6, save_every=3, eval_every=3, num_threads=1)
-    config_json = tmp_path / "config.json"
-    config_json.write_text(json.dumps(config.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HELPER), str(config_json), str(tmp_path / "ddp"), "--seed", "1"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = tmp_path / "ddp"
-
-    assert_same_weights(ddp, single, atol=1e-5)
-    ddp_lines, single_lines = metric_lines(ddp), metric_lines(single)
-    assert [(r["kind"], r["step"]) for r in ddp_lines] == [(r["kind"], r["step"]) for r in single_lines]
-    for got, want in zip(ddp_lines, single_lines):
-        key = "loss" if got["kind"] == "train" else "val_loss"
-        assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
-
-    # only rank 0 wrote the outputs; every rank saved its RNG state; rank 0 alone printed the log
-    assert json.loads((ddp / "train_summary.json").read_text())["world_size"] == 2
-    newest = complete_checkpoints(ddp / STATE_DIR)[-1]
-    assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= {p.name for p in newest.iterdir()}
-    assert proc.stdout.count("step 6/6 | loss") == 1
 
 
 def assert_same_run(ddp: Path, single: Path) -> None:
     """The same weights and the same logged losses, step by step."""
     assert_same_weights(ddp, single, atol=1e-5)
-    for got, want in zip(metric_lines(ddp), metric_lines(single), strict=True):
-        key = "loss" if got["kind"] == "train" else "val_loss"
-        assert got[key] == pytest.approx(want[key], abs=1e-5), (got, want)
+    assert_same_metrics(ddp, single, atol=1e-5)
 
 
 def _torchrun(config, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -63,6 +32,24 @@ def _torchrun(config, out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(HELPER), str(config_json), str(out), "--seed", "1", *args],
                           capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_run, tmp_path):
+    # global batch 8 windows: 1 process x 8, and 2 processes x 4
+    single = run_teacher(with_train(tiny_run, batch_size=8, max_steps=6, save_every=3, eval_every=3,
+                                    num_threads=1), tmp_path / "single")
+    config = with_train(tiny_run, batch_size=4, max_steps=6, save_every=3, eval_every=3, num_threads=1)
+    proc = _torchrun(config, tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = tmp_path / "ddp"
+    assert_same_run(ddp, single)
+
+    # only rank 0 wrote the outputs; every rank saved its RNG state; rank 0 alone printed the log
+    assert json.loads((ddp / "train_summary.json").read_text())["world_size"] == 2
+    newest = complete_checkpoints(ddp / STATE_DIR)[-1]
+    assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= {p.name for p in newest.iterdir()}
+    assert proc.stdout.count("step 6/6 | loss") == 1
 
 
 @pytest.mark.slow
@@ -85,7 +72,7 @@ def test_two_process_student_with_the_tail_control_variate_matches_one_process(d
     compute what one process with their global batch computes."""
     import shutil
 
-    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.capture import capture_logits
     from babydistill.pipeline.distill import train_student
 
     run = tmp_path / "run"

@@ -12,14 +12,10 @@ import pytest
 import torch
 
 from babydistill.pipeline import devices
-from babydistill.pipeline.cache import compute_chunk
-from babydistill.pipeline.train import (
-    TrainingError,
-    build_optimizer,
-    compile_model,
-    compile_problem,
-    to_device,
-)
+from babydistill.pipeline.capture_chunk import compute_chunk
+from babydistill.pipeline.training.optimizer import build_optimizer
+from babydistill.pipeline.training.runtime import TrainingError, compile_model, compile_problem
+from babydistill.pipeline.training.windows import to_device
 from babydistill.stores.tokens import TokenStore
 from babydistill.workflows.cli import main
 from tests.test_cache import _spec, teachers  # noqa: F401  (the session fixture)
@@ -133,7 +129,7 @@ def test_workers_above_gpus_and_compile_at_the_command_line(tiny_config_path, ca
 
 
 def test_more_workers_than_gpus_is_refused(tiny_run, teachers, capsys, monkeypatch, tmp_path):  # noqa: F811
-    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.capture import capture_logits
     from babydistill.pipeline.config import CacheConfig
 
     _fake_gpus(monkeypatch, 2)
@@ -165,7 +161,7 @@ def test_bf16_capture_on_the_cpu_is_recorded_and_close(tiny_run, teachers):  # n
 def test_capture_records_device_and_precision(tiny_run, teachers, tmp_path):  # noqa: F811
     import zarr
 
-    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.capture import capture_logits
     from babydistill.pipeline.config import CacheConfig
 
     cfg = CacheConfig(mode="topk", k=4, chunk_windows=64, fidelity_positions=0, precision="bf16", device="cpu")
@@ -228,7 +224,7 @@ def test_compile_really_compiles():
 def test_the_chunk_writer_keeps_order_and_surfaces_a_failed_write():
     import time
 
-    from babydistill.pipeline.cache import _ChunkWriter
+    from babydistill.pipeline.capture_chunk import _ChunkWriter
 
     writer, events = _ChunkWriter(), []
 
@@ -250,11 +246,11 @@ def test_the_chunk_writer_keeps_order_and_surfaces_a_failed_write():
 def test_a_failed_chunk_lets_the_previous_chunks_write_finish(tiny_run, teachers, tmp_path, monkeypatch):  # noqa: F811
     import time
 
-    from babydistill.pipeline import cache
+    from babydistill.pipeline import capture, capture_chunk
     from babydistill.pipeline.config import CacheConfig
     from babydistill.stores.logits import read_marker
 
-    real = cache.compute_chunk
+    real = capture_chunk.compute_chunk
 
     def failing(spec, chunk, *args, **kwargs):
         if chunk == 1:
@@ -265,12 +261,12 @@ def test_a_failed_chunk_lets_the_previous_chunks_write_finish(tiny_run, teachers
         time.sleep(0.3)  # still writing when chunk 1 fails
         return real_write(*args)
 
-    real_write = cache._write
-    monkeypatch.setattr(cache, "compute_chunk", failing)
-    monkeypatch.setattr(cache, "_write", slow_write)
+    real_write = capture_chunk._write
+    monkeypatch.setattr(capture_chunk, "compute_chunk", failing)
+    monkeypatch.setattr(capture_chunk, "_write", slow_write)
     out = tmp_path / "l.zarr"
     with pytest.raises(RuntimeError, match="teacher forward failed"):
-        cache.capture_logits(CacheConfig(mode="topk", k=4, chunk_windows=4, fidelity_positions=0, device="cpu"),
+        capture.capture_logits(CacheConfig(mode="topk", k=4, chunk_windows=4, fidelity_positions=0, device="cpu"),
                              tiny_run.tokens_path, tiny_run.tokenizer_path, teachers, out)
     assert read_marker(out, 0) is not None  # chunk 0 was handed to the writer before chunk 1 failed: it is done
     assert read_marker(out, 1) is None

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from babydistill.pipeline import distill
-from babydistill.pipeline.cache import capture_logits
+from babydistill.pipeline.capture import capture_logits
 from babydistill.pipeline.config import ConfigError, load_config
 from babydistill.pipeline.distill import (
     control_beta,
@@ -29,7 +29,7 @@ from babydistill.pipeline.distill import (
 )
 from babydistill.pipeline.model import build_model
 from babydistill.pipeline.teacher import train_teacher
-from babydistill.pipeline.train import TrainingError
+from babydistill.pipeline.training.runtime import TrainingError
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
 from babydistill.workflows.cli import main
@@ -251,7 +251,7 @@ def test_control_coefficients_of_a_row_do_not_see_its_own_draws(distill_run, con
     ids, logp = batch["target_ids"].reshape(-1, slots), batch["target_logp"].reshape(-1, slots)
     tail = batch["tail_logp"].reshape(len(ids), -1)
     g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(len(ids), 16, generator=g), torch.randn(source.attrs["vocab_size"], 16, generator=g) * 0.1
+    hidden, weight = torch.randn(len(ids), 16, generator=g), torch.randn(source.header.vocab_size, 16, generator=g) * 0.1
     a, beta = control_coefficients(hidden, weight, ids, logp, tail, k)
     half = len(ids) // 2
     changed = logp.clone()
@@ -272,7 +272,7 @@ def test_control_coefficients_of_a_row_do_not_see_its_own_draws(distill_run, con
 
 def test_control_beta_minimises_the_tail_noise():
     """On many rows the beta estimated from the draws is near the exact minimiser of the summed tail noise."""
-    from babydistill.pipeline.cache import sample_targets
+    from babydistill.pipeline.capture_targets import sample_targets
 
     vocab, rows, k, samples = 200, 400, 4, 16
     g = torch.Generator().manual_seed(1)
@@ -388,13 +388,13 @@ def test_student_killed_with_sigkill_resumes_to_the_same_weights(distill_run, tm
 
 
 def test_no_store_yet_says_which_command_makes_it(distill_run, tmp_path):
-    with pytest.raises(TrainingError, match="run `babydistill cache CONFIG` first"):
+    with pytest.raises(TrainingError, match="run `babydistill capture CONFIG` first"):
         train_student(distill_run, distill_run.tokens_path, distill_run.tokenizer_path, tmp_path / "none.zarr",
                       tmp_path / "s", seed=1)
 
 
 def test_store_from_other_windows_is_refused(distill_run, tmp_path):
-    from babydistill.pipeline.tokenize import tokenize_corpus
+    from babydistill.pipeline.encode import tokenize_corpus
 
     other = _config(distill_run, tmp_path, "data.seq_len=16")
     tokenize_corpus(other.data, distill_run.data_path, distill_run.tokenizer_path, tmp_path / "tokens16.zarr")
@@ -404,7 +404,7 @@ def test_store_from_other_windows_is_refused(distill_run, tmp_path):
 
 
 def test_store_from_another_tokenizer_is_refused(distill_run, tmp_path):
-    from babydistill.pipeline.tokenize import tokenize_corpus
+    from babydistill.pipeline.encode import tokenize_corpus
     from babydistill.pipeline.tokenizer import train_tokenizer
 
     other = _config(distill_run, tmp_path, "tokenizer.vocab_size=380")
@@ -439,7 +439,7 @@ def test_cli_distill_bad_inputs_are_one_line(distill_run, tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text(json.dumps({**distill_run.to_dict(), "run_dir": str(tmp_path / "fresh")}))
     assert main(["distill", str(empty)]) == 2
-    assert "run `babydistill cache CONFIG` first" in capsys.readouterr().err
+    assert "run `babydistill capture CONFIG` first" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -457,11 +457,11 @@ def test_online_student_trains_through_the_cli(distill_run, tmp_path, capsys):
 
 
 def test_bench_step_times_the_configs_targets_not_another_store(distill_run, tmp_path, capsys):
-    from babydistill.pipeline.cache import target_differences
-    from babydistill.stores.logits import read_attrs
+    from babydistill.pipeline.capture import target_differences
+    from babydistill.stores.logits import read_header
     from babydistill.workflows.benchmarks.bench_step import bench_step
 
-    attrs = read_attrs(distill_run.logits_path)  # top-8, float32
+    attrs = read_header(distill_run.logits_path)  # top-8, float32
     assert target_differences(attrs, distill_run.cache) == []
     sample = _config(distill_run, tmp_path, "cache.mode=sample", "cache.samples=12").cache
     assert target_differences(attrs, sample) == ["cache.mode 'topk', not 'sample'", "cache.k 8, not None",
@@ -476,4 +476,4 @@ def test_bench_step_times_the_configs_targets_not_another_store(distill_run, tmp
     assert other["modes"]["offline"]["store"] == {"mode": "hybrid", "k": 4, "samples": 6, "tail_logp": True, "slots": 10}
     err = capsys.readouterr().err
     assert "holds other targets (cache.mode 'topk', not 'hybrid'; cache.k 8, not 4;" in err
-    assert target_differences(read_attrs(distill_run.logits_path), distill_run.cache) == []  # the run's store is kept
+    assert target_differences(read_header(distill_run.logits_path), distill_run.cache) == []  # the run's store is kept

@@ -15,7 +15,7 @@ import pytest
 from conftest import write_config, write_corpus
 
 from babydistill.pipeline.config import load_config
-from babydistill.pipeline.train import COMPLETE, ChecksumError, checked_meta
+from babydistill.pipeline.training.checkpoint import COMPLETE, ChecksumError, checked_meta
 from babydistill.workflows.cli import main
 
 FAULTS = ("flip", "truncate", "delete", "edit json")

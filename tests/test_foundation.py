@@ -119,24 +119,24 @@ def test_cleaning_normalises_whitespace_and_keeps_documents():
     assert clean_documents(text) == ["One two\nthree", "Four five"]
 
 
-def _babylm_2024(root: Path) -> Path:
-    write_corpus(root / "train_10M", num_files=2)
-    for p in (root / "train_10M").glob("*.txt"):
+def _babylm(root: Path, train: str, held_out: dict[str, str]) -> Path:
+    """A BabyLM-style corpus: ``train/*.train`` and the held-out files (path under ``root``: text)."""
+    write_corpus(root / train, num_files=2)
+    for p in (root / train).glob("*.txt"):
         p.rename(p.with_suffix(".train"))
-    (root / "dev").mkdir()
-    (root / "dev" / "childes.dev").write_text("A dev line.\n\nAnother dev paragraph.\n")
-    (root / "test").mkdir()
-    (root / "test" / "childes.test").write_text("Hidden test.\n")
+    for name, text in held_out.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
     return root
+
+
+def _babylm_2024(root: Path) -> Path:
+    return _babylm(root, "train_10M", {"dev/childes.dev": "A dev line.\n\nAnother dev paragraph.\n",
+                                       "test/childes.test": "Hidden test.\n"})
 
 
 def _babylm_2023(root: Path) -> Path:
-    write_corpus(root / "babylm_10M", num_files=2)
-    for p in (root / "babylm_10M").glob("*.txt"):
-        p.rename(p.with_suffix(".train"))
-    (root / "babylm_dev").mkdir()
-    (root / "babylm_dev" / "bnc.dev").write_text("A dev line.\n")
-    return root
+    return _babylm(root, "babylm_10M", {"babylm_dev/bnc.dev": "A dev line.\n"})
 
 
 def _presplit(root: Path) -> Path:
@@ -242,12 +242,12 @@ def test_a_run_moved_with_its_corpus_stays_up_to_date(tmp_path, capsys):
     import shutil
 
     from babydistill.pipeline.config import identity
+    from babydistill.workflows.markers import write_marker
     from babydistill.workflows.runner import (
         _corpus_listing,
         fingerprint,
         prepare_stage,
         stage_status,
-        write_marker,
     )
 
     first = tmp_path / "first"
@@ -394,7 +394,7 @@ def test_a_damaged_token_chunk_is_named_refused_and_rebuilt_by_tokenize(tiny_con
 def test_a_stale_stage_names_its_own_rebuild_command_and_a_stale_report_is_rebuilt(tmp_path):
     """`run --force` would rebuild every stage, so a stale one names the command that rebuilds it alone;
     the report (made from the other outputs in seconds) is rebuilt when stale, without asking."""
-    from babydistill.workflows.runner import Stage, StageError, run_stage, stage_status
+    from babydistill.workflows.stage import Stage, StageError, run_stage, stage_status
 
     def stage(name: str, fingerprint: str, derived: bool = False) -> Stage:
         return Stage(name, tmp_path / name, fingerprint, lambda work: (work / "out.txt").write_text(fingerprint),

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from babydistill.pipeline.cache import store_identity
+from babydistill.pipeline.capture import store_identity
 from babydistill.pipeline.config import EXECUTION_ONLY, SECTIONS, Config, identity, load_config
-from babydistill.workflows.runner import MARKER, model_dirs, pipeline_stages, write_marker
+from babydistill.workflows.markers import MARKER, write_marker
+from babydistill.workflows.runner import model_dirs, pipeline_stages
 
 
 def finished_run(config: Config) -> Config:
@@ -106,3 +107,42 @@ def test_draw_sets_enter_the_identity_only_when_more_than_one():
 
     assert "draw_sets" not in identity(CacheConfig())
     assert identity(CacheConfig(draw_sets=6))["draw_sets"] == 6
+
+
+# Today's fingerprint and recipe digest of every stage of the fixed run below (finished upstream markers, the
+# conftest corpus): a change to how a stage is hashed would make every user's finished stage look changed.
+PINNED = {
+    "prepare": ["25a101dd6ec4adf5", None],
+    "tokenizer": ["db7d33df20647a6d", None],
+    "tokenize": ["4fd799f4af916c78", None],
+    "teacher t1": ["e106484ecbbaa109", "5c98b28bbb4d32f6"],
+    "teacher t2": ["41ebcaebe21ddffc", "2873769a461eb498"],
+    "capture": ["253aa3df66d3988f", None],  # named "cache" when pinned: the name is not in the hash
+    "student s1": ["48fcb59b987ba198", "3a8bc257458a503e"],
+    "student o1": ["32f9e5ba7214f571", "15f6f7431ce20d0c"],
+    "evaluate t1": ["3988d25c626f1db1", None],
+    "evaluate t2": ["9cde4480fb9b30a3", None],
+    "evaluate s1": ["bbc77524d14fcf9b", None],
+    "evaluate o1": ["351d05c063bc01c6", None],
+    "report": ["669d0335c64375d2", None],
+}
+
+
+def test_the_fingerprints_and_recipes_of_finished_stages_do_not_change(run_config):
+    from babydistill.stores.files import json_digest
+
+    stages = [thunk() for thunk in pipeline_stages(run_config)]
+    found = {stage.name: [stage.fingerprint, json_digest(stage.recipe) if stage.recipe else None]
+             for stage in stages}
+    assert found == PINNED
+
+
+def test_the_stage_map_gives_the_sections_hashed_elsewhere():
+    """What a training checkpoint, a sweep's signature and a study's shared stages hash, from the one map."""
+    from babydistill.pipeline.stages import STAGE_SECTIONS, sections_of
+
+    assert set(STAGE_SECTIONS["checkpoint"]) == {"model", "tokenizer", "data"}  # pipeline/training/loop.py
+    assert sections_of("prepare", "tokenizer", "student") == ("data", "tokenizer", "model", "train", "distill")
+    shared = tuple(s for s in sections_of("prepare", "tokenizer", "tokenize", "teacher") if s != "train")
+    assert shared == ("data", "tokenizer", "model", "teachers")  # workflows/study.py's SHARED_SECTIONS
+    assert set(sections_of(*STAGE_SECTIONS)) <= set(SECTIONS)

@@ -10,7 +10,7 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from babydistill.kernels import cpu, losses, reference  # noqa: E402
+from babydistill.kernels import losses, reference, targets, torch_rows  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 try:
@@ -26,7 +26,7 @@ _DTYPE_PARAMS = [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 5e-2), (tor
 # dtype, atol, rtol per gradient entry against float64 on the same (rounded) inputs: one rounding of an
 # fp32 result (unit roundoff 2^-8 for bf16, 2^-11 for fp16) and a little; atol covers fp16 subnormals.
 _ENTRY_PARAMS = [(torch.bfloat16, 1e-30, 1e-2), (torch.float16, 1e-7, 2e-3)]
-_IMPLS = ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+_IMPLS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not HAVE_TRITON or (not INTERPRETED and not torch.cuda.is_available()),
     reason="needs triton with TRITON_INTERPRET=1 (CPU) or a GPU"))]
 
@@ -131,7 +131,7 @@ def check_against_reference(impl, z, labels, ids, logp, atol=1e-5, rtol=1e-4, **
 
 def _core_cases():
     cases = []
-    for impl in ["cpu", "triton"]:
+    for impl in ["torch", "triton"]:
         for tail in reference.TAILS:
             for k in ["1", "8", "V"]:
                 for T in [1.0, 2.0, 4.0]:
@@ -163,10 +163,10 @@ def test_alpha_and_normalization(impl, alpha, normalization):
 
 def test_normalization_definitions():
     z, labels, ids, logp, _ = make_inputs(12, 50, 4, ignored=(1, 2))
-    _, ce_t, kl_t = losses.sparse_distill_loss(z, labels, ids, logp, impl="cpu")
-    _, ce_s, kl_s = losses.sparse_distill_loss(z, labels, ids, logp, impl="cpu", normalization="sequence",
+    _, ce_t, kl_t = losses.sparse_distill_loss(z, labels, ids, logp, impl="torch")
+    _, ce_s, kl_s = losses.sparse_distill_loss(z, labels, ids, logp, impl="torch", normalization="sequence",
                                                 num_sequences=3)
-    _, ce_u, kl_u = losses.sparse_distill_loss(z, labels, ids, logp, impl="cpu", normalization="sum")
+    _, ce_u, kl_u = losses.sparse_distill_loss(z, labels, ids, logp, impl="torch", normalization="sum")
     torch.testing.assert_close(ce_s, ce_t)                 # CE per token in both
     torch.testing.assert_close(kl_s, kl_u / 3)             # KL summed / num_sequences
     torch.testing.assert_close(kl_t, kl_u / 10)            # 10 counted rows
@@ -247,7 +247,7 @@ def test_tail_without_c_T_is_continuous_in_the_residual(T):
     # 2.01e-5 is what a cut-off at RESIDUAL_EPS made of 1.01e-5 (0.072 at T = 2, a jump from 0 at 0.99e-5).
     for residual in (reference.RESIDUAL_EPS * 0.99, reference.RESIDUAL_EPS * 1.01, 2.01e-5, 1e-4):
         logp = torch.full((1, k), (1 - residual) / k, dtype=torch.float64).log()
-        _, _, r_T, _ = cpu.prepare_targets(ids, logp, V, T, "bucket")
+        _, _, r_T, _ = targets.prepare_targets(ids, logp, V, T, "bucket")
         tails.append(r_T.item())
     assert tails[0] == 0.0 and tails == sorted(tails), tails  # more residual, more tail
     if T == 2.0:  # r^(1/T) is steep near 0, but it starts from 0 instead of jumping
@@ -349,25 +349,24 @@ def test_uint16_ids_and_int32_ids(impl):
 
 def test_inplace_writes_gradient_over_logits():
     z, labels, ids, logp, c_T = make_inputs(*_SHAPE_PARAMS[0], 8, T=2.0)
-    expected = run("cpu", z, labels, ids, logp.float(), temperature=2.0, c_T=c_T.float())
+    expected = run("torch", z, labels, ids, logp.float(), temperature=2.0, c_T=c_T.float())
     leaf = z.detach().clone().requires_grad_()
     logits = leaf * 1.0  # a non-leaf whose producer (mul by a constant) saved nothing of its output
     loss, _, _ = losses.sparse_distill_loss(logits, labels, ids, logp.float(), temperature=2.0, c_T=c_T.float(),
-                                             impl="cpu", inplace=True)
+                                             impl="torch", inplace=True)
     loss.backward()
     torch.testing.assert_close(leaf.grad, expected[3])
     torch.testing.assert_close(logits.detach(), expected[3])  # the logits buffer now holds the gradient
 
 
 @pytest.mark.parametrize("tail", reference.TAILS)
-def test_small_cpu_chunks_on_two_threads(monkeypatch, tail):
+def test_small_torch_chunks_on_two_threads(monkeypatch, tail):
     """Chunk boundaries that do not divide N, rows split between two worker threads."""
-    from babydistill.kernels import cpu
-    monkeypatch.setattr(cpu, "CHUNK_BYTES", 3 * 4 * 1271)
+    monkeypatch.setattr(torch_rows, "CHUNK_BYTES", 3 * 4 * 1271)
     torch.set_num_threads(2)  # the autouse fixture restores it
     z, labels, ids, logp, c_T = make_inputs(*_SHAPE_PARAMS[0], 8, T=2.0, confident=True)
-    check_against_reference("cpu", z, labels, ids, logp, temperature=2.0, tail=tail, c_T=c_T)
-    check_against_reference("cpu", z, labels, ids, logp, temperature=1.0, tail=tail)
+    check_against_reference("torch", z, labels, ids, logp, temperature=2.0, tail=tail, c_T=c_T)
+    check_against_reference("torch", z, labels, ids, logp, temperature=1.0, tail=tail)
 
 
 # --- fused linear, dense helper, dispatch
@@ -476,14 +475,28 @@ def test_dense_distill_loss_matches_sparse_with_full_k():
 
 def test_dispatch_and_override(monkeypatch):
     z, labels, ids, logp, _ = make_inputs(8, 40, 4)
-    assert losses._resolve_impl(None, z.device) == "cpu"
+    assert losses._resolve_impl(None, z.device) == "torch"
     monkeypatch.setattr(losses, "_override_impl", "reference")
     assert losses._resolve_impl(None, z.device) == "reference"
-    assert losses._resolve_impl("cpu", z.device) == "cpu"  # an explicit impl wins
+    assert losses._resolve_impl("torch", z.device) == "torch"  # an explicit impl wins
+    assert losses._resolve_impl("cpu", z.device) == "torch"  # the torch path's name before
     loss, _, _ = losses.sparse_distill_loss(z.double(), labels, ids, logp)
     assert loss.dtype == torch.float64  # the reference computes in the logits' dtype
     with pytest.raises(ValueError, match="impl"):
         losses.sparse_distill_loss(z, labels, ids, logp, impl="cuda")
+
+
+def test_cpu_is_the_torch_path_under_its_former_name():
+    """impl="cpu" (the DESIGN contract's name) is the torch path: the same numbers, bit for bit."""
+    z, labels, ids, logp, c_T = make_inputs(16, 90, 6, T=2.0)
+    kw = dict(alpha=0.3, temperature=2.0, c_T=c_T.float())
+    for a, b in zip(run("cpu", z, labels, ids, logp.float(), **kw), run("torch", z, labels, ids, logp.float(), **kw)):
+        assert torch.equal(a, b)
+    hidden = torch.randn(16, 12, generator=torch.Generator().manual_seed(1))
+    weight = torch.randn(90, 12, generator=torch.Generator().manual_seed(2))
+    fused = [losses.fused_linear_sparse_distill_loss(hidden, weight, labels, ids, logp.float(), impl=impl, **kw)[0]
+             for impl in ("cpu", "torch")]
+    assert torch.equal(fused[0], fused[1])
 
 
 def test_bad_arguments_are_listed():

@@ -73,8 +73,8 @@ class LogitStoreTests:
 
     def test_round_trip(self, store):
         self.fill(store)
-        group, attrs = open_store(store)
-        assert attrs["format"] == "babydistill.logits" and attrs["slots"] == self.slots
+        group, header = open_store(store)
+        assert header.identity["format"] == "babydistill.logits" and header.slots == self.slots
         for start, stop in chunk_ranges(NUM_WINDOWS, CHUNK):
             expected = self.chunk_arrays(start, stop)
             for name, values in expected.items():
@@ -141,9 +141,9 @@ class LogitStoreTests:
 
     def test_not_a_store(self, tmp_path):
         assert read_attrs(tmp_path) is None and incomplete_reason(tmp_path) == "no logit store"
-        with pytest.raises(LogitStoreError, match="no logit store; run `babydistill cache CONFIG` first"):
+        with pytest.raises(LogitStoreError, match="no logit store; run `babydistill capture CONFIG` first"):
             open_store(tmp_path)
-        assert verify_store(tmp_path)[0].endswith("no logit store; run `babydistill cache CONFIG` first")
+        assert verify_store(tmp_path)[0].endswith("no logit store; run `babydistill capture CONFIG` first")
 
 
 class TestFloat16TopK(LogitStoreTests):

@@ -121,10 +121,10 @@ def test_a_store_from_other_tokens_is_refused(topk_store, tiny_run, tmp_path):
     other = tmp_path / "tokens.zarr"
     streams = {split: tokens.stream(split)[::-1].copy() for split in tokens.splits}
     write_token_store(other, streams, seq_len=tokens.seq_len, vocab_size=tokens.vocab_size,
-                      special_ids={k[:-3]: tokens.attrs[k] for k in ("pad_id", "bos_id", "eod_id")},
+                      special_ids={k[:-3]: getattr(tokens.header, k) for k in ("pad_id", "bos_id", "eod_id")},
                       tokenizer_hash=tokens.tokenizer_hash, corpus_hashes={})
     with pytest.raises(ValueError, match=rf"{topk_store[0]} was made from other tokens than {other} "
-                                         r"\(tokens_hash .*`babydistill cache CONFIG --force`") as err:
+                                         r"\(tokens_hash .*`babydistill capture CONFIG --force`") as err:
         LogitStoreReader(topk_store[0], other, seed=0)
     assert "\n" not in str(err.value)
 
@@ -163,9 +163,10 @@ def test_a_damaged_chunk_is_refused_when_read_naming_the_store_chunk_and_repair(
     source.batch(0, np.arange(0, position))  # the chunks before it read fine
     with pytest.raises(ValueError) as err:
         source.batch(0, np.arange(position, position + 1))
-    why = "is missing" if damage == "delete" else "changed since it was written (crc32)"
+    why = {"delete": "is missing", "truncate": f"has {len(data) - 3} bytes, {len(data)} were written",
+           "flip": "changed since it was written (crc32)"}[damage]
     assert str(err.value) == (f"{store}: chunk 7 (rows 224-255) {rel} {why}; "
-                              "re-run `babydistill cache CONFIG` to rewrite it")
+                              "re-run `babydistill capture CONFIG` to rewrite it")
 
 
 def test_a_store_without_the_c_T_column_read_skips_checking_it(topk_store, tiny_run, tmp_path):
@@ -185,7 +186,7 @@ def test_a_format_1_store_is_refused_with_the_rebuild_command(topk_store, tiny_r
     del meta["attributes"]["record_crc32"]  # format 1 stores had no sealed header
     (store / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"format version 1, this babydistill reads 2 .*"
-                                         r"rebuild it with `babydistill cache CONFIG --force`") as err:
+                                         r"rebuild the store with `babydistill capture CONFIG --force`") as err:
         LogitStoreReader(store, tiny_run.tokens_path, seed=0)
     assert "\n" not in str(err.value)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from babydistill.pipeline.cache import capture_logits
+from babydistill.pipeline.capture import capture_logits
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.teacher import train_teacher
 from babydistill.workflows.cli import main
@@ -49,8 +50,8 @@ def sweep_run(tiny_run, tmp_path_factory):
     config = load_config(base_path)
     for seed in (1, 2):
         train_teacher(config, config.tokens_path, config.tokenizer_path, config.teacher_path(f"t{seed}"), seed=seed)
-    capture_logits(config.cache, config.tokens_path, config.tokenizer_path,
-                   [config.teacher_path("t1"), config.teacher_path("t2")], config.logits_path, workers=1)
+    capture_logits(dataclasses.replace(config.cache, workers=1), config.tokens_path, config.tokenizer_path,
+                   [config.teacher_path("t1"), config.teacher_path("t2")], config.logits_path)
     raw["sweep"] = {"space": SPACE, "trials": 3, "startup_trials": 2}
     return root, raw
 

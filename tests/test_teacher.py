@@ -19,7 +19,7 @@ from babydistill.pipeline.config import ConfigError, load_config
 from babydistill.pipeline.model import build_model
 from babydistill.pipeline.teacher import train_teacher
 from babydistill.pipeline.tokenizer import load_tokenizer
-from babydistill.pipeline.train import STATE_DIR, complete_checkpoints
+from babydistill.pipeline.training.checkpoint import STATE_DIR, complete_checkpoints
 from babydistill.stores.tokens import TokenStore
 
 HELPER = Path(__file__).with_name("_train_run.py")

@@ -15,18 +15,12 @@ from safetensors.torch import load_file
 
 from babydistill.pipeline.model import build_model
 from babydistill.pipeline.teacher import train_teacher
-from babydistill.pipeline.train import (
-    COMPLETE,
-    STATE_DIR,
-    TokenWindows,
-    TrainingError,
-    ce_loss,
-    complete_checkpoints,
-    epoch_order,
-    format_log_line,
-    lr_at,
-    train_loop,
-)
+from babydistill.pipeline.training.checkpoint import COMPLETE, STATE_DIR, complete_checkpoints
+from babydistill.pipeline.training.loop import train_loop
+from babydistill.pipeline.training.metrics import format_log_line
+from babydistill.pipeline.training.optimizer import lr_at
+from babydistill.pipeline.training.runtime import TrainingError
+from babydistill.pipeline.training.windows import TokenWindows, ce_loss, epoch_order
 from babydistill.stores.tokens import TokenStore
 
 
@@ -51,6 +45,15 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-6) -> None:
 
 def metric_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(got: Path, want: Path, atol: float) -> None:
+    """The same records of metrics.jsonl (kind and step), with the same losses up to ``atol``."""
+    got_lines, want_lines = metric_lines(got), metric_lines(want)
+    assert [(r["kind"], r["step"]) for r in got_lines] == [(r["kind"], r["step"]) for r in want_lines]
+    for got_record, want_record in zip(got_lines, want_lines):
+        key = "loss" if got_record["kind"] == "train" else "val_loss"
+        assert got_record[key] == pytest.approx(want_record[key], abs=atol), (got_record, want_record)
 
 
 def steps_of(state_dir: Path) -> list[str]:
@@ -297,7 +300,9 @@ def record_checksums_again(folder: Path) -> None:
 
 
 def test_a_checkpoint_is_loaded_all_or_nothing(tiny_run, tmp_path):
-    from babydistill.pipeline.train import Dist, _load_checkpoint, build_optimizer
+    from babydistill.pipeline.training.checkpoint import load_checkpoint
+    from babydistill.pipeline.training.optimizer import build_optimizer
+    from babydistill.pipeline.training.runtime import Dist
 
     config = with_train(tiny_run, max_steps=4, save_every=4)
     run = run_teacher(config, tmp_path / "t")
@@ -314,7 +319,7 @@ def test_a_checkpoint_is_loaded_all_or_nothing(tiny_run, tmp_path):
     rng_before = torch.get_rng_state()
     fingerprint = json.loads((folder / "meta.json").read_text())["fingerprint"]
     with pytest.raises(ValueError):
-        _load_checkpoint(folder, fingerprint, model, optimizer, None, Dist())
+        load_checkpoint(folder, fingerprint, model, optimizer, None, Dist())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the weights were put back
     assert optimizer.state_dict()["state"] == {} and torch.equal(torch.get_rng_state(), rng_before)
 

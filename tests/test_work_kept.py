@@ -12,10 +12,10 @@ from conftest import write_config, write_corpus
 from safetensors.torch import load_file
 from test_train import run_teacher, with_train
 
-import babydistill.pipeline.train as train_module
+import babydistill.pipeline.training.checkpoint as train_module
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.model import load_model
-from babydistill.pipeline.train import INCOMPLETE, STATE_DIR, UNREADABLE, complete_checkpoints
+from babydistill.pipeline.training.checkpoint import INCOMPLETE, STATE_DIR, UNREADABLE, complete_checkpoints
 from babydistill.workflows.cli import main
 
 

@@ -25,7 +25,7 @@ from babydistill.pipeline.report import write_report
 from babydistill.pipeline.zero_shot import Item, ZeroShotDataError, accuracy, load_suite
 from babydistill.stores.tokens import TokenStore
 from babydistill.workflows.cli import main
-from babydistill.workflows.runner import STORE_MARKER, write_marker
+from babydistill.workflows.markers import STORE_MARKER, write_marker
 
 # --- a model whose numbers can be worked out by hand ---------------------------------------
 

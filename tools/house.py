@@ -1,5 +1,6 @@
 """The house rules of issue 26, checked: no function over 60 lines (Triton kernels excepted), no module over
-500 lines, no raw lookup of a store's attributes outside ``stores/`` (a typed header instead).
+500 lines, no raw lookup of a store's attributes outside ``stores/`` (a typed header instead), no backslash line
+continuation (it hides the rest of a file from structure tools).
 
     python tools/house.py            # prints each breach, exits 1 if there is one
 """
@@ -35,6 +36,9 @@ def breaches(root: Path = ROOT) -> list[str]:
                     if length > MAX_FUNCTION_LINES:
                         found.append(f"{rel}:{node.lineno}: {node.name} is {length} lines "
                                      f"(at most {MAX_FUNCTION_LINES})")
+            for number, line in enumerate(source.splitlines(), 1):
+                if line.rstrip().endswith("\\") and not line.lstrip().startswith("#"):
+                    found.append(f"{rel}:{number}: a backslash continuation (parenthesise instead)")
             if folder != "stores":
                 for number, line in enumerate(source.splitlines(), 1):
                     if RAW_ATTRS.search(line):

@@ -80,7 +80,7 @@ def filter_lock(raw: Path, out: Path) -> int:
                 changed = True
     command = next((line for line in text.splitlines() if "uv pip compile" in line), "").lstrip("# ").strip()
     header = ["# The exact versions `make` installs, as constraints (pip install -c requirements.lock ...).",
-              "# Regenerate with `make lock` (see README, 'Layout and dependencies'); do not edit by hand.",
+              "# Regenerate with `make lock` (see docs/development.md, 'The lock'); do not edit by hand.",
               f"# Made by: {command}",
               f"# Left out (a GPU user's own torch brings its matching ones): {', '.join(UNLOCKED)}, "
               "nvidia-*, cuda-* and what only they need."]

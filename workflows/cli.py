@@ -17,8 +17,10 @@ from pathlib import Path
 from babydistill.pipeline.config import load_config
 from babydistill.workflows.console import one_line_warning
 
-VERBS = ["prepare", "tokenizer", "tokenize", "teacher", "cache", "distill", "evaluate", "report", "run", "status",
+VERBS = ["prepare", "tokenizer", "tokenize", "teacher", "capture", "distill", "evaluate", "report", "run", "status",
          "store", "bench", "study", "sweep"]
+ALIASES = {"cache": "capture"}
+"""Verbs kept under their earlier names: users' scripts call them."""
 
 
 # --- runners: parsed flags -> stage functions -----------------------------------------------------
@@ -29,19 +31,17 @@ def _config(args):
     return load_config(args.config, overrides)
 
 
-def _check_devices(config, *, cache: bool = False, train: bool = False, workers: int | None = None,
-                   scheduler: str | None = None) -> None:
+def _check_devices(config, *, capture: bool = False, train: bool = False, scheduler: str | None = None) -> None:
     """Refuse, before anything is written, a device, precision, GPU count or train.compile this host lacks."""
     from babydistill.pipeline import devices
 
-    if cache and scheduler is None:
+    if capture and scheduler is None:
         device = devices.resolve_device(config.cache.device, "cache.device")
         devices.resolve_precision(config.cache.precision, device, "cache.precision", without_bf16=None)
-        workers = config.cache.workers if workers is None else workers
-        if device.type == "cuda" and workers > 1:
-            devices.check_gpu_workers(workers)
+        if device.type == "cuda" and config.cache.workers > 1:
+            devices.check_gpu_workers(config.cache.workers)
     if train:
-        from babydistill.pipeline.train import compile_problem
+        from babydistill.pipeline.training.runtime import compile_problem
 
         device = devices.resolve_device(config.train.device, "train.device")
         devices.resolve_precision(config.train.precision, device, "train.precision")
@@ -97,17 +97,12 @@ def _names(text):
     return [n.strip() for n in text.split(",") if n.strip()] if text else None
 
 
-def cmd_cache(args):
-    from babydistill.workflows.runner import cache_stage, run_stage
+def cmd_capture(args):
+    from babydistill.workflows.runner import capture_stage, run_stage
 
-    overrides = list(args.set or [])
-    if args.k is not None:
-        overrides.append(f"cache.k={args.k}")
-    if args.workers is not None:
-        overrides.append(f"cache.workers={args.workers}")
-    config = load_config(args.config, overrides)
-    _check_devices(config, cache=True, scheduler=args.scheduler)
-    run_stage(cache_stage(config, _names(args.teachers), scheduler=args.scheduler), force=args.force,
+    config = _config(args)  # --k and --workers are spellings of --set cache.k=K, cache.workers=N
+    _check_devices(config, capture=True, scheduler=args.scheduler)
+    run_stage(capture_stage(config, _names(args.teachers), scheduler=args.scheduler), force=args.force,
               log_dir=_logs(config))
 
 
@@ -145,7 +140,7 @@ def cmd_run(args):
     from babydistill.workflows.runner import run_all
 
     config = _config(args)
-    _check_devices(config, train=True, cache=True)
+    _check_devices(config, train=True, capture=True)
     run_all(config, force=args.force)
 
 
@@ -172,7 +167,7 @@ def cmd_store(args):
         problems, fix = verify_token_store(Path(args.path)), "Re-run `babydistill tokenize CONFIG` to rebuild it"
     else:
         problems = verify_store(Path(args.path), Path(args.tokens) if args.tokens else None)
-        fix = "Re-run `babydistill cache CONFIG` to rewrite the bad chunks"
+        fix = "Re-run `babydistill capture CONFIG` to rewrite the bad chunks"
     if problems:
         for problem in problems:
             print(f"FAIL {problem}")
@@ -244,7 +239,7 @@ def cmd_sweep(args):
 
 COMMANDS = {
     "prepare": cmd_prepare, "tokenizer": cmd_tokenizer, "tokenize": cmd_tokenize, "teacher": cmd_teacher,
-    "cache": cmd_cache, "distill": cmd_distill, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
+    "capture": cmd_capture, "distill": cmd_distill, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
     "status": cmd_status, "store": cmd_store, "bench": cmd_bench, "study": cmd_study, "sweep": cmd_sweep,
 }
 assert list(COMMANDS) == VERBS, "the command table and the documented verbs must agree"
@@ -262,11 +257,100 @@ def _add_config(p: argparse.ArgumentParser, force: bool = True) -> None:
                        help="rebuild even if the output exists or its inputs changed (default: off)")
 
 
+class _SetKey(argparse.Action):
+    """A flag that is another spelling of ``--set KEY=VALUE``: one way to set the key, whichever is typed (the
+    later of the two wins, as between two --set)."""
+
+    def __init__(self, option_strings, dest, key: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.key = key
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.set = [*(namespace.set or []), f"{self.key}={values}"]
+
+
 def _add_resume(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="auto|PATH",
                    help="continue from the newest complete checkpoint; `--resume auto` starts fresh when there "
                         "is none; a path resumes that checkpoint (default: start fresh, refusing to overwrite "
                         "checkpoints)")
+
+
+def _add_data_verbs(sub) -> None:
+    p = sub.add_parser("prepare", help="clean and split the corpus -> run_dir/data/{train,validation,test}/")
+    _add_config(p)
+    p = sub.add_parser("tokenizer", help="train byte-level BPE on the train split -> run_dir/tokenizer/")
+    _add_config(p)
+    p = sub.add_parser("tokenize", help="encode the splits -> run_dir/tokens.zarr (token streams, windows)")
+    _add_config(p)
+
+
+def _add_teacher_verb(sub) -> None:
+    p = sub.add_parser("teacher", help="pretrain one teacher with CE -> run_dir/teachers/NAME/")
+    _add_config(p)
+    p.add_argument("--seed", type=int, help="training seed (default: the first of teachers.seeds, i.e. 1)")
+    p.add_argument("--name", help="folder name under teachers/ (default: t<seed>)")
+    _add_resume(p)
+
+
+def _add_capture_verbs(sub) -> None:
+    """``capture``, and ``cache``: its earlier name, kept for users' scripts."""
+    for verb, help_text in (("capture", "run the teacher ensemble once -> run_dir/logits.zarr (the logit store)"),
+                            ("cache", "alias of `capture` (its earlier name)")):
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        _add_config(p)
+        p.add_argument("--teachers", help="comma-separated teacher names (default: t<seed> for teachers.seeds)")
+        p.add_argument("--k", action=_SetKey, key="cache.k", type=int, metavar="K",
+                       help="top-k ids kept per position: the same as --set cache.k=K (default: cache.k)")
+        p.add_argument("--workers", action=_SetKey, key="cache.workers", type=int, metavar="N",
+                       help="dask workers, 1 = synchronous: the same as --set cache.workers=N "
+                            "(default: cache.workers)")
+        p.add_argument("--scheduler", help="address of a running dask.distributed scheduler (default: none, local)")
+
+
+def _add_distill_verb(sub) -> None:
+    p = sub.add_parser("distill", help="train one student from the logit store -> run_dir/students/NAME/")
+    _add_config(p)
+    p.add_argument("--seed", type=int, help="training seed (default: 1)")
+    p.add_argument("--name", help="folder name under students/ (default: s<seed>, or o<seed> with --online)")
+    p.add_argument("--online", action="store_true",
+                   help="the paper's released method: run the teachers every step, dense KL (default: off)")
+    p.add_argument("--teachers", help="with --online: comma-separated teacher names (default: teachers.seeds)")
+    _add_resume(p)
+
+
+def _add_run_verbs(sub) -> None:
+    p = sub.add_parser("evaluate", help="validation/test CE and BLiMP of a checkpoint -> PATH/eval.json")
+    _add_config(p)
+    p.add_argument("--model", required=True, help="a teacher or student folder (Hugging Face checkpoint)")
+    p = sub.add_parser("report", help="tables and plots of every model -> run_dir/report/")
+    _add_config(p, force=False)
+    p = sub.add_parser("run", help="every stage in order; finished stages are skipped")
+    _add_config(p)
+    p = sub.add_parser("status", help="what is done, what is not, and why")
+    _add_config(p, force=False)
+
+
+def _add_store_verb(sub) -> None:
+    p = sub.add_parser("store", help="inspect a logit store; verify also checks a tokens.zarr")
+    p.add_argument("action", choices=["info", "verify"], help="info: shapes, sizes, teachers; verify: check every chunk")
+    p.add_argument("path", help="a logits.zarr folder")
+    p.add_argument("--tokens", help="verify: also check the hashes against this tokens.zarr (default: none)")
+
+
+def _add_bench_verb(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that write JSON (ratios measured side by side)",
+                       description="kernels: the loss kernels (CPU; CUDA when present). loader: the store reader and "
+                                   "capture. step: one training step per mode. precision: how far a bf16 teacher "
+                                   "forward moves the stored targets (needs the config's teachers). gpu: every GPU "
+                                   "path checked and measured on the first CUDA device, sized for at most 8 minutes on "
+                                   "one H100, not yet timed on one (exit 2 without CUDA); see the README's GPU section.")
+    p.add_argument("what", choices=["kernels", "loader", "step", "precision", "gpu"])
+    p.add_argument("--out", help="JSON file to write (default: print only)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look (default: off)")
+    p.add_argument("--mode", default="all", help="bench step: ce | offline | online | all (default: all)")
+    p.add_argument("--config", default="configs/demo.yaml",
+                   help="bench step / precision: the run's config (default: configs/demo.yaml)")
 
 
 def _add_study_verb(sub) -> None:
@@ -306,71 +390,13 @@ def _add_sweep_verb(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="babydistill",
-        description="Offline ensemble distillation (BabyLlama-2): teachers run once into a Zarr logit cache; "
+        description="Offline ensemble distillation (BabyLlama-2): teachers run once into a Zarr logit store; "
                     "students train from it with a fused sparse KL + CE loss.",
         epilog="Quick start: babydistill run configs/demo.yaml   (then: babydistill status configs/demo.yaml)")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    p = sub.add_parser("prepare", help="clean and split the corpus -> run_dir/data/{train,validation,test}/")
-    _add_config(p)
-    p = sub.add_parser("tokenizer", help="train byte-level BPE on the train split -> run_dir/tokenizer/")
-    _add_config(p)
-    p = sub.add_parser("tokenize", help="encode the splits -> run_dir/tokens.zarr (token streams, windows)")
-    _add_config(p)
-
-    p = sub.add_parser("teacher", help="pretrain one teacher with CE -> run_dir/teachers/NAME/")
-    _add_config(p)
-    p.add_argument("--seed", type=int, help="training seed (default: the first of teachers.seeds, i.e. 1)")
-    p.add_argument("--name", help="folder name under teachers/ (default: t<seed>)")
-    _add_resume(p)
-
-    p = sub.add_parser("cache", help="run the teacher ensemble once -> run_dir/logits.zarr (sparse targets)")
-    _add_config(p)
-    p.add_argument("--teachers", help="comma-separated teacher names (default: t<seed> for teachers.seeds)")
-    p.add_argument("--k", type=int, help="top-k ids kept per position (default: cache.k)")
-    p.add_argument("--workers", type=int, help="dask workers; 1 = synchronous (default: cache.workers)")
-    p.add_argument("--scheduler", help="address of a running dask.distributed scheduler (default: none, local)")
-
-    p = sub.add_parser("distill", help="train one student from the logit cache -> run_dir/students/NAME/")
-    _add_config(p)
-    p.add_argument("--seed", type=int, help="training seed (default: 1)")
-    p.add_argument("--name", help="folder name under students/ (default: s<seed>, or o<seed> with --online)")
-    p.add_argument("--online", action="store_true",
-                   help="the paper's released method: run the teachers every step, dense KL (default: off)")
-    p.add_argument("--teachers", help="with --online: comma-separated teacher names (default: teachers.seeds)")
-    _add_resume(p)
-
-    p = sub.add_parser("evaluate", help="validation/test CE and BLiMP of a checkpoint -> PATH/eval.json")
-    _add_config(p)
-    p.add_argument("--model", required=True, help="a teacher or student folder (Hugging Face checkpoint)")
-
-    p = sub.add_parser("report", help="tables and plots of every model -> run_dir/report/")
-    _add_config(p, force=False)
-    p = sub.add_parser("run", help="every stage in order; finished stages are skipped")
-    _add_config(p)
-    p = sub.add_parser("status", help="what is done, what is not, and why")
-    _add_config(p, force=False)
-
-    p = sub.add_parser("store", help="inspect a logit store; verify also checks a tokens.zarr")
-    p.add_argument("action", choices=["info", "verify"], help="info: shapes, sizes, teachers; verify: check every chunk")
-    p.add_argument("path", help="a logits.zarr folder")
-    p.add_argument("--tokens", help="verify: also check the hashes against this tokens.zarr (default: none)")
-
-    p = sub.add_parser("bench", help="benchmarks that write JSON (ratios measured side by side)",
-                       description="kernels: the loss kernels (CPU; CUDA when present). loader: the store reader and "
-                                   "capture. step: one training step per mode. precision: how far a bf16 teacher "
-                                   "forward moves the stored targets (needs the config's teachers). gpu: every GPU "
-                                   "path checked and measured on the first CUDA device, sized for at most 8 minutes on "
-                                   "one H100, not yet timed on one (exit 2 without CUDA); see the README's GPU section.")
-    p.add_argument("what", choices=["kernels", "loader", "step", "precision", "gpu"])
-    p.add_argument("--out", help="JSON file to write (default: print only)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look (default: off)")
-    p.add_argument("--mode", default="all", help="bench step: ce | offline | online | all (default: all)")
-    p.add_argument("--config", default="configs/demo.yaml",
-                   help="bench step / precision: the run's config (default: configs/demo.yaml)")
-
-    _add_study_verb(sub)
-    _add_sweep_verb(sub)
+    for add_verbs in (_add_data_verbs, _add_teacher_verb, _add_capture_verbs, _add_distill_verb, _add_run_verbs,
+                      _add_store_verb, _add_bench_verb, _add_study_verb, _add_sweep_verb):
+        add_verbs(sub)
     return parser
 
 
@@ -378,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = one_line_warning  # a warning is one line on the console, not two
     try:
-        code = COMMANDS[args.verb](args)
+        code = COMMANDS[ALIASES.get(args.verb, args.verb)](args)
         return int(code or 0)
     except KeyboardInterrupt:
         print("babydistill: interrupted; re-run the same command to resume", file=sys.stderr)

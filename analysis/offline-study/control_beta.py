@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from validation_positions import RUN, logp_of, validation_windows
 
-from babydistill.pipeline.cache import sample_targets
+from babydistill.pipeline.capture_targets import sample_targets
 from babydistill.pipeline.distill import control_beta
 from babydistill.pipeline.model import load_model
 

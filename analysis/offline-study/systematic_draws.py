@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from babydistill.pipeline.cache import ensemble_logp, sample_targets, stored_target
+from babydistill.pipeline.capture_targets import ensemble_logp, sample_targets, stored_target
 from babydistill.pipeline.model import load_model
 from babydistill.stores.tokens import TokenStore
 

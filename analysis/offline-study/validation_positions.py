@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from babydistill.pipeline.cache import ensemble_logp
+from babydistill.pipeline.capture_targets import ensemble_logp
 from babydistill.stores.tokens import TokenStore
 
 RUN = Path("runs/cpu-experiment")

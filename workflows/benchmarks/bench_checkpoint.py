@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 from babydistill.pipeline.config import load_config
-from babydistill.pipeline.train import Dist, build_optimizer, save_checkpoint
+from babydistill.pipeline.training.checkpoint import save_checkpoint
+from babydistill.pipeline.training.optimizer import build_optimizer
+from babydistill.pipeline.training.runtime import Dist
 from babydistill.stores.checksum import crc32, file_records
 from babydistill.workflows.benchmarks import machine
 

@@ -218,7 +218,7 @@ def part_step(plan: Plan, run_dir: Path, progress) -> dict:
 
 def part_capture(plan: Plan, run_dir: Path, progress) -> dict:
     """Tokens/s of a capture with the run's two teachers on one GPU and on every visible GPU (one worker each)."""
-    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.capture import capture_logits
     from babydistill.workflows.runner import default_teacher_names
 
     config = load_config(plan.config, _overrides(plan, run_dir))
@@ -228,9 +228,9 @@ def part_capture(plan: Plan, run_dir: Path, progress) -> dict:
         if name == "all_gpus" and workers == 1:
             result[name] = dict(result["one_gpu"], note="one visible GPU (or the CPU): the one-worker figures")
             break
-        summary = capture_logits(dataclasses.replace(config.cache, fidelity_positions=0), config.tokens_path,
-                                 config.tokenizer_path, teachers, run_dir / f"bench-capture-{name}.zarr",
-                                 workers=workers)
+        summary = capture_logits(dataclasses.replace(config.cache, fidelity_positions=0, workers=workers),
+                                 config.tokens_path, config.tokenizer_path, teachers,
+                                 run_dir / f"bench-capture-{name}.zarr")
         result[name] = {"workers": workers, "tokens_per_s": summary["tokens_per_s"], "seconds": summary["seconds"],
                         "forward_s": summary["task_forward_s"], "compute_s": summary["task_compute_s"],
                         "write_s": summary["task_write_s"], "write_wait_s": summary["task_write_wait_s"],

@@ -129,7 +129,8 @@ def _encodings(store: Path, teacher_dirs: list[Path], tokens_path: Path, num_win
     import numcodecs
     import zarr
 
-    from babydistill.pipeline.cache import ensemble_logp, fidelity_row
+    from babydistill.pipeline.capture_targets import ensemble_logp
+    from babydistill.pipeline.fidelity import fidelity_row
     from babydistill.pipeline.model import load_teachers
     from babydistill.stores.tokens import TokenStore
 
@@ -261,7 +262,7 @@ def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
     attention choice and ``optimizer_step``, data fetching included), median of ``steps``."""
     import tempfile
 
-    from babydistill.pipeline.train import resolve_device, resolve_precision
+    from babydistill.pipeline.training.runtime import resolve_device, resolve_precision
     from babydistill.stores.tokens import TokenStore
     from babydistill.workflows.benchmarks.bench_step import _time_modes
 
@@ -321,7 +322,7 @@ def bench_loader(out: Path | None, *, quick: bool = False, config_path: Path = D
 
 def _measure(config_path: Path, work: Path, max_train_words: int, teacher_steps: int) -> dict:
     """Two teachers trained in ``work``, a top-k and a sampled store captured from them, then measured."""
-    from babydistill.pipeline.cache import capture_logits
+    from babydistill.pipeline.capture import capture_logits
     from babydistill.stores.logits import store_info
 
     started = time.perf_counter()
@@ -363,7 +364,7 @@ def _measure(config_path: Path, work: Path, max_train_words: int, teacher_steps:
         "throughput": {
             "reader_tokens_per_s_1_worker": reader_tps, "student_train_tokens_per_s": student_tps,
             "ratio": reader_tps / student_tps, "goal": ">= 20x", "reader_crc_check": check_overhead,
-            "student_step": "CE step of the config's model via bench step's ce mode (pipeline.train.optimizer_step, "
+            "student_step": "CE step of the config's model via bench step's ce mode (pipeline.training.loop.optimizer_step, "
                             f"{config.train.num_threads or torch.get_num_threads()} threads)",
         },
     }

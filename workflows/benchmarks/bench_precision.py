@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from babydistill.pipeline.cache import sample_targets
+from babydistill.pipeline.capture_targets import sample_targets
 from babydistill.pipeline.config import load_config
 from babydistill.pipeline.model import autocast_context, ensemble_logits, load_teachers
 from babydistill.stores.tokens import TokenStore

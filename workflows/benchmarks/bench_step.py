@@ -35,17 +35,11 @@ import torch
 
 from babydistill.pipeline.config import Config, load_config, model_name
 from babydistill.pipeline.model import build_model, count_parameters
-from babydistill.pipeline.train import (
-    BatchSource,
-    LossFn,
-    TokenWindows,
-    build_optimizer,
-    ce_loss,
-    optimizer_step,
-    resolve_device,
-    resolve_precision,
-)
-from babydistill.stores.logits import read_attrs, store_info
+from babydistill.pipeline.training.loop import optimizer_step
+from babydistill.pipeline.training.optimizer import build_optimizer
+from babydistill.pipeline.training.runtime import resolve_device, resolve_precision
+from babydistill.pipeline.training.windows import BatchSource, LossFn, TokenWindows, ce_loss
+from babydistill.stores.logits import read_header, store_info
 from babydistill.stores.tokens import TokenStore
 from babydistill.workflows.benchmarks import machine
 
@@ -76,7 +70,7 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
                    ) -> tuple[BatchSource, LossFn]:
     """The student step from the store: fused-linear sparse KL + CE (with the tail control variate when the
     store keeps the draws' probabilities), no teacher, no logits."""
-    from babydistill.pipeline.cache import capture_logits, target_differences
+    from babydistill.pipeline.capture import capture_logits, target_differences
     from babydistill.pipeline.distill import open_offline_source, store_loss
     from babydistill.stores.logits import incomplete_reason
 
@@ -84,15 +78,15 @@ def _offline_setup(config: Config, tokens: TokenStore, model: torch.nn.Module, s
     if not (store / "zarr.json").is_file() or incomplete_reason(store):
         why = f"no complete {store}"
     else:  # a --set cache.* asks for other targets than the run's store holds
-        other = target_differences(read_attrs(store) or {}, config.cache)
+        other = target_differences(read_header(store), config.cache)
         why = f"{store} holds other targets ({'; '.join(other)})" if other else None
     if why:
         store = scratch / "logits.zarr"
         if not (store / "zarr.json").is_file() or incomplete_reason(store):
             print(f"bench step: {why}; capturing a temporary store {store} (a teacher pass over the training split)",
                   file=sys.stderr, flush=True)
-            capture_logits(config.cache, config.tokens_path, config.tokenizer_path, _teacher_dirs(config, tokens, scratch),
-                           store, workers=1)
+            capture_logits(dataclasses.replace(config.cache, workers=1), config.tokens_path, config.tokenizer_path,
+                           _teacher_dirs(config, tokens, scratch), store)
     source, use_c_T, tail = open_offline_source(config, config.tokens_path, config.tokenizer_path, store,
                                                 config.train.seed)
     return source, store_loss(config.distill, source, use_c_T, tail, store)[0]

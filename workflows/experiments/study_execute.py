@@ -26,14 +26,14 @@ from babydistill.workflows.experiments.study_units import (
     unit_done,
 )
 from babydistill.workflows.runner import (
-    cache_stage,
+    capture_stage,
     default_teacher_names,
     prepare_stage,
-    stage_status,
     teacher_stage,
     tokenize_stage,
     tokenizer_stage,
 )
+from babydistill.workflows.stage import stage_status
 
 
 @contextlib.contextmanager
@@ -115,7 +115,7 @@ def _unit_line(unit: Unit, seconds: float | None) -> str:
 def _capture(arm: Arm, bar) -> None:
     from babydistill.stores.logits import store_info
 
-    stage = cache_stage(arm.config)
+    stage = capture_stage(arm.config)
     log = arm.run_path / "logs" / "cache.log"
     started = time.time()
     try:
@@ -173,7 +173,7 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
     per_arm = {a.name: arm_units(a, seeds) for a in arms}
     units = teachers + [u for a in arms for u in per_arm[a.name]]
     # the bar counts finished work as done from the start, so that its rate and ETA are those of the work left
-    num_done = sum(stage_status(cache_stage(a.config))[0] == "done" for a in offline) + sum(map(unit_done, units))
+    num_done = sum(stage_status(capture_stage(a.config))[0] == "done" for a in offline) + sum(map(unit_done, units))
     bar = tqdm(total=len(offline) + len(units), initial=num_done, unit="unit", desc="study", smoothing=0,
                dynamic_ncols=True)
     try:

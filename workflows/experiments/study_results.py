@@ -13,7 +13,9 @@ import numpy as np
 from babydistill.workflows.experiments.study_spec import Arm, Study
 from babydistill.workflows.experiments.study_stats import describe, paired_ci
 from babydistill.workflows.experiments.study_units import STALE_IN_STUDY, Unit, arm_units, teacher_units
-from babydistill.workflows.runner import cache_stage, read_marker, stage_status
+from babydistill.workflows.markers import read_marker
+from babydistill.workflows.runner import capture_stage
+from babydistill.workflows.stage import stage_status
 
 
 def _read_eval(path: Path) -> dict:
@@ -82,7 +84,7 @@ def _store(arm: Arm) -> dict | None:
 
     if arm.online:
         return None
-    stage = cache_stage(arm.config)
+    stage = capture_stage(arm.config)
     state, why = stage_status(stage)
     empty = {"path": str(stage.out), "bytes_per_token": None, "disk_bytes": None, "num_tokens": None,
              "capture_seconds": None}

@@ -31,8 +31,10 @@ from pathlib import Path
 import yaml
 
 from babydistill.pipeline.config import Config, load_config, model_name
+from babydistill.pipeline.stages import sections_of
 
-SHARED_SECTIONS = ("data", "tokenizer", "model", "teachers")
+# The shared stages run from the base config alone, so `train` (which arms vary for their students) is not theirs.
+SHARED_SECTIONS = tuple(s for s in sections_of("prepare", "tokenizer", "tokenize", "teacher") if s != "train")
 """Sections that the shared stages (the base run) fix: neither the study nor an arm may change them."""
 ARM_FIXED = (*SHARED_SECTIONS, "eval", "run_dir")
 """An arm also keeps the evaluation (every arm is scored the same way) and its run_dir (the study sets it)."""

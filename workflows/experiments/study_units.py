@@ -9,14 +9,8 @@ from pathlib import Path
 
 from babydistill.pipeline.config import Config
 from babydistill.workflows.experiments.study_spec import Arm, Study, StudyError
-from babydistill.workflows.runner import (
-    Stage,
-    default_teacher_names,
-    evaluate_stage,
-    run_stage,
-    stage_status,
-    student_stage,
-)
+from babydistill.workflows.runner import default_teacher_names, evaluate_stage, student_stage
+from babydistill.workflows.stage import Stage, run_stage, stage_status
 
 # What a stale output means inside a study. Not run_stage's advice (the stage's command with --force): that
 # command lacks the arm's sets, and --force on a shared stage would redo finished work of the other arms.

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 from babydistill.pipeline.config import Config, ConfigError, SweepConfig, config_from_dict, identity
+from babydistill.pipeline.stages import sections_of
 from babydistill.stores.files import json_digest
 
 COUNTED = ("COMPLETE", "PRUNED")
@@ -66,7 +67,8 @@ def config_point(config: Config) -> dict | None:
     return point
 
 
-SIGNED_SECTIONS = ("data", "tokenizer", "model", "train", "distill")  # their identity fields (config.EXECUTION_ONLY)
+# What a student is made from (data, tokenizer, model, train, distill): their identity fields, from the stage map.
+SIGNED_SECTIONS = sections_of("prepare", "tokenizer", "student")
 
 
 def signature(config: Config, store_attrs: dict) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from babydistill.pipeline.config import Config
-from babydistill.pipeline.train import STATE_DIR
+from babydistill.pipeline.training.checkpoint import STATE_DIR
 from babydistill.workflows.experiments.sweep_optuna import (
     COUNTED,
     SweepError,
@@ -49,7 +49,7 @@ def _objective(job: TrialJob, trial) -> float:
     import optuna
 
     from babydistill.pipeline.distill import train_student
-    from babydistill.pipeline.train import TrainingError
+    from babydistill.pipeline.training.runtime import TrainingError
 
     study = trial.study
     # Two workers can start a trial at the same moment when one slot is left: the later one steps back.
@@ -115,7 +115,7 @@ def run_worker(job: TrialJob, on_trial=None) -> int:
     """
     import optuna
 
-    from babydistill.pipeline.train import TrainingError
+    from babydistill.pipeline.training.runtime import TrainingError
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

@@ -1,4 +1,5 @@
-"""Stage `tokenize`: prepared splits -> ``tokens.zarr`` (token streams and fixed windows).
+"""Stage `tokenize` (module `encode`: `tokenize` would shadow the standard library's module): prepared splits ->
+``tokens.zarr`` (token streams and fixed windows).
 
 Every document becomes ``<s> tokens </s>``; documents are concatenated in file order, so a
 window may span document boundaries (the end-of-document token marks them).

@@ -1,0 +1,80 @@
+"""What the store keeps of one position: the ensemble's log-probabilities and the sparse target drawn from
+them (top k, draws, or the head plus tail draws; see stores/logits.py for the schema)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from babydistill.pipeline.model import ensemble_logits
+from babydistill.stores.logits import (
+    PAD_LOGP,
+)
+
+
+def ensemble_logp(logits: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """log-softmax of the ensemble (see ``ensemble_logits``)."""
+    return torch.log_softmax(ensemble_logits(logits, rule), dim=-1)
+
+
+def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: torch.Generator,
+                   head_ids: torch.Tensor | None = None, draw_logp: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled sparse targets per row: (ids [N, slots] int64, logp [N, slots] float64).
+
+    Mode sample (``head_ids`` None): ``samples`` draws from each row's distribution; the distinct ids
+    by decreasing count (ties: smaller id first), ``logp = log(count / samples)``.
+    Mode hybrid (``head_ids`` [N, k]): those ids first with their exact log-probabilities, then
+    ``samples`` draws from the rest of the distribution renormalised, ``logp = log(r * count / samples)``
+    with r the mass outside the head: E[weight of a tail id j] = p_j, so the target is unbiased.
+    r is the sum of the tail's own probabilities (a log-sum-exp over the tail of the unrounded ``logp_NV``),
+    never 1 - the head's: that difference cancels, and from float16-rounded head values it put the head's
+    rounding error into the tail (34x the true tail mass of a confident row).
+    ``draw_logp`` (default ``logp_NV``): the distribution the draws come from, e.g. the teacher as stored
+    (rounded) when the store keeps each draw's probability; the head and r always come from ``logp_NV``.
+    Free slots get the smallest ids used nowhere else in the row and ``PAD_LOGP`` (see stores/logits.py).
+    """
+    num_rows, vocab = logp_NV.shape
+    probs = (logp_NV if draw_logp is None else draw_logp).exp()
+    head = None
+    if head_ids is not None:
+        head = torch.zeros(num_rows, vocab, dtype=torch.bool, device=logp_NV.device).scatter_(1, head_ids, True)
+        probs = probs.masked_fill(head, 0.0)
+        # A row whose tail underflowed to 0 draws uniformly; its weights are 0 (r = 0) and become padding.
+        probs = torch.where(probs.sum(1, keepdim=True) > 0, probs, (~head).to(probs.dtype))
+    draws = torch.multinomial(probs, samples, replacement=True, generator=generator)
+    counts = torch.zeros(num_rows, vocab, dtype=torch.int32, device=logp_NV.device).scatter_add_(
+        1, draws, torch.ones_like(draws, dtype=torch.int32))
+    key = counts * (vocab + 1) + (vocab - torch.arange(vocab, dtype=torch.int32, device=logp_NV.device))
+    if head is None:
+        ids = key.topk(slots, dim=-1).indices
+        picked = counts.gather(1, ids).double()
+        return ids, torch.where(picked > 0, torch.log(picked / samples), torch.full_like(picked, PAD_LOGP))
+    key = key.masked_fill(head, -1)  # head ids are taken already, never again as tail or padding
+    tail_ids = key.topk(slots - head_ids.shape[1], dim=-1).indices
+    picked = counts.gather(1, tail_ids).double()
+    head_logp = logp_NV.gather(1, head_ids).double()
+    log_r = torch.logsumexp(logp_NV.masked_fill(head, -math.inf), dim=1, keepdim=True).double()
+    tail_logp = log_r + torch.log(picked / samples)
+    tail_logp = torch.where((picked > 0) & (log_r > -math.inf), tail_logp, torch.full_like(tail_logp, PAD_LOGP))
+    return torch.cat([head_ids, tail_ids], dim=1), torch.cat([head_logp, tail_logp], dim=1)
+
+
+def stored_target(ids: np.ndarray, stored: np.ndarray, vocab: int, mode: str) -> np.ndarray:
+    """The dense target [V] a student at the uniform reference point is pulled towards (float64).
+
+    At a uniform student the gradient of the KL w.r.t. its logits is ``1/V - target``: bucket and uniform
+    tails then both put the residual evenly on the tail; sample and hybrid weights are renormalised
+    (their float16 rounding is all the residual they have), as the student stage does.
+    """
+    real = stored > PAD_LOGP / 2
+    ids, q = ids[real], np.exp(stored[real].astype(np.float64))
+    target = np.zeros(vocab)
+    if mode == "topk":
+        target[:] = max(1.0 - q.sum(), 0.0) / max(1, vocab - len(ids))
+        target[ids] = q
+    else:
+        target[ids] = q / q.sum()
+    return target

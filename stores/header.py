@@ -1,0 +1,188 @@
+"""The typed headers of the two stores: what a store's group attributes say, read and validated once, here.
+
+Every stage that reads a store asks its header (``TokenStore.header``, ``LogitStoreReader.header``,
+``stores.logits.open_store``) instead of looking keys up in the raw attributes, so that a key's type, its
+default in stores written before it existed, and each rule on it are written in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+LOGITS_FORMAT = "babydistill.logits"
+LOGITS_FORMAT_VERSION = 2
+TOKENS_FORMAT = "babydistill.tokens"
+TOKENS_FORMAT_VERSION = 1
+
+MODES = ("topk", "sample", "hybrid")
+ORDERS = ("shuffled", "corpus")
+# Modes whose slot weights sum to 1 by construction (draws): no tail, and probabilities at T = 1 only.
+SAMPLED_MODES = ("sample", "hybrid")
+REBUILD_STORE = "rebuild the store with `babydistill capture CONFIG --force` (the old one is moved aside)"
+
+
+class HeaderError(ValueError):
+    """A store's header that this babydistill cannot read; the message names the store and the fix."""
+
+
+def temperature_refusal(mode: str, temperature: float) -> str | None:
+    """Why a store of ``mode`` cannot serve a student at ``temperature``, or None. The one statement of the rule:
+    sampled weights estimate p at T = 1, and p^(1/T) cannot be recovered from them."""
+    if mode in SAMPLED_MODES and temperature != 1.0:
+        return (f"{mode} targets, which serve distill.temperature 1 only (got {temperature}): sampled weights "
+                f"are teacher probabilities at T = 1")
+    return None
+
+
+def _check_format(attrs: dict, where: str, kind: str, expected: tuple[str, int], fix: str) -> None:
+    """HeaderError unless ``attrs`` are the header of a ``kind`` store of this format and version."""
+    if attrs.get("format") != expected[0]:
+        raise HeaderError(f"{where}: not a babydistill {kind} store (format {attrs.get('format')!r})")
+    if attrs.get("format_version") != expected[1]:
+        raise HeaderError(f"{where}: {kind} store format version {attrs.get('format_version')}, this babydistill "
+                          f"reads {expected[1]}{fix}")
+
+
+@dataclass(frozen=True)
+class MadeFromTokens:
+    """What both stores record of the token windows they hold: a logit store is read only with the token store
+    (and tokenizer) it was made from."""
+
+    seq_len: int
+    vocab_size: int
+    tokenizer_hash: str
+    tokens_hash: str
+    windows_hash: str
+
+
+@dataclass(frozen=True)
+class LogitStoreHeader(MadeFromTokens):
+    """The header of ``logits.zarr`` (its group attributes), typed. ``identity`` keeps every key as recorded, for
+    comparing a store with what a config would capture."""
+
+    mode: str
+    slots: int
+    num_windows: int
+    chunk_windows: int
+    temperatures: tuple[float, ...]
+    logp_dtype: str
+    k: int | None = None
+    samples: int | None = None
+    order: str = "shuffled"
+    seed: int = 0
+    tail_logp: bool = False   # absent from stores written before the control variate
+    draw_sets: int = 1        # absent from stores written before draw sets
+    ensemble: str = "logits"
+    teachers: tuple[dict, ...] = ()
+    codec: dict | None = None
+    fidelity: dict | None = None
+    capture: dict | None = None
+    identity: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str) -> LogitStoreHeader:
+        """The header of the store at ``where`` from its attributes; HeaderError when it is not a logit store of
+        this format version."""
+        _check_format(attrs, where, "logit", (LOGITS_FORMAT, LOGITS_FORMAT_VERSION),
+                      f" (rows in a global shuffle, for well-mixed batches); {REBUILD_STORE}")
+        return cls.from_identity(attrs, where)
+
+    @classmethod
+    def from_identity(cls, attrs: dict, where: str) -> LogitStoreHeader:
+        """The header that attributes ``attrs`` describe (a store being created has no format key yet)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"identity"}
+        values = {key: value for key, value in attrs.items() if key in known}
+        try:
+            header = cls(**values, identity=dict(attrs))
+        except TypeError as exc:
+            raise HeaderError(f"{where}: the store's header lacks a key ({exc}); {REBUILD_STORE}") from None
+        # Lists in JSON; tuples here, so that a header is hashable and compares by value.
+        object.__setattr__(header, "temperatures", tuple(float(t) for t in header.temperatures))
+        object.__setattr__(header, "teachers", tuple(header.teachers or ()))
+        if header.mode not in MODES or header.order not in ORDERS:
+            raise HeaderError(f"{where}: unknown mode {header.mode!r} or order {header.order!r}; {REBUILD_STORE}")
+        return header
+
+    @property
+    def targets_are_complete(self) -> bool:
+        """True for stores whose slot weights sum to 1 by construction (sample, hybrid): no tail."""
+        return self.mode in SAMPLED_MODES
+
+    @property
+    def head(self) -> int:
+        """Slots kept exactly (the top k) before the tail draws: k for hybrid stores, 0 for sampled ones."""
+        return int(self.k) if self.mode == "hybrid" else 0
+
+    @property
+    def array_names(self) -> tuple[str, ...]:
+        """The arrays the store holds (hybrid stores captured with ``cache.tail_logp`` also keep the tail draws'
+        exact log-probabilities)."""
+        return ("ids", "logp", "c_T", "tokens", "window_ids") + (("tail_logp",) if self.tail_logp else ())
+
+    def array_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Each array's (shape, dtype), as the header fixes them."""
+        rows = (self.num_windows, self.seq_len)
+        shapes = {"ids": ((*rows, self.slots), "uint16"),
+                  "logp": ((*rows, self.slots), self.logp_dtype),
+                  "c_T": ((*rows, len(self.temperatures)), "float32"),
+                  "tokens": ((self.num_windows, self.seq_len + 1), "uint16"),
+                  "window_ids": ((self.num_windows,), "uint32")}
+        if self.tail_logp:
+            shapes["tail_logp"] = ((*rows, self.slots - int(self.k)), self.logp_dtype)
+        return shapes
+
+    def draw_set_columns(self, draw_set: int) -> np.ndarray:
+        """The slot columns of draw set ``draw_set`` (taken mod the store's draw sets): the head, then the set's
+        tail. All slots for a store of one draw set."""
+        if self.draw_sets == 1:
+            return np.arange(self.slots)
+        k = int(self.k)
+        width = (self.slots - k) // self.draw_sets
+        first = k + (draw_set % self.draw_sets) * width
+        return np.concatenate([np.arange(k), np.arange(first, first + width)])
+
+    def temperature_column(self, temperature: float | None) -> int | None:
+        """The column of ``c_T`` captured at ``temperature``, or None when it was not captured."""
+        return next((i for i, t in enumerate(self.temperatures)
+                     if temperature is not None and abs(t - temperature) < 1e-9), None)
+
+    def describe_targets(self, controlled: bool) -> str:
+        """'hybrid targets of 8 exact ids + 12 draws', with what keeps the student from a control variate on them
+        when not ``controlled``."""
+        ids = f"{self.k} exact ids + " if self.mode == "hybrid" else ""
+        plain = ("" if controlled else " with their probabilities unused (distill.control_variate=never)"
+                 if self.tail_logp else " without their probabilities")
+        return f"{self.mode} targets of {ids}{self.samples} draws{plain}"
+
+    def with_values(self, **values: Any) -> LogitStoreHeader:
+        return dataclasses.replace(self, **values, identity={**self.identity, **values})
+
+
+@dataclass(frozen=True)
+class TokenStoreHeader(MadeFromTokens):
+    """The header of ``tokens.zarr`` (its group attributes), typed."""
+
+    splits: dict
+    corpus_hashes: dict | None = None
+    bos_id: int | None = None
+    eod_id: int | None = None
+    pad_id: int | None = None
+    chunk_crc32: dict | None = None   # absent from stores written before chunk checksums
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str) -> TokenStoreHeader:
+        _check_format(attrs, where, "token", (TOKENS_FORMAT, TOKENS_FORMAT_VERSION),
+                      "; re-run `babydistill tokenize CONFIG --force`")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{key: value for key, value in attrs.items() if key in known})
+        except TypeError as exc:
+            raise HeaderError(f"{where}: the token store's header lacks a key ({exc}); re-run "
+                              f"`babydistill tokenize CONFIG --force`") from None
+
+    def num_windows(self, split: str) -> int:
+        return int(self.splits[split]["num_windows"])
