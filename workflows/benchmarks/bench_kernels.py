@@ -296,8 +296,6 @@ def markdown(result: dict) -> str:
         v = result["variants"][0]
         lines += ["", f"## Temperatures and tails of the fused path (N={v['N']}, V={v['V']}, k = {v['k']})", "",
                   "| T | tail | fused s | fused / CE | fused extra MB | beyond grad |", "|---|---|---|---|---|---|"]
-        if result.get("variants_note"):
-            lines[-2:-2] = [result["variants_note"], ""]
         for v in result["variants"]:
             beyond = v["fused_extra_beyond_grad_pct"]
             lines.append(f"| {v['temperature']:g} | {v['tail']} | {v['fused_s']:.3f} | {v['fused_vs_ce']:.2f}x | "
