@@ -24,3 +24,10 @@ def test_every_benchmark_json_records_its_machine(path):
     assert not missing, f"{path.name}: machine record lacks {sorted(missing)}"
     assert record["cpu_model"] and record["commit"] and record["command"] and record["date_utc"]
     assert set(machine.PACKAGES) <= set(record["versions"])
+
+
+def test_the_kernel_tables_are_those_of_the_kernel_json():
+    from babydistill.workflows.benchmarks.bench_kernels import markdown
+
+    result = json.loads((BENCHMARKS / "kernels.json").read_text(encoding="utf-8"))
+    assert (BENCHMARKS / "kernels.md").read_text(encoding="utf-8") == markdown(result)
