@@ -84,8 +84,8 @@ def test_two_process_student_with_the_tail_control_variate_matches_one_process(d
         single_cfg, run_dir=str(run),
         cache=dataclasses.replace(single_cfg.cache, mode="hybrid", k=4, samples=12, tail_logp=True),
         distill=dataclasses.replace(single_cfg.distill, control_variate="required", normalization="sequence"))
-    capture_logits(single_cfg.cache, single_cfg.tokens_path, single_cfg.tokenizer_path,
-                   [single_cfg.teacher_path("t1"), single_cfg.teacher_path("t2")], single_cfg.logits_path, workers=1)
+    capture_logits(dataclasses.replace(single_cfg.cache, workers=1), single_cfg.tokens_path, single_cfg.tokenizer_path,
+                   [single_cfg.teacher_path("t1"), single_cfg.teacher_path("t2")], single_cfg.logits_path)
     single = train_student(single_cfg, single_cfg.tokens_path, single_cfg.tokenizer_path, single_cfg.logits_path,
                            tmp_path / "single", seed=1)
     config = dataclasses.replace(single_cfg, train=dataclasses.replace(single_cfg.train, batch_size=4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -51,8 +52,8 @@ def distill_run(tiny_run, tmp_path_factory):
     config = _config(tiny_run, root, f"run_dir={root / 'run'}", "train.max_steps=6", "cache.logp_dtype=float32")
     for seed in (1, 2):
         train_teacher(config, config.tokens_path, config.tokenizer_path, config.teacher_path(f"t{seed}"), seed=seed)
-    capture_logits(config.cache, config.tokens_path, config.tokenizer_path,
-                   [config.teacher_path("t1"), config.teacher_path("t2")], config.logits_path, workers=1)
+    capture_logits(dataclasses.replace(config.cache, workers=1), config.tokens_path, config.tokenizer_path,
+                   [config.teacher_path("t1"), config.teacher_path("t2")], config.logits_path)
     return config
 
 
