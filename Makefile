@@ -75,7 +75,7 @@ lock: install
 	$(BIN)/python tools/lockfile.py filter $(VENV)/lock-raw.txt $(LOCK)
 
 lint: install
-	$(BIN)/ruff check pipeline kernels stores workflows tests tools
+	$(BIN)/ruff check pipeline kernels stores workflows tests tools analysis
 
 experiment: install
 	$(BIN)/babydistill run configs/cpu-experiment.yaml

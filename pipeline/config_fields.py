@@ -1,7 +1,7 @@
 """What a config field is: the error a bad value raises, the check of a value against its field's type,
 and the field metadata that decides which fields make a stage's identity.
 
-A stage's fingerprint (workflows/runner.py), a logit store's identity (pipeline/cache.py) and a
+A stage's fingerprint (workflows/runner.py), a logit store's identity (pipeline/capture.py) and a
 training checkpoint's fingerprint (pipeline/training/loop.py) are built from the sections a stage reads,
 field by field. Every field counts, except the few marked with this metadata, so a new field
 cannot be left out of a fingerprint by accident: leaving one out is a decision, written here.

@@ -234,7 +234,7 @@ class CacheConfig:
     """The teachers' forward: auto = bf16 autocast on CUDA (fp32 on a GPU without bf16), fp32 on the CPU.
     Execution-only: a bf16 store counts as the same store as an fp32 one (the store records which it was, per
     chunk); measured at the demo size, bf16 moves the stored targets far less than the draws' own noise
-    (docs/benchmarks/precision.json, `python -m babydistill.workflows.bench_precision`)."""
+    (docs/benchmarks/precision.json, `python -m babydistill.workflows.benchmarks.bench_precision`)."""
     logp_dtype: Literal["float16", "float32"] = "float16"
     fidelity_positions: int = field(default=2048, metadata=EXECUTION_ONLY)
     """Positions sampled for the capture-time fidelity report. Execution-only: it picks what the capture

@@ -125,7 +125,7 @@ class LogitStoreReader:
 
     def _checked_bytes(self, chunk: int, name: str) -> bytes:
         """The bytes of array ``name``'s chunk file, refused unless they have the size and crc32 its done
-        marker recorded. Read once, checked, then decoded; `python -m babydistill.workflows.bench_loader --check-overhead` measures the cost."""
+        marker recorded. Read once, checked, then decoded; `python -m babydistill.workflows.benchmarks.bench_loader --check-overhead` measures the cost."""
         rel = self._chunk_file(chunk, name)
         data = read_bytes_or_none(self.path / rel)
         info = self._recorded[chunk].get(rel)

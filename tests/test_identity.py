@@ -44,7 +44,7 @@ def run_config(tiny_config_path: Path) -> Config:
     return finished_run(load_config(tiny_config_path, ["distill.online_students=1"]))
 
 
-# sweep: no stage reads it (a sweep checks its own study against it: pipeline/sweep.py, signature)
+# sweep: no stage reads it (a sweep checks its own study against it: workflows/experiments/sweep_optuna.py, signature)
 SECTION_NAMES = [name for name in SECTIONS if name not in ("run_dir", "sweep")]
 
 
@@ -144,5 +144,5 @@ def test_the_stage_map_gives_the_sections_hashed_elsewhere():
     assert set(STAGE_SECTIONS["checkpoint"]) == {"model", "tokenizer", "data"}  # pipeline/training/loop.py
     assert sections_of("prepare", "tokenizer", "student") == ("data", "tokenizer", "model", "train", "distill")
     shared = tuple(s for s in sections_of("prepare", "tokenizer", "tokenize", "teacher") if s != "train")
-    assert shared == ("data", "tokenizer", "model", "teachers")  # workflows/study.py's SHARED_SECTIONS
+    assert shared == ("data", "tokenizer", "model", "teachers")  # workflows/experiments/study_spec.py's SHARED_SECTIONS
     assert set(sections_of(*STAGE_SECTIONS)) <= set(SECTIONS)

@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # pytest -q closes with e.g. "545 passed, 1 skipped in 431.23s (0:07:11)"
 PYTEST_CLOSING = re.compile(r"^=*\s*(\d+ passed.*? in [\d.]+s.*?)\s*=*$")
-VERSIONS = ("torch", "triton", "transformers", "kernels", "zarr", "optuna")
+# machine.PACKAGES of workflows/benchmarks/machine.py (this script cannot import it: it runs before any .venv),
+# and the two whose versions decide whether a fresh install works at all.
+VERSIONS = ("torch", "triton", "transformers", "zarr", "numcodecs", "numpy", "kernels", "optuna")
 
 
 def cpu_model() -> str:
@@ -110,18 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         clone = work / "babydistill"
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
-        started = datetime.now(UTC)
+        started, load_start = datetime.now(UTC), os.getloadavg()
         figures = measure(clone, args.latest)
     finally:
         if args.keep:
             print(f"time_quickstart: the clone and its logs are in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    record = {"command": "python tools/time_quickstart.py" + (" --latest" if args.latest else ""),
-              "what": "git clone, then `make test`, then `make demo` in the clone, each timed from outside",
-              "date": started.strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
-              "cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-              "system": f"{platform.system()} {platform.release()}", **figures}
+    command = "python tools/time_quickstart.py" + (" --latest" if args.latest else "")
+    # The keys of workflows/benchmarks/machine.py's record (tests/test_benchmarks.py checks every JSON here); the
+    # clone holds the committed HEAD only, so its tree is clean by construction.
+    versions = figures.pop("versions")
+    record = {"what": "git clone, then `make test`, then `make demo` in the clone, each timed from outside",
+              **figures,
+              "machine": {"cpu_model": cpu_model(), "logical_cores": os.cpu_count(), "gpus": [],
+                          "load_average_start": [round(x, 2) for x in load_start],
+                          "load_average_end": [round(x, 2) for x in os.getloadavg()],
+                          "date_utc": started.isoformat(timespec="seconds"), "commit": commit, "dirty": False,
+                          "versions": versions, "command": command,
+                          "system": f"{platform.system()} {platform.release()} {platform.machine()}"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"{args.out}: make test {figures['make_test']['wall']} ({figures['make_test']['pytest_closing_line']}), "
