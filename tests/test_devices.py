@@ -135,8 +135,8 @@ def test_more_workers_than_gpus_is_refused(tiny_run, teachers, capsys, monkeypat
     _fake_gpus(monkeypatch, 2)
     out = tmp_path / "logits.zarr"
     with pytest.raises(ValueError, match=r"--workers 3: this host has 2 visible GPU"):
-        capture_logits(CacheConfig(mode="topk"), tiny_run.tokens_path, tiny_run.tokenizer_path, teachers, out,
-                       workers=3)
+        capture_logits(CacheConfig(mode="topk", workers=3), tiny_run.tokens_path, tiny_run.tokenizer_path,
+                       teachers, out)
     assert not out.exists()
 
 

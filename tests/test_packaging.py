@@ -25,13 +25,25 @@ def _run(args, cwd, env=None, timeout=300):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def package_folders() -> list[Path]:
+    """The folder of every package pyproject.toml lists (``babydistill.pipeline.training`` -> pipeline/training)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = []
+    for package in setuptools["packages"]:
+        top = ".".join(package.split(".")[:2])
+        folders.append(Path(setuptools["package-dir"][top], *package.split(".")[2:]))
+    return folders
+
+
 def test_metadata_builds_without_deprecation_warnings(tmp_path, monkeypatch):
     """What `pip install -e .` runs first (PEP 517 metadata), on a copy so the tree stays clean."""
     build_meta = pytest.importorskip("setuptools.build_meta")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, tmp_path / name)
-    for folder in FOLDERS:
-        (tmp_path / folder).mkdir()
+    for folder in package_folders():
+        (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "module.py").touch()
     (tmp_path / "meta").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -182,7 +182,7 @@ def test_edited_array_metadata_is_refused_by_the_reader_and_repaired_by_cache(fi
     assert "logp/zarr.json" in out.out + out.err and "Traceback" not in out.err
     assert main(["distill", str(path), "--seed", "1", "--name", "s9"]) == 2
     line = _error(capsys)
-    assert "logp/zarr.json" in line and "babydistill cache CONFIG" in line, line
+    assert "logp/zarr.json" in line and "babydistill capture CONFIG" in line, line
     assert not (run / "students" / "s9").exists()
     assert main(["status", str(path)]) == 0
     assert "array metadata changed" in capsys.readouterr().out
