@@ -303,6 +303,12 @@ class DistillConfig(_NamedBySeed):
         check(self.online_students >= 0, "distill.online_students", f"must be >= 0, got {self.online_students}")
         self._check_seeds()
 
+    @property
+    def ce_only(self) -> bool:
+        """alpha = 1 (under token or sequence normalisation, where the CE is a mean over tokens): the student learns
+        from the labels alone, a CE-only control with the students' recipe; it reads no store and no teacher."""
+        return self.alpha == 1.0 and self.normalization != "sum"
+
 
 @dataclass
 class EvalConfig:
