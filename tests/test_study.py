@@ -168,7 +168,8 @@ def test_tiny_study_partial_then_report_only_then_complete_then_a_unit_with_jobs
     assert topk["store"]["bytes_per_token"] > 0 and topk["store"]["capture_seconds"] is not None
     assert topk["step_seconds"] > 0 and online["store"] is None
     assert table_row(text, "t1")[1] == "teacher" and results["best_teacher"] in ("t1", "t2")
-    assert "Best teacher by test CE" in text
+    assert "Best teacher by validation CE" in text  # chosen on validation, never on test
+    assert results["best_teacher"] == min(results["teachers"], key=lambda t: t["val_ce"])["name"]
 
     # --- --jobs: the same unit again, as `babydistill distill/evaluate` subprocesses with a log
     before = online["per_seed"]["2"]["test_ce"]
