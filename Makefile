@@ -14,7 +14,7 @@ UV_PIN    := uv==0.13.9
 STAMP  := $(VENV)/.installed
 INSTALL = $(BIN)/python -m pip install -qq -c $(LOCK) -e ".[dev,trackers]"
 
-.PHONY: demo test test-latest lock install lint bench clean-venv experiment offline-study sweep-demo docs
+.PHONY: demo test test-latest lock install lint bench clean-venv experiment offline-study claim-study sweep-demo docs
 
 # The project installs with -qq: errors still print, setuptools' notice that comes with every editable install
 # does not. One environment for demo and test: the dev tools and the experiment trackers (TensorBoard, MLflow,
@@ -82,6 +82,11 @@ experiment: install
 
 offline-study: install
 	$(BIN)/babydistill study configs/offline-study.yaml
+
+# The claim study (docs/results/claim/PROTOCOL.md): hours of CPU; two models at once, then the report.
+claim-study: install
+	$(BIN)/babydistill study configs/claim-study.yaml --jobs 2
+	$(BIN)/babydistill study configs/claim-study.yaml --report-only --out docs/results/claim
 
 # The demo run with a top-k store (teachers, store, the default student s1), a 16-trial sweep on 2 workers,
 # then the best trial's configuration trained under its own name (the command the sweep's report gives)

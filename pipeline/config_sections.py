@@ -194,7 +194,7 @@ class CacheConfig:
     See stores/logits.py. Default chosen by docs/results/offline-study/ (hybrid k = 8, S = 12 with the draws'
     probabilities, ``tail_logp``, 60 bytes per token: under sequence normalisation its students, with the
     student's tail as a control variate, beat those of 24 plain draws at the same bytes by 0.007 nats
-    [0.003, 0.010] on validation; under token normalisation every unbiased store matched online
+    [0.003, 0.010] on validation; under token normalisation every unbiased store came within 0.01 of online
     distillation; top-32 fell behind under both, 0.02 and 0.10 nats, at 83 bytes). Under sequence normalisation
     the default k and samples are bigger: ``SEQUENCE_CACHE_DEFAULTS`` (pipeline/config.py)."""
     k: int = 8
@@ -302,6 +302,12 @@ class DistillConfig(_NamedBySeed):
               f"must be > 0 (or null: train.head_lr_scale), got {self.head_lr_scale}")
         check(self.online_students >= 0, "distill.online_students", f"must be >= 0, got {self.online_students}")
         self._check_seeds()
+
+    @property
+    def ce_only(self) -> bool:
+        """alpha = 1 (under token or sequence normalisation, where the CE is a mean over tokens): the student learns
+        from the labels alone, a CE-only control with the students' recipe; it reads no store and no teacher."""
+        return self.alpha == 1.0 and self.normalization != "sum"
 
 
 @dataclass

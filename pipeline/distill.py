@@ -28,7 +28,7 @@ from babydistill.pipeline.model import build_model, ensemble_logits, load_teache
 from babydistill.pipeline.tokenizer import tokenizer_hash
 from babydistill.pipeline.training.loop import train_loop
 from babydistill.pipeline.training.runtime import TrainingError, resolve_device
-from babydistill.pipeline.training.windows import Batch, TokenWindows
+from babydistill.pipeline.training.windows import Batch, TokenWindows, ce_loss
 from babydistill.stores.header import LogitStoreHeader, temperature_refusal
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
@@ -287,7 +287,10 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
                             f"{config.data.seq_len}; re-run `babydistill tokenize CONFIG --force`")
     dcfg = config.distill
 
-    if online:
+    if dcfg.ce_only:  # alpha = 1: the KL weighs nothing, so no store or teacher is read (a CE-only control)
+        batches = TokenWindows(tokens, "train", seed=seed)
+        loss_fn, meta = ce_loss, {"stage": "student", "online": False, "ce_only": True}
+    elif online:
         if not teacher_dirs:
             raise TrainingError("--online needs teachers: train them with `babydistill teacher CONFIG --seed S` "
                                 "or name them with --teachers t1,t2")

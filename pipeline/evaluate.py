@@ -338,3 +338,41 @@ def evaluate_model(cfg: EvalConfig, model_dir: Path, tokens_path: Path, tokenize
           f"BLiMP {100 * blimp['overall']:.1f}% on {len(pairs)} pairs{suites_text} "
           f"(loss {seconds['loss']:.1f}s, BLiMP {seconds['blimp']:.1f}s) -> {out}")
     return result
+
+
+class _Ensemble(torch.nn.Module):
+    """Teachers as one model whose logits are their ensemble (``pipeline.model.ensemble_logits``)."""
+
+    def __init__(self, teachers: list[torch.nn.Module], rule: str):
+        super().__init__()
+        self.teachers, self.rule = torch.nn.ModuleList(teachers), rule
+
+    def forward(self, input_ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        from babydistill.pipeline.model import ensemble_logits
+
+        return SimpleNamespace(logits=ensemble_logits([t(input_ids=input_ids).logits.float() for t in self.teachers],
+                                                      self.rule))
+
+
+def evaluate_ensemble(cfg: EvalConfig, teacher_dirs: list[Path], tokens_path: Path, tokenizer_dir: Path, *,
+                      out: Path, rule: str = "logits") -> dict:
+    """Validation and test CE of the teachers' ensemble (the rule the capture and the online students use) over
+    the same windows as ``evaluate_model``; writes ``out`` (format ``babydistill.eval-ensemble``: no BLiMP)."""
+    from babydistill.pipeline.model import load_teachers
+
+    start = time.perf_counter()
+    store = TokenStore(tokens_path)
+    for path in teacher_dirs:
+        check_model(Path(path), store, Path(tokenizer_dir))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = _Ensemble(load_teachers([Path(p) for p in teacher_dirs], store.vocab_size, device=device), rule)
+    loss = {split: split_loss(model, store, split, cfg.max_windows, cfg.batch_size) for split in LOSS_SPLITS}
+    result = {"format": "babydistill.eval-ensemble", "format_version": 1, "teachers": [str(p) for p in teacher_dirs],
+              "rule": rule, "created": datetime.now(UTC).isoformat(timespec="seconds"), "tokens_hash": store.tokens_hash,
+              "eval_config": asdict(cfg), "loss": loss, "seconds": {"total": round(time.perf_counter() - start, 3)}}
+    atomic_write_json(Path(out), result)
+    print(f"ensemble of {', '.join(Path(p).name for p in teacher_dirs)}: val CE {loss['validation']['ce']:.4f}, "
+          f"test CE {loss['test']['ce']:.4f} -> {out}")
+    return result

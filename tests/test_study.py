@@ -168,7 +168,8 @@ def test_tiny_study_partial_then_report_only_then_complete_then_a_unit_with_jobs
     assert topk["store"]["bytes_per_token"] > 0 and topk["store"]["capture_seconds"] is not None
     assert topk["step_seconds"] > 0 and online["store"] is None
     assert table_row(text, "t1")[1] == "teacher" and results["best_teacher"] in ("t1", "t2")
-    assert "Best teacher by test CE" in text
+    assert "Best teacher by validation CE" in text  # chosen on validation, never on test
+    assert results["best_teacher"] == min(results["teachers"], key=lambda t: t["val_ce"])["name"]
 
     # --- --jobs: the same unit again, as `babydistill distill/evaluate` subprocesses with a log
     before = online["per_seed"]["2"]["test_ce"]
@@ -179,3 +180,122 @@ def test_tiny_study_partial_then_report_only_then_complete_then_a_unit_with_jobs
     assert "$ babydistill distill " in log and "--online" in log and "$ babydistill evaluate " in log
     again = json.loads((report / "results.json").read_text())["arms"][0]["per_seed"]["2"]["test_ce"]
     assert again == pytest.approx(before, abs=1e-3)
+
+
+# --- claim studies: per-arm seeds and teachers, per-seed captures, a CE-only control, the protocol ---------------
+
+CLAIM_ARMS = [{"name": "online", "online": True, "seeds": [1, 2, 3]},
+              {"name": "store", "set": ["cache.k=4"], "capture": "per_seed", "seeds": [1, 2, 3]},
+              {"name": "b-store", "set": ["cache.k=4"], "teachers": [3, 4], "seeds": [1, 2]},
+              {"name": "ce", "set": ["distill.alpha=1"], "seeds": [1, 2]}]
+
+
+def write_claim_study(tmp_path, **fields):
+    (tmp_path / "PROTOCOL.md").write_text("margin 0.01, TOST\n", encoding="utf-8")
+    return write_study(tmp_path, arms=CLAIM_ARMS, protocol="PROTOCOL.md", primary=[["store", "online"]],
+                       secondary=[["b-store", "store"]], control="ce", **fields)
+
+
+def test_tost_verdict_at_the_margin():
+    from babydistill.workflows.experiments.study_verdicts import tost_verdict
+
+    def ci(low, high):
+        return {"low": low, "high": high}
+
+    assert tost_verdict(ci(-0.009, 0.009), ci(-0.012, 0.012), 0.01) == "equivalent"
+    assert tost_verdict(ci(-0.005, 0.011), ci(-0.007, 0.013), 0.01) == "not equivalent"
+    assert tost_verdict(ci(0.012, 0.03), ci(0.011, 0.031), 0.01) == "different"
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"arms": [ONLINE, {"name": "b", "teachers": [3, 3]}]}, "arms[1].teachers: must be a list of distinct"),
+    ({"arms": [ONLINE, {"name": "b", "capture": "each"}]}, "arms[1].capture: must be one of shared, per_seed"),
+    ({"arms": [ONLINE, {"name": "b", "seeds": [1]}]}, "arms[1].seeds: a paired comparison needs at least 2"),
+    ({"arms": [{**ONLINE, "capture": "per_seed"}, OFFLINE]}, "per_seed is for offline arms"),
+    ({"arms": [ONLINE, {"name": "c", "set": ["distill.alpha=1"], "online": True}]}, "distils nothing"),
+    ({"control": "online"}, "control: must name a CE-only arm"),
+    ({"primary": [["topk4", "online"]]}, "primary: a study with primary comparisons needs `protocol:`"),
+    ({"margin": 0}, "margin: must be a number > 0"),
+])
+def test_bad_claim_keys_are_refused_in_one_line(tmp_path, capsys, fields, expected):
+    write_config(tmp_path)
+    assert main(["study", str(write_study(tmp_path, **fields))]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err, err
+
+
+def test_claim_arms_configs_and_commands(tmp_path):
+    write_config(tmp_path)
+    study = load_study(write_claim_study(tmp_path))
+    assert study.teacher_seeds == [1, 2, 3, 4] and study.teacher_pairs == [("t1", "t2"), ("t3", "t4")]
+    store, ce = study.arm("store"), study.arm("ce")
+    assert store.seed_config(2).cache.seed == 2 and store.seed_config(2).run_path == store.run_path / "seed2"
+    assert store.student_path(2) == store.run_path / "seed2/students/s2"
+    assert study.arm("b-store").teacher_names == ["t3", "t4"] and ce.ce_only and not ce.needs_store
+    assert study.all_seeds == [1, 2, 3]
+    for unit in [*arm_units(store, [2]), *arm_units(study.arm("b-store"), [1]), *arm_units(ce, [1])]:
+        for argv in unit_commands(study, unit, num_threads=1):
+            config = _config(build_parser().parse_args(argv))
+            config.train.num_threads = unit.config.train.num_threads
+            assert config.to_dict() == unit.config.to_dict()
+
+
+@pytest.mark.slow
+def test_tiny_claim_study_empty_report_then_run_then_protocol_changed(tmp_path, capsys):
+    import time
+
+    write_corpus(tmp_path / "corpus", num_files=3, paragraphs=60)
+    write_config(tmp_path, {"train": {"max_steps": 2, "save_every": 2, "log_every": 1},
+                            "eval": {"max_pairs_per_paradigm": 1, "max_windows": 2}})
+    path = write_claim_study(tmp_path)
+    run = load_config(tmp_path / "tiny.yaml").run_path
+    study_dir = run / "study"
+
+    # --- an empty run: every arm incomplete (0/N), no verdict, no error
+    out = tmp_path / "empty"
+    assert main(["study", str(path), "--report-only", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert [table_row(text, a["name"])[2] for a in CLAIM_ARMS] == ["0/3 (incomplete)", "0/3 (incomplete)",
+                                                                   "0/2 (incomplete)", "0/2 (incomplete)"]
+    assert "none: incomplete (0/3 pairs finished)" in text and "**equivalent**" not in text
+    assert "(No comparison is complete yet.)" in text
+
+    started = time.time()
+    assert main(["study", str(path)]) == 0
+    seconds = time.time() - started
+    capsys.readouterr()
+    print(f"tiny claim study end to end: {seconds:.0f} s")
+    assert all((run / f"teachers/t{s}").is_dir() for s in (1, 2, 3, 4))
+    for pair in ("t1-t2", "t3-t4"):
+        e = json.loads((study_dir / f"teachers/ensemble-{pair}/eval.json").read_text())
+        assert e["format"] == "babydistill.eval-ensemble" and e["loss"]["test"]["ce"] > 0
+    stores = [study_dir / f"store/seed{s}/logits.zarr" for s in (1, 2, 3)]
+    assert all(s.is_dir() for s in stores) and not (study_dir / "store/logits.zarr").exists()
+    from babydistill.workflows.markers import output_fingerprint
+    assert len({output_fingerprint(s) for s in stores}) == 3  # cache.seed = the student seed: three captures
+    assert (study_dir / "b-store/logits.zarr").is_dir() and not (study_dir / "ce/logits.zarr").exists()
+    assert '"ce_only": true' in (study_dir / "ce/students/s1/train_summary.json").read_text()
+
+    report = study_dir / "report"
+    text = (report / "report.md").read_text()
+    results = json.loads((report / "results.json").read_text())
+    primary = results["claim"]["primary"][0]
+    assert primary["complete"] and primary["verdict"] in ("equivalent", "not equivalent", "different")
+    assert results["claim"]["refusal"] is None and len(results["claim"]["sha256"]) == 64
+    cell = results["arms"][1]["per_seed"]["2"]
+    assert cell["protocol_sha256"] == results["claim"]["sha256"]
+    assert f"**{primary['verdict']}**" in text and "no multiplicity correction" in text
+    assert "| store − online | 3 |" in text  # the test section: a complete comparison
+    assert (report / "paired_intervals.png").read_bytes()[:4] == b"\x89PNG"
+    assert "b-store vs t3" in text or "b-store vs t4" in text  # the best teacher of its own pair
+    assert results["arms"][1]["vs_control"]["val_ce"]["n"] == 2
+
+    # --- the protocol changed after the results: no verdict, one line why; then missing
+    (tmp_path / "PROTOCOL.md").write_text("margin 0.02\n", encoding="utf-8")
+    assert main(["study", str(path), "--report-only"]) == 0
+    text = (report / "report.md").read_text()
+    assert "**No verdict: the protocol file" in text and "changed after results were recorded" in text
+    assert f"**{primary['verdict']}**" not in text
+    (tmp_path / "PROTOCOL.md").unlink()
+    assert main(["study", str(path), "--report-only"]) == 0
+    assert "is missing" in (report / "report.md").read_text()

@@ -177,7 +177,9 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
     name = name or model_name("online" if online else "student", seed)
     names = teacher_names or default_teacher_names(config)
     teacher_dirs, ups, missing = _teachers(config, names)
-    if online:
+    if config.distill.ce_only:  # alpha = 1: the labels alone, from the token windows (no store, no teacher)
+        source, missing = ["ce-only"], []
+    elif online:
         source = ["online", names, ups]
         if config.cache.ensemble != "logits":  # the rule online students average with; under the default
             source.append(config.cache.ensemble)  # the fingerprint is the one students were made with before

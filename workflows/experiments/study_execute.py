@@ -15,10 +15,14 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from babydistill.pipeline.config import model_name
+from babydistill.workflows.experiments.study_protocol import cell_name, record_cell
 from babydistill.workflows.experiments.study_spec import SHARED_LINKS, Arm, Study, StudyError
 from babydistill.workflows.experiments.study_units import (
     Unit,
     arm_units,
+    ensemble_name,
+    ensemble_stage,
     refuse_stale,
     run_in_study,
     teacher_units,
@@ -27,7 +31,6 @@ from babydistill.workflows.experiments.study_units import (
 )
 from babydistill.workflows.runner import (
     capture_stage,
-    default_teacher_names,
     prepare_stage,
     teacher_stage,
     tokenize_stage,
@@ -60,11 +63,13 @@ def _symlink(link: Path, target: Path) -> None:
     link.symlink_to(relative, target_is_directory=target.is_dir())
 
 
-def link_arm(study: Study, arm: Arm) -> None:
-    """The arm's run dir, its shared inputs linked to the base run's."""
-    arm.run_path.mkdir(parents=True, exist_ok=True)
-    for name in SHARED_LINKS:
-        _symlink(arm.run_path / name, study.base.run_path / name)
+def link_arm(study: Study, arm: Arm, seeds: list[int]) -> None:
+    """The arm's run dir (and under per_seed captures each seed's), its shared inputs linked to the base run's."""
+    runs = {arm.run_path, *(arm.seed_config(s).run_path for s in seeds if s in arm.seeds)}
+    for run in sorted(runs):
+        run.mkdir(parents=True, exist_ok=True)
+        for name in SHARED_LINKS:
+            _symlink(run / name, study.base.run_path / name)
 
 
 def link_teacher(study: Study, name: str) -> Path:
@@ -112,19 +117,20 @@ def _unit_line(unit: Unit, seconds: float | None) -> str:
             f"BLiMP {100 * e['blimp']['overall']:.1f}% ({took})")
 
 
-def _capture(arm: Arm, bar) -> None:
+def _capture(arm: Arm, config, bar) -> None:
     from babydistill.stores.logits import store_info
 
-    stage = capture_stage(arm.config)
-    log = arm.run_path / "logs" / "cache.log"
+    stage = capture_stage(config)
+    seed = f" seed{config.cache.seed}" if arm.capture == "per_seed" else ""
+    log = arm.run_path / "logs" / f"cache{seed.strip()}.log"
     started = time.time()
     try:
         with _logged(log):
             ran = run_in_study(stage)
     except ValueError as exc:
-        raise StudyError(f"{arm.name} cache: {' '.join(str(exc).split())} (log: {log})") from None
+        raise StudyError(f"{arm.name}{seed} cache: {' '.join(str(exc).split())} (log: {log})") from None
     took = f"{time.time() - started:.0f} s" if ran else "up to date"
-    bar.write(f"{arm.name} cache: {store_info(stage.out)['bytes_per_token']:.1f} bytes/token ({took})")
+    bar.write(f"{arm.name}{seed} cache: {store_info(stage.out)['bytes_per_token']:.1f} bytes/token ({took})")
     if ran:
         bar.update(1)
 
@@ -133,25 +139,12 @@ def _available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1) -> None:
-    """Shared stages, teacher evaluations, then arm by arm: the store (offline) and one student per seed.
-
-    ``jobs`` > 1 captures the stores first, then trains and evaluates up to ``jobs`` models at once,
-    each in a `babydistill` subprocess with ``train.num_threads = cores // jobs``.
-    """
-    from tqdm import tqdm
-
-    if jobs < 1:
-        raise StudyError(f"--jobs: must be >= 1, got {jobs}")
-    for warning in study.warnings:
-        print(f"babydistill: warning: {warning}", file=sys.stderr)
-
-    # --- shared stages, in the base run (skipped when done)
+def _shared_stages(study: Study) -> None:
+    """The base run's data, tokenizer, tokens and every teacher an arm names (skipped when done)."""
     shared_log = study.root / "logs" / "shared.log"
     thunks = [lambda: prepare_stage(study.base), lambda: tokenizer_stage(study.base),
               lambda: tokenize_stage(study.base)]
-    thunks += [lambda seed=seed: teacher_stage(study.base, seed, resume="auto")
-               for seed in study.base.teachers.resolved_seeds()]
+    thunks += [lambda seed=seed: teacher_stage(study.base, seed, resume="auto") for seed in study.teacher_seeds]
     for thunk in thunks:
         stage = thunk()
         if stage_status(stage)[0] == "done":
@@ -162,44 +155,90 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
                 run_in_study(stage)
         except ValueError as exc:
             raise StudyError(f"{' '.join(str(exc).split())} (log: {shared_log})") from None
-    for name in default_teacher_names(study.base):
+
+
+def _ensembles(study: Study, bar) -> None:
+    """Each teacher pair's ensemble evaluated (validation and test CE), in this process."""
+    for names in study.teacher_pairs:
+        stage = ensemble_stage(study, names)
+        if stage_status(stage)[0] != "done":
+            log = study.root / "logs" / f"eval-{ensemble_name(names)}.log"
+            try:
+                with _logged(log):
+                    run_in_study(stage, rebuild_stale=True)
+            except ValueError as exc:
+                raise StudyError(f"{stage.name}: {' '.join(str(exc).split())} (log: {log})") from None
+            bar.update(1)
+        loss = json.loads(stage.out.read_text(encoding="utf-8"))["loss"]
+        record_cell(study, ensemble_name(names), stage)
+        bar.write(f"ensemble {', '.join(names)}: test CE {loss['test']['ce']:.4f}, val CE {loss['validation']['ce']:.4f}")
+
+
+def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1) -> None:
+    """Shared stages, teacher and ensemble evaluations, then arm by arm: the store(s) (offline) and one student
+    per seed.
+
+    ``jobs`` > 1 captures the stores first, then trains and evaluates up to ``jobs`` models at once,
+    each in a `babydistill` subprocess with ``train.num_threads = cores // jobs``.
+    """
+    from tqdm import tqdm
+
+    if jobs < 1:
+        raise StudyError(f"--jobs: must be >= 1, got {jobs}")
+    if study.protocol is not None and not study.protocol.is_file():
+        raise StudyError(f"protocol: {study.protocol} not found: a study's results are recorded under its protocol, "
+                         "which must exist before the first run")
+    for warning in study.warnings:
+        print(f"babydistill: warning: {warning}", file=sys.stderr)
+    _shared_stages(study)
+    for name in (model_name("teacher", s) for s in study.teacher_seeds):
         link_teacher(study, name)
     for arm in arms:
-        link_arm(study, arm)
+        link_arm(study, arm, seeds)
 
-    # --- the units
-    offline = [a for a in arms if not a.online]
+    stores = [(a, c) for a in arms for c in a.store_configs() if a.capture != "per_seed" or c.cache.seed in seeds]
     teachers = teacher_units(study)
     per_arm = {a.name: arm_units(a, seeds) for a in arms}
     units = teachers + [u for a in arms for u in per_arm[a.name]]
+    ensembles = [ensemble_stage(study, names) for names in study.teacher_pairs]
     # the bar counts finished work as done from the start, so that its rate and ETA are those of the work left
-    num_done = sum(stage_status(capture_stage(a.config))[0] == "done" for a in offline) + sum(map(unit_done, units))
-    bar = tqdm(total=len(offline) + len(units), initial=num_done, unit="unit", desc="study", smoothing=0,
-               dynamic_ncols=True)
+    num_done = (sum(stage_status(capture_stage(c))[0] == "done" for _, c in stores) + sum(map(unit_done, units))
+                + sum(stage_status(e)[0] == "done" for e in ensembles))
+    bar = tqdm(total=len(stores) + len(units) + len(ensembles), initial=num_done, unit="unit", desc="study",
+               smoothing=0, dynamic_ncols=True)
     try:
         if jobs == 1:
             for unit in teachers:
-                _finish_in_process(unit, bar)
+                _finish_in_process(study, unit, bar)
+            _ensembles(study, bar)
             for arm in arms:  # arm by arm, so that a partial study has complete arms
-                if not arm.online:
-                    _capture(arm, bar)
+                for a, config in stores:
+                    if a is arm:
+                        _capture(arm, config, bar)
                 for unit in per_arm[arm.name]:
-                    _finish_in_process(unit, bar)
+                    _finish_in_process(study, unit, bar)
         else:
-            for arm in offline:  # the students need their stores
-                _capture(arm, bar)
+            for arm, config in stores:  # the students need their stores
+                _capture(arm, config, bar)
+            _ensembles(study, bar)
             num_threads = max(1, _available_cores() // jobs)
             _run_pool(study, units, jobs, num_threads, bar)
     finally:
         bar.close()
 
 
-def _finish_in_process(unit: Unit, bar) -> None:
+def _record(study: Study, unit: Unit) -> None:
+    record_cell(study, cell_name(unit.arm and unit.arm.name, unit.seed, unit.model_dir.name), unit.evaluation())
+
+
+def _finish_in_process(study: Study, unit: Unit, bar) -> None:
     if unit_done(unit):
+        _record(study, unit)
         bar.write(_unit_line(unit, None))
         return
     started = time.time()
     _run_in_process(unit)
+    _record(study, unit)
     bar.write(_unit_line(unit, time.time() - started))
     bar.update(1)
 
@@ -208,6 +247,7 @@ def _run_pool(study: Study, units: list[Unit], jobs: int, num_threads: int, bar)
     todo = []
     for unit in units:
         if unit_done(unit):
+            _record(study, unit)
             bar.write(_unit_line(unit, None))
         else:
             todo.append(unit)
@@ -225,6 +265,7 @@ def _run_pool(study: Study, units: list[Unit], jobs: int, num_threads: int, bar)
                 for other in futures:
                     other.cancel()  # the ones not started; the running ones finish
                 continue
+            _record(study, futures[future])
             bar.write(_unit_line(futures[future], seconds))
             bar.update(1)
     if failures:

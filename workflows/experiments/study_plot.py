@@ -35,7 +35,7 @@ def plot_test_ce_vs_bytes(results: dict, path: Path) -> bool:
     def normalization(arm: dict) -> str:
         return arm["config"]["distill"]["normalization"]
 
-    offline = [a for a in results["arms"] if not a["online"] and a["test_ce"]["n"]
+    offline = [a for a in results["arms"] if not a["online"] and a["test_ce"]["n"] and a.get("store")
                and a["store"]["bytes_per_token"] is not None]
     online = [a for a in results["arms"] if a["online"] and a["test_ce"]["n"]]
     best = next((t for t in results["teachers"] if t["name"] == results["best_teacher"]), None)
@@ -66,6 +66,55 @@ def plot_test_ce_vs_bytes(results: dict, path: Path) -> bool:
         ax.legend(fontsize=8, loc="upper right")
     axes[0][0].set_ylabel("test CE (nats), mean ± std over seeds")
     fig.suptitle("test CE against store size (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _interval_rows(results: dict) -> list[tuple[str, dict, dict]]:
+    """(label, 90% interval, 95% interval) of validation CE per pre-registered comparison and per arm vs the control."""
+    claim = results["claim"]
+    rows = [(f"{c['arm']} − {c['minus']} ({c['kind']}, n={c['val_ce']['90']['n']})", c["val_ce"]["90"], c["val_ce"]["95"])
+            for c in claim["primary"] + claim["secondary"]]
+    if claim["control"]:
+        from babydistill.workflows.experiments.study_stats import paired_ci
+
+        control = next(a for a in results["arms"] if a["name"] == claim["control"])
+        ref = {int(s): c["val_ce"] for s, c in control["per_seed"].items() if c["status"] == "done"}
+        for a in results["arms"]:
+            if a["ce_only"]:
+                continue
+            mine = {int(s): c["val_ce"] for s, c in a["per_seed"].items() if c["status"] == "done"}
+            ci90, ci95 = paired_ci(mine, ref, 0.90), paired_ci(mine, ref, 0.95)
+            rows.append((f"{a['name']} − {control['name']} (control, n={ci95['n']})", ci90, ci95))
+    return [r for r in rows if r[2]["low"] is not None]
+
+
+def plot_paired_intervals(results: dict, path: Path) -> bool:
+    """The claim's paired differences of validation CE: per comparison its mean, 90% (thick) and 95% (thin) paired
+    t-intervals, with the margin; one row per comparison, labelled in full. False when none has an interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _interval_rows(results)
+    if not rows:
+        return False
+    margin = results["claim"]["margin"]
+    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.45 * len(rows)))
+    for i, (_, ci90, ci95) in enumerate(reversed(rows)):
+        ax.plot([ci95["low"], ci95["high"]], [i, i], color="tab:blue", linewidth=1.2)
+        ax.plot([ci90["low"], ci90["high"]], [i, i], color="tab:blue", linewidth=4.5, solid_capstyle="butt")
+        ax.plot([ci95["mean"]], [i], "o", color="black", markersize=4)
+    ax.set_yticks(range(len(rows)), [label for label, _, _ in reversed(rows)], fontsize=9)
+    for x in (-margin, margin):
+        ax.axvline(x, color="tab:red", linestyle="--", linewidth=1)
+    ax.axvline(0, color="0.4", linewidth=0.8)
+    ax.set_xlabel("paired difference of validation CE (nats; first − second, same seeds)")
+    ax.set_title(f"paired 90% (thick) and 95% (thin) intervals; dashed: the margin ±{margin:g}", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,7 +8,8 @@ import shlex
 from pathlib import Path
 
 from babydistill.stores.files import atomic_write_text
-from babydistill.workflows.experiments.study_plot import plot_test_ce_vs_bytes
+from babydistill.workflows.experiments.study_plot import plot_paired_intervals, plot_test_ce_vs_bytes
+from babydistill.workflows.experiments.study_verdicts import claim_sections
 
 
 def _mean_sd(summary: dict, scale: float = 1.0, digits: int = 3) -> str:
@@ -31,16 +32,28 @@ def _number(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _vs_teacher(arm: dict) -> dict:
+    """The arm's test CE minus the best teacher's (results.json before 2026-12: the interval itself)."""
+    ci = arm["vs_best_teacher"]
+    return ci["test_ce"] if "test_ce" in ci else ci
+
+
+def _complete(arm: dict) -> bool:
+    return len(arm["seeds_finished"]) == len(arm.get("seeds") or [])
+
+
 def _comparison_sections(results: dict) -> list[str]:
     """The report's "students vs the best teacher" and "contrasts" sections."""
     lines: list[str] = []
     best = next((t for t in results["teachers"] if t["name"] == results["best_teacher"]), None)
-    if best is not None:
+    if results.get("claim"):
+        pass  # the claim's own sections compare each arm with the best teacher of its pair
+    elif best is not None:
         lines += ["## Students vs the best teacher", "",
-                  f"Best teacher by test CE: **{best['name']}**, {best['test_ce']:.3f}. Per arm, mean test CE minus "
-                  "the best teacher's, with a 95% t-interval over seeds (the teacher taken as fixed; negative: the "
-                  "students beat it):", ""]
-        lines += [f"- {a['name']}: {_interval(a['vs_best_teacher'])}" for a in results["arms"]]
+                  f"Best teacher by validation CE: **{best['name']}** (validation {best['val_ce']:.3f}, test "
+                  f"{best['test_ce']:.3f}). Per arm, mean test CE minus the best teacher's, with a 95% t-interval "
+                  "over seeds (the teacher taken as fixed; negative: the students beat it):", ""]
+        lines += [f"- {a['name']}: {_interval(_vs_teacher(a))}" for a in results["arms"]]
         lines.append("")
     else:
         lines += ["No teacher is evaluated yet, so there is no student vs teacher comparison.", ""]
@@ -56,18 +69,21 @@ def _comparison_sections(results: dict) -> list[str]:
 
 def _arms_table(results: dict) -> list[str]:
     """The report's "Arms" section: one row per arm and per teacher, then what the columns mean."""
-    seeds, ref, e = results["seeds"], results["reference"], results["eval_config"]
+    ref, e = results["reference"], results["eval_config"]
+    by_name = {a["name"]: a for a in results["arms"]}
     header = ["arm", "cache", "seeds", "val CE", "test CE", f"Δ test CE vs {ref} (95% CI)",
               f"Δ val CE vs {ref} (95% CI)", "BLiMP %", "bytes/token", "capture s", "step s"]
     lines = ["## Arms", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for a in results["arms"]:
-        n = len(a["seeds_finished"])
+        n, seeds = len(a["seeds_finished"]), a.get("seeds") or results["seeds"]
         count = f"{n}/{len(seeds)}" + (" (incomplete)" if n < len(seeds) else "")
         is_ref = a["name"] == ref
+        # a claim study gives a comparison's test figure only once both arms are complete
+        hide_test = bool(results.get("claim")) and not (_complete(a) and _complete(by_name[ref]))
         store = a["store"] or {}
         lines.append("| " + " | ".join([
             a["name"], a["cache_label"], count, _mean_sd(a["val_ce"]), _mean_sd(a["test_ce"]),
-            "reference" if is_ref else _interval(a["vs_reference"]["test_ce"]),
+            "reference" if is_ref else "-" if hide_test else _interval(a["vs_reference"]["test_ce"]),
             "reference" if is_ref else _interval(a["vs_reference"]["val_ce"]),
             _mean_sd(a["blimp"], 100, 1), _number(store.get("bytes_per_token"), ".1f"),
             _number(store.get("capture_seconds"), ".0f"), _number(a["step_seconds"], ".3f")]) + " |")
@@ -92,27 +108,34 @@ def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {**results, "command": command, "reproduce": f"babydistill study {results['study']}"}
-    seeds, ref = results["seeds"], results["reference"]
-    num_cells = len(results["arms"]) * len(seeds)
-    missing = [(a["name"], s, a["per_seed"][str(s)]["status"]) for a in results["arms"] for s in seeds
-               if a["per_seed"][str(s)]["status"] != "done"]
+    ref = results["reference"]
+    seeds = sorted({int(s) for a in results["arms"] for s in a["per_seed"]})
+    num_cells = sum(len(a["per_seed"]) for a in results["arms"])
+    missing = [(a["name"], s, c["status"]) for a in results["arms"] for s, c in a["per_seed"].items()
+               if c["status"] != "done"]
 
     lines = [f"# Offline vs online: controlled study ({Path(results['study']).name})", "",
              f"Generated {results['generated']}. Base config `{results['base_config']}`, shared stages in "
-             f"`{results['base_run_dir']}`; seeds {', '.join(map(str, seeds))} (the same for every arm, differences "
-             f"paired by seed); reference arm **{ref}**.", "",
+             f"`{results['base_run_dir']}`; seeds {', '.join(map(str, seeds))} (differences paired by seed, over the "
+             f"seeds both arms have); reference arm **{ref}**.", "",
              f"Reproduce: `{results['reproduce']}` (finished work is skipped). This report: `{command}`.", ""]
     if missing:
         lines += [f"**Incomplete: {len(missing)} of {num_cells} arm x seed cells are not finished** (shown as `-`; "
                   "statistics use the finished seeds only, paired differences the seeds finished in both arms).", ""]
 
+    if results.get("claim"):
+        lines += claim_sections(results)
+        if plot_paired_intervals(results, out_dir / "paired_intervals.png"):
+            lines += ["![paired differences of validation CE](paired_intervals.png)", "",
+                      "Each row: the mean paired difference of validation CE (first arm minus second, same seeds), "
+                      "its 90% interval (thick) and 95% interval (thin); dashed lines: the margin.", ""]
     lines += _arms_table(results)
     lines += _comparison_sections(results)
     lines += ["## Test CE per seed", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|" + " --- |" * (len(seeds) + 1)]
     for a in results["arms"]:
-        lines.append(f"| {a['name']} | " + " | ".join(_number(a["per_seed"][str(s)]["test_ce"], ".4f")
-                                                      for s in seeds) + " |")
+        lines.append(f"| {a['name']} | " + " | ".join(_number(a["per_seed"].get(str(s), {}).get("test_ce"), ".4f")
+                                                      if str(s) in a["per_seed"] else "" for s in seeds) + " |")
     lines.append("")
     if missing:
         lines += ["## Missing cells", ""] + [f"- {arm} seed {seed}: {status}" for arm, seed, status in missing]

@@ -10,9 +10,18 @@ from pathlib import Path
 
 import numpy as np
 
+from babydistill.workflows.experiments.study_protocol import cell_name, read_record
 from babydistill.workflows.experiments.study_spec import Arm, Study
 from babydistill.workflows.experiments.study_stats import describe, paired_ci
-from babydistill.workflows.experiments.study_units import STALE_IN_STUDY, Unit, arm_units, teacher_units
+from babydistill.workflows.experiments.study_units import (
+    STALE_IN_STUDY,
+    Unit,
+    arm_units,
+    ensemble_name,
+    ensemble_stage,
+    teacher_units,
+)
+from babydistill.workflows.experiments.study_verdicts import claim_results
 from babydistill.workflows.markers import read_marker
 from babydistill.workflows.runner import capture_stage
 from babydistill.workflows.stage import stage_status
@@ -67,6 +76,8 @@ def step_seconds(model_dir: Path) -> float | None:
 def cache_label(arm: Arm) -> str:
     if arm.online:
         return "online (teachers every step)"
+    if arm.ce_only:
+        return "CE only (alpha = 1: no store, no teacher)"
     cache = arm.config.cache
     parts = [cache.mode]
     if cache.mode in ("topk", "hybrid"):
@@ -76,15 +87,15 @@ def cache_label(arm: Arm) -> str:
     if cache.tail_logp:
         parts.append("tail_logp")
     parts.append(f"{cache.order} order")
+    if arm.capture == "per_seed":
+        parts.append("(a store per seed)")
     return " ".join(parts)
 
 
-def _store(arm: Arm) -> dict | None:
+def _store(config) -> dict:
     from babydistill.stores.logits import store_info
 
-    if arm.online:
-        return None
-    stage = capture_stage(arm.config)
+    stage = capture_stage(config)
     state, why = stage_status(stage)
     empty = {"path": str(stage.out), "bytes_per_token": None, "disk_bytes": None, "num_tokens": None,
              "capture_seconds": None}
@@ -96,55 +107,107 @@ def _store(arm: Arm) -> dict | None:
             "fingerprint": stage.fingerprint}
 
 
-def collect_results(study: Study) -> dict:
-    """Every per-seed number of every arm and teacher that is finished; reads, never writes."""
+def _arm_store(arm: Arm) -> dict | None:
+    """The arm's store; under per_seed captures the mean over its finished stores, with each in ``stores``."""
+    configs = arm.store_configs()
+    if not configs:
+        return None
+    if arm.capture != "per_seed":
+        return _store(configs[0])
+    stores = {str(c.cache.seed): _store(c) for c in configs}
+    done = [x for x in stores.values() if x["status"] == "done"]
+    mean = {k: (float(np.mean([x[k] for x in done])) if done and all(x[k] is not None for x in done) else None)
+            for k in ("bytes_per_token", "disk_bytes", "capture_seconds")}
+    return {"path": str(arm.run_path / "seed*" / "logits.zarr"), **mean,
+            "num_tokens": done[0]["num_tokens"] if done else None,
+            "status": f"{len(done)}/{len(stores)} stores done (one per seed; figures are their mean)",
+            "stores": stores}
+
+
+def _teachers(study: Study) -> tuple[list[dict], list[dict]]:
+    """Every teacher's cell and every pair's ensemble (validation and test CE), each with its protocol record."""
     teachers = []
     for unit in teacher_units(study):
-        teachers.append({"name": unit.label.split()[-1], **_model_cell(unit)})
-    done_teachers = [t for t in teachers if t["status"] == "done"]
-    best = min(done_teachers, key=lambda t: t["test_ce"]) if done_teachers else None
+        cell = {"name": unit.model_dir.name, **_model_cell(unit)}
+        teachers.append({**cell, "protocol_sha256": _recorded(study, cell_name(None, None, unit.model_dir.name))})
+    ensembles = []
+    for names in study.teacher_pairs:
+        stage = ensemble_stage(study, names)
+        state, why = stage_status(stage)
+        cell = {"name": ensemble_name(names), "teachers": list(names), "val_ce": None, "test_ce": None,
+                "status": "done" if state == "done" else f"evaluation {state}: {why}",
+                "protocol_sha256": _recorded(study, ensemble_name(names))}
+        if state == "done":
+            loss = json.loads(stage.out.read_text(encoding="utf-8"))["loss"]
+            cell.update(val_ce=loss["validation"]["ce"], test_ce=loss["test"]["ce"])
+        ensembles.append(cell)
+    return teachers, ensembles
 
-    arms = []
-    for arm in study.arms:
-        per_seed = {}
-        for unit in arm_units(arm, study.seeds):
-            cell = _model_cell(unit)
-            cell["step_seconds"] = step_seconds(unit.model_dir) if cell["status"] == "done" else None
-            per_seed[unit.seed] = cell
-        finished = {s: c for s, c in per_seed.items() if c["status"] == "done"}
-        cache = arm.config.cache
-        arms.append({
-            "name": arm.name, "online": arm.online, "set": arm.set, "run_dir": str(arm.run_path),
-            "cache": None if arm.online else {"mode": cache.mode, "k": cache.k, "samples": cache.samples,
-                                              "tail_logp": cache.tail_logp, "draw_sets": cache.draw_sets,
-                                              "order": cache.order},
-            "cache_label": cache_label(arm),
-            "config": arm.config.to_dict(),
-            "per_seed": per_seed, "seeds_finished": sorted(finished),
-            **{m: describe([finished[s][m] for s in sorted(finished)]) for m in ("val_ce", "test_ce", "blimp")},
-            "step_seconds": (float(np.median([x["step_seconds"] for x in finished.values()]))
-                             if finished and all(x["step_seconds"] is not None for x in finished.values()) else None),
-            "store": _store(arm),
-            "vs_best_teacher": (paired_ci({s: x["test_ce"] for s, x in finished.items()},
-                                          {s: best["test_ce"] for s in finished}) if best else None),
-        })
-    reference = next(a for a in arms if a["name"] == study.reference)
-    for a in arms:
-        a["vs_reference"] = {m: paired_ci({s: c[m] for s, c in a["per_seed"].items() if c["status"] == "done"},
-                                          {s: c[m] for s, c in reference["per_seed"].items() if c["status"] == "done"})
-                             for m in ("test_ce", "val_ce", "blimp")}
+
+def _recorded(study: Study, cell: str) -> str | None:
+    record = read_record(study, cell)
+    return record and record.get("sha256")
+
+
+def _best_teacher(teachers: list[dict], names: list[str]) -> dict | None:
+    """The best finished teacher among ``names``, chosen on validation CE (never on test)."""
+    done = [t for t in teachers if t["status"] == "done" and t["name"] in names]
+    return min(done, key=lambda t: t["val_ce"]) if done else None
+
+
+def _done(per_seed: dict, metric: str) -> dict[int, float]:
+    return {int(s): c[metric] for s, c in per_seed.items() if c["status"] == "done"}
+
+
+def _arm_result(study: Study, arm: Arm, teachers: list[dict]) -> dict:
+    per_seed = {}
+    for unit in arm_units(arm):
+        cell = _model_cell(unit)
+        cell["step_seconds"] = step_seconds(unit.model_dir) if cell["status"] == "done" else None
+        cell["protocol_sha256"] = _recorded(study, cell_name(arm.name, unit.seed, ""))
+        per_seed[unit.seed] = cell
+    finished = {s: c for s, c in per_seed.items() if c["status"] == "done"}
+    cache = arm.config.cache
+    best = _best_teacher(teachers, arm.teacher_names)
+    return {
+        "name": arm.name, "online": arm.online, "ce_only": arm.ce_only, "set": arm.set, "run_dir": str(arm.run_path),
+        "seeds": arm.seeds, "teachers": arm.teacher_names, "capture": arm.capture,
+        "cache": None if not arm.needs_store else {"mode": cache.mode, "k": cache.k, "samples": cache.samples,
+                                                   "tail_logp": cache.tail_logp, "draw_sets": cache.draw_sets,
+                                                   "order": cache.order},
+        "cache_label": cache_label(arm),
+        "config": arm.config.to_dict(),
+        "per_seed": {str(s): c for s, c in per_seed.items()}, "seeds_finished": sorted(finished),
+        **{m: describe([finished[s][m] for s in sorted(finished)]) for m in ("val_ce", "test_ce", "blimp")},
+        "step_seconds": (float(np.median([x["step_seconds"] for x in finished.values()]))
+                         if finished and all(x["step_seconds"] is not None for x in finished.values()) else None),
+        "store": _arm_store(arm),
+        "best_teacher": best and best["name"],
+        "vs_best_teacher": None if best is None else {
+            m: paired_ci({s: x[m] for s, x in finished.items()}, {s: best[m] for s in finished})
+            for m in ("val_ce", "test_ce")},
+    }
+
+
+def collect_results(study: Study) -> dict:
+    """Every per-seed number of every arm and teacher that is finished; reads, never writes."""
+    teachers, ensembles = _teachers(study)
+    best = _best_teacher(teachers, [t["name"] for t in teachers])
+    arms = [_arm_result(study, arm, teachers) for arm in study.arms]
     by_name = {a["name"]: a for a in arms}
-
-    def done(arm: dict, metric: str) -> dict[int, float]:
-        return {s: c[metric] for s, c in arm["per_seed"].items() if c["status"] == "done"}
-
-    contrasts = [{"arm": a, "minus": b, **{m: paired_ci(done(by_name[a], m), done(by_name[b], m))
-                                           for m in ("test_ce", "val_ce")}} for a, b in study.contrasts]
+    reference = by_name[study.reference]
     for a in arms:
-        a["per_seed"] = {str(s): c for s, c in a["per_seed"].items()}  # JSON keys
+        a["vs_reference"] = {m: paired_ci(_done(a["per_seed"], m), _done(reference["per_seed"], m))
+                             for m in ("test_ce", "val_ce", "blimp")}
+        if study.control is not None:
+            a["vs_control"] = {m: paired_ci(_done(a["per_seed"], m), _done(by_name[study.control]["per_seed"], m))
+                               for m in ("val_ce", "test_ce")}
+    contrasts = [{"arm": a, "minus": b, **{m: paired_ci(_done(by_name[a]["per_seed"], m), _done(by_name[b]["per_seed"], m))
+                                           for m in ("test_ce", "val_ce")}} for a, b in study.contrasts]
     return {"study": str(study.path), "base_config": str(study.base_path), "base_run_dir": str(study.base.run_path),
             "seeds": study.seeds, "reference": study.reference, "set": study.set,
             "eval_config": study.shared.to_dict()["eval"],
             "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-            "teachers": teachers, "best_teacher": best["name"] if best else None, "arms": arms,
-            "contrasts": contrasts}
+            "teachers": teachers, "ensembles": ensembles, "best_teacher": best["name"] if best else None,
+            "best_teacher_chosen_on": "validation", "arms": arms, "contrasts": contrasts,
+            "claim": claim_results(study, arms, teachers + ensembles)}

@@ -23,6 +23,7 @@ study_report writes the report.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -39,8 +40,10 @@ SHARED_SECTIONS = tuple(s for s in sections_of("prepare", "tokenizer", "tokenize
 ARM_FIXED = (*SHARED_SECTIONS, "eval", "run_dir")
 """An arm also keeps the evaluation (every arm is scored the same way) and its run_dir (the study sets it)."""
 SHARED_LINKS = ("data", "tokenizer", "tokens.zarr", "teachers")
-STUDY_KEYS = ("base", "seeds", "reference", "set", "arms", "contrasts")
-ARM_KEYS = ("name", "online", "set")
+STUDY_KEYS = ("base", "seeds", "reference", "set", "arms", "contrasts", "protocol", "margin", "primary", "secondary",
+              "control")
+ARM_KEYS = ("name", "online", "set", "seeds", "teachers", "capture")
+CAPTURES = ("shared", "per_seed")
 RESERVED_NAMES = ("report", "teachers", "logs")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -53,21 +56,65 @@ class StudyError(ValueError):
 class Arm:
     name: str
     online: bool
-    """Distil online (teachers every step, no store); otherwise offline from the arm's own store."""
+    """Distil online (teachers every step, no store); otherwise offline from the arm's own store(s)."""
     set: list[str]
     """The arm's overrides, applied after the study-wide ones."""
     config: Config
-    """The base config with the study-wide and the arm's overrides, run_dir = ``<base run_dir>/study/<name>``."""
+    """The base config with the study-wide and the arm's overrides (its teachers as ``teachers.seeds``),
+    run_dir = ``<base run_dir>/study/<name>``."""
+    overrides: list[str]
+    """What ``--set`` must say to load ``config`` from the base config."""
+    seeds: list[int]
+    """The arm's student seeds (the study's ``seeds`` unless the arm lists its own)."""
+    capture: str = "shared"
+    _seed_configs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    """shared: one store for every seed; per_seed: seed s reads its own store, captured with ``cache.seed`` = s
+    in ``<arm>/seed<s>/`` (so the draws' randomness is inside the seed-to-seed variation)."""
 
     @property
     def run_path(self) -> Path:
         return self.config.run_path
 
+    @property
+    def ce_only(self) -> bool:
+        """A CE-only control (``distill.alpha`` = 1): no store, no teacher."""
+        return self.config.distill.ce_only
+
+    @property
+    def needs_store(self) -> bool:
+        return not self.online and not self.ce_only
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [] if self.ce_only else [model_name("teacher", s) for s in self.config.teachers.resolved_seeds()]
+
+    def seed_overrides(self, seed: int) -> list[str]:
+        if self.capture != "per_seed":
+            return list(self.overrides)
+        run_dir = self.run_path / f"seed{seed}"
+        return [*self.overrides, f"cache.seed={seed}", f"run_dir={json.dumps(str(run_dir))}"]
+
+    def seed_config(self, seed: int) -> Config:
+        """The config of the arm's student ``seed`` (its own run dir and ``cache.seed`` under per_seed)."""
+        if self.capture != "per_seed":
+            return self.config
+        if seed not in self._seed_configs:
+            self._seed_configs[seed] = dataclasses.replace(
+                self.config, run_dir=str(self.run_path / f"seed{seed}"),
+                cache=dataclasses.replace(self.config.cache, seed=seed))
+        return self._seed_configs[seed]
+
+    def store_configs(self) -> list[Config]:
+        """The configs whose capture stage makes the arm's stores (none for online and CE-only arms)."""
+        if not self.needs_store:
+            return []
+        return [self.seed_config(s) for s in self.seeds] if self.capture == "per_seed" else [self.config]
+
     def student_name(self, seed: int) -> str:
         return model_name("online" if self.online else "student", seed)
 
     def student_path(self, seed: int) -> Path:
-        return self.config.student_path(self.student_name(seed))
+        return self.seed_config(seed).student_path(self.student_name(seed))
 
 
 @dataclass
@@ -79,12 +126,24 @@ class Study:
     shared: Config
     """The base config with the study-wide ``set``: the teachers are evaluated with it."""
     seeds: list[int]
+    """The study's default student seeds (an arm may list its own)."""
     reference: str
     set: list[str]
     arms: list[Arm]
     warnings: list[str]
     contrasts: list[tuple[str, str]]
     """Pairs of arms compared seed by seed besides the reference: each isolates one factor."""
+    protocol: Path | None = None
+    """The pre-registered protocol (``protocol:``, relative to the study file): its sha256 is recorded with
+    every result, and the report gives no verdict unless the file is there with the recorded hash."""
+    margin: float = 0.01
+    """The equivalence margin of the primary comparisons (nats of validation CE)."""
+    primary: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """[offline, online] pairs tested for equivalence (TOST at ``margin``) on validation CE."""
+    secondary: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """Pairs reported with their 90% and 95% intervals, without a verdict (direction only)."""
+    control: str | None = None
+    """A CE-only arm every student arm is compared with (95% intervals)."""
 
     @property
     def root(self) -> Path:
@@ -96,11 +155,30 @@ class Study:
     def teacher_view(self, name: str) -> Path:
         return self.root / "teachers" / name
 
-    def overrides(self, arm: Arm | None) -> list[str]:
-        """What ``--set`` must say to load ``arm``'s config (or the teachers' evaluation config) from the base."""
+    @property
+    def all_seeds(self) -> list[int]:
+        """Every student seed of any arm, in order."""
+        return sorted({*self.seeds, *(s for a in self.arms for s in a.seeds)})
+
+    @property
+    def teacher_seeds(self) -> list[int]:
+        """The base config's teachers, then every other teacher an arm names: the base run trains them all."""
+        seeds = list(self.base.teachers.resolved_seeds())
+        for arm in self.arms:
+            seeds += [] if arm.ce_only else [s for s in arm.config.teachers.resolved_seeds() if s not in seeds]
+        return seeds
+
+    @property
+    def teacher_pairs(self) -> list[tuple[str, ...]]:
+        """The distinct teacher ensembles the arms distil from (each is evaluated as an ensemble)."""
+        pairs = [tuple(a.teacher_names) for a in self.arms if not a.ce_only]
+        return list(dict.fromkeys(pairs or [tuple(model_name("teacher", s) for s in self.base.teachers.resolved_seeds())]))
+
+    def overrides(self, arm: Arm | None, seed: int | None = None) -> list[str]:
+        """What ``--set`` must say to load ``arm``'s config for ``seed`` (or the teachers' evaluation config)."""
         if arm is None:
             return list(self.set)
-        return [*self.set, *arm.set, f"run_dir={json.dumps(str(arm.run_path))}"]  # JSON strings are YAML
+        return arm.overrides if seed is None else arm.seed_overrides(seed)
 
 
 def _section(item: str) -> str:
@@ -128,6 +206,15 @@ def _arm_names(arms_raw, fail, set_list) -> list[str]:
         names.append(name)
         if not isinstance(arm.get("online", False), bool):
             fail(f"{key}.online", f"must be true or false, got {arm['online']!r}")
+        if "seeds" in arm:
+            _seeds(arm["seeds"], fail, f"{key}.seeds")
+        teachers = arm.get("teachers")
+        if teachers is not None and (not isinstance(teachers, list) or not teachers or len(set(teachers)) != len(teachers)
+                                     or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1
+                                                for t in teachers)):
+            fail(f"{key}.teachers", f"must be a list of distinct teacher seeds >= 1 (e.g. [3, 4]), got {teachers!r}")
+        if arm.get("capture", "shared") not in CAPTURES:
+            fail(f"{key}.capture", f"must be one of {', '.join(CAPTURES)}, got {arm['capture']!r}")
         for item in set_list(arm.get("set"), f"{key}.set"):
             if _section(item) in ARM_FIXED:
                 fail(f"{key}.set", f"{item!r} changes `{_section(item)}`, which every arm must share (the comparison "
@@ -136,7 +223,15 @@ def _arm_names(arms_raw, fail, set_list) -> list[str]:
     return names
 
 
-def _load_arm_configs(path: Path, base_path: Path, study_set: list[str], arms_raw: list[dict]):
+def _arm_overrides(base: Config, study_set: list[str], arm: dict) -> list[str]:
+    """The --set list that loads an arm's config from the base: the study's set, the arm's, its teachers, run_dir."""
+    run_dir = base.run_path / "study" / arm["name"]
+    teachers = arm.get("teachers")
+    pair = [f"teachers.count={len(teachers)}", f"teachers.seeds={json.dumps(teachers)}"] if teachers else []
+    return [*study_set, *(arm.get("set") or []), *pair, f"run_dir={json.dumps(str(run_dir))}"]  # JSON is YAML
+
+
+def _load_arm_configs(path: Path, base_path: Path, study_set: list[str], arms_raw: list[dict], seeds: list[int]):
     """(base config, base config with the study-wide set, the arms): load_config names any unknown key or bad value."""
     try:
         base = load_config(base_path)
@@ -148,33 +243,39 @@ def _load_arm_configs(path: Path, base_path: Path, study_set: list[str], arms_ra
         raise StudyError(f"{path}: set: {exc}") from None
     arms = []
     for i, arm in enumerate(arms_raw):
-        arm_set = list(arm.get("set") or [])
-        run_dir = base.run_path / "study" / arm["name"]
+        overrides = _arm_overrides(base, study_set, arm)
         try:
-            config = load_config(base_path, [*study_set, *arm_set, f"run_dir={json.dumps(str(run_dir))}"])
+            config = load_config(base_path, overrides)
         except ValueError as exc:
             raise StudyError(f"{path}: arms[{i}] ({arm['name']}): {exc}") from None
-        arms.append(Arm(arm["name"], bool(arm.get("online", False)), arm_set, config))
+        made = Arm(arm["name"], bool(arm.get("online", False)), list(arm.get("set") or []), config, overrides,
+                   list(arm.get("seeds") or seeds), arm.get("capture", "shared"))
+        if made.ce_only and (made.online or made.capture == "per_seed"):
+            raise StudyError(f"{path}: arms[{i}] ({made.name}): distill.alpha = 1 makes a CE-only control, which "
+                             "distils nothing: it takes neither online: true nor capture: per_seed")
+        if made.online and made.capture == "per_seed":
+            raise StudyError(f"{path}: arms[{i}].capture: per_seed is for offline arms (an online arm has no store)")
+        arms.append(made)
     return base, shared, arms
 
 
-def _seeds(seeds, fail) -> list[int]:
+def _seeds(seeds, fail, key: str = "seeds") -> list[int]:
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        fail("seeds", f"must be a list of integer student seeds (the same for every arm), got {seeds!r}")
+        fail(key, f"must be a list of integer student seeds, got {seeds!r}")
     if len(set(seeds)) != len(seeds):
-        fail("seeds", f"repeats a seed: {seeds}")
+        fail(key, f"repeats a seed: {seeds}")
     if len(seeds) < 2:
-        fail("seeds", f"a paired comparison needs at least 2 seeds (3 or more for a useful interval), got {seeds}")
+        fail(key, f"a paired comparison needs at least 2 seeds (3 or more for a useful interval), got {seeds}")
     return list(seeds)
 
 
-def _contrasts(contrasts, names: list[str], fail) -> list[tuple[str, str]]:
+def _contrasts(contrasts, names: list[str], fail, key: str = "contrasts") -> list[tuple[str, str]]:
     if not isinstance(contrasts, list) or not all(isinstance(c, list) and len(c) == 2 for c in contrasts):
-        fail("contrasts", f"must be a list of [arm, arm] pairs, got {contrasts!r}")
+        fail(key, f"must be a list of [arm, arm] pairs, got {contrasts!r}")
     for pair in contrasts:
         for name in pair:
             if name not in names:
-                fail("contrasts", f"{name!r} is not an arm ({', '.join(names)})")
+                fail(key, f"{name!r} is not an arm ({', '.join(names)})")
     return [tuple(c) for c in contrasts]
 
 
@@ -225,13 +326,34 @@ def load_study(path: str | Path) -> Study:
 
     contrasts = _contrasts(raw.get("contrasts") or [], names, fail)
 
-    base, shared, arms = _load_arm_configs(path, base_path, study_set, arms_raw)
+    base, shared, arms = _load_arm_configs(path, base_path, study_set, arms_raw, seeds)
+    claim = _claim_keys(raw, path, names, [a for a in arms if a.ce_only], fail)
 
     warnings = []
-    if len(seeds) < 3:
-        warnings.append(f"{path}: seeds: only {len(seeds)} seeds; the 95% t-interval uses t = 12.7 at n = 2 "
+    fewest = min(len(a.seeds) for a in arms)
+    if fewest < 3:
+        warnings.append(f"{path}: seeds: only {fewest} seeds; the 95% t-interval uses t = 12.7 at n = 2 "
                         "and is very wide: use 3 or more")
-    return Study(path, base_path, base, shared, seeds, reference, study_set, arms, warnings, contrasts)
+    return Study(path, base_path, base, shared, seeds, reference, study_set, arms, warnings, contrasts, **claim)
+
+
+def _claim_keys(raw: dict, path: Path, names: list[str], ce_only: list[Arm], fail) -> dict:
+    """protocol, margin, primary, secondary and control: the pre-registered comparisons of a claim study."""
+    protocol = raw.get("protocol")
+    if protocol is not None and not isinstance(protocol, str):
+        fail("protocol", f"must be the path of the protocol file (relative to the study file), got {protocol!r}")
+    margin = raw.get("margin", 0.01)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not margin > 0:
+        fail("margin", f"must be a number > 0 (nats of validation CE), got {margin!r}")
+    control = raw.get("control")
+    if control is not None and control not in [a.name for a in ce_only]:
+        fail("control", f"must name a CE-only arm (one whose set has distill.alpha=1), got {control!r}")
+    primary = _contrasts(raw.get("primary") or [], names, fail, "primary")
+    if primary and protocol is None:
+        fail("primary", "a study with primary comparisons needs `protocol:`, the file that pre-registers them")
+    return {"protocol": None if protocol is None else path.parent / protocol, "margin": float(margin),
+            "primary": primary, "secondary": _contrasts(raw.get("secondary") or [], names, fail, "secondary"),
+            "control": control}
 
 
 def select(study: Study, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[Arm], list[int]]:
@@ -241,7 +363,7 @@ def select(study: Study, arms: list[str] | None, seeds: list[int] | None) -> tup
         if name not in names:
             raise StudyError(f"--arms: no arm named {name!r} in {study.path} (arms: {', '.join(names)})")
     for seed in seeds or []:
-        if seed not in study.seeds:
-            raise StudyError(f"--seeds: {seed} is not one of the study's seeds {study.seeds}")
+        if seed not in study.all_seeds:
+            raise StudyError(f"--seeds: {seed} is not one of the study's seeds {study.all_seeds}")
     return ([a for a in study.arms if arms is None or a.name in arms],
-            [s for s in study.seeds if seeds is None or s in seeds])
+            [s for s in study.all_seeds if seeds is None or s in seeds])
