@@ -130,7 +130,9 @@ def _create_arrays(group: zarr.Group, header: LogitStoreHeader, codec: dict,
             quantised = header.logp_dtype == "uint8" and name in QUANTISED
             group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
                                filters=[quant.zarr_filter(header.logp_step)] if quantised else None,
-                               compressors=BloscCodec(**codec), fill_value=0, overwrite=True)
+                               # typesize: the codes' (1 byte), not the float32 zarr hands out
+                               compressors=BloscCodec(**codec, **({"typesize": 1} if quantised else {})),
+                               fill_value=0, overwrite=True)
 
 
 def create_store(path: Path, identity: dict, *, codec: dict | None = None) -> zarr.Group:
