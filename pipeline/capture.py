@@ -30,9 +30,8 @@ from babydistill.pipeline.config import CacheConfig, earlier_value, identity
 from babydistill.pipeline.fidelity import fidelity_positions, fidelity_report, format_fidelity
 from babydistill.pipeline.tokenizer import tokenizer_hash
 from babydistill.stores.files import file_sha256
-from babydistill.stores.header import LogitStoreHeader
+from babydistill.stores.header import LogitStoreHeader, logits_format_version
 from babydistill.stores.logits import (
-    FORMAT_VERSION,
     REBUILD_STORE,
     acquire_lock,
     chunk_problem,
@@ -46,6 +45,7 @@ from babydistill.stores.logits import (
     repair_metadata,
     update_header,
 )
+from babydistill.stores.quant import QUANT_STEP
 from babydistill.stores.tokens import TokenStore, tokenizer_file_hash
 
 # --- inputs -------------------------------------------------------------------------------
@@ -81,7 +81,8 @@ def store_identity(cfg: CacheConfig, tokens: TokenStore, teachers: list[dict]) -
     vocab = tokens.vocab_size
     return {
         **target_identity(cfg),
-        "format_version": FORMAT_VERSION,
+        "format_version": logits_format_version(cfg.logp_dtype),
+        **({"logp_step": QUANT_STEP} if cfg.logp_dtype == "uint8" else {}),
         "slots": {"topk": cfg.k, "sample": min(cfg.samples, vocab),
                   "hybrid": cfg.k + cfg.draw_sets * min(cfg.samples, vocab - cfg.k)}[cfg.mode],
         "vocab_size": vocab,
@@ -244,8 +245,12 @@ def capture_record(out: Path, num_chunks: int) -> dict:
     """Which device kinds and teacher precisions the store's chunks were captured with (a store resumed
     elsewhere may mix them; its identity does not depend on them: see ``CacheConfig.precision``)."""
     markers = [read_marker(out, i) or {} for i in range(num_chunks)]
-    return {"devices": sorted({m.get("device", "cpu") for m in markers if m}),
-            "precisions": sorted({m.get("precision", "fp32") for m in markers if m})}
+    record = {"devices": sorted({m.get("device", "cpu") for m in markers if m}),
+              "precisions": sorted({m.get("precision", "fp32") for m in markers if m})}
+    clipped = [m["clipped"] for m in markers if "clipped" in m]
+    if clipped:  # logp_dtype uint8: real entries below the codes' range, read back as its bottom
+        record["clipped"] = {key: sum(c.get(key, 0) for c in clipped) for key in clipped[0]}
+    return record
 
 
 def _chunks_to_do(out: Path, ranges: list[tuple[int, int]], positions: np.ndarray) -> list[tuple[int, int, int, list]]:
@@ -302,6 +307,9 @@ def _summary(out: Path, cfg: CacheConfig, store_id: dict, ranges: list, todo: li
     capture = capture_record(out, len(ranges))
     update_header(zarr.open_group(store=str(out), mode="r+"), {"fidelity": report, "capture": capture})
     print(format_fidelity(report), flush=True)
+    if capture.get("clipped"):
+        print(f"capture: uint8 log-probabilities, entries below the range that clipped: {capture['clipped']}",
+              flush=True)
     computed = sum(stop - start for _, start, stop, _ in todo) * seq_len
     return {
         "out": str(out), "mode": cfg.mode, "slots": store_id["slots"], "num_windows": store_id["num_windows"],

@@ -16,6 +16,7 @@ from babydistill.pipeline import devices
 from babydistill.pipeline.capture_targets import sample_targets
 from babydistill.pipeline.fidelity import fidelity_row, gradient_fidelity
 from babydistill.pipeline.model import autocast_context, ensemble_logits, load_teachers
+from babydistill.stores import quant
 from babydistill.stores.logits import (
     PAD_LOGP,
     draw_set_slots,
@@ -136,7 +137,7 @@ def _batch_targets(spec: ChunkSpec, teachers, x_BS: torch.Tensor, amp_dtype, clo
         # With tail_logp, draw from the teacher as stored (rounded to logp_dtype), so that the stored probability
         # of each draw is the one it was drawn with (the control variate divides by it); the head and the tail's
         # mass r come from the unrounded values all the same.
-        draw_logp = logp_NV.to(getattr(torch, spec.logp_dtype)).float() if spec.tail_logp else None
+        draw_logp = _as_stored(logp_NV, spec.logp_dtype) if spec.tail_logp else None
         head = zbar_NV.topk(spec.k, dim=-1, sorted=True).indices if spec.mode == "hybrid" else None
         sets = [sample_targets(logp_NV, spec.samples, set_slots, set_generator, head, draw_logp)
                 for set_generator in set_generators]
@@ -147,6 +148,30 @@ def _batch_targets(spec: ChunkSpec, teachers, x_BS: torch.Tensor, amp_dtype, clo
             out["tail_logp"] = torch.where(out["logp"][:, spec.k:] > PAD_LOGP / 2,
                                            draw_logp.gather(1, tail_ids).double(), PAD_LOGP)
     return out
+
+
+def _as_stored(logp_NV: torch.Tensor, logp_dtype: str) -> torch.Tensor:
+    """Log-probabilities rounded as the store keeps them (float32)."""
+    if logp_dtype == "uint8":
+        return quant.snap_torch(logp_NV, quant.QUANT_STEP)
+    return logp_NV.to(getattr(torch, logp_dtype)).float()
+
+
+def _quantise(arrays: dict[str, np.ndarray], head: int) -> dict[str, int]:
+    """Round ``logp`` (and ``tail_logp``) in place to what a uint8 store reads back; the entries that clipped,
+    by kind. A head entry that would clip is refused (``stores.quant.clip_problem``)."""
+    clipped = {}
+    for name in ("logp", "tail_logp"):
+        if name in arrays:
+            codes, mask = quant.quantize(arrays[name], quant.QUANT_STEP)
+            arrays[name] = quant.dequantize(codes, quant.QUANT_STEP)
+            if name == "logp":
+                clipped["head"], clipped["tail"] = int(mask[..., :head].sum()), int(mask[..., head:].sum())
+            else:
+                clipped["tail_logp"] = int(mask.sum())
+    if problem := quant.clip_problem("capture", clipped["head"], clipped["tail"] + clipped.get("tail_logp", 0)):
+        raise ValueError(problem)
+    return clipped
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -184,13 +209,17 @@ def compute_chunk(spec: ChunkSpec | dict, chunk: int, windows: np.ndarray, fidel
                 dense_rows.append((w, s, (out["zbar"][w - b, s] - out["lse"][w - b, s]).cpu()))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seq_len, np_dtype = inputs.shape[1], np.dtype(spec.logp_dtype)
+    seq_len, np_dtype = inputs.shape[1], np.dtype("float32" if spec.logp_dtype == "uint8" else spec.logp_dtype)
     arrays = {"ids": torch.cat(host["ids"]).numpy().astype(np.uint16).reshape(-1, seq_len, spec.slots),
               "logp": torch.cat(host["logp"]).numpy().astype(np_dtype).reshape(-1, seq_len, spec.slots),
               "c_T": torch.cat(host["c_T"]).numpy().astype(np.float32)}
     if spec.tail_logp:
         arrays["tail_logp"] = torch.cat(host["tail_logp"]).numpy().astype(np_dtype).reshape(-1, seq_len,
                                                                                              spec.slots - spec.k)
+    if spec.logp_dtype == "uint8":
+        clipped = _quantise(arrays, spec.k if spec.mode == "hybrid" else spec.slots if spec.mode == "topk" else 0)
+        if stats is not None:
+            stats["clipped"] = clipped
     fidelity = []
     for w, s, dense in dense_rows:
         # Fidelity of what one epoch reads: the head and the first draw set.
@@ -264,7 +293,8 @@ def capture_chunk(spec: CaptureTask, chunk: int, start: int, stop: int, fidelity
     arrays, fidelity = compute_chunk(spec, chunk, windows, [(w - start, s) for w, s in fidelity_rows], stats)
     arrays["window_ids"] = window_ids.astype(np.uint32)
     computed, computed_cpu = time.perf_counter(), time.process_time()
-    marker = {"fidelity": fidelity, "device": stats["device"], "precision": stats["precision"]}
+    marker = {"fidelity": fidelity, "device": stats["device"], "precision": stats["precision"],
+              **({"clipped": stats["clipped"]} if "clipped" in stats else {})}
     previous_write_s = _chunk_writer().submit(_write, spec.out, chunk, start, arrays, marker)
     return {"chunk": chunk, "compute_s": computed - started, "forward_s": stats["forward_s"],
             "write_wait_s": time.perf_counter() - computed, "write_s": previous_write_s,

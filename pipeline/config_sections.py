@@ -235,7 +235,12 @@ class CacheConfig:
     Execution-only: a bf16 store counts as the same store as an fp32 one (the store records which it was, per
     chunk); measured at the demo size, bf16 moves the stored targets far less than the draws' own noise
     (docs/benchmarks/precision.json, `python -m babydistill.workflows.benchmarks.bench_precision`)."""
-    logp_dtype: Literal["float16", "float32"] = "float16"
+    logp_dtype: Literal["float16", "float32", "uint8"] = "float16"
+    """How stored log-probabilities (``logp``, ``tail_logp``) are kept: float16, float32, or uint8 codes in the log
+    domain over the fixed range [-25.4, 0] in steps of 0.1 nat (``stores/quant.py``; plain zarr reads them as
+    float32 through a FixedScaleOffset filter). uint8 halves those arrays' bytes for an error far below the draws'
+    own noise (docs/benchmarks/store_bytes.json); a capture where a top-k entry would fall below the range is
+    refused, tail entries that do are counted in the header (``capture.clipped``)."""
     fidelity_positions: int = field(default=2048, metadata=EXECUTION_ONLY)
     """Positions sampled for the capture-time fidelity report. Execution-only: it picks what the capture
     reports on, not the targets students read."""

@@ -16,6 +16,7 @@ import numcodecs.blosc
 import numpy as np
 import zarr
 
+from babydistill.stores import quant
 from babydistill.stores.checksum import crc32, sealed, unsealed
 
 DONE_DIR = "_done"
@@ -100,9 +101,17 @@ def chunk_file(name: str, array: zarr.Array, chunk: int) -> str:
 def decode_chunk(array: zarr.Array, data: bytes) -> np.ndarray:
     """One chunk file's bytes -> the chunk (full chunk shape; an edge chunk is padded), without reading it
     again: the reader checks the bytes' crc32 and decodes the same bytes. Stores made by ``create_store``
-    only (little-endian bytes, then Blosc)."""
+    only: little-endian bytes, then Blosc; quantised log-probabilities (``stores.quant``) have a
+    FixedScaleOffset filter first, whose uint8 codes decode here through a table, with padding (code 0) as -1e4
+    where plain zarr reads the range's bottom."""
     codecs = array.metadata.codecs
-    assert [type(c).__name__ for c in codecs] == ["BytesCodec", "BloscCodec"] and codecs[0].endian.value == "little"
+    names = [type(c).__name__ for c in codecs]
+    if names == ["FixedScaleOffset", "BytesCodec", "BloscCodec"]:
+        config = codecs[0].codec_config
+        assert codecs[1].endian.value == "little" and config["astype"] == "|u1" and config["dtype"] == "<f4"
+        codes = np.frombuffer(numcodecs.blosc.decompress(data), dtype=np.uint8).reshape(array.chunks)
+        return quant.code_table(1.0 / config["scale"])[codes]
+    assert names == ["BytesCodec", "BloscCodec"] and codecs[0].endian.value == "little"
     return np.frombuffer(numcodecs.blosc.decompress(data), dtype=np.dtype(array.dtype).newbyteorder("<")).reshape(
         array.chunks)
 

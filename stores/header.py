@@ -15,6 +15,11 @@ import numpy as np
 
 LOGITS_FORMAT = "babydistill.logits"
 LOGITS_FORMAT_VERSION = 2
+# Stores of quantised log-probabilities (logp_dtype uint8): a reader of version 2 would take their padding for
+# probabilities, so they carry version 3, which it refuses; float16 and float32 stores stay version 2.
+LOGITS_QUANT_FORMAT_VERSION = 3
+LOGITS_FORMAT_VERSIONS = (LOGITS_FORMAT_VERSION, LOGITS_QUANT_FORMAT_VERSION)
+LOGP_DTYPES = ("float16", "float32", "uint8")
 TOKENS_FORMAT = "babydistill.tokens"
 TOKENS_FORMAT_VERSION = 1
 
@@ -38,13 +43,19 @@ def temperature_refusal(mode: str, temperature: float) -> str | None:
     return None
 
 
-def _check_format(attrs: dict, where: str, kind: str, expected: tuple[str, int], fix: str) -> None:
-    """HeaderError unless ``attrs`` are the header of a ``kind`` store of this format and version."""
+def logits_format_version(logp_dtype: str) -> int:
+    """The format version of a logit store whose log-probabilities are ``logp_dtype``."""
+    return LOGITS_QUANT_FORMAT_VERSION if logp_dtype == "uint8" else LOGITS_FORMAT_VERSION
+
+
+def _check_format(attrs: dict, where: str, kind: str, expected: tuple[str, int | tuple[int, ...]], fix: str) -> None:
+    """HeaderError unless ``attrs`` are the header of a ``kind`` store of this format and version (or versions)."""
     if attrs.get("format") != expected[0]:
         raise HeaderError(f"{where}: not a babydistill {kind} store (format {attrs.get('format')!r})")
-    if attrs.get("format_version") != expected[1]:
+    versions = expected[1] if isinstance(expected[1], tuple) else (expected[1],)
+    if attrs.get("format_version") not in versions:
         raise HeaderError(f"{where}: {kind} store format version {attrs.get('format_version')}, this babydistill "
-                          f"reads {expected[1]}{fix}")
+                          f"reads {' or '.join(map(str, versions))}{fix}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class LogitStoreHeader(MadeFromTokens):
     ensemble: str = "logits"
     teachers: tuple[dict, ...] = ()
     codec: dict | None = None
+    logp_step: float | None = None   # logp_dtype uint8: the step of the codes (stores.quant)
     fidelity: dict | None = None
     capture: dict | None = None
     identity: dict = field(default_factory=dict, repr=False, compare=False)
@@ -87,9 +99,13 @@ class LogitStoreHeader(MadeFromTokens):
     def from_attrs(cls, attrs: dict, where: str) -> LogitStoreHeader:
         """The header of the store at ``where`` from its attributes; HeaderError when it is not a logit store of
         this format version."""
-        _check_format(attrs, where, "logit", (LOGITS_FORMAT, LOGITS_FORMAT_VERSION),
+        _check_format(attrs, where, "logit", (LOGITS_FORMAT, LOGITS_FORMAT_VERSIONS),
                       f" (rows in a global shuffle, for well-mixed batches); {REBUILD_STORE}")
-        return cls.from_identity(attrs, where)
+        header = cls.from_identity(attrs, where)
+        if attrs.get("format_version") != logits_format_version(header.logp_dtype):
+            raise HeaderError(f"{where}: logp_dtype {header.logp_dtype} in a store of format version "
+                              f"{attrs.get('format_version')}; {REBUILD_STORE}")
+        return header
 
     @classmethod
     def from_identity(cls, attrs: dict, where: str) -> LogitStoreHeader:
@@ -103,8 +119,12 @@ class LogitStoreHeader(MadeFromTokens):
         # Lists in JSON; tuples here, so that a header is hashable and compares by value.
         object.__setattr__(header, "temperatures", tuple(float(t) for t in header.temperatures))
         object.__setattr__(header, "teachers", tuple(header.teachers or ()))
-        if header.mode not in MODES or header.order not in ORDERS:
-            raise HeaderError(f"{where}: unknown mode {header.mode!r} or order {header.order!r}; {REBUILD_STORE}")
+        if header.mode not in MODES or header.order not in ORDERS or header.logp_dtype not in LOGP_DTYPES:
+            raise HeaderError(f"{where}: unknown mode {header.mode!r}, order {header.order!r} or logp_dtype "
+                              f"{header.logp_dtype!r}; {REBUILD_STORE}")
+        if (header.logp_dtype == "uint8") != (header.logp_step is not None):
+            raise HeaderError(f"{where}: logp_step {header.logp_step} with logp_dtype {header.logp_dtype}; "
+                              f"{REBUILD_STORE}")
         return header
 
     @property
@@ -123,16 +143,22 @@ class LogitStoreHeader(MadeFromTokens):
         exact log-probabilities)."""
         return ("ids", "logp", "c_T", "tokens", "window_ids") + (("tail_logp",) if self.tail_logp else ())
 
+    @property
+    def logp_array_dtype(self) -> str:
+        """The zarr data type of ``logp`` and ``tail_logp``: what plain zarr returns (uint8 codes decode to float32
+        through their FixedScaleOffset filter, stores.quant)."""
+        return "float32" if self.logp_dtype == "uint8" else self.logp_dtype
+
     def array_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Each array's (shape, dtype), as the header fixes them."""
         rows = (self.num_windows, self.seq_len)
         shapes = {"ids": ((*rows, self.slots), "uint16"),
-                  "logp": ((*rows, self.slots), self.logp_dtype),
+                  "logp": ((*rows, self.slots), self.logp_array_dtype),
                   "c_T": ((*rows, len(self.temperatures)), "float32"),
                   "tokens": ((self.num_windows, self.seq_len + 1), "uint16"),
                   "window_ids": ((self.num_windows,), "uint32")}
         if self.tail_logp:
-            shapes["tail_logp"] = ((*rows, self.slots - int(self.k)), self.logp_dtype)
+            shapes["tail_logp"] = ((*rows, self.slots - int(self.k)), self.logp_array_dtype)
         return shapes
 
     def draw_set_columns(self, draw_set: int) -> np.ndarray:

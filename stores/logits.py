@@ -66,6 +66,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from babydistill.stores import quant
 from babydistill.stores.checksum import SEAL, file_crc32, sealed, unsealed
 from babydistill.stores.chunks import (  # noqa: F401  (the chunk bookkeeping, re-exported: one import for a store)
     DONE_DIR,
@@ -118,13 +119,20 @@ def draw_set_slots(k: int | None, slots: int, sets: int) -> int:
     return slots if sets == 1 else k + (slots - k) // sets
 
 
+QUANTISED = ("logp", "tail_logp")  # the arrays that logp_dtype uint8 stores as codes (stores.quant)
+
+
 def _create_arrays(group: zarr.Group, header: LogitStoreHeader, codec: dict,
                    names: tuple[str, ...] | None = None) -> None:
     chunk = min(header.chunk_windows, max(1, header.num_windows))
     for name, (shape, dtype) in header.array_shapes().items():
         if names is None or name in names:
+            quantised = header.logp_dtype == "uint8" and name in QUANTISED
             group.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]),
-                               compressors=BloscCodec(**codec), fill_value=0, overwrite=True)
+                               filters=[quant.zarr_filter(header.logp_step)] if quantised else None,
+                               # typesize: the codes' (1 byte), not the float32 zarr hands out
+                               compressors=BloscCodec(**codec, **({"typesize": 1} if quantised else {})),
+                               fill_value=0, overwrite=True)
 
 
 def create_store(path: Path, identity: dict, *, codec: dict | None = None) -> zarr.Group:
@@ -273,8 +281,11 @@ def write_chunk(path: Path, group: zarr.Group, chunk: int, start: int, arrays: d
     partial = marker_path(path, chunk).with_suffix(".json.partial")
     try:
         for name in header.array_names:
+            values = arrays[name]
+            if header.logp_dtype == "uint8" and name in QUANTISED:  # padding to code 0, the rest to its code
+                values = quant.zarr_values(values, header.logp_step)
             # a chunk equal to the fill value must still be written (c_T at T = 1 is all 0)
-            group[name].with_config({"write_empty_chunks": True})[start:stop] = arrays[name]
+            group[name].with_config({"write_empty_chunks": True})[start:stop] = values
         files = {}
         for rel in chunk_files(group, chunk).values():
             file = path / rel
@@ -341,10 +352,11 @@ def store_info(path: Path) -> dict:
     disk = sum(array_bytes.values())
     return {
         "path": str(path),
-        "format": f"{FORMAT} v{FORMAT_VERSION}",
+        "format": f"{FORMAT} v{header.identity.get('format_version', FORMAT_VERSION)}",
         "mode": header.mode, "k": header.k, "samples": header.samples, "slots": header.slots,
         "draw_sets": header.draw_sets, "order": header.order, "ensemble": header.ensemble,
-        "temperatures": list(header.temperatures), "logp_dtype": header.logp_dtype, "vocab_size": header.vocab_size,
+        "temperatures": list(header.temperatures), "logp_dtype": header.logp_dtype, "logp_step": header.logp_step,
+        "vocab_size": header.vocab_size,
         "arrays": {name: {"shape": list(group[name].shape), "dtype": str(group[name].dtype),
                           "chunks": list(group[name].chunks), "bytes_per_token": array_bytes[name] / max(1, num_tokens)}
                    for name in header.array_names},
@@ -392,16 +404,22 @@ def _input_problems(header: LogitStoreHeader, tokens_path: Path) -> tuple[list[s
     return problems, tokens
 
 
+def _read_logp(group: zarr.Group, header: LogitStoreHeader, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a log-probability array through plain zarr, float32, padding as PAD_LOGP."""
+    values = group[name][start:stop].astype(np.float32)
+    return quant.padded(values, header.logp_step) if header.logp_dtype == "uint8" else values
+
+
 def _chunk_content_problem(group: zarr.Group, header: LogitStoreHeader, start: int, stop: int, expected_windows,
                            tokens, tolerance: float) -> str | None:
     """What is wrong with the decoded content of rows [start, stop), or None."""
     try:
         ids = group["ids"][start:stop]
-        logp = group["logp"][start:stop].astype(np.float32)
+        logp = _read_logp(group, header, "logp", start, stop)
         c_T = group["c_T"][start:stop]
         window_tokens = group["tokens"][start:stop]
         row_windows = group["window_ids"][start:stop].astype(np.int64)
-        tail_logp = group["tail_logp"][start:stop].astype(np.float32) if header.tail_logp else None
+        tail_logp = _read_logp(group, header, "tail_logp", start, stop) if header.tail_logp else None
     except Exception as exc:  # a corrupt chunk surfaces as a codec error of any type
         return f"unreadable ({type(exc).__name__}: {exc})"
     for draw_set in range(header.draw_sets):
@@ -442,9 +460,11 @@ def verify_store(path: Path, tokens_path: Path | None = None) -> list[str]:
         problems, tokens = _input_problems(header, tokens_path)
         if problems:
             return problems
-    # Rounding of log-probabilities stored in float16: up to ~1e-3 relative per value.
+    # Rounding of log-probabilities stored in float16: up to ~1e-3 relative per value; as uint8 codes up to
+    # step / 2 (5% at the default step), so the head's mass may read up to that much above 1.
     set_slots = draw_set_slots(header.k, header.slots, header.draw_sets)
-    tolerance = 2e-3 * set_slots ** 0.5 if header.logp_dtype == "float16" else 1e-5 * set_slots
+    tolerance = {"float16": 2e-3 * set_slots ** 0.5, "uint8": (header.logp_step or 0) * 0.51}.get(
+        header.logp_dtype, 1e-5 * set_slots)
     expected_windows = window_order(header.num_windows, header.order, header.seed)
     problems = []
     for i, (start, stop) in enumerate(chunk_ranges(header.num_windows, header.chunk_windows)):

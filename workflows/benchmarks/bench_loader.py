@@ -257,6 +257,34 @@ def reader_check_overhead(store: Path, tokens_path: Path, batch_size: int, round
             "crc32_share_of_unchecked_epoch": round(crc_seconds / min(u[1] for u in unchecked), 4)}
 
 
+def reader_vs_step(stores: list[Path], tokens_path: Path, config, rounds: int = 5) -> dict:
+    """Reader tokens/s of each finished store (one epoch each round, the stores in turn; best and median of
+    ``rounds``) against the config's student CE step: the reader's budget with each encoding."""
+    from babydistill.stores.logits import store_info
+    from babydistill.stores.reader import LogitStoreReader
+
+    seconds: dict[str, list[float]] = {str(store): [] for store in stores}
+    tokens = {}
+    for _ in range(rounds):
+        for store in stores:
+            reader = LogitStoreReader(store, tokens_path, seed=0, temperature=1.0)
+            tokens[str(store)], elapsed = _read_epoch(reader, 0, config.train.batch_size)
+            seconds[str(store)].append(elapsed)
+    student_tps = _student_tokens_per_s(config)
+    result = {}
+    for store in stores:
+        info, times = store_info(store), sorted(seconds[str(store)])
+        best, median = tokens[str(store)] / times[0], tokens[str(store)] / times[len(times) // 2]
+        result[_display_path(store)] = {
+            "mode": info["mode"], "k": info["k"], "samples": info["samples"], "logp_dtype": info["logp_dtype"],
+            "bytes_per_token": info["bytes_per_token"],
+            "array_bytes_per_token": {name: a["bytes_per_token"] for name, a in info["arrays"].items()},
+            "reader_tokens_per_s_best": best, "reader_tokens_per_s_median": median,
+            "ratio_to_student_step": median / student_tps}
+    return {"stores": result, "student_train_tokens_per_s": student_tps, "rounds": rounds, "goal": ">= 20x",
+            "student_step": "CE step of the config's model via bench step's ce mode"}
+
+
 def _student_tokens_per_s(config, steps: int = 5, warmup: int = 2) -> float:
     """Training tokens/s of the config's student: the CE step of `babydistill bench step` (the product's model,
     attention choice and ``optimizer_step``, data fetching included), median of ``steps``."""
@@ -370,6 +398,17 @@ def _measure(config_path: Path, work: Path, max_train_words: int, teacher_steps:
     }
 
 
+def _main_stores(args) -> None:
+    started = machine.start()
+    result = {"command": "python -m babydistill.workflows.benchmarks.bench_loader --stores STORE... --tokens TOKENS "
+                         "--config CONFIG --set run_dir=RUN",
+              **reader_vs_step(args.stores, args.tokens, load_config(args.config, args.set))}
+    result["machine"] = machine.finish(started)
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
@@ -382,7 +421,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-overhead", nargs=2, type=Path, metavar=("STORE", "TOKENS"), default=None,
                         help="only measure the reader's crc32 check on an existing logits.zarr and its tokens.zarr "
                              "(e.g. runs/demo/logits.zarr runs/demo/tokens.zarr)")
+    parser.add_argument("--stores", nargs="+", type=Path, default=None, metavar="STORE",
+                        help="only measure the reader on these finished logit stores (of one tokens.zarr, --tokens) "
+                             "against --config's student step (its run_dir set with --set run_dir=...)")
+    parser.add_argument("--tokens", type=Path, default=None, help="the stores' tokens.zarr (with --stores)")
+    parser.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                        help="override a config value (with --stores)")
     args = parser.parse_args(argv)
+    if args.stores is not None:
+        _main_stores(args)
+        return
     if args.check_overhead is not None:
         store, tokens = args.check_overhead
         for path in (store, tokens):

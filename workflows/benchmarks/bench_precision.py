@@ -100,11 +100,7 @@ def bench_precision(config_path: Path, out: Path | None = None, *, windows: int 
                  "dense fp32 teacher), the noise a sampled store carries by design"),
         "machine": machine.finish(started),
     }
-    print(format_report(report), flush=True)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return publish(report, out, format_report(report))
 
 
 def format_report(report: dict) -> str:
@@ -115,18 +111,30 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m babydistill.workflows.benchmarks.bench_precision",
-                                description=__doc__.splitlines()[0])
+def publish(report: dict, out: Path | None, text: str) -> dict:
+    """Print a benchmark's ``text`` and write its ``report`` to ``out`` (if given); returns the report."""
+    print(text, flush=True)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def config_bench_main(argv: list[str] | None, module: str, doc: str, bench, windows: int) -> int:
+    """The command line of a benchmark over a run's first training windows: CONFIG [--out] [--windows] [--set]."""
+    p = argparse.ArgumentParser(prog=f"python -m babydistill.workflows.benchmarks.{module}",
+                                description=doc.splitlines()[0])
     p.add_argument("config", help="the run's YAML config (its tokens.zarr and teachers must exist)")
     p.add_argument("--out", help="JSON file to write (default: print only)")
-    p.add_argument("--windows", type=int, default=64, help="training windows measured (default: 64)")
+    p.add_argument("--windows", type=int, default=windows, help=f"training windows measured (default: {windows})")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     args = p.parse_args(argv)
-    bench_precision(Path(args.config), Path(args.out) if args.out else None, windows=args.windows,
-                    overrides=args.set)
+    bench(Path(args.config), Path(args.out) if args.out else None, windows=args.windows, overrides=args.set)
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    return config_bench_main(argv, "bench_precision", __doc__, bench_precision, 64)
 
 if __name__ == "__main__":
     sys.exit(main())
