@@ -90,14 +90,17 @@ def sampled_stores(distill_run, tmp_path_factory):
 def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(distill_run, sampled_stores, tmp_path,
                                                                            mode, dtype, temperature, use_exact_c_T):
     """Sampled weights are p at T = 1: at T = 1 the loss is the dense KL to the renormalised weights whatever
-    distill.tail says (no tail is invented from float16 rounding, c_T or not); other temperatures are refused."""
+    distill.tail says (no tail is invented from float16 rounding, c_T or not); other temperatures are refused, since
+    these stores keep no probabilities of their draws (a hybrid store with them: `test_a_hybrid_store_with_...`)."""
     store = Path(sampled_stores[mode, dtype])
     # The config's cache section is the run's (topk): the store's own mode decides.
     config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.tail=bucket",
                      f"distill.use_exact_c_T={str(use_exact_c_T).lower()}")
     if temperature != 1.0:
-        with pytest.raises(TrainingError, match=rf"{store} holds {mode} targets, which serve distill.temperature 1 "
-                                                rf"only \(got {temperature}\).*cache.mode=topk") as err:
+        with pytest.raises(TrainingError, match=rf"{store}: {mode} targets.* keep no exact probabilities of their "
+                                                rf"draws, so they serve distill.temperature 1 only \(got "
+                                                rf"{temperature:g}\): rebuild the store with `babydistill capture "
+                                                rf"CONFIG --force --set cache.mode=hybrid --set cache.tail_logp=true") as err:
             open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store, seed=1)
         assert "\n" not in str(err.value)
         return
@@ -171,6 +174,38 @@ def control_store(distill_run, tmp_path_factory):
     teachers = [distill_run.teacher_path("t1"), distill_run.teacher_path("t2")]
     return Path(capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path, teachers,
                                root / "hybrid-tail.zarr")["out"])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_a_hybrid_store_with_tail_probabilities_serves_its_captured_temperatures(distill_run, tmp_path, temperature):
+    """Captured at [1, T] with tail_logp: T is served (the tempered weights with the exact c_T, the loss the
+    reference's on the batch); an uncaptured temperature is refused in one line naming the captured ones."""
+    cfg = _config(distill_run, tmp_path, "cache.mode=hybrid", "cache.samples=12", "cache.k=4", "cache.tail_logp=true",
+                  f"cache.temperatures=[1.0, {temperature}]", "cache.logp_dtype=float32").cache
+    store = Path(capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path,
+                                [distill_run.teacher_path("t1"), distill_run.teacher_path("t2")],
+                                tmp_path / "tempered.zarr")["out"])
+    with pytest.raises(TrainingError, match=rf"{store}: hybrid targets serve the captured temperatures "
+                                            rf"\[1.0, {temperature}\] only \(got 3") as err:
+        open_offline_source(_config(distill_run, tmp_path, "distill.temperature=3"), distill_run.tokens_path,
+                            distill_run.tokenizer_path, store, seed=1)
+    assert "\n" not in str(err.value)
+    config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.control_variate=never")
+    source, use_c_T, tail = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store, 1)
+    assert (use_c_T, tail) == (True, "renorm")
+    batch = source.batch(0, np.arange(4))
+    student = build_model(config, TokenStore(distill_run.tokens_path), seed=7)
+    loss, _ = offline_loss(config.distill, use_c_T, tail)(student, batch)
+    from babydistill.kernels import reference
+
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
+    K = batch["target_ids"].shape[-1]
+    logp, tail_logp = batch["target_logp"].double().reshape(-1, K), batch["tail_logp"].double().reshape(len(logits), -1)
+    expected, _, _ = reference.sparse_distill_loss(
+        logits, batch["labels"].flatten(), batch["target_ids"].reshape(-1, K), logp, temperature=temperature,
+        tail="renorm", c_T=batch["c_T"].double().flatten(), slot_logp=torch.cat([logp[:, :4], tail_logp], 1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_offline_student_trains_with_the_tail_control_variate(distill_run, control_store, tmp_path):
