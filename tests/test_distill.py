@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from babydistill.kernels import reference
 from babydistill.pipeline import distill
 from babydistill.pipeline.capture import capture_logits
 from babydistill.pipeline.config import ConfigError, load_config
@@ -83,6 +84,16 @@ def sampled_stores(distill_run, tmp_path_factory):
     return stores
 
 
+def _offline_loss_and_logits(run, config, source, use_c_T: bool, tail: str):
+    """A batch of the source, the offline loss and metrics of a fresh student on it, and its logits in float64."""
+    batch = source.batch(0, np.arange(4))
+    student = build_model(config, TokenStore(run.tokens_path), seed=7)
+    loss, metrics = offline_loss(config.distill, use_c_T, tail)(student, batch)
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
+    return batch, loss, metrics, logits
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 3.0])
 @pytest.mark.parametrize("mode, dtype", [("sample", "float16"), ("sample", "float32"), ("hybrid", "float16"),
                                          ("hybrid", "float32")])
@@ -107,14 +118,8 @@ def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(disti
     source, use_c_T, tail = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store,
                                                 seed=1)
     assert (use_c_T, tail) == (False, "renorm")
-    batch = source.batch(0, np.arange(4))
-    student = build_model(config, TokenStore(distill_run.tokens_path), seed=7)
-    loss, metrics = offline_loss(config.distill, use_c_T, tail)(student, batch)
+    batch, loss, metrics, logits = _offline_loss_and_logits(distill_run, config, source, use_c_T, tail)
     # The spec: dense KL against the stored weights renormalised, in float64.
-    from babydistill.kernels import reference
-
-    with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
     logp = batch["target_logp"].double().flatten(0, 1)
     weights = torch.where(logp > -1e3, logp.exp(), 0)
     weights_logp = (weights / weights.sum(1, keepdim=True)).log()
@@ -193,13 +198,7 @@ def test_a_hybrid_store_with_tail_probabilities_serves_its_captured_temperatures
     config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.control_variate=never")
     source, use_c_T, tail = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store, 1)
     assert (use_c_T, tail) == (True, "renorm")
-    batch = source.batch(0, np.arange(4))
-    student = build_model(config, TokenStore(distill_run.tokens_path), seed=7)
-    loss, _ = offline_loss(config.distill, use_c_T, tail)(student, batch)
-    from babydistill.kernels import reference
-
-    with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
+    batch, loss, _, logits = _offline_loss_and_logits(distill_run, config, source, use_c_T, tail)
     K = batch["target_ids"].shape[-1]
     logp, tail_logp = batch["target_logp"].double().reshape(-1, K), batch["tail_logp"].double().reshape(len(logits), -1)
     expected, _, _ = reference.sparse_distill_loss(
