@@ -30,7 +30,7 @@ from babydistill.pipeline.tokenizer import tokenizer_hash
 from babydistill.pipeline.training.loop import train_loop
 from babydistill.pipeline.training.runtime import TrainingError, resolve_device
 from babydistill.pipeline.training.windows import Batch, TokenWindows
-from babydistill.stores.header import LogitStoreHeader, temperature_refusal
+from babydistill.stores.header import RETEMPERING_BIAS, LogitStoreHeader, temperature_refusal
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
 
@@ -235,7 +235,8 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
     if header.seq_len != config.data.seq_len:
         raise TrainingError(f"{logits_path} holds windows of {header.seq_len} tokens but data.seq_len is "
                             f"{config.data.seq_len}; rebuild it with `babydistill capture CONFIG --force`")
-    if refusal := temperature_refusal(header.mode, dcfg.temperature, header.temperatures, header.tail_logp):
+    if refusal := temperature_refusal(header.mode, dcfg.temperature, header.temperatures, header.tail_logp,
+                                      approximate=not dcfg.use_exact_c_T):
         raise TrainingError(f"{logits_path}: {refusal}")
     if header.targets_are_complete:
         controlled = use_control_variate(dcfg, header, logits_path)
@@ -248,7 +249,8 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
     if not use_c_T and dcfg.temperature != 1.0:
         reason = ("distill.use_exact_c_T is false" if not dcfg.use_exact_c_T else
                   f"temperature {dcfg.temperature} was not captured (store has {list(header.temperatures)})")
-        warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation", stacklevel=2)
+        warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation "
+                      f"({RETEMPERING_BIAS})", stacklevel=2)
     return reader, use_c_T, dcfg.tail
 
 

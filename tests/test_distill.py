@@ -106,7 +106,7 @@ def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(disti
     store = Path(sampled_stores[mode, dtype])
     # The config's cache section is the run's (topk): the store's own mode decides.
     config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.tail=bucket",
-                     f"distill.use_exact_c_T={str(use_exact_c_T).lower()}")
+                     f"distill.use_exact_c_T={str(use_exact_c_T).lower()}", f"cache.temperatures=[1.0, {temperature}]")
     if temperature != 1.0:
         with pytest.raises(TrainingError, match=rf"{store}: {mode} targets.* keep no exact probabilities of their "
                                                 rf"draws, so they serve distill.temperature 1 only \(got "
@@ -192,10 +192,12 @@ def test_a_hybrid_store_with_tail_probabilities_serves_its_captured_temperatures
                                 tmp_path / "tempered.zarr")["out"])
     with pytest.raises(TrainingError, match=rf"{store}: hybrid targets serve the captured temperatures "
                                             rf"\[1.0, {temperature}\] only \(got 3") as err:
-        open_offline_source(_config(distill_run, tmp_path, "distill.temperature=3"), distill_run.tokens_path,
+        open_offline_source(_config(distill_run, tmp_path, "distill.temperature=3", "cache.temperatures=[3]"),
+                            distill_run.tokens_path,
                             distill_run.tokenizer_path, store, seed=1)
     assert "\n" not in str(err.value)
-    config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.control_variate=never")
+    config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.control_variate=never",
+                     f"cache.temperatures=[{temperature}]")
     source, use_c_T, tail = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store, 1)
     assert (use_c_T, tail) == (True, "renorm")
     batch, loss, _, logits = _offline_loss_and_logits(distill_run, config, source, use_c_T, tail)
@@ -455,12 +457,21 @@ def test_online_without_teachers_is_refused(distill_run, tmp_path):
                       tmp_path / "o", seed=1, online=True, teacher_dirs=[])
 
 
-def test_uncaptured_temperature_warns_about_the_approximation(distill_run):
-    config = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0")
-    with pytest.warns(UserWarning, match="temperature 3.0 was not captured"):
+def test_an_uncaptured_temperature_of_a_topk_store_is_refused_unless_the_approximation_is_asked_for(distill_run):
+    """The uniform-tail re-tempering is far off (its bias above the gradient's norm at T = 2): refused in one line
+    with the figure and the recapture; distill.use_exact_c_T=false still asks for it, with the figure in the warning."""
+    with pytest.raises(ConfigError, match=r"distill.temperature: .*topk targets serve the captured temperatures "
+                                          r"\[1.0, 2.0\] \(got 3; .* 1.7x \(top-8\).*--set cache.temperatures=\[1,2,3\]") as err:
+        _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0")
+    assert "\n" not in str(err.value)
+    config = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0", "distill.use_exact_c_T=false")
+    with pytest.warns(UserWarning, match=r"use_exact_c_T is false: .*uniform-tail approximation \(at T = 2 .*1.7x"):
         _, use_c_T, _ = open_offline_source(config, config.tokens_path, config.tokenizer_path, config.logits_path,
                                             seed=1)
     assert not use_c_T
+    stored = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0", "cache.temperatures=[3]")
+    with pytest.raises(TrainingError, match=r"logits.zarr: topk targets serve the captured temperatures \[1.0, 2.0\]"):
+        open_offline_source(stored, config.tokens_path, config.tokenizer_path, config.logits_path, seed=1)
 
 
 def test_cli_distill_bad_inputs_are_one_line(distill_run, tmp_path, capsys):
