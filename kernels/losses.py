@@ -57,9 +57,11 @@ def _weights(labels, alpha, temperature, normalization, num_sequences, ignore_in
 
 
 def _row_problem(labels, target_ids, target_logp, vocab_size, *, alpha, temperature, tail, normalization, c_T,
-                 num_sequences, ignore_index, control) -> tuple[RowProblem, torch.Tensor, torch.Tensor]:
+                 num_sequences, ignore_index, control,
+                 slot_logp=None) -> tuple[RowProblem, torch.Tensor, torch.Tensor]:
     """The row kernels' problem of a call (checked arguments), and the CE and KL normalisers."""
-    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, vocab_size, temperature, tail, c_T)
+    ids, logp_K, r_T, num_tail = prepare_targets(target_ids, target_logp, vocab_size, temperature, tail, c_T,
+                                                 slot_logp)
     w_ce, w_kl, ce_scale, kl_scale = _weights(labels, alpha, temperature, normalization, num_sequences,
                                               ignore_index)
     problem = RowProblem(labels=labels.to(torch.int64), ids=ids, logp_K=logp_K, r_T=r_T, num_tail=num_tail,
@@ -70,7 +72,7 @@ def _row_problem(labels, target_ids, target_logp, vocab_size, *, alpha, temperat
 
 def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
                         normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None,
-                        inplace=False, control=None):
+                        inplace=False, control=None, slot_logp=None):
     """alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 * KL(p_T || softmax(z / T)) from a sparse teacher.
 
     Parameters
@@ -87,6 +89,9 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     impl : None (auto), "triton", "torch" (alias "cpu") or "reference".
     control : [N, k] control-variate coefficients (>= 0; 0 on padding) or None: the KL's gradient gains
         (a * q_K - (sum_K a q) q) / T; the loss value does not change (see `kernels.reference`).
+    slot_logp : [N, k] each slot's exact teacher log-probability at T = 1 (sampled targets: the head's stored
+        values, then the draws' ``tail_logp``) or None. With tail "renorm" at T != 1 (needs ``c_T``), the
+        weights become the unbiased tempered target w p^(1/T - 1) e^-c_T, not renormalised (`kernels.reference`).
     inplace : write the gradient over the logits buffer (saves N x V memory). Safe only when nothing
         else saved these logits for backward; backward may then run once. Not for impl="reference".
 
@@ -104,17 +109,17 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
     """
     reference.check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature,
                          tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
-                         ignore_index=ignore_index, control=control)
+                         ignore_index=ignore_index, control=control, slot_logp=slot_logp)
     impl = _resolve_impl(impl, logits.device)
     if impl == "reference":
         return reference.sparse_distill_loss(
             logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
             normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
-            control=control)
+            control=control, slot_logp=slot_logp)
     problem, ce_scale, kl_scale = _row_problem(
         labels, target_ids, target_logp, logits.shape[1], alpha=alpha, temperature=temperature, tail=tail,
         normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
-        control=control)
+        control=control, slot_logp=slot_logp)
     loss, ce_row, kl_row = autograd.SparseDistillRows.apply(logits.contiguous(), problem, inplace,
                                                             autograd.row_kernel(impl))
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale
@@ -123,7 +128,7 @@ def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, t
 def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids, target_logp, *, alpha=0.5,
                                      temperature=1.0, tail="bucket", normalization="token", c_T=None,
                                      num_sequences=None, ignore_index=-100, impl=None, chunk_rows=None,
-                                     control=None):
+                                     control=None, slot_logp=None):
     """`sparse_distill_loss` of ``hidden @ lm_head_weight.T`` without materialising the N x V logits.
 
     hidden [N, H], lm_head_weight [V, H]; gradients flow to both (grad_W accumulated in fp32). Rows go
@@ -135,7 +140,8 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
     logits_shape_check = torch.empty(hidden.shape[0], lm_head_weight.shape[0], device="meta")
     reference.check_args(logits_shape_check, labels, target_ids, target_logp, alpha=alpha,
                          temperature=temperature, tail=tail, normalization=normalization, c_T=c_T,
-                         num_sequences=num_sequences, ignore_index=ignore_index, control=control)
+                         num_sequences=num_sequences, ignore_index=ignore_index, control=control,
+                         slot_logp=slot_logp)
     if hidden.dim() != 2 or lm_head_weight.dim() != 2 or hidden.shape[1] != lm_head_weight.shape[1]:
         raise ValueError(f"hidden [N, H] and lm_head_weight [V, H] must share H, got {tuple(hidden.shape)} "
                          f"and {tuple(lm_head_weight.shape)}")
@@ -144,11 +150,11 @@ def fused_linear_sparse_distill_loss(hidden, lm_head_weight, labels, target_ids,
         return reference.sparse_distill_loss(
             hidden @ lm_head_weight.T, labels, target_ids, target_logp, alpha=alpha, temperature=temperature,
             tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
-            ignore_index=ignore_index, control=control)
+            ignore_index=ignore_index, control=control, slot_logp=slot_logp)
     problem, ce_scale, kl_scale = _row_problem(
         labels, target_ids, target_logp, lm_head_weight.shape[0], alpha=alpha, temperature=temperature,
         tail=tail, normalization=normalization, c_T=c_T, num_sequences=num_sequences,
-        ignore_index=ignore_index, control=control)
+        ignore_index=ignore_index, control=control, slot_logp=slot_logp)
     loss, ce_row, kl_row = fused_linear.FusedLinearSparseDistill.apply(hidden, lm_head_weight, problem, impl,
                                                                        chunk_rows)
     return loss, ce_row.sum() * ce_scale, kl_row.sum() * kl_scale

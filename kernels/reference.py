@@ -35,6 +35,13 @@ estimate (r/S) sum_s e_j into beta q_tail + (1/S) sum_s (p_j - beta q_j) / pi_j 
 teacher's tail (for any beta fixed before the draws), and far less noisy once the student is near the
 teacher (see `pipeline.distill.control_coefficients`).
 
+Sampled targets at T != 1 (``slot_logp``, [N, k], with tail "renorm" and ``c_T``): the stored weights w estimate
+p at T = 1 (a hybrid store: the head exactly, tail draws j from p_j / r with w_j = r count_j / S); given each
+slot's exact T = 1 log-probability p (``slot_logp``: the head's own values, the draws' ``tail_logp``) the target
+at T is t = w p^(1/T - 1) e^-c_T per slot, E[t_j] = p_j^(1/T) e^-c_T = p_T,j: unbiased, and not renormalised
+(its sum is 1 in expectation only; renormalising would bias it). Its KL is sum_K t log(t / q) and its gradient
+(1/T) (q - t), the full softmax minus the target: the expected gradient is the dense tempered one.
+
 This module builds the full teacher distribution densely and lets autograd differentiate; it runs in the
 logits' dtype (float64 in tests). It is never the production path.
 """
@@ -49,10 +56,12 @@ TAILS = ("bucket", "renorm", "uniform")
 # not mass: tempering would blow it up, since the tail then carries num_tail^(1 - 1/T) * r^(1/T).
 RESIDUAL_EPS = 1e-5
 NORMALIZATIONS = ("token", "sequence", "sum")
+# Stored padding slots hold PAD_LOGP = -1e4 (stores/logits.py): a weight below this is padding at every T.
+PAD_BELOW = -5.0e3
 
 
 def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, tail, normalization,
-               c_T, num_sequences, ignore_index=-100, control=None) -> None:
+               c_T, num_sequences, ignore_index=-100, control=None, slot_logp=None) -> None:
     """Raise one ValueError listing every problem with the arguments of a sparse_distill_loss call.
 
     Labels (other than ``ignore_index``) and target ids must lie in [0, V): the kernels index with them
@@ -73,6 +82,10 @@ def check_args(logits, labels, target_ids, target_logp, *, alpha, temperature, t
                             f"{tuple(target_ids.shape)}")
         if c_T is not None and c_T.shape != (N,):
             problems.append(f"c_T must be [N] = [{N}], got {tuple(c_T.shape)}")
+        if slot_logp is not None and slot_logp.shape != target_ids.shape:
+            problems.append(f"slot_logp {tuple(slot_logp.shape)} must match target_ids {tuple(target_ids.shape)}")
+        if slot_logp is not None and temperature != 1.0 and (tail != "renorm" or c_T is None):
+            problems.append("slot_logp (sampled targets at T != 1) needs tail='renorm' and the exact c_T")
         if control is not None and control.shape != target_ids.shape:
             problems.append(f"control {tuple(control.shape)} must match target_ids {tuple(target_ids.shape)}")
         if not problems and not target_ids.is_floating_point() and not labels.is_floating_point():
@@ -174,24 +187,39 @@ def _kl(logq_T, in_K, num_tail, p_T_dense, r_T, tail: str):
     return kl
 
 
+def _sampled_kl(logits, logq_T, ids, w_K, s_K, T: float, c_T):
+    """Per-row KL of sampled targets at T != 1 (the module's docstring): sum_K t log(t / q), t = w p^(1/T - 1)
+    e^-c_T, with its gradient (1/T) (q - t): the gradient-only (1 - sum t) LSE(z / T) term makes up for the
+    target's sum not being 1. Also the real-slot mask."""
+    real = w_K > PAD_BELOW
+    log_t = torch.where(real, w_K + (1 / T - 1) * s_K - c_T[:, None], float("-inf"))
+    t = torch.zeros_like(logits).scatter_add(1, ids, log_t.exp())
+    kl = (torch.xlogy(t, t) - t * torch.where(t > 0, logq_T, 0)).sum(1)
+    lse = torch.logsumexp(logits / T, dim=1)
+    return kl + (1 - t.sum(1)) * (lse - lse.detach()), real
+
+
 def sparse_distill_loss(logits, labels, target_ids, target_logp, *, alpha=0.5, temperature=1.0, tail="bucket",
                         normalization="token", c_T=None, num_sequences=None, ignore_index=-100, impl=None,
-                        control=None):
+                        control=None, slot_logp=None):
     """Dense reference of `kernels.losses.sparse_distill_loss` (``impl`` is accepted and ignored).
 
     Returns (loss, ce, kl); ce and kl are detached. Computes in ``logits.dtype``.
     """
     check_args(logits, labels, target_ids, target_logp, alpha=alpha, temperature=temperature, tail=tail,
                normalization=normalization, c_T=c_T, num_sequences=num_sequences, ignore_index=ignore_index,
-               control=control)
+               control=control, slot_logp=slot_logp)
     T = float(temperature)
     dtype = logits.dtype
     ids = ids_as_int64(target_ids)
-    l_K = target_logp.to(dtype)
-    real = l_K > float("-inf")                                     # padding entries have no effect
-    in_K, num_tail, p_T_dense, r_T = _dense_teacher(logits, ids, l_K, real, T, c_T)
     logq_T = torch.log_softmax(logits / T, dim=1)
-    kl = _kl(logq_T, in_K, num_tail, p_T_dense, r_T, tail)
+    if slot_logp is not None and T != 1.0:
+        kl, real = _sampled_kl(logits, logq_T, ids, target_logp.to(dtype), slot_logp.to(dtype), T, c_T.to(dtype))
+    else:
+        l_K = target_logp.to(dtype)
+        real = l_K > float("-inf")                                     # padding entries have no effect
+        in_K, num_tail, p_T_dense, r_T = _dense_teacher(logits, ids, l_K, real, T, c_T)
+        kl = _kl(logq_T, in_K, num_tail, p_T_dense, r_T, tail)
     if control is not None:
         # Gradient only: sum_K a_j q_j has gradient (a * q_K - (sum_K a q) q) / T w.r.t. z; its value is taken
         # away again, so the KL reported is the plain estimate.

@@ -8,16 +8,36 @@ import dataclasses
 
 import torch
 
-from babydistill.kernels.reference import RESIDUAL_EPS, ids_as_int64
+from babydistill.kernels.reference import PAD_BELOW, RESIDUAL_EPS, ids_as_int64
 
 
-def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float, tail: str, c_T=None):
+def tempered_slot_logp(target_logp, slot_logp, temperature: float, c_T):
+    """Sampled targets at temperature T, unbiased: each slot's log-weight log w + (1/T - 1) log p - c_T [N, k].
+
+    ``target_logp`` the stored log-weights w (exact p_i on a hybrid store's head; log(r count_j / S) on a tail
+    draw j, drawn from the T = 1 tail p_j / r), ``slot_logp`` each slot's exact T = 1 log-probability p (the head's
+    own values, ``tail_logp`` on the draws), ``c_T`` [N]. E[w_j] = p_j, so E[w_j p_j^(1/T - 1) e^-c_T] =
+    p_j^(1/T) e^-c_T = p_T,j; on the head it is p_i^(1/T) e^-c_T exactly. The weights sum to 1 in expectation
+    only: they are not renormalised (that would bias them). Padding (weights below PAD_LOGP / 2 = -5e3, or -inf)
+    keeps its value, so its weight stays 0 at every T.
+    """
+    T = float(temperature)
+    w = target_logp.to(torch.promote_types(target_logp.dtype, torch.float32))
+    tempered = w + (1.0 / T - 1.0) * slot_logp.to(w.dtype) - c_T.to(w.dtype)[:, None]
+    return torch.where(w > PAD_BELOW, tempered, w)
+
+
+def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float, tail: str, c_T=None,
+                    slot_logp=None):
     """The teacher on K at temperature T, from the stored T = 1 log-probabilities ([N, k] work only).
 
     Returns ids [N, k] int64, logp_K [N, k] fp32 (-inf for padding), r_T [N] fp32 (tail mass; 0 for
-    renorm) and num_tail [N] fp32 (V minus the number of real entries).
+    renorm) and num_tail [N] fp32 (V minus the number of real entries). Sampled targets (tail "renorm") with
+    ``slot_logp`` at T != 1: the importance-tempered weights of `tempered_slot_logp`, not renormalised.
     """
     T = float(temperature)
+    if tail == "renorm" and slot_logp is not None and T != 1.0:
+        target_logp = tempered_slot_logp(target_logp, slot_logp, T, c_T)
     l1 = target_logp.to(torch.float32)
     real = l1 > float("-inf")
     ids = ids_as_int64(target_ids)
@@ -25,6 +45,8 @@ def prepare_targets(target_ids, target_logp, vocab_size: int, temperature: float
     first_real = ids.gather(1, real.to(torch.uint8).argmax(1, keepdim=True))
     ids = torch.where(real, ids, first_real)
     num_tail = (vocab_size - real.sum(1)).to(torch.float32)
+    if tail == "renorm" and slot_logp is not None and T != 1.0:
+        return ids, l1, torch.zeros_like(num_tail), num_tail
     if tail == "renorm":
         logp = torch.log_softmax(l1 / T, dim=1)
         return ids, logp, torch.zeros_like(num_tail), num_tail

@@ -115,9 +115,9 @@ class Config:
         if cache.mode in ("sample", "hybrid"):
             check(cache.samples <= vocab, "cache.samples",
                   f"must be in 1..{vocab} (the vocab size), got {cache.samples}")
-        refusal = temperature_refusal(cache.mode, self.distill.temperature)
-        check(refusal is None, "distill.temperature",
-              f"must be 1 with cache.mode {cache.mode}: {refusal}; use cache.mode topk for other temperatures")
+        refusal = temperature_refusal(cache.mode, self.distill.temperature, cache.temperatures, cache.tail_logp,
+                                      approximate=not self.distill.use_exact_c_T)
+        check(refusal is None, "distill.temperature", f"cannot be served by cache.mode {cache.mode}: {refusal}")
 
     # --- derived paths (one place, so every stage agrees) ---
     @property

@@ -189,7 +189,7 @@ class TeachersConfig(_NamedBySeed):
 @dataclass
 class CacheConfig:
     mode: Literal["topk", "sample", "hybrid"] = "hybrid"
-    """hybrid = the top k exactly plus draws from the rest (unbiased; T = 1 only); topk = the k most probable
+    """hybrid = the top k exactly plus draws from the rest (unbiased; every captured T with tail_logp); topk = the k most probable
     ids (biased: the tail's shape is lost; any T); sample = ids drawn from the ensemble (unbiased; T = 1 only).
     See stores/logits.py. Default chosen by docs/results/offline-study/ (hybrid k = 8, S = 12 with the draws'
     probabilities, ``tail_logp``, 60 bytes per token: under sequence normalisation its students, with the
@@ -216,8 +216,9 @@ class CacheConfig:
     """Row order of the store: a global permutation of the windows (well-mixed batches from a streaming
     reader) or corpus order (poorly mixed; kept to measure the difference)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0])
-    """Capture temperatures: the store keeps the exact correction c_T for each (mode topk: add the
-    distillation temperatures you will use; sampled modes serve T = 1 only)."""
+    """Capture temperatures: the store keeps the exact correction c_T for each, and serves a student at each of them
+    (mode topk; mode hybrid with ``tail_logp``; mode sample at T = 1 only). An uncaptured one is refused
+    (`stores.header.temperature_refusal`)."""
     ensemble: Literal["logits", "probs"] = "logits"
     """logits = mean of raw logits (the paper); probs = mean of probabilities."""
     chunk_windows: int = 64
@@ -278,7 +279,9 @@ class DistillConfig(_NamedBySeed):
     """token = CE and KL averaged over tokens; sequence = the paper's released trainer (KL batchmean). A config file
     that sets sequence and leaves out ``cache.k`` / ``cache.samples`` gets a bigger store: ``SEQUENCE_CACHE_DEFAULTS``."""
     use_exact_c_T: bool = True
-    """Use the store's exact temperature correction when the temperature was captured."""
+    """Use the store's exact temperature correction (top-k stores). False asks for the uniform-tail approximation
+    instead, which also lets a top-k store serve an uncaptured temperature (refused otherwise: its gradient bias at
+    T = 2 exceeds the gradient's norm, docs/loss.md)."""
     control_variate: Literal["auto", "required", "never"] = field(default="auto", metadata=ADDED_LATER)
     """Offline students from a hybrid store with ``tail_logp``: use the student's own tail as a control
     variate for the sampled tail (unbiased, far less noisy once the student nears the teacher; see

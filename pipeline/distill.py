@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from babydistill.kernels.losses import dense_distill_loss, fused_linear_sparse_distill_loss
+from babydistill.kernels.targets import tempered_slot_logp
 from babydistill.pipeline import devices
 from babydistill.pipeline.config import SEQUENCE_CACHE_DEFAULTS, Config, DistillConfig
 from babydistill.pipeline.model import build_model, ensemble_logits, load_teachers
@@ -29,7 +30,7 @@ from babydistill.pipeline.tokenizer import tokenizer_hash
 from babydistill.pipeline.training.loop import train_loop
 from babydistill.pipeline.training.runtime import TrainingError, resolve_device
 from babydistill.pipeline.training.windows import Batch, TokenWindows, ce_loss
-from babydistill.stores.header import LogitStoreHeader, temperature_refusal
+from babydistill.stores.header import RETEMPERING_BIAS, LogitStoreHeader, temperature_refusal
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
 
@@ -38,19 +39,30 @@ CONTROL_ROWS = 256
 
 
 def control_sums(logits_nV: torch.Tensor, target_ids: torch.Tensor, target_logp: torch.Tensor,
-                 tail_logp: torch.Tensor, k: int) -> torch.Tensor:
+                 tail_logp: torch.Tensor, k: int, temperature: float = 1.0, c_T: torch.Tensor | None = None
+                 ) -> torch.Tensor:
     """(sum B, sum C) over these rows, float64 [2]: the tail noise of the control-variate target is
-    (A - 2 beta B + beta^2 C) / S per row (see `control_beta`)."""
+    (A - 2 beta B + beta^2 C) / S per row (see `control_beta`). At T != 1 (``c_T`` [n] then needed) the student
+    is softmax(z / T) and the target the tempered one (`kernels.targets.tempered_slot_logp`)."""
     # The [n, V] work in the logits' precision, the [n, K] sums in float64.
-    q = (logits_nV.gather(1, target_ids) - torch.logsumexp(logits_nV, 1, keepdim=True)).double().exp()
+    T = float(temperature)
+    z = logits_nV if T == 1.0 else logits_nV / T
+    q = (z.gather(1, target_ids) - torch.logsumexp(z, 1, keepdim=True)).double().exp()
     w = target_logp.double().exp()                                   # 0 on padding (-1e4)
     p_tail = tail_logp.double().exp()
     ratio = torch.where(p_tail > 0, q[:, k:] / p_tail.clamp_min(1e-300), 0.0)
     w_tail, q_tail = w[:, k:], q[:, k:]
     r = w_tail.sum(1)
-    Q_tail = (1 - q[:, :k].sum(1)).clamp_min(0)
-    B = r * Q_tail - (w_tail * q_tail).sum(1)
     C = r * (w_tail * ratio ** 2).sum(1) - (w_tail * q_tail * ratio).sum(1)
+    if T == 1.0:
+        Q_tail = (1 - q[:, :k].sum(1)).clamp_min(0)
+        B = r * Q_tail - (w_tail * q_tail).sum(1)
+    else:
+        # B = r sum_tail (p_T,j / p_j) q_j - sum_tail p_T,j q_j, both estimated from the draws: the tempered
+        # weight w_T,j = w_j p_T,j / p_j stands for p_T,j as w_j stands for p_j.
+        slot_logp = torch.cat([target_logp[:, :k], tail_logp], dim=1)
+        w_T = tempered_slot_logp(target_logp.double(), slot_logp.double(), T, c_T.double()).exp()[:, k:]
+        B = r * (w_T * ratio).sum(1) - (w_T * q_tail).sum(1)
     return torch.stack([B.sum(), C.sum()])
 
 
@@ -85,7 +97,8 @@ def _spaced(start: int, stop: int, device: torch.device) -> torch.Tensor:
 
 
 def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, target_ids: torch.Tensor,
-                         target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int, min_beta: float = 0.0
+                         target_logp: torch.Tensor, tail_logp: torch.Tensor, k: int, min_beta: float = 0.0,
+                         temperature: float = 1.0, c_T: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Control-variate coefficients a [N, K] for `kernels.losses.sparse_distill_loss` (``control``), and the mean beta
     (a 0-d tensor).
@@ -96,6 +109,10 @@ def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
     ``CONTROL_ROWS`` rows of the other half: a beta that saw a row's own draws would bias that row. Under
     DDP the halves are the two halves of the ranks (each rank's rows lie in one), so that two processes
     compute what one process with their global batch computes. A beta below ``min_beta`` is used as 0.
+
+    At temperature T the coefficients are the same (the student's tail softmax(z / T) is estimated from the same
+    draws, drawn from p_j / r: its weights are again w_j / p_j, and the kernels apply them to softmax(z / T)); only
+    beta changes, estimated against the tempered target (`control_sums` with ``temperature`` and ``c_T`` [N]).
     """
     N, device = target_ids.shape[0], hidden_NH.device
     w = target_logp.float().exp()
@@ -109,7 +126,8 @@ def control_coefficients(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targe
             return torch.zeros(2, dtype=torch.float64, device=device)
         with torch.autocast(device.type, enabled=False):
             logits = hidden_NH[rows].float() @ weight.T
-        return control_sums(logits, target_ids[rows], target_logp[rows], tail_logp[rows], k)
+        return control_sums(logits, target_ids[rows], target_logp[rows], tail_logp[rows], k, temperature,
+                            None if c_T is None else c_T[rows])
 
     with torch.no_grad():
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -144,19 +162,29 @@ def offline_loss(dcfg: DistillConfig, use_c_T: bool, tail: str, control_head: in
         ids, logp = batch["target_ids"].reshape(-1, slots), batch["target_logp"].reshape(-1, slots)
         hidden = hidden_BTH.flatten(0, 1)
         control, metrics = None, {}
+        c_T = batch["c_T"].flatten() if use_c_T and "c_T" in batch else None
+        tail_logp = batch["tail_logp"].reshape(ids.shape[0], -1) if "tail_logp" in batch else None
         if control_head is not None:
             control, beta = control_coefficients(hidden.detach(), raw.lm_head.weight.detach(), ids, logp,
-                                                 batch["tail_logp"].reshape(ids.shape[0], -1), control_head,
-                                                 dcfg.control_min_beta)
+                                                 tail_logp, control_head, dcfg.control_min_beta,
+                                                 temperature=dcfg.temperature, c_T=c_T)
             metrics["control_beta"] = beta
         loss, ce, kl = fused_linear_sparse_distill_loss(
             hidden, raw.lm_head.weight, batch["labels"].flatten(), ids, logp,
             alpha=dcfg.alpha, temperature=dcfg.temperature, tail=tail, normalization=dcfg.normalization,
-            c_T=batch["c_T"].flatten() if use_c_T and "c_T" in batch else None, num_sequences=num_sequences,
-            control=control)
+            c_T=c_T, num_sequences=num_sequences, control=control,
+            slot_logp=slot_logp_of(logp, tail_logp, dcfg.temperature))
         return loss, {"ce": ce, "kl": kl, **metrics}
 
     return loss_fn
+
+
+def slot_logp_of(logp: torch.Tensor, tail_logp: torch.Tensor | None, temperature: float) -> torch.Tensor | None:
+    """Each slot's exact teacher log-probability [N, K] for tempered hybrid targets (T != 1): the head's stored
+    values, then the draws' ``tail_logp``; None at T = 1 or without ``tail_logp`` (then only topk at T != 1)."""
+    if temperature == 1.0 or tail_logp is None:
+        return None
+    return torch.cat([logp[:, :logp.shape[1] - tail_logp.shape[1]], tail_logp], dim=1)
 
 
 def online_loss(dcfg: DistillConfig, teachers: list[torch.nn.Module], ensemble: str):
@@ -200,26 +228,29 @@ def open_offline_source(config: Config, tokens_path: Path, tokenizer_dir: Path, 
     if not (Path(logits_path) / "zarr.json").is_file():
         raise TrainingError(f"{logits_path}: no logit store; run `babydistill capture CONFIG` first")
     dcfg = config.distill
+    # The tail draws' probabilities serve the control variate, and tempered hybrid targets (T != 1).
     reader = LogitStoreReader(logits_path, tokens_path, tokenizer_dir, seed=seed, temperature=dcfg.temperature,
-                              tail_logp=dcfg.control_variate != "never")
+                              tail_logp=dcfg.control_variate != "never" or dcfg.temperature != 1.0)
     header = reader.header
     if header.seq_len != config.data.seq_len:
         raise TrainingError(f"{logits_path} holds windows of {header.seq_len} tokens but data.seq_len is "
                             f"{config.data.seq_len}; rebuild it with `babydistill capture CONFIG --force`")
-    if refusal := temperature_refusal(header.mode, dcfg.temperature):
-        raise TrainingError(f"{logits_path} holds {refusal}; set distill.temperature=1 or rebuild the store with "
-                            f"`babydistill capture CONFIG --force --set cache.mode=topk`")
+    if refusal := temperature_refusal(header.mode, dcfg.temperature, header.temperatures, header.tail_logp,
+                                      approximate=not dcfg.use_exact_c_T):
+        raise TrainingError(f"{logits_path}: {refusal}")
     if header.targets_are_complete:
         controlled = use_control_variate(dcfg, header, logits_path)
         if dcfg.normalization == "sequence" and thinner_than_sequence_default(header, controlled):
             warn_sequence_noise(header, controlled, logits_path)
-        # Their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail.
-        return reader, False, "renorm"
+        # At T = 1 their weights sum to 1 by construction: renormalising removes float16 rounding, not a tail. At a
+        # captured T != 1 they are re-weighted with the exact c_T (`kernels.targets.tempered_slot_logp`).
+        return reader, dcfg.temperature != 1.0, "renorm"
     use_c_T = dcfg.use_exact_c_T and reader.c_T_column is not None
     if not use_c_T and dcfg.temperature != 1.0:
         reason = ("distill.use_exact_c_T is false" if not dcfg.use_exact_c_T else
                   f"temperature {dcfg.temperature} was not captured (store has {list(header.temperatures)})")
-        warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation", stacklevel=2)
+        warnings.warn(f"{reason}: tempered teacher probabilities use the uniform-tail approximation "
+                      f"({RETEMPERING_BIAS})", stacklevel=2)
     return reader, use_c_T, dcfg.tail
 
 

@@ -25,7 +25,7 @@ TOKENS_FORMAT_VERSION = 1
 
 MODES = ("topk", "sample", "hybrid")
 ORDERS = ("shuffled", "corpus")
-# Modes whose slot weights sum to 1 by construction (draws): no tail, and probabilities at T = 1 only.
+# Modes whose slot weights sum to 1 by construction (draws): no tail; weights at T = 1 (`temperature_refusal`).
 SAMPLED_MODES = ("sample", "hybrid")
 REBUILD_STORE = "rebuild the store with `babydistill capture CONFIG --force` (the old one is moved aside)"
 
@@ -34,12 +34,42 @@ class HeaderError(ValueError):
     """A store's header that this babydistill cannot read; the message names the store and the fix."""
 
 
-def temperature_refusal(mode: str, temperature: float) -> str | None:
-    """Why a store of ``mode`` cannot serve a student at ``temperature``, or None. The one statement of the rule:
-    sampled weights estimate p at T = 1, and p^(1/T) cannot be recovered from them."""
-    if mode in SAMPLED_MODES and temperature != 1.0:
-        return (f"{mode} targets, which serve distill.temperature 1 only (got {temperature}): sampled weights "
-                f"are teacher probabilities at T = 1")
+# A top-k store asked for an uncaptured T (c_T from a uniform tail), against a recapture at T, on the demo run's
+# teachers: the gradient's bias over the dense gradient's norm (docs/results/tempered-targets/tempered_targets.json).
+RETEMPERING_BIAS = "at T = 2 the approximate gradient's bias is 1.7x (top-8) and 1.5x (top-32) the dense gradient's norm"
+
+
+def temperature_refusal(mode: str, temperature: float, temperatures=(1.0,), tail_logp: bool = False,
+                        approximate: bool = False) -> str | None:
+    """Why a store of ``mode`` captured at ``temperatures`` (with or without the tail draws' probabilities,
+    ``tail_logp``) cannot serve a student at ``temperature``, or None. The one statement of the rule:
+
+    - topk serves its captured temperatures; an uncaptured one only through the uniform-tail approximation, asked
+      for with ``approximate`` (distill.use_exact_c_T false), since its error is larger than the gradient itself
+      (``RETEMPERING_BIAS``);
+    - sampled weights estimate p at T = 1; a hybrid store whose draws keep their exact probabilities p_j serves
+      every captured T too: the head exactly (p_i^(1/T) e^-c_T), each draw re-weighted by importance,
+      w_j p_j^(1/T - 1) e^-c_T (unbiased for p_T,j; `kernels.targets.prepare_targets`), which needs p_j and
+      the exact c_T of T; a sample store keeps no p_j (a hybrid store with its head is the tempered design);
+    - so an uncaptured T, or a store without p_j, is refused, with the capture that would serve it.
+    """
+    captured = any(abs(float(t) - temperature) < 1e-9 for t in temperatures)
+    if temperature == 1.0 or (mode not in SAMPLED_MODES and (captured or approximate)):
+        return None
+    wanted = f"--set cache.temperatures=[{','.join(f'{t:g}' for t in sorted({1.0, *temperatures, temperature}))}]"
+    if mode not in SAMPLED_MODES:
+        return (f"topk targets serve the captured temperatures {[float(t) for t in temperatures]} (got {temperature:g}; "
+                f"the uniform-tail approximation of an uncaptured one is far off: {RETEMPERING_BIAS}): rebuild the "
+                f"store with `babydistill capture CONFIG --force {wanted}`, or set distill.use_exact_c_T=false to "
+                f"use the approximation anyway")
+    rebuild = f"`babydistill capture CONFIG --force --set cache.mode=hybrid --set cache.tail_logp=true {wanted}`"
+    if mode == "sample" or not tail_logp:
+        kept = "sample targets keep" if mode == "sample" else "hybrid targets without tail_logp keep"
+        return (f"{kept} no exact probabilities of their draws, so they serve distill.temperature 1 only "
+                f"(got {temperature:g}): rebuild the store with {rebuild}")
+    if not captured:
+        return (f"hybrid targets serve the captured temperatures {[float(t) for t in temperatures]} only (got "
+                f"{temperature:g}: its exact c_T was not captured): rebuild the store with {rebuild}")
     return None
 
 

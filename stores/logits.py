@@ -40,8 +40,9 @@ Slots ``K`` per position, by ``mode``:
   head one after the other: K = k + D * min(samples, vocab - k). One draw set with the head
   (``draw_set_columns``) is a target as above; ids are distinct within it, not across sets. Readers
   give epoch e the set e mod D.
-Sampled weights are probabilities at T = 1 only: there is no exact way back to p_j^(1/T) from them,
-so sample and hybrid stores serve students at temperature 1 (the paper's value).
+Sampled weights estimate probabilities at T = 1. A hybrid store with ``tail_logp`` serves every captured T
+without bias: each slot's tempered weight is w p^(1/T - 1) e^-c_T (``kernels.targets.tempered_slot_logp``); sample
+stores and hybrid stores without ``tail_logp`` keep no p_j and serve T = 1 only (``stores.header.temperature_refusal``).
 
 Padding (modes sample and hybrid, rows with fewer distinct ids than slots): the free slots hold ids that occur
 nowhere else in the row (the smallest unused ids), so ids stay distinct per row, and ``logp = PAD_LOGP``

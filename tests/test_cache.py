@@ -620,7 +620,7 @@ def test_k_larger_than_the_vocab_is_refused(tiny_run, teachers, tmp_path):
     ("cache.samples=401", None),
     ("cache.mode=hybrid\0cache.k=400\0cache.samples=4", "cache.k: must be in 1..399 for mode hybrid"),
     ("cache.mode=sample\0cache.samples=401", "cache.samples: must be in 1..400"),
-    ("cache.mode=sample\0cache.samples=8\0distill.temperature=2", "distill.temperature: must be 1 with cache.mode"),
+    ("cache.mode=sample\0cache.samples=8\0distill.temperature=2", "distill.temperature: cannot be served by cache.mode sample: sample targets keep no exact"),
     ("cache.mode=dense", "cache.mode"),
     ("cache.order=sorted", "cache.order"),
     ("distill.control_variate=on", "distill.control_variate: must be one of auto, required, never"),

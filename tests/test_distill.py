@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from babydistill.kernels import reference
 from babydistill.pipeline import distill
 from babydistill.pipeline.capture import capture_logits
 from babydistill.pipeline.config import ConfigError, load_config
@@ -83,6 +84,16 @@ def sampled_stores(distill_run, tmp_path_factory):
     return stores
 
 
+def _offline_loss_and_logits(run, config, source, use_c_T: bool, tail: str):
+    """A batch of the source, the offline loss and metrics of a fresh student on it, and its logits in float64."""
+    batch = source.batch(0, np.arange(4))
+    student = build_model(config, TokenStore(run.tokens_path), seed=7)
+    loss, metrics = offline_loss(config.distill, use_c_T, tail)(student, batch)
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
+    return batch, loss, metrics, logits
+
+
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 3.0])
 @pytest.mark.parametrize("mode, dtype", [("sample", "float16"), ("sample", "float32"), ("hybrid", "float16"),
                                          ("hybrid", "float32")])
@@ -90,28 +101,25 @@ def sampled_stores(distill_run, tmp_path_factory):
 def test_sampled_targets_serve_temperature_1_exactly_and_refuse_the_others(distill_run, sampled_stores, tmp_path,
                                                                            mode, dtype, temperature, use_exact_c_T):
     """Sampled weights are p at T = 1: at T = 1 the loss is the dense KL to the renormalised weights whatever
-    distill.tail says (no tail is invented from float16 rounding, c_T or not); other temperatures are refused."""
+    distill.tail says (no tail is invented from float16 rounding, c_T or not); other temperatures are refused, since
+    these stores keep no probabilities of their draws (a hybrid store with them: `test_a_hybrid_store_with_...`)."""
     store = Path(sampled_stores[mode, dtype])
     # The config's cache section is the run's (topk): the store's own mode decides.
     config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.tail=bucket",
-                     f"distill.use_exact_c_T={str(use_exact_c_T).lower()}")
+                     f"distill.use_exact_c_T={str(use_exact_c_T).lower()}", f"cache.temperatures=[1.0, {temperature}]")
     if temperature != 1.0:
-        with pytest.raises(TrainingError, match=rf"{store} holds {mode} targets, which serve distill.temperature 1 "
-                                                rf"only \(got {temperature}\).*cache.mode=topk") as err:
+        with pytest.raises(TrainingError, match=rf"{store}: {mode} targets.* keep no exact probabilities of their "
+                                                rf"draws, so they serve distill.temperature 1 only \(got "
+                                                rf"{temperature:g}\): rebuild the store with `babydistill capture "
+                                                rf"CONFIG --force --set cache.mode=hybrid --set cache.tail_logp=true") as err:
             open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store, seed=1)
         assert "\n" not in str(err.value)
         return
     source, use_c_T, tail = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store,
                                                 seed=1)
     assert (use_c_T, tail) == (False, "renorm")
-    batch = source.batch(0, np.arange(4))
-    student = build_model(config, TokenStore(distill_run.tokens_path), seed=7)
-    loss, metrics = offline_loss(config.distill, use_c_T, tail)(student, batch)
+    batch, loss, metrics, logits = _offline_loss_and_logits(distill_run, config, source, use_c_T, tail)
     # The spec: dense KL against the stored weights renormalised, in float64.
-    from babydistill.kernels import reference
-
-    with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"]).logits.double().flatten(0, 1)
     logp = batch["target_logp"].double().flatten(0, 1)
     weights = torch.where(logp > -1e3, logp.exp(), 0)
     weights_logp = (weights / weights.sum(1, keepdim=True)).log()
@@ -171,6 +179,34 @@ def control_store(distill_run, tmp_path_factory):
     teachers = [distill_run.teacher_path("t1"), distill_run.teacher_path("t2")]
     return Path(capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path, teachers,
                                root / "hybrid-tail.zarr")["out"])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_a_hybrid_store_with_tail_probabilities_serves_its_captured_temperatures(distill_run, tmp_path, temperature):
+    """Captured at [1, T] with tail_logp: T is served (the tempered weights with the exact c_T, the loss the
+    reference's on the batch); an uncaptured temperature is refused in one line naming the captured ones."""
+    cfg = _config(distill_run, tmp_path, "cache.mode=hybrid", "cache.samples=12", "cache.k=4", "cache.tail_logp=true",
+                  f"cache.temperatures=[1.0, {temperature}]", "cache.logp_dtype=float32").cache
+    store = Path(capture_logits(cfg, distill_run.tokens_path, distill_run.tokenizer_path,
+                                [distill_run.teacher_path("t1"), distill_run.teacher_path("t2")],
+                                tmp_path / "tempered.zarr")["out"])
+    with pytest.raises(TrainingError, match=rf"{store}: hybrid targets serve the captured temperatures "
+                                            rf"\[1.0, {temperature}\] only \(got 3") as err:
+        open_offline_source(_config(distill_run, tmp_path, "distill.temperature=3", "cache.temperatures=[3]"),
+                            distill_run.tokens_path,
+                            distill_run.tokenizer_path, store, seed=1)
+    assert "\n" not in str(err.value)
+    config = _config(distill_run, tmp_path, f"distill.temperature={temperature}", "distill.control_variate=never",
+                     f"cache.temperatures=[{temperature}]")
+    source, use_c_T, tail = open_offline_source(config, distill_run.tokens_path, distill_run.tokenizer_path, store, 1)
+    assert (use_c_T, tail) == (True, "renorm")
+    batch, loss, _, logits = _offline_loss_and_logits(distill_run, config, source, use_c_T, tail)
+    K = batch["target_ids"].shape[-1]
+    logp, tail_logp = batch["target_logp"].double().reshape(-1, K), batch["tail_logp"].double().reshape(len(logits), -1)
+    expected, _, _ = reference.sparse_distill_loss(
+        logits, batch["labels"].flatten(), batch["target_ids"].reshape(-1, K), logp, temperature=temperature,
+        tail="renorm", c_T=batch["c_T"].double().flatten(), slot_logp=torch.cat([logp[:, :4], tail_logp], 1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_offline_student_trains_with_the_tail_control_variate(distill_run, control_store, tmp_path):
@@ -421,12 +457,21 @@ def test_online_without_teachers_is_refused(distill_run, tmp_path):
                       tmp_path / "o", seed=1, online=True, teacher_dirs=[])
 
 
-def test_uncaptured_temperature_warns_about_the_approximation(distill_run):
-    config = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0")
-    with pytest.warns(UserWarning, match="temperature 3.0 was not captured"):
+def test_an_uncaptured_temperature_of_a_topk_store_is_refused_unless_the_approximation_is_asked_for(distill_run):
+    """The uniform-tail re-tempering is far off (its bias above the gradient's norm at T = 2): refused in one line
+    with the figure and the recapture; distill.use_exact_c_T=false still asks for it, with the figure in the warning."""
+    with pytest.raises(ConfigError, match=r"distill.temperature: .*topk targets serve the captured temperatures "
+                                          r"\[1.0, 2.0\] \(got 3; .* 1.7x \(top-8\).*--set cache.temperatures=\[1,2,3\]") as err:
+        _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0")
+    assert "\n" not in str(err.value)
+    config = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0", "distill.use_exact_c_T=false")
+    with pytest.warns(UserWarning, match=r"use_exact_c_T is false: .*uniform-tail approximation \(at T = 2 .*1.7x"):
         _, use_c_T, _ = open_offline_source(config, config.tokens_path, config.tokenizer_path, config.logits_path,
                                             seed=1)
     assert not use_c_T
+    stored = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0", "cache.temperatures=[3]")
+    with pytest.raises(TrainingError, match=r"logits.zarr: topk targets serve the captured temperatures \[1.0, 2.0\]"):
+        open_offline_source(stored, config.tokens_path, config.tokenizer_path, config.logits_path, seed=1)
 
 
 def test_cli_distill_bad_inputs_are_one_line(distill_run, tmp_path, capsys):
