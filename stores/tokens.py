@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 
 from babydistill.stores.checksum import file_crc32
+from babydistill.stores.chunks import chunk_file, read_bytes_or_none, recorded_file_problem
 from babydistill.stores.files import file_sha256
 from babydistill.stores.header import TOKENS_FORMAT, TOKENS_FORMAT_VERSION, HeaderError, TokenStoreHeader
 
@@ -104,19 +105,14 @@ def write_token_store(path: Path, streams: dict[str, np.ndarray], *, seq_len: in
 def _chunk_files(group: zarr.Group, name: str) -> list[str]:
     """Store-relative files of every chunk of the 1-D array ``name``."""
     array = group[name]
-    num_chunks = -(-array.shape[0] // array.chunks[0])
-    return [f"{name}/" + array.metadata.encode_chunk_key((i,)) for i in range(num_chunks)]
+    return [chunk_file(name, array, i) for i in range(-(-array.shape[0] // array.chunks[0]))]
 
 
 def _file_problem(path: Path, rel: str, crc: int | None) -> str | None:
     file = Path(path) / rel
     if crc is None:  # a chunk equal to the fill value is not written
         return f"{rel} appeared since it was written" if file.is_file() else None
-    if not file.is_file():
-        return f"{rel} is missing"
-    if file_crc32(file) != crc:
-        return f"{rel} changed since it was written (crc32)"
-    return None
+    return recorded_file_problem(rel, read_bytes_or_none(file), crc=crc)
 
 
 def verify_token_store(path: Path) -> list[str]:
