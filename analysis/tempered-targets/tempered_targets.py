@@ -16,7 +16,7 @@ ensemble (teachers t1, t2) and its trained student s1, at 256 positions of 8 see
    evenly), and the bias of the loss gradient (`kernels.reference`, float64) over the norms of the recaptured
    store's gradient and of the dense one, for top-8 and top-32 at T = 2 and 4 (and 0.5).
 
-    .venv/bin/python analysis/tempered-targets/tempered_targets.py [--run /work/shared-runs/demo]
+    .venv/bin/python analysis/tempered-targets/tempered_targets.py [--run runs/demo]
 
 Writes docs/results/tempered-targets/tempered_targets.json; docs/loss.md quotes it.
 """
@@ -129,7 +129,7 @@ def retempering(logp: torch.Tensor, logq: torch.Tensor) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=Path("/work/shared-runs/demo"))
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     logp, logq = positions(args.run)
