@@ -216,12 +216,22 @@ def test_tost_verdict_at_the_margin():
     ({"control": "online"}, "control: must name a CE-only arm"),
     ({"primary": [["topk4", "online"]]}, "primary: a study with primary comparisons needs `protocol:`"),
     ({"margin": 0}, "margin: must be a number > 0"),
+    ({"folder": "teachers"}, "folder: must be a folder name (letters, digits, . _ -) other than the base run's own"),
+    ({"folder": "../elsewhere"}, "folder: must be a folder name"),
 ])
 def test_bad_claim_keys_are_refused_in_one_line(tmp_path, capsys, fields, expected):
     write_config(tmp_path)
     assert main(["study", str(write_study(tmp_path, **fields))]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err, err
+
+
+def test_studies_sharing_a_base_run_keep_apart_by_folder(tmp_path):
+    write_config(tmp_path)
+    first, second = load_study(write_claim_study(tmp_path)), load_study(write_claim_study(tmp_path, folder="other"))
+    assert first.root.name == "study" and second.root == first.root.parent / "other"
+    assert second.arm("store").seed_config(2).run_path == second.root / "store/seed2"
+    assert first.arm("store").run_path.parent == first.root
 
 
 def test_claim_arms_configs_and_commands(tmp_path):

@@ -364,7 +364,7 @@ def _add_study_verb(sub) -> None:
                         "(default: 1, in this process)")
     p.add_argument("--report-only", action="store_true",
                    help="only aggregate what is finished; missing cells are shown as - (default: off)")
-    p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/study/report)")
+    p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/<folder>/report, folder: study unless the study file names one)")
 
 
 def _add_sweep_verb(sub) -> None:

@@ -3,7 +3,7 @@
 A study file names a base config, whose run holds the shared stages (data, tokenizer, tokens, the
 teachers), the student seeds (the same for every arm, so that arms are compared seed by seed), a
 reference arm and the arms themselves: online distillation, or offline from a logit store captured
-with other cache settings. Each arm is a run of its own, ``<base run_dir>/study/<arm>/``, whose
+with other cache settings. Each arm is a run of its own, ``<base run_dir>/study/<arm>/`` (``study`` unless the study file names another ``folder:``), whose
 ``data``, ``tokenizer``, ``tokens.zarr`` and ``teachers`` are relative symlinks to the base run's.
 Every arm therefore sees the same inputs (with the same fingerprints), and only what its ``set``
 changes differs. All the work goes through the ordinary stages (workflows.runner), so finished
@@ -41,10 +41,12 @@ ARM_FIXED = (*SHARED_SECTIONS, "eval", "run_dir")
 """An arm also keeps the evaluation (every arm is scored the same way) and its run_dir (the study sets it)."""
 SHARED_LINKS = ("data", "tokenizer", "tokens.zarr", "teachers")
 STUDY_KEYS = ("base", "seeds", "reference", "set", "arms", "contrasts", "protocol", "margin", "primary", "secondary",
-              "control")
+              "control", "folder")
 ARM_KEYS = ("name", "online", "set", "seeds", "teachers", "capture")
 CAPTURES = ("shared", "per_seed")
 RESERVED_NAMES = ("report", "teachers", "logs")
+RUN_FOLDERS = ("data", "tokenizer", "tokens.zarr", "teachers", "students", "logits.zarr", "logs", "report", "sweeps")
+"""What a base run holds already: a study's ``folder`` must be none of them."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -144,10 +146,13 @@ class Study:
     """Pairs reported with their 90% and 95% intervals, without a verdict (direction only)."""
     control: str | None = None
     """A CE-only arm every student arm is compared with (95% intervals)."""
+    folder: str = "study"
+    """The study's folder in the base run (``folder:``): studies that share a base run (and so its teachers) keep
+    their arms, records and report apart by naming different folders."""
 
     @property
     def root(self) -> Path:
-        return self.base.run_path / "study"
+        return self.base.run_path / self.folder
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -223,15 +228,16 @@ def _arm_names(arms_raw, fail, set_list) -> list[str]:
     return names
 
 
-def _arm_overrides(base: Config, study_set: list[str], arm: dict) -> list[str]:
+def _arm_overrides(base: Config, folder: str, study_set: list[str], arm: dict) -> list[str]:
     """The --set list that loads an arm's config from the base: the study's set, the arm's, its teachers, run_dir."""
-    run_dir = base.run_path / "study" / arm["name"]
+    run_dir = base.run_path / folder / arm["name"]
     teachers = arm.get("teachers")
     pair = [f"teachers.count={len(teachers)}", f"teachers.seeds={json.dumps(teachers)}"] if teachers else []
     return [*study_set, *(arm.get("set") or []), *pair, f"run_dir={json.dumps(str(run_dir))}"]  # JSON is YAML
 
 
-def _load_arm_configs(path: Path, base_path: Path, study_set: list[str], arms_raw: list[dict], seeds: list[int]):
+def _load_arm_configs(path: Path, base_path: Path, folder: str, study_set: list[str], arms_raw: list[dict],
+                      seeds: list[int]):
     """(base config, base config with the study-wide set, the arms): load_config names any unknown key or bad value."""
     try:
         base = load_config(base_path)
@@ -243,7 +249,7 @@ def _load_arm_configs(path: Path, base_path: Path, study_set: list[str], arms_ra
         raise StudyError(f"{path}: set: {exc}") from None
     arms = []
     for i, arm in enumerate(arms_raw):
-        overrides = _arm_overrides(base, study_set, arm)
+        overrides = _arm_overrides(base, folder, study_set, arm)
         try:
             config = load_config(base_path, overrides)
         except ValueError as exc:
@@ -326,7 +332,11 @@ def load_study(path: str | Path) -> Study:
 
     contrasts = _contrasts(raw.get("contrasts") or [], names, fail)
 
-    base, shared, arms = _load_arm_configs(path, base_path, study_set, arms_raw, seeds)
+    folder = raw.get("folder", "study")
+    if not isinstance(folder, str) or not _NAME.fullmatch(folder) or folder in RUN_FOLDERS:
+        fail("folder", f"must be a folder name (letters, digits, . _ -) other than the base run's own "
+                       f"({', '.join(RUN_FOLDERS)}), got {folder!r}")
+    base, shared, arms = _load_arm_configs(path, base_path, folder, study_set, arms_raw, seeds)
     claim = _claim_keys(raw, path, names, [a for a in arms if a.ce_only], fail)
 
     warnings = []
@@ -334,7 +344,8 @@ def load_study(path: str | Path) -> Study:
     if fewest < 3:
         warnings.append(f"{path}: seeds: only {fewest} seeds; the 95% t-interval uses t = 12.7 at n = 2 "
                         "and is very wide: use 3 or more")
-    return Study(path, base_path, base, shared, seeds, reference, study_set, arms, warnings, contrasts, **claim)
+    return Study(path, base_path, base, shared, seeds, reference, study_set, arms, warnings, contrasts, **claim,
+                 folder=folder)
 
 
 def _claim_keys(raw: dict, path: Path, names: list[str], ce_only: list[Arm], fail) -> dict:
