@@ -234,6 +234,16 @@ def test_studies_sharing_a_base_run_keep_apart_by_folder(tmp_path):
     assert first.arm("store").run_path.parent == first.root
 
 
+def test_selected_arms_need_only_their_teachers(tmp_path):
+    write_config(tmp_path)
+    study = load_study(write_claim_study(tmp_path))
+    pair_a = [study.arm("store"), study.arm("online")]
+    assert study.teacher_seeds_of(pair_a) == [1, 2] and study.teacher_pairs_of(pair_a) == [("t1", "t2")]
+    assert [u.model_dir.name for u in teacher_units(study, pair_a)] == ["t1", "t2"]
+    assert study.teacher_seeds_of([study.arm("ce")]) == [1, 2]  # the base run's own teachers always
+    assert [u.model_dir.name for u in teacher_units(study)] == ["t1", "t2", "t3", "t4"]
+
+
 def test_claim_arms_configs_and_commands(tmp_path):
     write_config(tmp_path)
     study = load_study(write_claim_study(tmp_path))

@@ -139,12 +139,13 @@ def _available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _shared_stages(study: Study) -> None:
-    """The base run's data, tokenizer, tokens and every teacher an arm names (skipped when done)."""
+def _shared_stages(study: Study, arms: list[Arm]) -> None:
+    """The base run's data, tokenizer, tokens, its teachers and every teacher one of ``arms`` names (skipped when
+    done): `--arms A-...` trains no teacher that only other arms need."""
     shared_log = study.root / "logs" / "shared.log"
     thunks = [lambda: prepare_stage(study.base), lambda: tokenizer_stage(study.base),
               lambda: tokenize_stage(study.base)]
-    thunks += [lambda seed=seed: teacher_stage(study.base, seed, resume="auto") for seed in study.teacher_seeds]
+    thunks += [lambda seed=seed: teacher_stage(study.base, seed, resume="auto") for seed in study.teacher_seeds_of(arms)]
     for thunk in thunks:
         stage = thunk()
         if stage_status(stage)[0] == "done":
@@ -157,9 +158,9 @@ def _shared_stages(study: Study) -> None:
             raise StudyError(f"{' '.join(str(exc).split())} (log: {shared_log})") from None
 
 
-def _ensembles(study: Study, bar) -> None:
-    """Each teacher pair's ensemble evaluated (validation and test CE), in this process."""
-    for names in study.teacher_pairs:
+def _ensembles(study: Study, arms: list[Arm], bar) -> None:
+    """The ensemble of each teacher pair ``arms`` distil from, evaluated (validation and test CE), in this process."""
+    for names in study.teacher_pairs_of(arms):
         stage = ensemble_stage(study, names)
         if stage_status(stage)[0] != "done":
             log = study.root / "logs" / f"eval-{ensemble_name(names)}.log"
@@ -190,17 +191,17 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
                          "which must exist before the first run")
     for warning in study.warnings:
         print(f"babydistill: warning: {warning}", file=sys.stderr)
-    _shared_stages(study)
-    for name in (model_name("teacher", s) for s in study.teacher_seeds):
+    _shared_stages(study, arms)
+    for name in (model_name("teacher", s) for s in study.teacher_seeds_of(arms)):
         link_teacher(study, name)
     for arm in arms:
         link_arm(study, arm, seeds)
 
     stores = [(a, c) for a in arms for c in a.store_configs() if a.capture != "per_seed" or c.cache.seed in seeds]
-    teachers = teacher_units(study)
+    teachers = teacher_units(study, arms)
     per_arm = {a.name: arm_units(a, seeds) for a in arms}
     units = teachers + [u for a in arms for u in per_arm[a.name]]
-    ensembles = [ensemble_stage(study, names) for names in study.teacher_pairs]
+    ensembles = [ensemble_stage(study, names) for names in study.teacher_pairs_of(arms)]
     # the bar counts finished work as done from the start, so that its rate and ETA are those of the work left
     num_done = (sum(stage_status(capture_stage(c))[0] == "done" for _, c in stores) + sum(map(unit_done, units))
                 + sum(stage_status(e)[0] == "done" for e in ensembles))
@@ -210,7 +211,7 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
         if jobs == 1:
             for unit in teachers:
                 _finish_in_process(study, unit, bar)
-            _ensembles(study, bar)
+            _ensembles(study, arms, bar)
             for arm in arms:  # arm by arm, so that a partial study has complete arms
                 for a, config in stores:
                     if a is arm:
@@ -220,7 +221,7 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
         else:
             for arm, config in stores:  # the students need their stores
                 _capture(arm, config, bar)
-            _ensembles(study, bar)
+            _ensembles(study, arms, bar)
             num_threads = max(1, _available_cores() // jobs)
             _run_pool(study, units, jobs, num_threads, bar)
     finally:

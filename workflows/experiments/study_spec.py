@@ -168,15 +168,23 @@ class Study:
     @property
     def teacher_seeds(self) -> list[int]:
         """The base config's teachers, then every other teacher an arm names: the base run trains them all."""
+        return self.teacher_seeds_of(self.arms)
+
+    def teacher_seeds_of(self, arms: list[Arm]) -> list[int]:
+        """The base config's teachers, then every other teacher one of ``arms`` names (``--arms`` trains no more)."""
         seeds = list(self.base.teachers.resolved_seeds())
-        for arm in self.arms:
+        for arm in arms:
             seeds += [] if arm.ce_only else [s for s in arm.config.teachers.resolved_seeds() if s not in seeds]
         return seeds
 
     @property
     def teacher_pairs(self) -> list[tuple[str, ...]]:
         """The distinct teacher ensembles the arms distil from (each is evaluated as an ensemble)."""
-        pairs = [tuple(a.teacher_names) for a in self.arms if not a.ce_only]
+        return self.teacher_pairs_of(self.arms)
+
+    def teacher_pairs_of(self, arms: list[Arm]) -> list[tuple[str, ...]]:
+        """The distinct teacher ensembles ``arms`` distil from (the base config's when none does)."""
+        pairs = [tuple(a.teacher_names) for a in arms if not a.ce_only]
         return list(dict.fromkeys(pairs or [tuple(model_name("teacher", s) for s in self.base.teachers.resolved_seeds())]))
 
     def overrides(self, arm: Arm | None, seed: int | None = None) -> list[str]:

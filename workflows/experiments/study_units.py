@@ -51,10 +51,12 @@ class Unit:
         return evaluate_stage(self.config, self.model_dir)
 
 
-def teacher_units(study: Study) -> list[Unit]:
+def teacher_units(study: Study, arms: list[Arm] | None = None) -> list[Unit]:
+    """The teachers' evaluations: every teacher of the study, or those the base run and ``arms`` need."""
+    seeds = study.teacher_seeds if arms is None else study.teacher_seeds_of(arms)
     return [Unit(f"teacher {name}", None, None, study.teacher_view(name), study.shared,
                  study.root / "logs" / f"eval-{name}.log")
-            for name in (model_name("teacher", s) for s in study.teacher_seeds)]
+            for name in (model_name("teacher", s) for s in seeds)]
 
 
 def arm_units(arm: Arm, seeds: list[int] | None = None) -> list[Unit]:
