@@ -244,6 +244,17 @@ def test_selected_arms_need_only_their_teachers(tmp_path):
     assert [u.model_dir.name for u in teacher_units(study)] == ["t1", "t2", "t3", "t4"]
 
 
+def test_the_pool_goes_seed_by_seed_across_arms(tmp_path):
+    from babydistill.workflows.experiments.study_execute import seed_major
+
+    write_config(tmp_path)
+    study = load_study(write_claim_study(tmp_path))
+    per_arm = {a.name: arm_units(a) for a in study.arms}
+    assert [(u.arm.name, u.seed) for u in seed_major(per_arm)] == [
+        ("online", 1), ("store", 1), ("b-store", 1), ("ce", 1), ("online", 2), ("store", 2), ("b-store", 2),
+        ("ce", 2), ("online", 3), ("store", 3)]
+
+
 def test_claim_arms_configs_and_commands(tmp_path):
     write_config(tmp_path)
     study = load_study(write_claim_study(tmp_path))

@@ -179,8 +179,8 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
     """Shared stages, teacher and ensemble evaluations, then arm by arm: the store(s) (offline) and one student
     per seed.
 
-    ``jobs`` > 1 captures the stores first, then trains and evaluates up to ``jobs`` models at once,
-    each in a `babydistill` subprocess with ``train.num_threads = cores // jobs``.
+    ``jobs`` > 1 captures the stores first, then trains and evaluates up to ``jobs`` models at once, seed by seed
+    across the arms (``seed_major``), each in a `babydistill` subprocess with ``train.num_threads = cores // jobs``.
     """
     from tqdm import tqdm
 
@@ -223,9 +223,17 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
                 _capture(arm, config, bar)
             _ensembles(study, arms, bar)
             num_threads = max(1, _available_cores() // jobs)
-            _run_pool(study, units, jobs, num_threads, bar)
+            _run_pool(study, teachers + seed_major(per_arm), jobs, num_threads, bar)
     finally:
         bar.close()
+
+
+def seed_major(per_arm: dict[str, list[Unit]]) -> list[Unit]:
+    """The arms' units seed by seed (seed 1 of every arm, then seed 2, ...): a pool that stops early leaves
+    complete pairs, which the paired comparisons need, rather than complete arms with no partner."""
+    units = [u for arm_units_ in per_arm.values() for u in arm_units_]
+    seeds = list(dict.fromkeys(sorted(u.seed for u in units)))
+    return sorted(units, key=lambda u: seeds.index(u.seed))  # stable: the file's arm order within a seed
 
 
 def _record(study: Study, unit: Unit) -> None:
