@@ -273,6 +273,13 @@ def _load_arm_configs(path: Path, base_path: Path, folder: str, study_set: list[
     return base, shared, arms
 
 
+def _folder(folder, fail) -> str:
+    if not isinstance(folder, str) or not _NAME.fullmatch(folder) or folder in RUN_FOLDERS:
+        fail("folder", f"must be a folder name (letters, digits, . _ -) other than the base run's own "
+                       f"({', '.join(RUN_FOLDERS)}), got {folder!r}")
+    return folder
+
+
 def _seeds(seeds, fail, key: str = "seeds") -> list[int]:
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         fail(key, f"must be a list of integer student seeds, got {seeds!r}")
@@ -340,10 +347,7 @@ def load_study(path: str | Path) -> Study:
 
     contrasts = _contrasts(raw.get("contrasts") or [], names, fail)
 
-    folder = raw.get("folder", "study")
-    if not isinstance(folder, str) or not _NAME.fullmatch(folder) or folder in RUN_FOLDERS:
-        fail("folder", f"must be a folder name (letters, digits, . _ -) other than the base run's own "
-                       f"({', '.join(RUN_FOLDERS)}), got {folder!r}")
+    folder = _folder(raw.get("folder", "study"), fail)
     base, shared, arms = _load_arm_configs(path, base_path, folder, study_set, arms_raw, seeds)
     claim = _claim_keys(raw, path, names, [a for a in arms if a.ce_only], fail)
 
