@@ -84,9 +84,11 @@ offline-study: install
 	$(BIN)/babydistill study configs/offline-study.yaml
 
 # The claim study (docs/results/claim/PROTOCOL.md): hours of CPU; two models at once, then the report.
+# The committed results.json carries the cells an earlier machine finished (`--carry`, docs/sweeps-and-studies.md).
+CLAIM_CARRY = $(if $(wildcard docs/results/claim/results.json),--carry docs/results/claim/results.json)
 claim-study: install
-	$(BIN)/babydistill study configs/claim-study.yaml --jobs 2
-	$(BIN)/babydistill study configs/claim-study.yaml --report-only --out docs/results/claim
+	$(BIN)/babydistill study configs/claim-study.yaml --jobs 2 $(CLAIM_CARRY)
+	$(BIN)/babydistill study configs/claim-study.yaml --report-only --out docs/results/claim $(CLAIM_CARRY)
 
 # The demo run with a top-k store (teachers, store, the default student s1), a 16-trial sweep on 2 workers,
 # then the best trial's configuration trained under its own name (the command the sweep's report gives)

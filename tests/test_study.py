@@ -330,3 +330,73 @@ def test_tiny_claim_study_empty_report_then_run_then_protocol_changed(tmp_path, 
     (tmp_path / "PROTOCOL.md").unlink()
     assert main(["study", str(path), "--report-only"]) == 0
     assert "is missing" in (report / "report.md").read_text()
+
+
+CARRY_ARMS = [{"name": "online", "online": True}, {"name": "store", "set": ["cache.k=4"], "capture": "per_seed"}]
+
+
+@pytest.mark.slow
+def test_cells_carried_to_a_fresh_machine_are_not_trained_again(tmp_path, capsys):
+    """A study half run on one machine, its results.json carried to another folder (a fresh machine: another
+    path, no runs): the finished cells are neither trained nor captured for again and enter the report; a cell
+    whose settings changed since is trained; a bad --carry file is refused in one line."""
+    machines = {}
+    for name in ("one", "two"):
+        root = tmp_path / name
+        write_corpus(root / "corpus", num_files=3, paragraphs=60)
+        write_config(root, {"train": {"max_steps": 2, "save_every": 2, "log_every": 1},
+                            "eval": {"max_pairs_per_paradigm": 1, "max_windows": 2}})
+        (root / "PROTOCOL.md").write_text("margin 0.01, TOST\n", encoding="utf-8")
+        machines[name] = write_study(root, arms=CARRY_ARMS, protocol="PROTOCOL.md", primary=[["store", "online"]])
+
+    assert main(["study", str(machines["one"]), "--seeds", "1"]) == 0
+    first = tmp_path / "first"
+    assert main(["study", str(machines["one"]), "--report-only", "--out", str(first)]) == 0
+    carried = json.loads((first / "results.json").read_text())
+    fingerprints = {a["name"]: a["per_seed"]["1"]["student_fingerprint"] for a in carried["arms"]}
+    assert all(fingerprints.values())
+    capsys.readouterr()
+
+    run_two = tmp_path / "two/run"
+    assert main(["study", str(machines["two"]), "--carry", str(first / "results.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "online seed 1: carried from" in printed and "store seed 1: carried from" in printed
+    assert not (run_two / "study/online/students/o1").exists()
+    assert not (run_two / "study/store/seed1/logits.zarr").exists()
+    assert (run_two / "study/online/students/o2/eval.json").is_file()
+    assert (run_two / "study/store/seed2/logits.zarr").is_dir()
+
+    second = tmp_path / "second"
+    assert main(["study", str(machines["two"]), "--report-only", "--out", str(second),
+                 "--carry", str(first / "results.json")]) == 0
+    results = json.loads((second / "results.json").read_text())
+    for arm in results["arms"]:
+        assert arm["seeds_finished"] == [1, 2]
+        one = arm["per_seed"]["1"]
+        assert one["carried_from"] == str(first / "results.json") and one["student_fingerprint"] == fingerprints[arm["name"]]
+        assert one["val_ce"] == next(a for a in carried["arms"] if a["name"] == arm["name"])["per_seed"]["1"]["val_ce"]
+        assert "carried_from" not in arm["per_seed"]["2"]
+    assert results["claim"]["primary"][0]["verdict"] != "refused"
+    text = (second / "report.md").read_text()
+    assert "## Carried cells" in text and "online seed 1, store seed 1" in text
+
+    # the store arm's settings change: its carried cell no longer stands for it, and is trained here
+    changed = yaml.safe_load(machines["two"].read_text())
+    changed["arms"][1]["set"] = ["cache.k=5"]
+    machines["two"].write_text(yaml.safe_dump(changed), encoding="utf-8")
+    shutil.rmtree(run_two / "study/store")
+    capsys.readouterr()
+    assert main(["study", str(machines["two"]), "--seeds", "1", "--carry", str(first / "results.json")]) == 0
+    captured = capsys.readouterr()
+    assert "store seed 1: the carried cell" in captured.err and "it is trained here" in captured.err
+    assert (run_two / "study/store/seed1/students/s1/eval.json").is_file()
+    assert "online seed 1: carried from" in captured.out
+
+    for bad, expected in [("missing.json", "not found"), ("broken.json", "is not valid JSON"),
+                          ("other.json", "is not a study's results.json")]:
+        path = tmp_path / bad
+        if bad != "missing.json":
+            path.write_text("{" if bad == "broken.json" else "[]", encoding="utf-8")
+        assert main(["study", str(machines["two"]), "--carry", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err

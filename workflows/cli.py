@@ -203,6 +203,7 @@ def cmd_bench(args):
 
 
 def cmd_study(args):
+    from babydistill.workflows.experiments.study_carry import load_carried
     from babydistill.workflows.experiments.study_execute import run_study
     from babydistill.workflows.experiments.study_report import study_command, write_study_report
     from babydistill.workflows.experiments.study_results import collect_results
@@ -214,11 +215,12 @@ def cmd_study(args):
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, e.g. 1,2; got {args.seeds!r}") from None
     arms, seeds = select(study, _names(args.arms), seeds)
+    carried = load_carried(args.carry, study) if args.carry else None
     if not args.report_only:
-        run_study(study, arms, seeds, jobs=args.jobs)
+        run_study(study, arms, seeds, jobs=args.jobs, carried=carried)
     out = Path(args.out) if args.out else study.root / "report"
-    command = study_command(args.study, args.arms, args.seeds, args.jobs, args.report_only, args.out)
-    print(f"report: {write_study_report(collect_results(study), out, command=command)}")
+    command = study_command(args.study, args.arms, args.seeds, args.jobs, args.report_only, args.out, args.carry)
+    print(f"report: {write_study_report(collect_results(study, carried), out, command=command)}")
 
 
 def cmd_sweep(args):
@@ -364,7 +366,12 @@ def _add_study_verb(sub) -> None:
                         "(default: 1, in this process)")
     p.add_argument("--report-only", action="store_true",
                    help="only aggregate what is finished; missing cells are shown as - (default: off)")
-    p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/<folder>/report, folder: study unless the study file names one)")
+    p.add_argument("--out", help="folder for report.md, results.json and the plot (default: <base run_dir>/<folder>/report, "
+                                 "folder: study unless the study file names one)")
+    p.add_argument("--carry", metavar="RESULTS_JSON",
+                   help="a results.json an earlier run of this study wrote (e.g. docs/results/claim/results.json): "
+                        "its finished cells made from the same settings are not trained again, and the report "
+                        "includes them, marked carried; how a study outlives a machine (default: none)")
 
 
 def _add_sweep_verb(sub) -> None:

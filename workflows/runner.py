@@ -171,7 +171,10 @@ def capture_stage(config: Config, teacher_names: list[str] | None = None, schedu
 
 
 def student_stage(config: Config, seed: int, name: str | None = None, resume: Any = False,
-                  online: bool = False, teacher_names: list[str] | None = None) -> Stage:
+                  online: bool = False, teacher_names: list[str] | None = None,
+                  store_fingerprint: str | None = None) -> Stage:
+    """``store_fingerprint``: the logit store's, for a store not on disk (yet): the fingerprint the student would
+    have once its store is captured, which is what a study needs to match a cell carried from another machine."""
     from babydistill.pipeline.distill import student_config, train_student
 
     name = name or model_name("online" if online else "student", seed)
@@ -184,7 +187,7 @@ def student_stage(config: Config, seed: int, name: str | None = None, resume: An
         if config.cache.ensemble != "logits":  # the rule online students average with; under the default
             source.append(config.cache.ensemble)  # the fingerprint is the one students were made with before
     else:
-        up = output_fingerprint(config.logits_path)
+        up = store_fingerprint or output_fingerprint(config.logits_path)
         missing = [] if up else ["`babydistill capture CONFIG`"]
         source = ["offline", up]
     trained = student_config(config)

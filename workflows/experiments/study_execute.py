@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from babydistill.pipeline.config import model_name
+from babydistill.workflows.experiments.study_carry import Carried, carried_cell, carry_mismatches
 from babydistill.workflows.experiments.study_protocol import cell_name, record_cell
 from babydistill.workflows.experiments.study_spec import SHARED_LINKS, Arm, Study, StudyError
 from babydistill.workflows.experiments.study_units import (
@@ -175,9 +176,10 @@ def _ensembles(study: Study, arms: list[Arm], bar) -> None:
         bar.write(f"ensemble {', '.join(names)}: test CE {loss['test']['ce']:.4f}, val CE {loss['validation']['ce']:.4f}")
 
 
-def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1) -> None:
+def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1, carried: Carried | None = None) -> None:
     """Shared stages, teacher and ensemble evaluations, then arm by arm: the store(s) (offline) and one student
-    per seed.
+    per seed. A cell in ``carried`` (study_carry: ``--carry``) made from the same settings is neither trained nor
+    captured for.
 
     ``jobs`` > 1 captures the stores first, then trains and evaluates up to ``jobs`` models at once, seed by seed
     across the arms (``seed_major``), each in a `babydistill` subprocess with ``train.num_threads = cores // jobs``.
@@ -197,9 +199,10 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
     for arm in arms:
         link_arm(study, arm, seeds)
 
-    stores = [(a, c) for a in arms for c in a.store_configs() if a.capture != "per_seed" or c.cache.seed in seeds]
     teachers = teacher_units(study, arms)
-    per_arm = {a.name: arm_units(a, seeds) for a in arms}
+    per_arm = _not_carried(study, {a.name: arm_units(a, seeds) for a in arms}, carried or {})
+    stores = [(a, c) for a in arms for c in a.store_configs()
+              if any(a.capture != "per_seed" or u.seed == c.cache.seed for u in per_arm[a.name])]
     units = teachers + [u for a in arms for u in per_arm[a.name]]
     ensembles = [ensemble_stage(study, names) for names in study.teacher_pairs_of(arms)]
     # the bar counts finished work as done from the start, so that its rate and ETA are those of the work left
@@ -226,6 +229,23 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1)
             _run_pool(study, teachers + seed_major(per_arm), jobs, num_threads, bar)
     finally:
         bar.close()
+
+
+def _not_carried(study: Study, per_arm: dict[str, list[Unit]], carried: Carried) -> dict[str, list[Unit]]:
+    """``per_arm`` without the units a carried cell stands for (each said on the console, as is a carried cell
+    that cannot be used)."""
+    for line in carry_mismatches(carried, [u for units in per_arm.values() for u in units]):
+        print(f"babydistill: warning: {line}", file=sys.stderr)
+    kept = {}
+    for name, units in per_arm.items():
+        kept[name] = []
+        for unit in units:
+            cell = carried_cell(carried, unit)
+            if cell is None:
+                kept[name].append(unit)
+            else:
+                print(f"{unit.label}: carried from {cell['carried_from']} (val CE {cell['val_ce']:.4f})", flush=True)
+    return kept
 
 
 def seed_major(per_arm: dict[str, list[Unit]]) -> list[Unit]:

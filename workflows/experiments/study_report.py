@@ -103,6 +103,26 @@ def _arms_table(results: dict) -> list[str]:
     return lines
 
 
+def _carried_section(results: dict) -> list[str]:
+    """Which cells come from an earlier run's results.json (``--carry``), and whether their teachers' weights
+    are this run's."""
+    carried = [(a["name"], int(s), c) for a in results["arms"] for s, c in a["per_seed"].items() if c.get("carried_from")]
+    if not carried:
+        return []
+    local = {t["name"]: t.get("weights_sha256") for t in results["teachers"]}
+    other = [f"{arm} seed {seed}" for arm, seed, c in carried
+             if any(local.get(n) != sha for n, sha in (c.get("teacher_weights_sha256") or {}).items())]
+    sources = sorted({c["carried_from"] for _, _, c in carried})
+    lines = ["## Carried cells", "",
+             f"{len(carried)} cells were finished by an earlier run and carried from {', '.join(f'`{x}`' for x in sources)} "
+             "(`--carry`; each made from the same settings and inputs, its student fingerprint): "
+             + ", ".join(f"{arm} seed {seed}" for arm, seed, _ in carried) + ".", ""]
+    if other:
+        lines += [f"Their teachers were retrained here from the same settings but are not bit-identical for "
+                  f"{len(other)} of them ({', '.join(other)}): their pairs mix two trainings of each teacher.", ""]
+    return lines
+
+
 def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
     """``out_dir``/report.md, results.json and test_ce_vs_bytes.png; returns the report's path."""
     out_dir = Path(out_dir)
@@ -140,6 +160,7 @@ def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
     if missing:
         lines += ["## Missing cells", ""] + [f"- {arm} seed {seed}: {status}" for arm, seed, status in missing]
         lines.append("")
+    lines += _carried_section(results)
 
     if plot_test_ce_vs_bytes(results, out_dir / "test_ce_vs_bytes.png"):
         lines += ["## Test CE against store size", "", "![test CE vs bytes per token](test_ce_vs_bytes.png)", "",
@@ -154,11 +175,12 @@ def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
 
 
 def study_command(path: str, arms: str | None, seeds: str | None, jobs: int, report_only: bool,
-                  out: str | None) -> str:
+                  out: str | None, carry: str | None = None) -> str:
     argv = ["babydistill", "study", str(path)]
     argv += ["--arms", arms] if arms else []
     argv += ["--seeds", seeds] if seeds else []
     argv += ["--jobs", str(jobs)] if jobs != 1 else []
     argv += ["--report-only"] if report_only else []
     argv += ["--out", out] if out else []
+    argv += ["--carry", carry] if carry else []
     return shlex.join(argv)

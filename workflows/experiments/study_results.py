@@ -4,12 +4,15 @@ read from the runs, never written.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from babydistill.stores.files import file_sha256
+from babydistill.workflows.experiments.study_carry import Carried, carried_cell
 from babydistill.workflows.experiments.study_protocol import cell_name, read_record
 from babydistill.workflows.experiments.study_spec import Arm, Study
 from babydistill.workflows.experiments.study_stats import describe, paired_ci
@@ -73,6 +76,21 @@ def step_seconds(model_dir: Path) -> float | None:
     return float(np.median([tokens_per_step / r["tokens_per_second"] for r in records if r["tokens_per_second"] > 0]))
 
 
+def weights_sha256(model_dir: Path) -> str | None:
+    """The digest of a model's weights (``model.safetensors``): teachers retrained from the same settings have
+    the same fingerprint, and this says whether they are bit-identical too."""
+    path = model_dir / "model.safetensors"
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _digest(path: Path, size: int, mtime_ns: int) -> str:  # every student cell names its teachers: hashed once
+    return file_sha256(path)
+
+
 def cache_label(arm: Arm) -> str:
     if arm.online:
         return "online (teachers every step)"
@@ -129,7 +147,8 @@ def _teachers(study: Study) -> tuple[list[dict], list[dict]]:
     teachers = []
     for unit in teacher_units(study):
         cell = {"name": unit.model_dir.name, **_model_cell(unit)}
-        teachers.append({**cell, "protocol_sha256": _recorded(study, cell_name(None, None, unit.model_dir.name))})
+        teachers.append({**cell, "protocol_sha256": _recorded(study, cell_name(None, None, unit.model_dir.name)),
+                         "weights_sha256": weights_sha256(study.base.teacher_path(cell["name"]))})
     ensembles = []
     for names in study.teacher_pairs:
         stage = ensemble_stage(study, names)
@@ -159,13 +178,22 @@ def _done(per_seed: dict, metric: str) -> dict[int, float]:
     return {int(s): c[metric] for s, c in per_seed.items() if c["status"] == "done"}
 
 
-def _arm_result(study: Study, arm: Arm, teachers: list[dict]) -> dict:
-    per_seed = {}
-    for unit in arm_units(arm):
-        cell = _model_cell(unit)
-        cell["step_seconds"] = step_seconds(unit.model_dir) if cell["status"] == "done" else None
-        cell["protocol_sha256"] = _recorded(study, cell_name(arm.name, unit.seed, ""))
-        per_seed[unit.seed] = cell
+def _seed_cell(study: Study, unit: Unit, carried: Carried) -> dict:
+    """A student's cell: finished here, else carried (``--carry``, the same student fingerprint), else missing."""
+    cell = _model_cell(unit)
+    if cell["status"] == "done":
+        return {**cell, "step_seconds": step_seconds(unit.model_dir),
+                "protocol_sha256": _recorded(study, cell_name(unit.arm.name, unit.seed, "")),
+                "student_fingerprint": unit.student().fingerprint,
+                "teacher_weights_sha256": {n: weights_sha256(study.base.teacher_path(n)) for n in unit.arm.teacher_names}}
+    from_file = carried_cell(carried, unit)
+    if from_file is not None:  # its numbers, protocol record and fingerprint as the file holds them
+        return dict(from_file)
+    return {**cell, "step_seconds": None, "protocol_sha256": _recorded(study, cell_name(unit.arm.name, unit.seed, ""))}
+
+
+def _arm_result(study: Study, arm: Arm, teachers: list[dict], carried: Carried) -> dict:
+    per_seed = {unit.seed: _seed_cell(study, unit, carried) for unit in arm_units(arm)}
     finished = {s: c for s, c in per_seed.items() if c["status"] == "done"}
     cache = arm.config.cache
     best = _best_teacher(teachers, arm.teacher_names)
@@ -189,11 +217,12 @@ def _arm_result(study: Study, arm: Arm, teachers: list[dict]) -> dict:
     }
 
 
-def collect_results(study: Study) -> dict:
-    """Every per-seed number of every arm and teacher that is finished; reads, never writes."""
+def collect_results(study: Study, carried: Carried | None = None) -> dict:
+    """Every per-seed number of every arm and teacher that is finished, here or in ``carried``; reads, never
+    writes."""
     teachers, ensembles = _teachers(study)
     best = _best_teacher(teachers, [t["name"] for t in teachers])
-    arms = [_arm_result(study, arm, teachers) for arm in study.arms]
+    arms = [_arm_result(study, arm, teachers, carried or {}) for arm in study.arms]
     by_name = {a["name"]: a for a in arms}
     reference = by_name[study.reference]
     for a in arms:
