@@ -292,7 +292,7 @@ def test_tiny_claim_study_empty_report_then_run_then_protocol_changed(tmp_path, 
     assert "(No comparison is complete yet.)" in text
 
     started = time.time()
-    assert main(["study", str(path)]) == 0
+    assert main(["study", str(path), "--jobs", "2"]) == 0
     seconds = time.time() - started
     capsys.readouterr()
     print(f"tiny claim study end to end: {seconds:.0f} s")

@@ -99,16 +99,8 @@ def _run_subprocess(study: Study, unit: Unit, num_threads: int) -> None:
     commands = unit_commands(study, unit, num_threads)
     if stage_status(unit.evaluation())[0] == "stale":
         commands[-1].append("--force")  # an evaluation is cheap to redo and derived from the model alone
-    unit.log.parent.mkdir(parents=True, exist_ok=True)
-    with unit.log.open("a", encoding="utf-8") as log:
-        for argv in commands:
-            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(['babydistill', *argv])}\n")
-            log.flush()
-            code = subprocess.run([sys.executable, "-m", "babydistill.workflows", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-            if code != 0:
-                raise StudyError(f"{unit.label}: `babydistill {argv[0]}` failed with exit status {code}; "
-                                 f"see {unit.log}")
+    for argv in commands:
+        _subprocess(argv, unit.log, unit.label)
 
 
 def _unit_line(unit: Unit, seconds: float | None) -> str:
@@ -118,22 +110,56 @@ def _unit_line(unit: Unit, seconds: float | None) -> str:
             f"BLiMP {100 * e['blimp']['overall']:.1f}% ({took})")
 
 
-def _capture(arm: Arm, config, bar) -> None:
+def _capture_log(arm: Arm, config) -> Path:
+    return arm.run_path / "logs" / (f"cacheseed{config.cache.seed}.log" if arm.capture == "per_seed" else "cache.log")
+
+
+def _capture_label(arm: Arm, config) -> str:
+    return f"{arm.name} seed{config.cache.seed}" if arm.capture == "per_seed" else arm.name
+
+
+def _capture_line(arm: Arm, config, seconds: float | None) -> str:
     from babydistill.stores.logits import store_info
 
-    stage = capture_stage(config)
-    seed = f" seed{config.cache.seed}" if arm.capture == "per_seed" else ""
-    log = arm.run_path / "logs" / f"cache{seed.strip()}.log"
+    took = "up to date" if seconds is None else f"{seconds:.0f} s"
+    return (f"{_capture_label(arm, config)} cache: "
+            f"{store_info(capture_stage(config).out)['bytes_per_token']:.1f} bytes/token ({took})")
+
+
+def _capture(arm: Arm, config, bar) -> None:
+    stage, log = capture_stage(config), _capture_log(arm, config)
     started = time.time()
     try:
         with _logged(log):
             ran = run_in_study(stage)
     except ValueError as exc:
-        raise StudyError(f"{arm.name}{seed} cache: {' '.join(str(exc).split())} (log: {log})") from None
-    took = f"{time.time() - started:.0f} s" if ran else "up to date"
-    bar.write(f"{arm.name}{seed} cache: {store_info(stage.out)['bytes_per_token']:.1f} bytes/token ({took})")
+        raise StudyError(f"{_capture_label(arm, config)} cache: {' '.join(str(exc).split())} (log: {log})") from None
+    bar.write(_capture_line(arm, config, time.time() - started if ran else None))
     if ran:
         bar.update(1)
+
+
+def _capture_subprocess(study: Study, arm: Arm, config, num_threads: int) -> None:
+    """`babydistill capture` with the arm's settings (and seed), in a subprocess limited to ``num_threads``
+    threads: captures side by side must not each spin up every core's worth of threads."""
+    refuse_stale(capture_stage(config))
+    seed = config.cache.seed if arm.capture == "per_seed" else None
+    argv = ["capture", str(study.base_path), *(a for item in study.overrides(arm, seed) for a in ("--set", item))]
+    _subprocess(argv, _capture_log(arm, config), f"{_capture_label(arm, config)} cache",
+                {"OMP_NUM_THREADS": str(num_threads)})
+
+
+def _subprocess(argv: list[str], log: Path, label: str, env: dict | None = None) -> None:
+    """``babydistill ARGV`` with its output appended to ``log``; a failure raises StudyError naming the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(['babydistill', *argv])}\n")
+        out.flush()
+        code = subprocess.run([sys.executable, "-m", "babydistill.workflows", *argv], stdout=out,
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}).returncode
+    if code != 0:
+        raise StudyError(f"{label}: `babydistill {argv[0]}` failed with exit status {code}; see {log}")
 
 
 def _available_cores() -> int:
@@ -222,10 +248,9 @@ def run_study(study: Study, arms: list[Arm], seeds: list[int], *, jobs: int = 1,
                 for unit in per_arm[arm.name]:
                     _finish_in_process(study, unit, bar)
         else:
-            for arm, config in stores:  # the students need their stores
-                _capture(arm, config, bar)
-            _ensembles(study, arms, bar)
             num_threads = max(1, _available_cores() // jobs)
+            _capture_pool(study, stores, jobs, num_threads, bar)  # the students need their stores
+            _ensembles(study, arms, bar)
             _run_pool(study, teachers + seed_major(per_arm), jobs, num_threads, bar)
     finally:
         bar.close()
@@ -280,10 +305,37 @@ def _run_pool(study: Study, units: list[Unit], jobs: int, num_threads: int, bar)
             bar.write(_unit_line(unit, None))
         else:
             todo.append(unit)
+
+    def finished(unit: Unit, seconds: float) -> None:
+        _record(study, unit)
+        bar.write(_unit_line(unit, seconds))
+        bar.update(1)
+
+    _pooled(jobs, todo, lambda unit: _run_subprocess(study, unit, num_threads), finished)
+
+
+def _capture_pool(study: Study, stores: list, jobs: int, num_threads: int, bar) -> None:
+    todo = []
+    for arm, config in stores:
+        if stage_status(capture_stage(config))[0] == "done":
+            bar.write(_capture_line(arm, config, None))
+        else:
+            todo.append((arm, config))
+
+    def finished(store: tuple, seconds: float) -> None:
+        bar.write(_capture_line(*store, seconds))
+        bar.update(1)
+
+    _pooled(jobs, todo, lambda store: _capture_subprocess(study, *store, num_threads), finished)
+
+
+def _pooled(jobs: int, items: list, work, finished) -> None:
+    """``work(item)`` for every item, ``jobs`` at a time, then ``finished(item, seconds)``. The first failure
+    cancels what has not started (what runs finishes) and is raised once all have stopped."""
     failures = []
+    started = time.time()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        started = time.time()
-        futures = {pool.submit(_timed, _run_subprocess, study, unit, num_threads): unit for unit in todo}
+        futures = {pool.submit(_timed, work, item): item for item in items}
         for future in as_completed(futures):
             if future.cancelled():
                 continue
@@ -292,11 +344,9 @@ def _run_pool(study: Study, units: list[Unit], jobs: int, num_threads: int, bar)
             except StudyError as exc:
                 failures.append(str(exc))
                 for other in futures:
-                    other.cancel()  # the ones not started; the running ones finish
+                    other.cancel()
                 continue
-            _record(study, futures[future])
-            bar.write(_unit_line(futures[future], seconds))
-            bar.update(1)
+            finished(futures[future], seconds)
     if failures:
         more = f" ({len(failures) - 1} more failed; see their logs)" if len(failures) > 1 else ""
         raise StudyError(failures[0] + more + f"; stopped after {time.time() - started:.0f} s")
