@@ -400,3 +400,17 @@ def test_cells_carried_to_a_fresh_machine_are_not_trained_again(tmp_path, capsys
         assert main(["study", str(machines["two"]), "--carry", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
+
+
+def test_deviations_beside_the_protocol_enter_the_report_without_voiding_it(tmp_path):
+    write_config(tmp_path)
+    path, out = write_claim_study(tmp_path), tmp_path / "report"
+    assert main(["study", str(path), "--report-only", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "## Deviations" in text and "None recorded" in text
+    (tmp_path / "DEVIATIONS.md").write_text("- Teachers trained outside the study, same settings.\n", encoding="utf-8")
+    assert main(["study", str(path), "--report-only", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "None recorded" not in text and "- Teachers trained outside the study, same settings." in text
+    claim = json.loads((out / "results.json").read_text())["claim"]
+    assert claim["deviations"].startswith("- Teachers") and claim["refusal"] is None

@@ -57,10 +57,18 @@ def claim_results(study: Study, arms: list[dict], others: list[dict]) -> dict | 
     refusal = verdict_refusal(study, recorded)
     by_name = {a["name"]: a for a in arms}
     return {"protocol": str(study.protocol), "sha256": protocol_sha256(study), "margin": study.margin,
-            "refusal": refusal, "control": study.control,
+            "refusal": refusal, "control": study.control, **_deviations(study),
             "primary": [comparison(by_name[a], by_name[b], "primary", study.margin, refusal) for a, b in study.primary],
             "secondary": [comparison(by_name[a], by_name[b], "secondary", study.margin, refusal)
                           for a, b in study.secondary]}
+
+
+def _deviations(study: Study) -> dict:
+    """``DEVIATIONS.md`` beside the protocol: what departed from it, with the reasons. Not hashed with the results:
+    deviations are found while the study runs, and listing one must not void the verdicts it qualifies."""
+    path = None if study.protocol is None else study.protocol.parent / "DEVIATIONS.md"
+    text = path.read_text(encoding="utf-8").strip() if path is not None and path.is_file() else None
+    return {"deviations_file": None if path is None else str(path), "deviations": text}
 
 
 # --- the report's sections ----------------------------------------------------------------------------------------
@@ -100,6 +108,7 @@ def claim_sections(results: dict) -> list[str]:
              "of validation CE; TOST at 5% per side (the 90% paired t-interval inside the margin).", ""]
     if claim["refusal"]:
         lines += [f"**No verdict: {claim['refusal']}.**", ""]
+    lines += _deviation_section(claim)
     head = "| comparison (first − second) | pairs | Δ val CE | 90% CI | 95% CI |"
     lines += ["## Primary comparisons: verdicts on validation CE", "", head + " verdict |", "|" + " --- |" * 6]
     lines += [_row(c, f"**{c['verdict']}**" if c["verdict"] else f"none: {c['why_no_verdict']}")
@@ -112,6 +121,14 @@ def claim_sections(results: dict) -> list[str]:
         lines += [_row(c, direction(c, m)) for c in claim["secondary"]]
         lines.append("")
     return lines + _control_sections(results) + _test_section(claim)
+
+
+def _deviation_section(claim: dict) -> list[str]:
+    if "deviations_file" not in claim:  # results.json written before 2026-12-05
+        return []
+    if not claim["deviations"]:
+        return ["## Deviations", "", f"None recorded (`{claim['deviations_file']}` would list each, with its reason).", ""]
+    return ["## Deviations", "", f"From `{claim['deviations_file']}`:", "", claim["deviations"], ""]
 
 
 def _control_sections(results: dict) -> list[str]:
