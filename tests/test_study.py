@@ -408,6 +408,7 @@ def test_deviations_beside_the_protocol_enter_the_report_without_voiding_it(tmp_
     assert main(["study", str(path), "--report-only", "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "## Deviations" in text and "None recorded" in text
+    assert "- store seed 1: not started: the study has not run this arm yet (`--arms store`)" in text
     (tmp_path / "DEVIATIONS.md").write_text("- Teachers trained outside the study, same settings.\n", encoding="utf-8")
     assert main(["study", str(path), "--report-only", "--out", str(out)]) == 0
     text = (out / "report.md").read_text()

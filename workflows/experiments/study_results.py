@@ -180,7 +180,10 @@ def _done(per_seed: dict, metric: str) -> dict[int, float]:
 
 def _seed_cell(study: Study, unit: Unit, carried: Carried) -> dict:
     """A student's cell: finished here, else carried (``--carry``, the same student fingerprint), else missing."""
-    cell = _model_cell(unit)
+    cell = _model_cell(unit) if (unit.config.run_path / "teachers").exists() else {
+        # an arm the study has not run yet has no links to the base run, so its stages would name missing inputs
+        "model": str(unit.model_dir), "val_ce": None, "test_ce": None, "blimp": None,
+        "status": f"not started: the study has not run this arm yet (`--arms {unit.arm.name}`)"}
     if cell["status"] == "done":
         return {**cell, "step_seconds": step_seconds(unit.model_dir),
                 "protocol_sha256": _recorded(study, cell_name(unit.arm.name, unit.seed, "")),
