@@ -30,6 +30,7 @@ from babydistill.pipeline.tokenizer import tokenizer_hash
 from babydistill.pipeline.training.loop import train_loop
 from babydistill.pipeline.training.runtime import TrainingError, resolve_device
 from babydistill.pipeline.training.windows import Batch, TokenWindows, ce_loss
+from babydistill.stores.files import file_sha256
 from babydistill.stores.header import RETEMPERING_BIAS, LogitStoreHeader, temperature_refusal
 from babydistill.stores.reader import LogitStoreReader
 from babydistill.stores.tokens import TokenStore
@@ -328,7 +329,10 @@ def train_student(config: Config, tokens_path: Path, tokenizer_dir: Path, logits
         teachers = online_teachers([Path(p) for p in teacher_dirs], tokens.vocab_size, config.train.device)
         batches = TokenWindows(tokens, "train", seed=seed)
         loss_fn = online_loss(dcfg, teachers, config.cache.ensemble)
-        meta = {"stage": "student", "online": True, "teachers": [str(p) for p in teacher_dirs]}
+        meta = {"stage": "student", "online": True, "teachers": [str(p) for p in teacher_dirs],
+                # the weights it learned from, as a store's header records them for an offline student
+                "teacher_weights": [{"path": str(Path(p).resolve()),
+                                     "sha256": file_sha256(Path(p) / "model.safetensors")} for p in teacher_dirs]}
     else:
         batches, use_c_T, tail = open_offline_source(config, tokens_path, tokenizer_dir, logits_path, seed)
         loss_fn, control = store_loss(dcfg, batches, use_c_T, tail, logits_path)

@@ -336,7 +336,7 @@ CARRY_ARMS = [{"name": "online", "online": True}, {"name": "store", "set": ["cac
 
 
 @pytest.mark.slow
-def test_cells_carried_to_a_fresh_machine_are_not_trained_again(tmp_path, capsys):
+def test_cells_carried_to_a_fresh_machine_are_not_trained_again(tmp_path, capsys, monkeypatch):
     """A study half run on one machine, its results.json carried to another folder (a fresh machine: another
     path, no runs): the finished cells are neither trained nor captured for again and enter the report; a cell
     whose settings changed since is trained; a bad --carry file is refused in one line."""
@@ -400,6 +400,17 @@ def test_cells_carried_to_a_fresh_machine_are_not_trained_again(tmp_path, capsys
         assert main(["study", str(machines["two"]), "--carry", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and expected in err, err
+
+    # a student's cell names the teachers' weights it learned from, as its training recorded them, not today's
+    from babydistill.workflows.experiments import study_results
+    monkeypatch.setattr(study_results, "weights_sha256", lambda model_dir: "f" * 64)  # as if retrained since
+    assert main(["study", str(machines["one"]), "--report-only", "--out", str(tmp_path / "third")]) == 0
+    results = json.loads((tmp_path / "third/results.json").read_text())
+    assert all(t["weights_sha256"] == "f" * 64 for t in results["teachers"])
+    summary = json.loads((tmp_path / "one/run/study/online/students/o1/train_summary.json").read_text())
+    online, store = (a["per_seed"]["1"]["teacher_weights_sha256"] for a in results["arms"])
+    assert online == {os.path.basename(t["path"]): t["sha256"] for t in summary["teacher_weights"]}
+    assert store == online  # the store's header: hashed at capture, from the same teachers
 
 
 def test_deviations_beside_the_protocol_enter_the_report_without_voiding_it(tmp_path):

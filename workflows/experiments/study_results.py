@@ -86,6 +86,16 @@ def weights_sha256(model_dir: Path) -> str | None:
     return _digest(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
+def trained_teacher_weights(model_dir: Path) -> dict[str, str] | None:
+    """The digests of the teachers a student learned from, as its training recorded them (an online student's
+    ``teacher_weights``, an offline one's ``store_teachers``: hashed when the store was captured), by teacher
+    name; None for a student trained before students recorded them."""
+    path = model_dir / "train_summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    recorded = summary.get("teacher_weights") or summary.get("store_teachers")
+    return {Path(t["path"]).name: t["sha256"] for t in recorded} if recorded else None
+
+
 @functools.cache
 def _digest(path: Path, size: int, mtime_ns: int) -> str:  # every student cell names its teachers: hashed once
     return file_sha256(path)
@@ -188,7 +198,8 @@ def _seed_cell(study: Study, unit: Unit, carried: Carried) -> dict:
         return {**cell, "step_seconds": step_seconds(unit.model_dir),
                 "protocol_sha256": _recorded(study, cell_name(unit.arm.name, unit.seed, "")),
                 "student_fingerprint": unit.student().fingerprint,
-                "teacher_weights_sha256": {n: weights_sha256(study.base.teacher_path(n)) for n in unit.arm.teacher_names}}
+                "teacher_weights_sha256": trained_teacher_weights(unit.model_dir) or {  # else: as they are now
+                    n: weights_sha256(study.base.teacher_path(n)) for n in unit.arm.teacher_names}}
     from_file = carried_cell(carried, unit)
     if from_file is not None:  # its numbers, protocol record and fingerprint as the file holds them
         return dict(from_file)
