@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 from conftest import write_config, write_corpus
@@ -207,6 +208,29 @@ def test_tost_verdict_at_the_margin():
     assert tost_verdict(ci(0.012, 0.03), ci(0.011, 0.031), 0.01) == "different"
 
 
+@pytest.mark.parametrize("n, sd, true_difference, margin", [
+    (3, 0.003, 0.0, 0.005), (3, 0.007, -0.0036, 0.005), (8, 0.020, 0.0, 0.01), (30, 0.020, 0.003, 0.01)])
+def test_tost_power_matches_simulated_studies(n, sd, true_difference, margin):
+    """The exact power against 40,000 simulated studies of normal paired differences (binomial sd <= 0.0025)."""
+    from scipy.stats import t
+
+    from babydistill.workflows.experiments.study_stats import tost_power
+
+    d = np.random.default_rng(0).normal(true_difference, sd, (40_000, n))
+    half = t.ppf(0.95, n - 1) * d.std(axis=1, ddof=1) / np.sqrt(n)
+    simulated = np.mean((d.mean(axis=1) - half > -margin) & (d.mean(axis=1) + half < margin))
+    assert abs(tost_power(n, sd, true_difference, margin) - simulated) < 0.01
+
+
+def test_pairs_for_power_is_the_fewest_that_reach_it():
+    from babydistill.workflows.experiments.study_stats import pairs_for_power, tost_power
+
+    n = pairs_for_power(0.020, 0.0, 0.01)
+    assert tost_power(n, 0.020, 0.0, 0.01) >= 0.8 > tost_power(n - 1, 0.020, 0.0, 0.01)
+    assert pairs_for_power(0.020, 0.0058, 0.01) > n  # a true difference inside the margin needs more pairs
+    assert pairs_for_power(0.020, 0.01, 0.01) is None and pairs_for_power(0.020, -0.02, 0.01) is None
+
+
 @pytest.mark.parametrize("fields, expected", [
     ({"arms": [ONLINE, {"name": "b", "teachers": [3, 3]}]}, "arms[1].teachers: must be a list of distinct"),
     ({"arms": [ONLINE, {"name": "b", "capture": "each"}]}, "arms[1].capture: must be one of shared, per_seed"),
@@ -316,6 +340,8 @@ def test_tiny_claim_study_empty_report_then_run_then_protocol_changed(tmp_path, 
     cell = results["arms"][1]["per_seed"]["2"]
     assert cell["protocol_sha256"] == results["claim"]["sha256"]
     assert f"**{primary['verdict']}**" in text and "no multiplicity correction" in text
+    assert primary["sizing"]["paired_sd"] == primary["val_ce"]["90"]["sd"]
+    assert ("Sizing, computed after the fact" in text) == (primary["verdict"] != "equivalent")
     assert "| store − online | 3 |" in text  # the test section: a complete comparison
     assert (report / "paired_intervals.png").read_bytes()[:4] == b"\x89PNG"
     assert "b-store vs t3" in text or "b-store vs t4" in text  # the best teacher of its own pair

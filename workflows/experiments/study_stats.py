@@ -32,3 +32,42 @@ def paired_ci(values: dict[int, float], reference: dict[int, float], confidence:
         half = float(t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
         result.update(sd=sd, half_width=half, low=result["mean"] - half, high=result["mean"] + half)
     return result
+
+
+def tost_power(n: int, sd: float, true_difference: float, margin: float, alpha: float = 0.05) -> float:
+    """The probability that TOST at ``alpha`` per side (the (1 - 2 alpha) paired t-interval inside ±``margin``)
+    passes with ``n`` pairs of normal differences with standard deviation ``sd`` and mean ``true_difference``.
+
+    Exact: the mean and the sample sd are independent, so the chance that |mean| < margin - t * s / sqrt(n) is
+    integrated over the chi-square law of s (Owen's power of TOST, by quadrature).
+    """
+    from scipy.integrate import quad
+    from scipy.stats import chi2, norm, t
+
+    if n < 2 or sd <= 0:
+        return 0.0
+    df, crit, root_n = n - 1, float(t.ppf(1 - alpha, n - 1)), math.sqrt(n)
+    widest = (margin * root_n / crit) ** 2 * df / sd**2  # the chi-square value beyond which no mean can pass
+
+    def passes(q: float) -> float:
+        room = margin - crit * sd * math.sqrt(q / df) / root_n  # how far the mean may lie from 0, given s
+        return (norm.cdf((room - true_difference) * root_n / sd)
+                - norm.cdf((-room - true_difference) * root_n / sd)) * chi2.pdf(q, df)
+
+    return float(min(1.0, max(0.0, quad(passes, 0, widest, limit=200)[0])))
+
+def pairs_for_power(sd: float, true_difference: float, margin: float, power: float = 0.8, alpha: float = 0.05,
+                    most: int = 100_000) -> int | None:
+    """The fewest pairs for which TOST passes with probability ``power``; None when no n up to ``most`` does
+    (a true difference at or beyond the margin never passes)."""
+    if abs(true_difference) >= margin:
+        return None
+    low, high = 2, 4
+    while tost_power(high, sd, true_difference, margin, alpha) < power:  # power grows with n
+        if high >= most:
+            return None
+        low, high = high + 1, min(2 * high, most)
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if tost_power(mid, sd, true_difference, margin, alpha) < power else (low, mid)
+    return low

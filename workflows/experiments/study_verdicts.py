@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from babydistill.workflows.experiments.study_protocol import protocol_sha256, verdict_refusal
 from babydistill.workflows.experiments.study_spec import Study
-from babydistill.workflows.experiments.study_stats import paired_ci
+from babydistill.workflows.experiments.study_stats import paired_ci, pairs_for_power
 
 
 def tost_verdict(ci90: dict, ci95: dict, margin: float) -> str:
@@ -45,7 +45,17 @@ def comparison(first: dict, second: dict, kind: str, margin: float, refusal: str
         result["why_no_verdict"] = refusal
     else:
         result["verdict"] = tost_verdict(result["val_ce"]["90"], result["val_ce"]["95"], margin)
+    result["sizing"] = sizing(result["val_ce"]["90"], margin)
     return result
+
+
+def sizing(ci: dict, margin: float, power: float = 0.8) -> dict | None:
+    """After the fact, not pre-registered: the pairs a TOST at ``margin`` would need for ``power`` at the paired
+    sd observed, if the true difference were 0 and if it were the observed mean (None: no n reaches it)."""
+    if ci["sd"] is None or ci["sd"] <= 0:
+        return None
+    return {"power": power, "paired_sd": ci["sd"], "pairs_if_no_difference": pairs_for_power(ci["sd"], 0.0, margin, power),
+            "pairs_if_observed_mean": pairs_for_power(ci["sd"], ci["mean"], margin, power)}
 
 
 def claim_results(study: Study, arms: list[dict], others: list[dict]) -> dict | None:
@@ -116,11 +126,31 @@ def claim_sections(results: dict) -> list[str]:
     lines += ["", "Each primary comparison is its own family (one claim per normalisation): no multiplicity "
               "correction. equivalent: the 90% interval inside the margin; not equivalent: it reaches outside; "
               "different: the 95% interval excludes 0 as well.", ""]
+    lines += _sizing_lines(claim["primary"], m)
     if claim["secondary"]:
         lines += ["## Secondary comparisons: direction only (no verdict)", "", head + " direction |", "|" + " --- |" * 6]
         lines += [_row(c, direction(c, m)) for c in claim["secondary"]]
         lines.append("")
     return lines + _control_sections(results) + _test_section(claim)
+
+
+def _sizing_lines(comparisons: list[dict], margin: float) -> list[str]:
+    """What a study that could pass would need, for each primary comparison that did not: computed after the
+    fact from its own paired sd, so planning advice, not evidence."""
+    lines = []
+    for c in comparisons:
+        size = c.get("sizing")
+        if not size or c["verdict"] == "equivalent":
+            continue
+        at_mean = size["pairs_if_observed_mean"]
+        lines.append(f"- {c['arm']} − {c['minus']}: paired sd {size['paired_sd']:.4f}; TOST at ±{margin:g} passes "
+                     f"with {size['power']:.0%} power from {size['pairs_if_no_difference'] or 'no number of'} pairs if "
+                     f"the true difference is 0, and from {at_mean or 'no number of'} pairs if it is the observed "
+                     f"{c['val_ce']['90']['mean']:+.4f}.")
+    if not lines:
+        return []
+    return ["Sizing, computed after the fact (not pre-registered; `study_stats.pairs_for_power`, exact TOST power):",
+            "", *lines, ""]
 
 
 def _deviation_section(claim: dict) -> list[str]:
