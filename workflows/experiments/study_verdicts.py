@@ -140,7 +140,7 @@ def _sizing_lines(comparisons: list[dict], margin: float) -> list[str]:
     lines = []
     for c in comparisons:
         size = c.get("sizing")
-        if not size or c["verdict"] == "equivalent":
+        if not size or not c["complete"] or c["verdict"] == "equivalent":
             continue
         at_mean = size["pairs_if_observed_mean"]
         lines.append(f"- {c['arm']} − {c['minus']}: paired sd {size['paired_sd']:.4f}; TOST at ±{margin:g} passes "
