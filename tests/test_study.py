@@ -208,6 +208,18 @@ def test_tost_verdict_at_the_margin():
     assert tost_verdict(ci(0.012, 0.03), ci(0.011, 0.031), 0.01) == "different"
 
 
+def test_an_equivalent_verdict_says_when_a_smaller_difference_is_shown():
+    from babydistill.workflows.experiments.study_verdicts import _verdict_cell
+
+    def comparison(low95, high95):
+        return {"verdict": "equivalent", "val_ce": {"95": {"low": low95, "high": high95}}}
+
+    assert _verdict_cell(comparison(0.004, 0.008)).startswith("**equivalent** (the 95% interval excludes 0")
+    assert _verdict_cell(comparison(-0.002, 0.008)) == "**equivalent**"
+    assert _verdict_cell({"verdict": None, "why_no_verdict": "incomplete (2/8 pairs finished)"}) == (
+        "none: incomplete (2/8 pairs finished)")
+
+
 @pytest.mark.parametrize("n, sd, true_difference, margin", [
     (3, 0.003, 0.0, 0.005), (3, 0.007, -0.0036, 0.005), (8, 0.020, 0.0, 0.01), (30, 0.020, 0.003, 0.01)])
 def test_tost_power_matches_simulated_studies(n, sd, true_difference, margin):

@@ -102,6 +102,15 @@ def _row(c: dict, last: str) -> str:
             f"{_ci(v['90'])} | {_ci(v['95'])} | {last} |")
 
 
+def _verdict_cell(c: dict) -> str:
+    if not c["verdict"]:
+        return f"none: {c['why_no_verdict']}"
+    ci95 = c["val_ce"]["95"]
+    if c["verdict"] == "equivalent" and (ci95["low"] > 0 or ci95["high"] < 0):
+        return "**equivalent** (the 95% interval excludes 0: a difference, smaller than the margin)"
+    return f"**{c['verdict']}**"
+
+
 def direction(c: dict, margin: float) -> str:
     mean = c["val_ce"]["95"]["mean"]
     if mean is None:
@@ -121,8 +130,7 @@ def claim_sections(results: dict) -> list[str]:
     lines += _deviation_section(claim)
     head = "| comparison (first − second) | pairs | Δ val CE | 90% CI | 95% CI |"
     lines += ["## Primary comparisons: verdicts on validation CE", "", head + " verdict |", "|" + " --- |" * 6]
-    lines += [_row(c, f"**{c['verdict']}**" if c["verdict"] else f"none: {c['why_no_verdict']}")
-              for c in claim["primary"]]
+    lines += [_row(c, _verdict_cell(c)) for c in claim["primary"]]
     lines += ["", "Each primary comparison is its own family (one claim per normalisation): no multiplicity "
               "correction. equivalent: the 90% interval inside the margin; not equivalent: it reaches outside; "
               "different: the 95% interval excludes 0 as well.", ""]
