@@ -241,6 +241,9 @@ def test_pairs_for_power_is_the_fewest_that_reach_it():
     assert tost_power(n, 0.020, 0.0, 0.01) >= 0.8 > tost_power(n - 1, 0.020, 0.0, 0.01)
     assert pairs_for_power(0.020, 0.0058, 0.01) > n  # a true difference inside the margin needs more pairs
     assert pairs_for_power(0.020, 0.01, 0.01) is None and pairs_for_power(0.020, -0.02, 0.01) is None
+    # near the margin it takes thousands of pairs: the power there is still computed, not lost to quadrature
+    many = pairs_for_power(0.020, 0.0092, 0.01)
+    assert 1000 < many < 5000 and tost_power(many, 0.020, 0.0092, 0.01) >= 0.8
 
 
 @pytest.mark.parametrize("fields, expected", [
