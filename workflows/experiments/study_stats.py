@@ -58,6 +58,7 @@ def tost_power(n: int, sd: float, true_difference: float, margin: float, alpha: 
     low, high = float(chi2.ppf(1e-12, df)), min(widest, float(chi2.ppf(1 - 1e-12, df)))
     return 0.0 if high <= low else float(min(1.0, max(0.0, quad(passes, low, high, limit=200)[0])))
 
+
 def pairs_for_power(sd: float, true_difference: float, margin: float, power: float = 0.8, alpha: float = 0.05,
                     most: int = 100_000) -> int | None:
     """The fewest pairs for which TOST passes with probability ``power``; None when no n up to ``most`` does
