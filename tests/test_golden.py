@@ -16,7 +16,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first import of triton (`make test` sets it too)
 
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -193,8 +193,8 @@ CLAIM_ARMS = [{"name": "online", "online": True, "seeds": [1, 2, 3]},
 
 def write_claim_study(tmp_path, **fields):
     (tmp_path / "PROTOCOL.md").write_text("margin 0.01, TOST\n", encoding="utf-8")
-    return write_study(tmp_path, arms=CLAIM_ARMS, protocol="PROTOCOL.md", primary=[["store", "online"]],
-                       secondary=[["b-store", "store"]], control="ce", **fields)
+    claim = {"primary": [["store", "online"]], "secondary": [["b-store", "store"]], "control": "ce", **fields}
+    return write_study(tmp_path, arms=CLAIM_ARMS, protocol="PROTOCOL.md", **claim)
 
 
 def test_tost_verdict_at_the_margin():
@@ -214,10 +214,39 @@ def test_an_equivalent_verdict_says_when_a_smaller_difference_is_shown():
     def comparison(low95, high95):
         return {"verdict": "equivalent", "val_ce": {"95": {"low": low95, "high": high95}}}
 
-    assert _verdict_cell(comparison(0.004, 0.008)).startswith("**equivalent** (the 95% interval excludes 0")
-    assert _verdict_cell(comparison(-0.002, 0.008)) == "**equivalent**"
-    assert _verdict_cell({"verdict": None, "why_no_verdict": "incomplete (2/8 pairs finished)"}) == (
+    assert _verdict_cell(comparison(0.004, 0.008), 0.01).startswith("**equivalent** (the 95% interval excludes 0")
+    assert _verdict_cell(comparison(-0.002, 0.008), 0.01) == "**equivalent**"
+    assert _verdict_cell({"verdict": None, "why_no_verdict": "incomplete (2/8 pairs finished)"}, 0.01) == (
         "none: incomplete (2/8 pairs finished)")
+    assert _verdict_cell({**comparison(-0.002, 0.008), "margin": 0.005}, 0.01) == "**equivalent** at ±0.005"
+
+
+def test_a_primary_comparison_with_its_own_margin_is_judged_at_it(tmp_path):
+    """[u8, f16, 0.005] beside [store, online] at the study's ±0.01: the same differences pass at ±0.01 and
+    fail at ±0.005, and the report and results say which margin each verdict used."""
+    from babydistill.workflows.experiments.study_verdicts import claim_sections, comparison
+
+    write_config(tmp_path)
+    study = load_study(write_claim_study(tmp_path, primary=[["store", "online"], ["b-store", "store", 0.005]]))
+    assert study.primary == [("store", "online"), ("b-store", "store")]
+    assert study.primary_margins == {("b-store", "store"): 0.005} and study.margin == 0.01
+
+    def arm(name, values):
+        return {"name": name, "seeds": [1, 2, 3], "ce_only": False, "vs_best_teacher": None, "best_teacher": None,
+                "per_seed": {str(s): {"status": "done", "val_ce": v, "test_ce": v} for s, v in enumerate(values, 1)}}
+
+    first, second = arm("a", [5.006, 5.007, 5.005]), arm("b", [5.0, 5.0, 5.0])  # +0.006 ± 0.001
+    wide, narrow = (comparison(first, second, "primary", m, None) for m in (0.01, 0.005))
+    assert (wide["verdict"], narrow["verdict"]) == ("equivalent", "different") and narrow["margin"] == 0.005
+    claim = {"protocol": "PROTOCOL.md", "sha256": "0" * 64, "margin": 0.01, "refusal": None, "control": None,
+             "primary": [wide, narrow], "secondary": []}
+    text = "\n".join(claim_sections({"claim": claim, "arms": [first, second], "teachers": []}))
+    assert "Margin ±0.01 nats of validation CE (±0.005 where a comparison names its own)" in text
+    assert "**different** at ±0.005" in text and "TOST at ±0.005 passes" in text
+    from babydistill.workflows.experiments.study_plot import plot_paired_intervals
+
+    assert plot_paired_intervals({"claim": claim, "arms": [first, second]}, tmp_path / "intervals.png")
+    assert (tmp_path / "intervals.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("n, sd, true_difference, margin", [
@@ -255,6 +284,8 @@ def test_pairs_for_power_is_the_fewest_that_reach_it():
     ({"control": "online"}, "control: must name a CE-only arm"),
     ({"primary": [["topk4", "online"]]}, "primary: a study with primary comparisons needs `protocol:`"),
     ({"margin": 0}, "margin: must be a number > 0"),
+    ({"primary": [["topk4", "online", -0.01]]}, "primary: the margin of ['topk4', 'online'] must be a number > 0"),
+    ({"primary": [["topk4"]]}, "primary: must be a list of [arm, arm] or [arm, arm, margin] items"),
     ({"folder": "teachers"}, "folder: must be a folder name (letters, digits, . _ -) other than the base run's own"),
     ({"folder": "../elsewhere"}, "folder: must be a folder name"),
 ])

@@ -72,11 +72,11 @@ def plot_test_ce_vs_bytes(results: dict, path: Path) -> bool:
     return True
 
 
-def _interval_rows(results: dict) -> list[tuple[str, dict, dict]]:
-    """(label, 90% interval, 95% interval) of validation CE per pre-registered comparison and per arm vs the control."""
+def _interval_rows(results: dict) -> list[tuple[str, dict, dict, float]]:
+    """(label, 90% interval, 95% interval, margin) of validation CE per pre-registered comparison and per arm vs the control."""
     claim = results["claim"]
-    rows = [(f"{c['arm']} − {c['minus']} ({c['kind']}, n={c['val_ce']['90']['n']})", c["val_ce"]["90"], c["val_ce"]["95"])
-            for c in claim["primary"] + claim["secondary"]]
+    rows = [(f"{c['arm']} − {c['minus']} ({c['kind']}, n={c['val_ce']['90']['n']})", c["val_ce"]["90"], c["val_ce"]["95"],
+             c.get("margin", claim["margin"])) for c in claim["primary"] + claim["secondary"]]
     if claim["control"]:
         from babydistill.workflows.experiments.study_stats import paired_ci
 
@@ -87,7 +87,7 @@ def _interval_rows(results: dict) -> list[tuple[str, dict, dict]]:
                 continue
             mine = {int(s): c["val_ce"] for s, c in a["per_seed"].items() if c["status"] == "done"}
             ci90, ci95 = paired_ci(mine, ref, 0.90), paired_ci(mine, ref, 0.95)
-            rows.append((f"{a['name']} − {control['name']} (control, n={ci95['n']})", ci90, ci95))
+            rows.append((f"{a['name']} − {control['name']} (control, n={ci95['n']})", ci90, ci95, claim["margin"]))
     return [r for r in rows if r[2]["low"] is not None]
 
 
@@ -104,16 +104,19 @@ def plot_paired_intervals(results: dict, path: Path) -> bool:
         return False
     margin = results["claim"]["margin"]
     fig, ax = plt.subplots(figsize=(9, 1.0 + 0.45 * len(rows)))
-    for i, (_, ci90, ci95) in enumerate(reversed(rows)):
+    for i, (_, ci90, ci95, own_margin) in enumerate(reversed(rows)):
+        if own_margin != margin:  # a comparison with its own margin: marked on its row only
+            ax.plot([-own_margin, own_margin], [i, i], "|", color="tab:red", markersize=14, markeredgewidth=1.5)
         ax.plot([ci95["low"], ci95["high"]], [i, i], color="tab:blue", linewidth=1.2)
         ax.plot([ci90["low"], ci90["high"]], [i, i], color="tab:blue", linewidth=4.5, solid_capstyle="butt")
         ax.plot([ci95["mean"]], [i], "o", color="black", markersize=4)
-    ax.set_yticks(range(len(rows)), [label for label, _, _ in reversed(rows)], fontsize=9)
+    ax.set_yticks(range(len(rows)), [label for label, *_ in reversed(rows)], fontsize=9)
     for x in (-margin, margin):
         ax.axvline(x, color="tab:red", linestyle="--", linewidth=1)
     ax.axvline(0, color="0.4", linewidth=0.8)
     ax.set_xlabel("paired difference of validation CE (nats; first − second, same seeds)")
-    ax.set_title(f"paired 90% (thick) and 95% (thin) intervals; dashed: the margin ±{margin:g}", fontsize=10)
+    own = "; red ticks: a comparison's own margin" if any(r[3] != margin for r in rows) else ""
+    ax.set_title(f"paired 90% (thick) and 95% (thin) intervals; dashed: the margin ±{margin:g}{own}", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

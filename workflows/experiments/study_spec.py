@@ -142,6 +142,8 @@ class Study:
     """The equivalence margin of the primary comparisons (nats of validation CE)."""
     primary: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """[offline, online] pairs tested for equivalence (TOST at ``margin``) on validation CE."""
+    primary_margins: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+    """The primary pairs that name their own margin (``[arm, arm, margin]``); the others use ``margin``."""
     secondary: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """Pairs reported with their 90% and 95% intervals, without a verdict (direction only)."""
     control: str | None = None
@@ -371,12 +373,27 @@ def _claim_keys(raw: dict, path: Path, names: list[str], ce_only: list[Arm], fai
     control = raw.get("control")
     if control is not None and control not in [a.name for a in ce_only]:
         fail("control", f"must name a CE-only arm (one whose set has distill.alpha=1), got {control!r}")
-    primary = _contrasts(raw.get("primary") or [], names, fail, "primary")
+    primary, primary_margins = _primary(raw.get("primary") or [], names, fail)
     if primary and protocol is None:
         fail("primary", "a study with primary comparisons needs `protocol:`, the file that pre-registers them")
     return {"protocol": None if protocol is None else path.parent / protocol, "margin": float(margin),
-            "primary": primary, "secondary": _contrasts(raw.get("secondary") or [], names, fail, "secondary"),
-            "control": control}
+            "primary": primary, "primary_margins": primary_margins,
+            "secondary": _contrasts(raw.get("secondary") or [], names, fail, "secondary"), "control": control}
+
+
+def _primary(entries, names: list[str], fail) -> tuple[list[tuple[str, str]], dict[tuple[str, str], float]]:
+    """``primary``: [arm, arm] pairs, each optionally with its own margin as a third item, e.g. [u8, f16, 0.005]
+    (a study that tests a format change at ±0.005 and a parity with online at ±0.01 in one set of runs)."""
+    if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) in (2, 3) for e in entries):
+        fail("primary", f"must be a list of [arm, arm] or [arm, arm, margin] items, got {entries!r}")
+    margins = {}
+    for entry in entries:
+        if len(entry) == 3:
+            margin = entry[2]
+            if isinstance(margin, bool) or not isinstance(margin, int | float) or not margin > 0:
+                fail("primary", f"the margin of {entry[:2]} must be a number > 0 (nats of validation CE), got {margin!r}")
+            margins[(entry[0], entry[1])] = float(margin)
+    return _contrasts([e[:2] for e in entries], names, fail, "primary"), margins
 
 
 def select(study: Study, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[Arm], list[int]]:

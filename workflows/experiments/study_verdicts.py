@@ -30,8 +30,8 @@ def comparison(first: dict, second: dict, kind: str, margin: float, refusal: str
     val_a, val_b = _finished(first, "val_ce"), _finished(second, "val_ce")
     done = [s for s in required if s in val_a and s in val_b]
     complete = len(done) == len(required)
-    result = {"arm": first["name"], "minus": second["name"], "kind": kind, "seeds": required, "finished": done,
-              "complete": complete,
+    result = {"arm": first["name"], "minus": second["name"], "kind": kind, "margin": margin, "seeds": required,
+              "finished": done, "complete": complete,
               "val_ce": {"90": paired_ci(val_a, val_b, 0.90), "95": paired_ci(val_a, val_b, 0.95)},
               "test_ce": None, "verdict": None, "why_no_verdict": None}
     if complete:
@@ -68,7 +68,8 @@ def claim_results(study: Study, arms: list[dict], others: list[dict]) -> dict | 
     by_name = {a["name"]: a for a in arms}
     return {"protocol": str(study.protocol), "sha256": protocol_sha256(study), "margin": study.margin,
             "refusal": refusal, "control": study.control, **_deviations(study),
-            "primary": [comparison(by_name[a], by_name[b], "primary", study.margin, refusal) for a, b in study.primary],
+            "primary": [comparison(by_name[a], by_name[b], "primary", study.primary_margins.get((a, b), study.margin),
+                                   refusal) for a, b in study.primary],
             "secondary": [comparison(by_name[a], by_name[b], "secondary", study.margin, refusal)
                           for a, b in study.secondary]}
 
@@ -102,13 +103,14 @@ def _row(c: dict, last: str) -> str:
             f"{_ci(v['90'])} | {_ci(v['95'])} | {last} |")
 
 
-def _verdict_cell(c: dict) -> str:
+def _verdict_cell(c: dict, study_margin: float) -> str:
+    at = "" if c.get("margin", study_margin) == study_margin else f" at ±{c['margin']:g}"
     if not c["verdict"]:
         return f"none: {c['why_no_verdict']}"
     ci95 = c["val_ce"]["95"]
     if c["verdict"] == "equivalent" and (ci95["low"] > 0 or ci95["high"] < 0):
-        return "**equivalent** (the 95% interval excludes 0: a difference, smaller than the margin)"
-    return f"**{c['verdict']}**"
+        return f"**equivalent**{at} (the 95% interval excludes 0: a difference, smaller than the margin)"
+    return f"**{c['verdict']}**{at}"
 
 
 def direction(c: dict, margin: float) -> str:
@@ -123,14 +125,16 @@ def claim_sections(results: dict) -> list[str]:
     """Protocol, primary verdicts (validation), secondary comparisons, the control, then test: the claim's report."""
     claim = results["claim"]
     m = claim["margin"]
+    own = sorted({c["margin"] for c in claim["primary"] if c.get("margin", m) != m})
+    where = f" (±{', ±'.join(f'{x:g}' for x in own)} where a comparison names its own)" if own else ""
     lines = ["## Protocol", "", f"`{claim['protocol']}`, sha256 `{claim['sha256'] or 'missing'}`. Margin ±{m:g} nats "
-             "of validation CE; TOST at 5% per side (the 90% paired t-interval inside the margin).", ""]
+             f"of validation CE{where}; TOST at 5% per side (the 90% paired t-interval inside the margin).", ""]
     if claim["refusal"]:
         lines += [f"**No verdict: {claim['refusal']}.**", ""]
     lines += _deviation_section(claim)
     head = "| comparison (first − second) | pairs | Δ val CE | 90% CI | 95% CI |"
     lines += ["## Primary comparisons: verdicts on validation CE", "", head + " verdict |", "|" + " --- |" * 6]
-    lines += [_row(c, _verdict_cell(c)) for c in claim["primary"]]
+    lines += [_row(c, _verdict_cell(c, m)) for c in claim["primary"]]
     lines += ["", "Each primary comparison is its own family (one claim per normalisation): no multiplicity "
               "correction. equivalent: the 90% interval inside the margin; not equivalent: it reaches outside; "
               "different: the 95% interval excludes 0 as well.", ""]
@@ -151,14 +155,17 @@ def _sizing_lines(comparisons: list[dict], margin: float) -> list[str]:
         if not size or not c["complete"] or c["verdict"] == "equivalent":
             continue
         at_mean = size["pairs_if_observed_mean"]
-        lines.append(f"- {c['arm']} − {c['minus']}: paired sd {size['paired_sd']:.4f}; TOST at ±{margin:g} passes "
-                     f"with {size['power']:.0%} power from {size['pairs_if_no_difference'] or 'no number of'} pairs if "
-                     f"the true difference is 0, and from {at_mean or 'no number of'} pairs if it is the observed "
-                     f"{c['val_ce']['90']['mean']:+.4f}.")
+        lines.append(f"- {c['arm']} − {c['minus']}: paired sd {size['paired_sd']:.4f}; TOST at ±{c.get('margin', margin):g} passes "
+                     f"with {size['power']:.0%} power {_pairs(size['pairs_if_no_difference'])} if the true "
+                     f"difference is 0, and {_pairs(at_mean)} if it is the observed {c['val_ce']['90']['mean']:+.4f}.")
     if not lines:
         return []
     return ["Sizing, computed after the fact (not pre-registered; `study_stats.pairs_for_power`, exact TOST power):",
             "", *lines, ""]
+
+
+def _pairs(n: int | None) -> str:
+    return f"from {n} pairs" if n else "with no number of pairs up to 100,000"
 
 
 def _deviation_section(claim: dict) -> list[str]:
