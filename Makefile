@@ -14,7 +14,7 @@ UV_PIN    := uv==0.13.9
 STAMP  := $(VENV)/.installed
 INSTALL = $(BIN)/python -m pip install -qq -c $(LOCK) -e ".[dev,trackers]"
 
-.PHONY: demo test test-latest lock install lint bench clean-venv experiment offline-study claim-study sweep-demo docs
+.PHONY: demo test test-latest lock install lint bench clean-venv experiment offline-study claim-study vocab-study sweep-demo docs
 
 # The project installs with -qq: errors still print, setuptools' notice that comes with every editable install
 # does not. One environment for demo and test: the dev tools and the experiment trackers (TensorBoard, MLflow,
@@ -89,6 +89,12 @@ CLAIM_CARRY = $(if $(wildcard docs/results/claim/results.json),--carry docs/resu
 claim-study: install
 	$(BIN)/babydistill study configs/claim-study.yaml --jobs 2 $(CLAIM_CARRY)
 	$(BIN)/babydistill study configs/claim-study.yaml --report-only --out docs/results/claim $(CLAIM_CARRY)
+
+# Issue 27 at V = 16,000 (docs/results/store-study/vocab16k/PROTOCOL.md): hours of CPU, carried like the claim study.
+VOCAB_CARRY = $(if $(wildcard docs/results/store-study/vocab16k/results.json),--carry docs/results/store-study/vocab16k/results.json)
+vocab-study: install
+	$(BIN)/babydistill study configs/vocab-study.yaml --jobs 2 $(VOCAB_CARRY)
+	$(BIN)/babydistill study configs/vocab-study.yaml --report-only --out docs/results/store-study/vocab16k $(VOCAB_CARRY)
 
 # The demo run with a top-k store (teachers, store, the default student s1), a 16-trial sweep on 2 workers,
 # then the best trial's configuration trained under its own name (the command the sweep's report gives)

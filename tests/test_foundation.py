@@ -101,6 +101,25 @@ def test_shipped_configs_load_and_size_the_paper_models():
     assert 340 < sizes["babyllama2-345m"] < 350
 
 
+def test_every_shipped_config_and_study_file_loads():
+    """A config or study file in configs/ that names an unknown key, a bad value or a missing protocol fails here,
+    not hours into a run on someone's machine."""
+    import yaml
+
+    from babydistill.workflows.experiments.study_spec import load_study
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    studies = []
+    for path in sorted(root.glob("*.yaml")):
+        if "arms" in yaml.safe_load(path.read_text(encoding="utf-8")):
+            study = load_study(path)
+            studies.append(path.stem)
+            assert study.protocol is None or study.protocol.is_file(), path
+        else:
+            load_config(path)
+    assert {"claim-study", "vocab-study", "quant-study", "temper-study"} <= set(studies)
+
+
 def test_every_verb_has_help(capsys):
     parser = build_parser()
     for verb in ("prepare", "tokenizer", "tokenize", "teacher", "cache", "distill", "evaluate", "report", "run",
