@@ -104,8 +104,6 @@ def test_shipped_configs_load_and_size_the_paper_models():
 def test_every_shipped_config_and_study_file_loads():
     """A config or study file in configs/ that names an unknown key, a bad value or a missing protocol fails here,
     not hours into a run on someone's machine."""
-    import yaml
-
     from babydistill.workflows.experiments.study_spec import load_study
 
     root = Path(__file__).resolve().parents[1] / "configs"

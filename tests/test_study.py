@@ -286,6 +286,7 @@ def test_pairs_for_power_is_the_fewest_that_reach_it():
     ({"margin": 0}, "margin: must be a number > 0"),
     ({"primary": [["topk4", "online", -0.01]]}, "primary: the margin of ['topk4', 'online'] must be a number > 0"),
     ({"primary": [["topk4"]]}, "primary: must be a list of [arm, arm] or [arm, arm, margin] items"),
+    ({"primary": [["topk4", "online", 0.005], ["topk4", "online"]]}, "primary: lists a pair of arms twice"),
     ({"folder": "teachers"}, "folder: must be a folder name (letters, digits, . _ -) other than the base run's own"),
     ({"folder": "../elsewhere"}, "folder: must be a folder name"),
 ])

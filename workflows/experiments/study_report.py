@@ -148,7 +148,8 @@ def write_study_report(results: dict, out_dir: Path, *, command: str) -> Path:
         if plot_paired_intervals(results, out_dir / "paired_intervals.png"):
             lines += ["![paired differences of validation CE](paired_intervals.png)", "",
                       "Each row: the mean paired difference of validation CE (first arm minus second, same seeds), "
-                      "its 90% interval (thick) and 95% interval (thin); dashed lines: the margin.", ""]
+                      "its 90% interval (thick) and 95% interval (thin); dashed lines: the study's margin (red ticks on a row: "
+                      "that comparison's own margin).", ""]
     lines += _arms_table(results)
     lines += _comparison_sections(results)
     lines += ["## Test CE per seed", "", "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |",

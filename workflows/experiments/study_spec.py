@@ -141,7 +141,7 @@ class Study:
     margin: float = 0.01
     """The equivalence margin of the primary comparisons (nats of validation CE)."""
     primary: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    """[offline, online] pairs tested for equivalence (TOST at ``margin``) on validation CE."""
+    """[offline, online] pairs tested for equivalence (TOST at ``margin``, or the pair's own) on validation CE."""
     primary_margins: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
     """The primary pairs that name their own margin (``[arm, arm, margin]``); the others use ``margin``."""
     secondary: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -387,6 +387,9 @@ def _primary(entries, names: list[str], fail) -> tuple[list[tuple[str, str]], di
     if not isinstance(entries, list) or not all(isinstance(e, list) and len(e) in (2, 3) for e in entries):
         fail("primary", f"must be a list of [arm, arm] or [arm, arm, margin] items, got {entries!r}")
     margins = {}
+    pairs = [tuple(e[:2]) for e in entries]
+    if len(set(pairs)) < len(pairs):
+        fail("primary", "lists a pair of arms twice: each comparison once, with at most one margin")
     for entry in entries:
         if len(entry) == 3:
             margin = entry[2]

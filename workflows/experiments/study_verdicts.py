@@ -135,7 +135,7 @@ def claim_sections(results: dict) -> list[str]:
     head = "| comparison (first − second) | pairs | Δ val CE | 90% CI | 95% CI |"
     lines += ["## Primary comparisons: verdicts on validation CE", "", head + " verdict |", "|" + " --- |" * 6]
     lines += [_row(c, _verdict_cell(c, m)) for c in claim["primary"]]
-    lines += ["", "Each primary comparison is its own family (one claim per normalisation): no multiplicity "
+    lines += ["", "Each primary comparison is its own family (one pre-registered claim each): no multiplicity "
               "correction. equivalent: the 90% interval inside the margin; not equivalent: it reaches outside; "
               "different: the 95% interval excludes 0 as well.", ""]
     lines += _sizing_lines(claim["primary"], m)
