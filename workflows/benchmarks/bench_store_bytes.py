@@ -19,7 +19,9 @@ stored draw probability (log domain); clipped entries (head, tail, tail_logp). F
 the same positions: ``draws_kl`` KL(target || dense teacher) and ``draws_spread_rel`` ||target - p|| / ||1/V - p||.
 
 Bytes per token of every array under each Blosc setting, chunks of 64 windows as the store writes them; for the ids
-also after a Delta filter and as frequency ranks (a remap table the header would have to keep).
+also after a Delta filter and as frequency ranks (a remap table the header would have to keep). For uint8 stores,
+also two candidate layouts (``uint8_layouts_bytes_per_token``): the tail slots, or the head's and the tail's apart,
+in increasing id within each position, with the ids stored as differences along the row.
 
     python -m babydistill.workflows.benchmarks.bench_store_bytes configs/demo.yaml --set run_dir=runs/demo
         --out docs/benchmarks/store_bytes.json       (one line)
@@ -142,6 +144,34 @@ def _id_encodings(ids: np.ndarray, vocab: int) -> dict[str, np.ndarray]:
     return {"uint16": ids.astype(np.uint16), "frequency_ranked": rank[ids]}
 
 
+def _sorted_by_id(ids: np.ndarray, arrays: list[np.ndarray], k: int, head_too: bool) -> tuple[np.ndarray, list]:
+    """A candidate layout: within each position the tail slots (and, with ``head_too``, the head's k slots apart
+    from them) in increasing id, each log-probability array permuted alike; the ids then stored as differences
+    along the row (uint16, mod 2^16: a reader's cumulative sum restores them). Order within the head or the tail
+    carries nothing the loss reads when there is one draw set."""
+    order = np.concatenate([np.argsort(ids[:, :k], axis=1, kind="stable") if head_too
+                            else np.broadcast_to(np.arange(k), (len(ids), k)),
+                            k + np.argsort(ids[:, k:], axis=1, kind="stable")], axis=1)
+    permuted = [np.take_along_axis(a, order, axis=1) if a.shape[1] == ids.shape[1]
+                else np.take_along_axis(a, order[:, k:] - k, axis=1) for a in arrays]
+    sorted_ids = np.take_along_axis(ids, order, axis=1).astype(np.int64)
+    return np.diff(sorted_ids, axis=1, prepend=0).astype(np.uint16), permuted
+
+
+def _layout_bytes(t: dict, k: int, seq_len: int) -> dict:
+    """Bytes per token of ids, logp and tail_logp (uint8 codes) as stored now and in the id-sorted layouts."""
+    codes = [quantize(t["logp"], QUANT_STEP)[0], quantize(t["tail"], QUANT_STEP)[0]]
+    layouts = {"as stored": (t["ids"].astype(np.uint16), codes)}
+    for name, head_too in (("tail sorted by id, row deltas", False), ("head and tail sorted by id, row deltas", True)):
+        layouts[name] = _sorted_by_id(t["ids"], codes, k, head_too)
+    out = {}
+    for name, (ids, (logp, tail)) in layouts.items():
+        parts = {"ids": _blosc_bytes(ids, seq_len)["zstd5-shuffle"], "logp": _blosc_bytes(logp, seq_len)["zstd5-shuffle"],
+                 "tail_logp": _blosc_bytes(tail, seq_len)["zstd5-shuffle"]}
+        out[name] = {**parts, "sum": sum(parts.values())}
+    return out
+
+
 def _measure_default(logp_NV_batches: list[torch.Tensor], k: int, samples: int, seed: int, seq_len: int,
                      vocab: int) -> dict:
     """Errors and bytes of every encoding on one default store's targets (k exact + samples draws)."""
@@ -161,7 +191,8 @@ def _measure_default(logp_NV_batches: list[torch.Tensor], k: int, samples: int, 
         array_bytes[f"tail_logp {name}"] = _blosc_bytes(tail, seq_len)
     return {"k": k, "samples": samples, "positions": int(len(t["norm"])),
             "draws_kl": _stats(t["kl"]), "draws_spread_rel": _stats(t["spread"]),
-            "encodings": errors, "bytes_per_token": array_bytes}
+            "encodings": errors, "bytes_per_token": array_bytes,
+            "uint8_layouts_bytes_per_token": _layout_bytes(t, k, seq_len)}
 
 
 def bench_store_bytes(config_path: Path, out: Path | None = None, *, windows: int = 256, batch_size: int = 16,
@@ -205,6 +236,8 @@ def format_report(report: dict) -> str:
                          + (f"  clipped {e['clipped']}" if "clipped" in e else ""))
         for array, codecs in store["bytes_per_token"].items():
             lines.append(f"  {array:<22} " + "  ".join(f"{c} {b:.2f}" for c, b in codecs.items()))
+        for layout, parts in store.get("uint8_layouts_bytes_per_token", {}).items():
+            lines.append(f"  uint8, {layout}: " + "  ".join(f"{a} {b:.2f}" for a, b in parts.items()))
     return "\n".join(lines)
 
 
