@@ -38,15 +38,16 @@ def test_the_id_sorted_store_layout_loses_nothing():
     log-probability) pair stays in its row, the head's k slots stay the head's, and the tail's are in increasing id."""
     import numpy as np
 
-    from babydistill.workflows.benchmarks.bench_store_bytes import _sorted_by_id
+    from babydistill.workflows.benchmarks.bench_store_bytes import _row_deltas, _sorted_by_id
 
     rng = np.random.default_rng(0)
     k, slots, vocab = 4, 10, 16_000
     ids = np.stack([rng.choice(vocab, slots, replace=False) for _ in range(50)])
     logp, tail = rng.integers(1, 256, (50, slots)).astype(np.uint8), rng.integers(1, 256, (50, slots - k)).astype(np.uint8)
     for head_too in (False, True):
-        deltas, (logp_sorted, tail_sorted) = _sorted_by_id(ids, [logp, tail], k, head_too)
-        restored = np.cumsum(deltas.astype(np.int64), axis=1) % 2**16
+        sorted_ids, (logp_sorted, tail_sorted) = _sorted_by_id(ids, [logp, tail], k, head_too)
+        restored = np.cumsum(_row_deltas(sorted_ids).astype(np.int64), axis=1) % 2**16
+        assert np.array_equal(restored, sorted_ids)
         assert np.all(np.diff(restored[:, k:], axis=1) > 0)
         for row in range(50):
             assert set(zip(restored[row], logp_sorted[row])) == set(zip(ids[row], logp[row]))

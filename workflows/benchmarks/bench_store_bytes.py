@@ -147,27 +147,34 @@ def _id_encodings(ids: np.ndarray, vocab: int) -> dict[str, np.ndarray]:
 def _sorted_by_id(ids: np.ndarray, arrays: list[np.ndarray], k: int, head_too: bool) -> tuple[np.ndarray, list]:
     """A candidate layout: within each position the tail slots (and, with ``head_too``, the head's k slots apart
     from them) in increasing id, each log-probability array permuted alike; the ids then stored as differences
-    along the row (uint16, mod 2^16: a reader's cumulative sum restores them). Order within the head or the tail
-    carries nothing the loss reads when there is one draw set."""
+    along the row (``_row_deltas``) or through zarr's Delta filter over the chunk. Order within the head or the tail
+    carries nothing the loss reads when there is one draw set. Returns the ids in that order and the arrays."""
     order = np.concatenate([np.argsort(ids[:, :k], axis=1, kind="stable") if head_too
                             else np.broadcast_to(np.arange(k), (len(ids), k)),
                             k + np.argsort(ids[:, k:], axis=1, kind="stable")], axis=1)
     permuted = [np.take_along_axis(a, order, axis=1) if a.shape[1] == ids.shape[1]
                 else np.take_along_axis(a, order[:, k:] - k, axis=1) for a in arrays]
-    sorted_ids = np.take_along_axis(ids, order, axis=1).astype(np.int64)
-    return np.diff(sorted_ids, axis=1, prepend=0).astype(np.uint16), permuted
+    return np.take_along_axis(ids, order, axis=1).astype(np.uint16), permuted
+
+
+def _row_deltas(ids: np.ndarray) -> np.ndarray:
+    """Each row's ids as differences from the slot before (the first from 0), uint16 mod 2^16."""
+    return np.diff(ids.astype(np.int64), axis=1, prepend=0).astype(np.uint16)
 
 
 def _layout_bytes(t: dict, k: int, seq_len: int) -> dict:
     """Bytes per token of ids, logp and tail_logp (uint8 codes) as stored now and in the id-sorted layouts."""
     codes = [quantize(t["logp"], QUANT_STEP)[0], quantize(t["tail"], QUANT_STEP)[0]]
-    layouts = {"as stored": (t["ids"].astype(np.uint16), codes)}
-    for name, head_too in (("tail sorted by id, row deltas", False), ("head and tail sorted by id, row deltas", True)):
-        layouts[name] = _sorted_by_id(t["ids"], codes, k, head_too)
+    tail_sorted, head_and_tail_sorted = (_sorted_by_id(t["ids"], codes, k, head_too) for head_too in (False, True))
+    layouts = {"as stored": (t["ids"].astype(np.uint16), codes, False),
+               "tail sorted by id, row deltas": (_row_deltas(tail_sorted[0]), tail_sorted[1], False),
+               "head and tail sorted by id, row deltas": (_row_deltas(head_and_tail_sorted[0]), head_and_tail_sorted[1],
+                                                          False),
+               "head and tail sorted by id, zarr Delta filter": (*head_and_tail_sorted, True)}
     out = {}
-    for name, (ids, (logp, tail)) in layouts.items():
-        parts = {"ids": _blosc_bytes(ids, seq_len)["zstd5-shuffle"], "logp": _blosc_bytes(logp, seq_len)["zstd5-shuffle"],
-                 "tail_logp": _blosc_bytes(tail, seq_len)["zstd5-shuffle"]}
+    for name, (ids, (logp, tail), delta) in layouts.items():
+        parts = {"ids": _blosc_bytes(ids, seq_len, delta=delta)["zstd5-shuffle"],
+                 "logp": _blosc_bytes(logp, seq_len)["zstd5-shuffle"], "tail_logp": _blosc_bytes(tail, seq_len)["zstd5-shuffle"]}
         out[name] = {**parts, "sum": sum(parts.values())}
     return out
 
