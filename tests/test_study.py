@@ -249,6 +249,32 @@ def test_a_primary_comparison_with_its_own_margin_is_judged_at_it(tmp_path):
     assert (tmp_path / "intervals.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_margin_changed_after_results_voids_the_verdicts(tmp_path):
+    """The study file is not hashed: each result records the margins it was made under, and the report refuses a
+    verdict once the study file says otherwise. Records from before margins were kept are not held against it."""
+    from types import SimpleNamespace
+
+    from babydistill.workflows.experiments.study_protocol import (
+        protocol_sha256,
+        read_record,
+        record_cell,
+        registered_margins,
+        verdict_refusal,
+    )
+
+    write_config(tmp_path)
+    study = load_study(write_claim_study(tmp_path, primary=[["store", "online", 0.005]]))
+    record_cell(study, "store-seed1", SimpleNamespace(fingerprint="f" * 16))
+    record = read_record(study, "store-seed1")
+    assert record["margins"] == {"margin": 0.01, "primary": {"store − online": 0.005}}
+    sha = protocol_sha256(study)
+    assert verdict_refusal(study, [sha], [record["margins"], None]) is None
+    widened = load_study(write_claim_study(tmp_path, primary=[["store", "online", 0.02]]))
+    assert registered_margins(widened)["primary"] == {"store − online": 0.02}
+    refusal = verdict_refusal(widened, [sha], [record["margins"]])
+    assert "changed its margins after results were recorded" in refusal and "0.02" in refusal
+
+
 @pytest.mark.parametrize("n, sd, true_difference, margin", [
     (3, 0.003, 0.0, 0.005), (3, 0.007, -0.0036, 0.005), (8, 0.020, 0.0, 0.01), (30, 0.020, 0.003, 0.01)])
 def test_tost_power_matches_simulated_studies(n, sd, true_difference, margin):

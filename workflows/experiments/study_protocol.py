@@ -1,6 +1,8 @@
 """A claim study's protocol: the sha256 of the pre-registered protocol file, recorded with every result (one record
 per cell, ``study/protocol/<cell>.json``, written when the study finds the cell finished), and whether the report
 may print a verdict: only when the file is there and every finished cell was recorded under its present hash.
+The records also keep the margins the study file gave its primary comparisons (``registered_margins``): the study
+file is not hashed, so a margin changed after results would otherwise go unseen.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from babydistill.workflows.stage import Stage
 def protocol_sha256(study: Study) -> str | None:
     """The protocol file's sha256 now, or None (no ``protocol:`` key, or the file is missing)."""
     return file_sha256(study.protocol) if study.protocol is not None and study.protocol.is_file() else None
+
+
+def registered_margins(study: Study) -> dict:
+    """The study's margin and each primary comparison's, as the study file gives them now."""
+    return {"margin": study.margin,
+            "primary": {f"{a} − {b}": study.primary_margins.get((a, b), study.margin) for a, b in study.primary}}
 
 
 def cell_name(arm: str | None, seed: int | None, model: str) -> str:
@@ -43,12 +51,13 @@ def record_cell(study: Study, cell: str, evaluation: Stage) -> None:
         return
     record_path(study, cell).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record_path(study, cell), {
-        "protocol": str(study.protocol), "sha256": protocol_sha256(study), "evaluation": evaluation.fingerprint,
-        "recorded": datetime.now(UTC).isoformat(timespec="seconds")})
+        "protocol": str(study.protocol), "sha256": protocol_sha256(study), "margins": registered_margins(study),
+        "evaluation": evaluation.fingerprint, "recorded": datetime.now(UTC).isoformat(timespec="seconds")})
 
 
-def verdict_refusal(study: Study, recorded: list[str | None]) -> str | None:
-    """Why the report may print no verdict (one line), or None. ``recorded``: the hashes of the finished cells."""
+def verdict_refusal(study: Study, recorded: list[str | None], margins: list[dict | None] = ()) -> str | None:
+    """Why the report may print no verdict (one line), or None. ``recorded``: the hashes of the finished cells;
+    ``margins``: their recorded margins (None for a record from before margins were kept)."""
     if study.protocol is None:
         return "the study file names no protocol (`protocol:`), so nothing was pre-registered"
     if not study.protocol.is_file():
@@ -60,4 +69,8 @@ def verdict_refusal(study: Study, recorded: list[str | None]) -> str | None:
     if changed:
         return (f"the protocol file {study.protocol} changed after results were recorded (sha256 now {now[:12]}, "
                 f"results under {', '.join(h[:12] for h in changed)})")
+    now_margins = registered_margins(study)
+    if any(m is not None and m != now_margins for m in margins):
+        return (f"the study file {study.path} changed its margins after results were recorded (now "
+                f"{json.dumps(now_margins, ensure_ascii=False)}): a margin is fixed before the first result")
     return None

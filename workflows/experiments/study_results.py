@@ -178,6 +178,11 @@ def _recorded(study: Study, cell: str) -> str | None:
     return record and record.get("sha256")
 
 
+def _recorded_margins(study: Study, cell: str) -> dict | None:
+    record = read_record(study, cell)
+    return record and record.get("margins")
+
+
 def _best_teacher(teachers: list[dict], names: list[str]) -> dict | None:
     """The best finished teacher among ``names``, chosen on validation CE (never on test)."""
     done = [t for t in teachers if t["status"] == "done" and t["name"] in names]
@@ -197,6 +202,7 @@ def _seed_cell(study: Study, unit: Unit, carried: Carried) -> dict:
     if cell["status"] == "done":
         return {**cell, "step_seconds": step_seconds(unit.model_dir),
                 "protocol_sha256": _recorded(study, cell_name(unit.arm.name, unit.seed, "")),
+                "protocol_margins": _recorded_margins(study, cell_name(unit.arm.name, unit.seed, "")),
                 "student_fingerprint": unit.student().fingerprint,
                 "teacher_weights_sha256": trained_teacher_weights(unit.model_dir) or {  # else: as they are now
                     n: weights_sha256(study.base.teacher_path(n)) for n in unit.arm.teacher_names}}

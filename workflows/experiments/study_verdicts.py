@@ -64,7 +64,8 @@ def claim_results(study: Study, arms: list[dict], others: list[dict]) -> dict | 
         return None
     recorded = [c["protocol_sha256"] for a in arms for c in a["per_seed"].values() if c["status"] == "done"]
     recorded += [c["protocol_sha256"] for c in others if c["status"] == "done"]
-    refusal = verdict_refusal(study, recorded)
+    margins = [c.get("protocol_margins") for a in arms for c in a["per_seed"].values() if c["status"] == "done"]
+    refusal = verdict_refusal(study, recorded, margins)
     by_name = {a["name"]: a for a in arms}
     return {"protocol": str(study.protocol), "sha256": protocol_sha256(study), "margin": study.margin,
             "refusal": refusal, "control": study.control, **_deviations(study),
