@@ -87,6 +87,18 @@ def test_codes_round_trip_within_half_a_step_and_clip_at_the_bottom():
     assert count == 2 and np.array_equal(snapped, back)
 
 
+def test_the_capture_draws_from_exactly_the_values_the_store_keeps():
+    """snap_torch (what the capture draws tail ids from, over every id) equals the store's codes read back, entry for
+    entry, including values at a code's rounding boundary and below the range."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([np.log(rng.dirichlet(np.full(4000, 0.05))).clip(-60), np.arange(-255, 1) * STEP + STEP / 2,
+                             [-25.45, -25.46, -0.05, 0.0]]).astype(np.float32)
+    from_torch = quant.snap_torch(torch.from_numpy(values), STEP).numpy()
+    assert np.array_equal(from_torch, quant.snap(values.astype(np.float64), STEP)[0])
+
+
 def test_plain_zarr_reads_log_probabilities_and_the_reader_reads_padding(store):
     group = zarr.open_group(str(store), mode="r")
     assert group["logp"].dtype == np.float32 and group["tail_logp"].dtype == np.float32
