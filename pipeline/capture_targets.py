@@ -44,7 +44,9 @@ def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: t
         probs = probs.masked_fill(head, 0.0)
         # A row whose tail underflowed to 0 draws uniformly; its weights are 0 (r = 0) and become padding.
         empty = probs.sum(1) == 0
-        if empty.any():
+        if probs.device.type != "cpu":  # no host sync per batch on a GPU, where a pass over the rows is cheap
+            probs = torch.where(empty[:, None], (~head).to(probs.dtype), probs)
+        elif empty.any():
             probs[empty] = (~head[empty]).to(probs.dtype)
     draws = torch.multinomial(probs, samples, replacement=True, generator=generator)
     free = slots - (0 if head_ids is None else head_ids.shape[1])
@@ -74,6 +76,8 @@ def _ranked_draws(draws: torch.Tensor, head_ids: torch.Tensor | None, vocab: int
     first = torch.ones_like(ranked, dtype=torch.bool)
     first[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
     counts = torch.searchsorted(ranked, ranked, right=True) - torch.searchsorted(ranked, ranked)
+    if head_ids is not None:  # a head id is never a tail slot, even if a zero-probability id were ever drawn
+        first &= ~(ranked[:, :, None] == head_ids[:, None, :]).any(-1)
     drawn_key = torch.where(first, counts * (vocab + 1) + (vocab - ranked), torch.full_like(ranked, -2))
     smallest = min(vocab, free + k + samples)
     used = torch.zeros(num_rows, smallest + 1, dtype=torch.bool, device=draws.device)

@@ -27,3 +27,12 @@ def test_sparse_ranking_equals_the_dense_one(vocab, k, samples, sharpness):
         want = dense_reference(logp, samples, slots, torch.Generator().manual_seed(7), head, draw_logp)
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[1], want[1])
+
+
+def test_a_drawn_head_id_never_takes_a_tail_slot():
+    """The dense ranking masked head ids out of the tail; so does the sparse one, should a sampler ever return an
+    id of probability 0 (a head id)."""
+    from babydistill.pipeline.capture_targets import _ranked_draws
+
+    ids, counts = _ranked_draws(torch.tensor([[0, 0, 5]]), torch.tensor([[0]]), 10, 3)
+    assert ids.tolist() == [[5, 1, 2]] and counts.tolist() == [[1, 0, 0]]

@@ -97,6 +97,9 @@ def test_the_capture_draws_from_exactly_the_values_the_store_keeps():
                              [-25.45, -25.46, -0.05, 0.0]]).astype(np.float32)
     from_torch = quant.snap_torch(torch.from_numpy(values), STEP).numpy()
     assert np.array_equal(from_torch, quant.snap(values.astype(np.float64), STEP)[0])
+    as_float64 = torch.from_numpy(values.astype(np.float64))
+    assert np.array_equal(quant.snap_torch(as_float64, STEP).numpy(), from_torch)
+    assert np.array_equal(as_float64.numpy(), values.astype(np.float64))  # its input left as it was
 
 
 def test_plain_zarr_reads_log_probabilities_and_the_reader_reads_padding(store):
