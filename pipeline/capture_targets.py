@@ -51,10 +51,9 @@ def sample_targets(logp_NV: torch.Tensor, samples: int, slots: int, generator: t
     draws = torch.multinomial(probs, samples, replacement=True, generator=generator)
     free = slots - (0 if head_ids is None else head_ids.shape[1])
     ids, counts = _ranked_draws(draws, head_ids, vocab, free)
-    if head is None:
-        picked = counts.double()
-        return ids, torch.where(picked > 0, torch.log(picked / samples), torch.full_like(picked, PAD_LOGP))
     picked = counts.double()
+    if head is None:
+        return ids, torch.where(picked > 0, torch.log(picked / samples), torch.full_like(picked, PAD_LOGP))
     head_logp = logp_NV.gather(1, head_ids).double()
     log_r = torch.logsumexp(logp_NV.masked_fill(head, -math.inf), dim=1, keepdim=True).double()
     tail_logp = log_r + torch.log(picked / samples)

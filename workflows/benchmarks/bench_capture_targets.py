@@ -6,7 +6,9 @@ side in one run: seconds per call on rows of random teacher log-probabilities at
 
 The two give the same ids, order and log-probabilities draw for draw (tests/test_capture_targets.py); the dense one
 counts over all V ids and ranks them with one top-k over V, the sparse one ranks the draws and the few ids that
-can win, so its cost no longer grows with V beyond the draws themselves.
+can win, so its cost no longer grows with V beyond the draws themselves. Beside them, a uint8 capture's snapping of
+the teacher to the store's grid (``quant.snap_torch``, in place on one float64 copy) against the out-of-place
+formula it replaced (``snap_reference``): the same values (tests/test_quant_store.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from babydistill.pipeline.capture_targets import sample_targets
+from babydistill.stores import quant
 from babydistill.stores.logits import PAD_LOGP
 from babydistill.workflows.benchmarks import machine
 from babydistill.workflows.benchmarks.bench_precision import publish
@@ -54,6 +57,12 @@ def dense_reference(logp_NV, samples, slots, generator, head_ids=None, draw_logp
     return torch.cat([head_ids, tail_ids], dim=1), torch.cat([head_logp, tail_logp], dim=1)
 
 
+def snap_reference(logp: torch.Tensor, step: float) -> torch.Tensor:
+    """``quant.snap_torch`` as it was until 2026-12-05: the same operations, each into a new [N, V] tensor."""
+    codes = (torch.round(logp.double() / step) + 255).clamp(1, 255)
+    return (codes * step + quant.offset(step)).float()
+
+
 def _seconds(fn, repeats: int) -> float:
     fn()
     started = time.perf_counter()
@@ -77,11 +86,20 @@ def bench_capture_targets(vocab: int, rows: int = 4096, repeats: int = 3, out: P
                 timed[method].append(_seconds(call, repeats))
         dense, sparse = min(timed["dense"]), min(timed["sparse"])
         results[name] = {"k": k, "samples": samples, "dense_s": dense, "sparse_s": sparse, "speedup": dense / sparse}
+    timed = {"out_of_place": [], "in_place": []}
+    for _ in range(2):
+        for method, fn in (("out_of_place", snap_reference), ("in_place", quant.snap_torch)):
+            timed[method].append(_seconds(functools.partial(fn, logp, quant.QUANT_STEP), repeats))
+    before, after = min(timed["out_of_place"]), min(timed["in_place"])
+    results["uint8_snap"] = {"out_of_place_s": before, "in_place_s": after, "speedup": before / after}
     report = {"command": f"python -m babydistill.workflows.benchmarks.bench_capture_targets --vocab {vocab} --rows {rows}"
                          + (f" --out {out}" if out else ""),
               "vocab_size": vocab, "rows": rows, "threads": 1, "results": results, "machine": machine.finish(started)}
-    text = "\n".join(f"{name} default ({r['k']} + {r['samples']}), V = {vocab}, {rows} rows: dense {r['dense_s']:.2f} s, "
-                     f"sparse {r['sparse_s']:.2f} s, {r['speedup']:.1f}x" for name, r in results.items())
+    snap = results["uint8_snap"]
+    text = "\n".join([*(f"{name} default ({r['k']} + {r['samples']}), V = {vocab}, {rows} rows: dense {r['dense_s']:.2f} s, "
+                         f"sparse {r['sparse_s']:.2f} s, {r['speedup']:.1f}x" for name, r in results.items() if "k" in r),
+                       f"uint8 snapping, {rows} x {vocab}: out of place {snap['out_of_place_s']:.2f} s, in place "
+                       f"{snap['in_place_s']:.2f} s, {snap['speedup']:.1f}x"])
     return publish(report, out, text)
 
 

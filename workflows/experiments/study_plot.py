@@ -76,7 +76,7 @@ def _interval_rows(results: dict) -> list[tuple[str, dict, dict, float]]:
     """(label, 90% interval, 95% interval, margin) of validation CE per pre-registered comparison and per arm vs the control."""
     claim = results["claim"]
     rows = [(f"{c['arm']} − {c['minus']} ({c['kind']}, n={c['val_ce']['90']['n']})", c["val_ce"]["90"], c["val_ce"]["95"],
-             c.get("margin", claim["margin"])) for c in claim["primary"] + claim["secondary"]]
+             c["margin"]) for c in claim["primary"] + claim["secondary"]]
     if claim["control"]:
         from babydistill.workflows.experiments.study_stats import paired_ci
 

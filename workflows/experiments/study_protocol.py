@@ -24,7 +24,7 @@ def protocol_sha256(study: Study) -> str | None:
 def registered_margins(study: Study) -> dict:
     """The study's margin and each primary comparison's, as the study file gives them now."""
     return {"margin": study.margin,
-            "primary": {f"{a} − {b}": study.primary_margins.get((a, b), study.margin) for a, b in study.primary}}
+            "primary": {f"{a} − {b}": study.primary_margin(a, b) for a, b in study.primary}}
 
 
 def cell_name(arm: str | None, seed: int | None, model: str) -> str:

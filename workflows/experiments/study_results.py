@@ -178,11 +178,6 @@ def _recorded(study: Study, cell: str) -> str | None:
     return record and record.get("sha256")
 
 
-def _recorded_margins(study: Study, cell: str) -> dict | None:
-    record = read_record(study, cell)
-    return record and record.get("margins")
-
-
 def _best_teacher(teachers: list[dict], names: list[str]) -> dict | None:
     """The best finished teacher among ``names``, chosen on validation CE (never on test)."""
     done = [t for t in teachers if t["status"] == "done" and t["name"] in names]
@@ -200,9 +195,9 @@ def _seed_cell(study: Study, unit: Unit, carried: Carried) -> dict:
         "model": str(unit.model_dir), "val_ce": None, "test_ce": None, "blimp": None,
         "status": f"not started: the study has not run this arm yet (`--arms {unit.arm.name}`)"}
     if cell["status"] == "done":
+        record = read_record(study, cell_name(unit.arm.name, unit.seed, "")) or {}
         return {**cell, "step_seconds": step_seconds(unit.model_dir),
-                "protocol_sha256": _recorded(study, cell_name(unit.arm.name, unit.seed, "")),
-                "protocol_margins": _recorded_margins(study, cell_name(unit.arm.name, unit.seed, "")),
+                "protocol_sha256": record.get("sha256"), "protocol_margins": record.get("margins"),
                 "student_fingerprint": unit.student().fingerprint,
                 "teacher_weights_sha256": trained_teacher_weights(unit.model_dir) or {  # else: as they are now
                     n: weights_sha256(study.base.teacher_path(n)) for n in unit.arm.teacher_names}}

@@ -156,6 +156,10 @@ class Study:
     def root(self) -> Path:
         return self.base.run_path / self.folder
 
+    def primary_margin(self, first: str, second: str) -> float:
+        """The margin the primary comparison ``first − second`` is judged at: its own, else the study's."""
+        return self.primary_margins.get((first, second), self.margin)
+
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
 

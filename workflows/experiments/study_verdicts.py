@@ -69,8 +69,8 @@ def claim_results(study: Study, arms: list[dict], others: list[dict]) -> dict | 
     by_name = {a["name"]: a for a in arms}
     return {"protocol": str(study.protocol), "sha256": protocol_sha256(study), "margin": study.margin,
             "refusal": refusal, "control": study.control, **_deviations(study),
-            "primary": [comparison(by_name[a], by_name[b], "primary", study.primary_margins.get((a, b), study.margin),
-                                   refusal) for a, b in study.primary],
+            "primary": [comparison(by_name[a], by_name[b], "primary", study.primary_margin(a, b), refusal)
+                        for a, b in study.primary],
             "secondary": [comparison(by_name[a], by_name[b], "secondary", study.margin, refusal)
                           for a, b in study.secondary]}
 
@@ -126,7 +126,7 @@ def claim_sections(results: dict) -> list[str]:
     """Protocol, primary verdicts (validation), secondary comparisons, the control, then test: the claim's report."""
     claim = results["claim"]
     m = claim["margin"]
-    own = sorted({c["margin"] for c in claim["primary"] if c.get("margin", m) != m})
+    own = sorted({c["margin"] for c in claim["primary"] if c["margin"] != m})
     where = f" (±{', ±'.join(f'{x:g}' for x in own)} where a comparison names its own)" if own else ""
     lines = ["## Protocol", "", f"`{claim['protocol']}`, sha256 `{claim['sha256'] or 'missing'}`. Margin ±{m:g} nats "
              f"of validation CE{where}; TOST at 5% per side (the 90% paired t-interval inside the margin).", ""]
@@ -139,7 +139,7 @@ def claim_sections(results: dict) -> list[str]:
     lines += ["", "Each primary comparison is its own family (one pre-registered claim each): no multiplicity "
               "correction. equivalent: the 90% interval inside the margin; not equivalent: it reaches outside; "
               "different: the 95% interval excludes 0 as well.", ""]
-    lines += _sizing_lines(claim["primary"], m)
+    lines += _sizing_lines(claim["primary"])
     if claim["secondary"]:
         lines += ["## Secondary comparisons: direction only (no verdict)", "", head + " direction |", "|" + " --- |" * 6]
         lines += [_row(c, direction(c, m)) for c in claim["secondary"]]
@@ -147,7 +147,7 @@ def claim_sections(results: dict) -> list[str]:
     return lines + _control_sections(results) + _test_section(claim)
 
 
-def _sizing_lines(comparisons: list[dict], margin: float) -> list[str]:
+def _sizing_lines(comparisons: list[dict]) -> list[str]:
     """What a study that could pass would need, for each primary comparison that did not: computed after the
     fact from its own paired sd, so planning advice, not evidence."""
     lines = []
@@ -156,7 +156,7 @@ def _sizing_lines(comparisons: list[dict], margin: float) -> list[str]:
         if not size or not c["complete"] or c["verdict"] == "equivalent":
             continue
         at_mean = size["pairs_if_observed_mean"]
-        lines.append(f"- {c['arm']} − {c['minus']}: paired sd {size['paired_sd']:.4f}; TOST at ±{c.get('margin', margin):g} passes "
+        lines.append(f"- {c['arm']} − {c['minus']}: paired sd {size['paired_sd']:.4f}; TOST at ±{c['margin']:g} passes "
                      f"with {size['power']:.0%} power {_pairs(size['pairs_if_no_difference'])} if the true "
                      f"difference is 0, and {_pairs(at_mean)} if it is the observed {c['val_ce']['90']['mean']:+.4f}.")
     if not lines:
