@@ -74,11 +74,19 @@ def zarr_values(values: np.ndarray, step: float) -> np.ndarray:
     return (offset(step) + codes.astype(np.float64) * step).astype(np.float32)
 
 
+SNAP_BLOCK_ROWS = 1024
+"""Rows snapped at once: the float64 working copy of [N, V] at V = 16,000 stays at 131 MB, not N / 1024 times that."""
+
+
 def snap_torch(logp: torch.Tensor, step: float) -> torch.Tensor:
     """``logp`` (no padding) rounded to the grid as the store keeps it (clipped at the bottom code), float32."""
-    # In place on one float64 copy: the same operations as quantize's, at a third of the time over [N, V] rows.
-    codes = logp.to(torch.float64, copy=True).div_(step).round_().add_(255).clamp_(1, 255)
-    return codes.mul_(step).add_(offset(step)).float()
+    snapped = torch.empty(logp.shape, dtype=torch.float32, device=logp.device)
+    for start in range(0, logp.shape[0], SNAP_BLOCK_ROWS):
+        # In place on a float64 copy of the block: the same operations as quantize's, at a third of the time.
+        block = logp[start:start + SNAP_BLOCK_ROWS].to(torch.float64, copy=True)
+        block.div_(step).round_().add_(255).clamp_(1, 255)
+        snapped[start:start + SNAP_BLOCK_ROWS] = block.mul_(step).add_(offset(step))
+    return snapped
 
 
 def padded(values: np.ndarray, step: float) -> np.ndarray:

@@ -100,6 +100,8 @@ def test_the_capture_draws_from_exactly_the_values_the_store_keeps():
     as_float64 = torch.from_numpy(values.astype(np.float64))
     assert np.array_equal(quant.snap_torch(as_float64, STEP).numpy(), from_torch)
     assert np.array_equal(as_float64.numpy(), values.astype(np.float64))  # its input left as it was
+    rows = torch.from_numpy(np.tile(values, (2 * quant.SNAP_BLOCK_ROWS + 3, 1)))  # [N, V] in more than one block
+    assert np.array_equal(quant.snap_torch(rows, STEP).numpy(), np.tile(from_torch, (rows.shape[0], 1)))
 
 
 def test_plain_zarr_reads_log_probabilities_and_the_reader_reads_padding(store):
