@@ -7,8 +7,8 @@ side in one run: seconds per call on rows of random teacher log-probabilities at
 The two give the same ids, order and log-probabilities draw for draw (tests/test_capture_targets.py); the dense one
 counts over all V ids and ranks them with one top-k over V, the sparse one ranks the draws and the few ids that
 can win, so its cost no longer grows with V beyond the draws themselves. Beside them, a uint8 capture's snapping of
-the teacher to the store's grid (``quant.snap_torch``, in place on one float64 copy) against the out-of-place
-formula it replaced (``snap_reference``): the same values (tests/test_quant_store.py).
+the teacher to the store's grid (``quant.snap_torch``, in place on a float64 copy of each block of 1,024 rows)
+against the out-of-place formula it replaced (``snap_reference``): the same values (tests/test_quant_store.py).
 """
 
 from __future__ import annotations
