@@ -459,11 +459,13 @@ def test_online_without_teachers_is_refused(distill_run, tmp_path):
 
 def test_an_uncaptured_temperature_of_a_topk_store_is_refused_unless_the_approximation_is_asked_for(distill_run):
     """The uniform-tail re-tempering is far off (its bias above the gradient's norm at T = 2): refused in one line
-    with the figure and the recapture; distill.use_exact_c_T=false still asks for it, with the figure in the warning."""
+    with the figures and the hybrid recapture; distill.use_exact_c_T=false still asks for it, with the figure in the warning."""
     with pytest.raises(ConfigError, match=r"distill.temperature: .*topk targets serve the captured temperatures "
                                           r"\[1.0, 2.0\] \(got 3; .* 1.7x \(top-8\).*--set cache.temperatures=\[1,2,3\]") as err:
         _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0")
     assert "\n" not in str(err.value)
+    assert "--set cache.mode=hybrid --set cache.tail_logp=true" in str(err.value)  # the tempered design, offered first
+    assert "trails online T = 2 students" in str(err.value)  # the students' figure beside the gradient's
     config = _config(distill_run, distill_run.run_path.parent, "distill.temperature=3.0", "distill.use_exact_c_T=false")
     with pytest.warns(UserWarning, match=r"use_exact_c_T is false: .*uniform-tail approximation \(at T = 2 .*1.7x"):
         _, use_c_T, _ = open_offline_source(config, config.tokens_path, config.tokenizer_path, config.logits_path,
