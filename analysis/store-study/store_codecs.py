@@ -1,0 +1,101 @@
+"""What other codecs could save on real uint8 stores, losslessly. For the ids and the uint8 codes of ``logp`` and
+``tail_logp``, chunk by chunk as the store holds them: the bytes per token on disk (Blosc-zstd, byte shuffle); the
+same chunks through Blosc-zstd again, numcodecs' BZ2 (level 9) and LZMA (preset 6), with their single-thread decode
+rates; and the order-0 entropy slot by slot (the ideal of an arithmetic or ANS coder that codes each slot with one fixed
+distribution over the whole store). The entropy uses no context, so it bounds no coder that models the text; BWT
+(bz2) and LZ matches exploit context and can beat it.
+
+    python analysis/store-study/store_codecs.py STORE.zarr [STORE.zarr ...] --out docs/benchmarks/store_codecs_v16000.json
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import zarr
+
+from babydistill.stores.quant import offset
+
+ARRAYS = ("ids", "logp", "tail_logp", "c_T", "tokens", "window_ids")
+CODED = ("ids", "logp", "tail_logp")
+# Blosc as the store writes it, re-encoded here so that its decode rate is measured beside the others.
+CODECS = {"blosc-zstd5-shuffle": numcodecs.Blosc("zstd", 5, numcodecs.Blosc.SHUFFLE), "bz2-9": numcodecs.BZ2(level=9),
+          "lzma-6": numcodecs.LZMA(preset=6)}
+
+
+def entropy_bits(values: np.ndarray) -> float:
+    """Order-0 entropy in bits per value of the integers ``values``."""
+    counts = np.unique(values, return_counts=True)[1].astype(np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def slot_entropy_bytes(array: np.ndarray) -> float:
+    """Sum over the last axis's slots of each slot's order-0 entropy, in bytes per position."""
+    rows = array.reshape(-1, array.shape[-1])
+    return sum(entropy_bits(rows[:, slot]) for slot in range(rows.shape[1])) / 8
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def integer_arrays(group) -> dict[str, np.ndarray]:
+    """The ids, and the log-probabilities as the uint8 codes the store keeps (zarr hands back their float32)."""
+    step = float(group.attrs["logp_step"])
+    codes = {name: np.rint((group[name][:] - offset(step)) / step).astype(np.uint8) for name in ("logp", "tail_logp")}
+    return {"ids": group["ids"][:], **codes}
+
+
+def through(codec, array: np.ndarray, chunk_windows: int) -> tuple[int, float]:
+    """(compressed bytes, decode seconds) of ``array`` encoded chunk by chunk along its first axis."""
+    blobs = [codec.encode(np.ascontiguousarray(array[start:start + chunk_windows]))
+             for start in range(0, array.shape[0], chunk_windows)]
+    began = time.perf_counter()
+    for blob in blobs:
+        codec.decode(blob)
+    return sum(len(b) for b in blobs), time.perf_counter() - began
+
+
+def measure(store: Path) -> dict:
+    group = zarr.open_group(str(store), mode="r")
+    tokens = int(np.prod(group["ids"].shape[:2]))
+    chunk_windows = group["ids"].chunks[0]
+    stored = {name: disk_bytes(store / name) / tokens for name in ARRAYS if name in group}
+    arrays = integer_arrays(group)
+    per_codec = {}
+    for name, codec in CODECS.items():
+        sizes, seconds = zip(*(through(codec, arrays[a], chunk_windows) for a in CODED))
+        per_codec[name] = {"bytes_per_token": {a: round(s / tokens, 2) for a, s in zip(CODED, sizes)},
+                           "decode_tokens_per_s": round(tokens / sum(seconds)),
+                           "store_total": round(sum(sizes) / tokens + sum(stored[a] for a in ARRAYS
+                                                                         if a in stored and a not in CODED), 2)}
+    entropy = {a: round(slot_entropy_bytes(arrays[a]), 2) for a in CODED}
+    return {"tokens": tokens, "mode": group.attrs["mode"], "k": group.attrs["k"], "samples": group.attrs["samples"],
+            "stored_bytes_per_token": {k: round(v, 2) for k, v in stored.items()},
+            "stored_total": round(sum(stored.values()), 2), "codecs": per_codec, "order0_bytes_per_token": entropy}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stores", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    command = f"python analysis/store-study/store_codecs.py {' '.join(map(str, args.stores))} --out {args.out}"
+    result = {"command": command, "stores": {}}
+    for store in args.stores:
+        if not (store / "ids").is_dir():
+            parser.error(f"{store} is not a logit store (no ids array): give the path of a logits.zarr")
+        if zarr.open_group(str(store), mode="r").attrs.get("logp_dtype") != "uint8":
+            parser.error(f"{store} is not a uint8 store: capture one with --set cache.logp_dtype=uint8")
+        result["stores"][str(store)] = measure(store)
+        print(store, json.dumps(result["stores"][str(store)]), flush=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
