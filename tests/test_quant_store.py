@@ -192,3 +192,40 @@ def test_a_uint8_capture_is_read_by_the_reader(tiny_run, teachers, tmp_path, mon
     plain = quant.padded(group["logp"][:][order[rows]], STEP)
     torch.testing.assert_close(batch["target_logp"], torch.from_numpy(plain))
     assert (batch["target_logp"] == PAD_LOGP).any() or (batch["target_logp"] > PAD_LOGP / 2).all()
+
+
+def _store_codecs_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "analysis" / "store-study" / "store_codecs.py"
+    spec = importlib.util.spec_from_file_location("store_codecs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_codec_analysis_reads_the_stores_codes_and_re_encodes_them_like_for_like(store, tmp_path, monkeypatch):
+    """analysis/store-study/store_codecs.py: the codes it reads are the store's, its Blosc re-encoding gives the
+    chunk files' bytes, and it refuses a store that is not uint8 in one line."""
+    script = _store_codecs_script()
+    group = zarr.open_group(str(store), mode="r")
+    arrays = script.integer_arrays(group)
+    for name in ("logp", "tail_logp"):
+        np.testing.assert_array_equal(quant.padded(quant.dequantize(arrays[name], STEP), STEP),
+                                      quant.padded(group[name][:], STEP))
+    result = script.measure(store)
+    tokens = NUM_WINDOWS * SEQ_LEN
+    for name in script.CODED:
+        files = sum((store / chunk_file(name, group[name], i)).stat().st_size
+                    for i in range(len(chunk_ranges(NUM_WINDOWS, CHUNK))))
+        assert result["codecs"]["blosc-zstd5-shuffle"]["bytes_per_token"][name] == round(files / tokens, 2)
+        assert result["codecs"]["bz2-9"]["bytes_per_token"][name] > 0
+    assert 0 < result["order0_bytes_per_token"]["ids"] <= SLOTS * np.log2(VOCAB) / 8
+    float16 = tmp_path / "f16.zarr"
+    float16.mkdir()
+    create_store(float16, {key: value for key, value in _attrs().items() if key != "logp_step"}
+                 | {"logp_dtype": "float16", "format_version": 2})
+    monkeypatch.setattr("sys.argv", ["store_codecs.py", str(float16), "--out", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit) as exit_:
+        script.main()
+    assert exit_.value.code == 2 and not (tmp_path / "out.json").exists()

@@ -43,15 +43,25 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def integer_arrays(group) -> dict[str, np.ndarray]:
-    """The ids, and the log-probabilities as the uint8 codes the store keeps (zarr hands back their float32)."""
+def codes(values: np.ndarray, step: float) -> np.ndarray:
+    """The uint8 codes of the float32 values zarr reads out of a quantised array."""
+    return np.rint((values - offset(step)) / step).astype(np.uint8)
+
+
+def integer_arrays(group, pad_to: int = 1) -> dict[str, np.ndarray]:
+    """The ids, and the log-probabilities as the uint8 codes the store keeps (zarr hands back their float32). With
+    ``pad_to``, the rows are padded to a multiple of it with the arrays' fill value, as zarr pads an edge chunk."""
     step = float(group.attrs["logp_step"])
-    codes = {name: np.rint((group[name][:] - offset(step)) / step).astype(np.uint8) for name in ("logp", "tail_logp")}
-    return {"ids": group["ids"][:], **codes}
+    arrays = {"ids": (group["ids"][:], group["ids"].fill_value)}
+    arrays |= {name: (codes(group[name][:], step), codes(np.float32(group[name].fill_value), step))
+               for name in ("logp", "tail_logp")}
+    return {name: np.concatenate([values, np.full((-len(values) % pad_to, *values.shape[1:]), fill, values.dtype)])
+            for name, (values, fill) in arrays.items()}
 
 
 def through(codec, array: np.ndarray, chunk_windows: int) -> tuple[int, float]:
-    """(compressed bytes, decode seconds) of ``array`` encoded chunk by chunk along its first axis."""
+    """(compressed bytes, decode seconds) of ``array`` encoded chunk by chunk along its first axis (its rows a
+    multiple of ``chunk_windows``)."""
     blobs = [codec.encode(np.ascontiguousarray(array[start:start + chunk_windows]))
              for start in range(0, array.shape[0], chunk_windows)]
     began = time.perf_counter()
@@ -65,7 +75,7 @@ def measure(store: Path) -> dict:
     tokens = int(np.prod(group["ids"].shape[:2]))
     chunk_windows = group["ids"].chunks[0]
     stored = {name: disk_bytes(store / name) / tokens for name in ARRAYS if name in group}
-    arrays = integer_arrays(group)
+    arrays = integer_arrays(group, pad_to=chunk_windows)
     per_codec = {}
     for name, codec in CODECS.items():
         sizes, seconds = zip(*(through(codec, arrays[a], chunk_windows) for a in CODED))
@@ -73,7 +83,8 @@ def measure(store: Path) -> dict:
                            "decode_tokens_per_s": round(tokens / sum(seconds)),
                            "store_total": round(sum(sizes) / tokens + sum(stored[a] for a in ARRAYS
                                                                          if a in stored and a not in CODED), 2)}
-    entropy = {a: round(slot_entropy_bytes(arrays[a]), 2) for a in CODED}
+    rows = group["ids"].shape[0]  # the entropy of the real rows, not of the edge chunk's padding
+    entropy = {a: round(slot_entropy_bytes(arrays[a][:rows]), 2) for a in CODED}
     return {"tokens": tokens, "mode": group.attrs["mode"], "k": group.attrs["k"], "samples": group.attrs["samples"],
             "stored_bytes_per_token": {k: round(v, 2) for k, v in stored.items()},
             "stored_total": round(sum(stored.values()), 2), "codecs": per_codec, "order0_bytes_per_token": entropy}
