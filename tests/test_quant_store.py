@@ -221,6 +221,10 @@ def test_the_codec_analysis_reads_the_stores_codes_and_re_encodes_them_like_for_
         assert result["codecs"]["blosc-zstd5-shuffle"]["bytes_per_token"][name] == round(files / tokens, 2)
         assert result["codecs"]["bz2-9"]["bytes_per_token"][name] > 0
     assert 0 < result["order0_bytes_per_token"]["ids"] <= SLOTS * np.log2(VOCAB) / 8
+    monkeypatch.setattr("sys.argv", ["store_codecs.py", str(store), "--out", str(tmp_path / "codecs.json")])
+    script.main()
+    written = json.loads((tmp_path / "codecs.json").read_text())
+    assert written["stores"][str(store)] == result and written["machine"]["command"]
     float16 = tmp_path / "f16.zarr"
     float16.mkdir()
     create_store(float16, {key: value for key, value in _attrs().items() if key != "logp_step"}

@@ -5,7 +5,7 @@ rates; and the order-0 entropy slot by slot (the ideal of an arithmetic or ANS c
 distribution over the whole store). The entropy uses no context, so it bounds no coder that models the text; BWT
 (bz2) and LZ matches exploit context and can beat it.
 
-    python analysis/store-study/store_codecs.py STORE.zarr [STORE.zarr ...] --out docs/benchmarks/store_codecs_v16000.json
+    python analysis/store-study/store_codecs.py STORE.zarr [STORE.zarr ...] --out analysis/store-study/store_codecs_v16000.json
 """
 
 import argparse
@@ -17,7 +17,8 @@ import numcodecs
 import numpy as np
 import zarr
 
-from babydistill.stores.quant import offset
+from babydistill.stores import quant
+from babydistill.workflows.benchmarks import machine
 
 ARRAYS = ("ids", "logp", "tail_logp", "c_T", "tokens", "window_ids")
 CODED = ("ids", "logp", "tail_logp")
@@ -44,8 +45,9 @@ def disk_bytes(path: Path) -> int:
 
 
 def codes(values: np.ndarray, step: float) -> np.ndarray:
-    """The uint8 codes of the float32 values zarr reads out of a quantised array."""
-    return np.rint((values - offset(step)) / step).astype(np.uint8)
+    """The uint8 codes of the float32 values zarr reads out of a quantised array (its padding, the range's bottom,
+    back to code 0)."""
+    return quant.quantize(quant.padded(values, step), step)[0]
 
 
 def integer_arrays(group, pad_to: int = 1) -> dict[str, np.ndarray]:
@@ -95,8 +97,8 @@ def main() -> None:
     parser.add_argument("stores", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    command = f"python analysis/store-study/store_codecs.py {' '.join(map(str, args.stores))} --out {args.out}"
-    result = {"command": command, "stores": {}}
+    started = machine.start()
+    result = {"stores": {}}
     for store in args.stores:
         if not (store / "ids").is_dir():
             parser.error(f"{store} is not a logit store (no ids array): give the path of a logits.zarr")
@@ -104,6 +106,7 @@ def main() -> None:
             parser.error(f"{store} is not a uint8 store: capture one with --set cache.logp_dtype=uint8")
         result["stores"][str(store)] = measure(store)
         print(store, json.dumps(result["stores"][str(store)]), flush=True)
+    result["machine"] = machine.finish(started)  # the decode rates depend on it
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("wrote", args.out)
 
