@@ -1,16 +1,12 @@
 """The house rules hold (issue 26): no function over 60 lines outside Triton kernels, no module over 500 lines,
 no raw store attributes outside stores/, no backslash continuations (tools/house.py states and checks them)."""
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
 
 def _house():
-    spec = importlib.util.spec_from_file_location("house", ROOT / "tools" / "house.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(Path("tools") / "house.py")
 
 
 def test_the_code_keeps_the_house_rules():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from _scripts import load_script
 from test_cache import teachers  # noqa: F401  (the session fixture)
 
 from babydistill.pipeline import capture_chunk as capture_chunk_module
@@ -194,22 +195,12 @@ def test_a_uint8_capture_is_read_by_the_reader(tiny_run, teachers, tmp_path, mon
     assert (batch["target_logp"] == PAD_LOGP).any() or (batch["target_logp"] > PAD_LOGP / 2).all()
 
 
-def _store_codecs_script():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "analysis" / "store-study" / "store_codecs.py"
-    spec = importlib.util.spec_from_file_location("store_codecs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_codec_analysis_reads_the_stores_codes_and_re_encodes_them_like_for_like(store, tmp_path, monkeypatch):
     """analysis/store-study/store_codecs.py: the codes it reads are the store's, its Blosc re-encoding gives the
     chunk files' bytes, and it refuses a store that is not uint8 in one line."""
-    script = _store_codecs_script()
+    script = load_script(Path("analysis") / "store-study" / "store_codecs.py")
     group = zarr.open_group(str(store), mode="r")
-    arrays = script.integer_arrays(group)
+    arrays = script.integer_arrays(group, STEP)
     for name in ("logp", "tail_logp"):
         np.testing.assert_array_equal(quant.padded(quant.dequantize(arrays[name], STEP), STEP),
                                       quant.padded(group[name][:], STEP))

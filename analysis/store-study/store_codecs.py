@@ -18,9 +18,9 @@ import numpy as np
 import zarr
 
 from babydistill.stores import quant
+from babydistill.stores.logits import LogitStoreError, store_info
 from babydistill.workflows.benchmarks import machine
 
-ARRAYS = ("ids", "logp", "tail_logp", "c_T", "tokens", "window_ids")
 CODED = ("ids", "logp", "tail_logp")
 # Blosc as the store writes it, re-encoded here so that its decode rate is measured beside the others.
 CODECS = {"blosc-zstd5-shuffle": numcodecs.Blosc("zstd", 5, numcodecs.Blosc.SHUFFLE), "bz2-9": numcodecs.BZ2(level=9),
@@ -40,20 +40,15 @@ def slot_entropy_bytes(array: np.ndarray) -> float:
     return sum(entropy_bits(rows[:, slot]) for slot in range(rows.shape[1])) / 8
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def codes(values: np.ndarray, step: float) -> np.ndarray:
     """The uint8 codes of the float32 values zarr reads out of a quantised array (its padding, the range's bottom,
     back to code 0)."""
     return quant.quantize(quant.padded(values, step), step)[0]
 
 
-def integer_arrays(group, pad_to: int = 1) -> dict[str, np.ndarray]:
+def integer_arrays(group, step: float, pad_to: int = 1) -> dict[str, np.ndarray]:
     """The ids, and the log-probabilities as the uint8 codes the store keeps (zarr hands back their float32). With
     ``pad_to``, the rows are padded to a multiple of it with the arrays' fill value, as zarr pads an edge chunk."""
-    step = float(group.attrs["logp_step"])
     arrays = {"ids": (group["ids"][:], group["ids"].fill_value)}
     arrays |= {name: (codes(group[name][:], step), codes(np.float32(group[name].fill_value), step))
                for name in ("logp", "tail_logp")}
@@ -73,23 +68,25 @@ def through(codec, array: np.ndarray, chunk_windows: int) -> tuple[int, float]:
 
 
 def measure(store: Path) -> dict:
-    group = zarr.open_group(str(store), mode="r")
-    tokens = int(np.prod(group["ids"].shape[:2]))
-    chunk_windows = group["ids"].chunks[0]
-    stored = {name: disk_bytes(store / name) / tokens for name in ARRAYS if name in group}
-    arrays = integer_arrays(group, pad_to=chunk_windows)
+    """The figures of one uint8 store (LogitStoreError, one line, when it is not one)."""
+    info = store_info(store)
+    if info["logp_dtype"] != "uint8":
+        raise LogitStoreError(f"{store} is not a uint8 store: capture one with --set cache.logp_dtype=uint8")
+    tokens, chunk_windows = info["num_tokens"], info["arrays"]["ids"]["chunks"][0]
+    stored = {name: array["bytes_per_token"] for name, array in info["arrays"].items()}
+    uncoded = sum(per_token for name, per_token in stored.items() if name not in CODED)
+    arrays = integer_arrays(zarr.open_group(str(store), mode="r"), info["logp_step"], pad_to=chunk_windows)
     per_codec = {}
     for name, codec in CODECS.items():
         sizes, seconds = zip(*(through(codec, arrays[a], chunk_windows) for a in CODED))
         per_codec[name] = {"bytes_per_token": {a: round(s / tokens, 2) for a, s in zip(CODED, sizes)},
                            "decode_tokens_per_s": round(tokens / sum(seconds)),
-                           "store_total": round(sum(sizes) / tokens + sum(stored[a] for a in ARRAYS
-                                                                         if a in stored and a not in CODED), 2)}
-    rows = group["ids"].shape[0]  # the entropy of the real rows, not of the edge chunk's padding
+                           "store_total": round(sum(sizes) / tokens + uncoded, 2)}
+    rows = info["num_windows"]  # the entropy of the real rows, not of the edge chunk's padding
     entropy = {a: round(slot_entropy_bytes(arrays[a][:rows]), 2) for a in CODED}
-    return {"tokens": tokens, "mode": group.attrs["mode"], "k": group.attrs["k"], "samples": group.attrs["samples"],
+    return {"tokens": tokens, "mode": info["mode"], "k": info["k"], "samples": info["samples"],
             "stored_bytes_per_token": {k: round(v, 2) for k, v in stored.items()},
-            "stored_total": round(sum(stored.values()), 2), "codecs": per_codec, "order0_bytes_per_token": entropy}
+            "stored_total": round(info["bytes_per_token"], 2), "codecs": per_codec, "order0_bytes_per_token": entropy}
 
 
 def main() -> None:
@@ -100,11 +97,10 @@ def main() -> None:
     started = machine.start()
     result = {"stores": {}}
     for store in args.stores:
-        if not (store / "ids").is_dir():
-            parser.error(f"{store} is not a logit store (no ids array): give the path of a logits.zarr")
-        if zarr.open_group(str(store), mode="r").attrs.get("logp_dtype") != "uint8":
-            parser.error(f"{store} is not a uint8 store: capture one with --set cache.logp_dtype=uint8")
-        result["stores"][str(store)] = measure(store)
+        try:
+            result["stores"][str(store)] = measure(store)
+        except LogitStoreError as exc:  # no store, another format, a header to rebuild, not uint8
+            parser.error(str(exc))
         print(store, json.dumps(result["stores"][str(store)]), flush=True)
     result["machine"] = machine.finish(started)  # the decode rates depend on it
     args.out.write_text(json.dumps(result, indent=2) + "\n")
